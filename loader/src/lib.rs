@@ -1,0 +1,18 @@
+//! mixq-loader: finds a gpt-oss checkpoint (local folder or hub repo id), validates and
+//! memory-maps its shards, and decodes MXFP4 and BF16 tensors.
+
+pub mod checkpoint;
+pub mod config;
+pub mod decode;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod shard;
+pub mod source;
+
+pub use checkpoint::{Checkpoint, CheckpointFormat, TensorRef, INDEX_FILE};
+pub use config::{GptOssConfig, LayerType, QuantMode, QuantSpec, QuantizationMap, RopeScaling};
+pub use dtype::Dtype;
+pub use error::{LoaderError, Result};
+pub use shard::{ShardFile, TensorInfo};
+pub use source::{resolve_source, ResolvedSource};

@@ -1,0 +1,49 @@
+//! The model card (README.md) written beside a converted checkpoint.
+
+use crate::plan::PlanSummary;
+use crate::recipe::Recipe;
+
+/// Bytes as GiB.
+pub fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Bytes as GB (10^9).
+pub fn gb(bytes: usize) -> f64 {
+    bytes as f64 / 1e9
+}
+
+/// A Hugging Face model card: front matter for the hub, the bit table, and how to load it.
+pub fn model_card(name: &str, base_model: &str, recipe: &Recipe, s: &PlanSummary) -> String {
+    let mut table = String::from("| bits | group size | parameters | % | bytes | covers |\n|---|---|---|---|---|---|\n");
+    for r in &s.rows {
+        table.push_str(&format!(
+            "| {} | {} | {} | {:.2}% | {} | {} |\n",
+            r.bits_label(),
+            r.group_label(),
+            r.params,
+            100.0 * r.params as f64 / s.params as f64,
+            r.bytes,
+            r.covers(s.num_layers)
+        ));
+    }
+    format!(
+        "---\nlibrary_name: mlx\nbase_model: {base_model}\ntags:\n- mlx\n- gpt_oss\n- mixq\n- quantized\npipeline_tag: text-generation\n---\n\n\
+# {name}\n\n\
+This model was converted to MLX format from `{base_model}` by mixq {version} with the recipe \
+`{recipe_name}`: {description}\n\n\
+## Quantization\n\n{table}\n\
+**{bpw:.3} bits per weight**, {bytes} bytes ({gib:.2} GiB, {gb:.2} GB) over {params} parameters \
+(counted as mlx-lm counts them).\n\n\
+## Use with mlx\n\n```bash\npip install mlx-lm\n```\n\n```python\nfrom mlx_lm import load, generate\n\n\
+model, tokenizer = load(\"{name}\")\nprint(generate(model, tokenizer, prompt=\"hello\", verbose=True))\n```\n",
+        version = env!("CARGO_PKG_VERSION"),
+        recipe_name = recipe.name,
+        description = recipe.description,
+        bpw = s.bits_per_weight(),
+        bytes = s.bytes,
+        gib = gib(s.bytes),
+        gb = gb(s.bytes),
+        params = s.params,
+    )
+}

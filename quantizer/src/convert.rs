@@ -1,0 +1,484 @@
+//! Streaming conversion of an upstream gpt-oss checkpoint into an MLX checkpoint.
+//!
+//! Every output tensor's dtype and shape is known from the allocation before any weight is read,
+//! so shard headers are written first and tensor data is then produced a chunk of rows at a time
+//! (rows in parallel) and written in place. Peak memory is one chunk per tensor, not the model.
+//! Everything goes to a hidden sibling folder that is renamed into place only when complete.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use half::bf16;
+use mixq_loader::{Checkpoint, CheckpointFormat, LoaderError};
+use rayon::prelude::*;
+use serde_json::{json, Map, Value};
+
+use crate::affine::{packed_row_bytes, quantize_row};
+use crate::card::model_card;
+use crate::manifest::{write_manifest, MANIFEST_FILE};
+use crate::modules::TensorClass;
+use crate::plan::{Allocation, Assigned, OutTensor, PlanSummary};
+use crate::recipe::{Action, Recipe, RecipeError};
+use crate::rows::RowSource;
+
+/// mlx-lm's shard limit: 5 GiB.
+pub const MAX_SHARD_BYTES: u64 = 5 << 30;
+/// Output bytes produced per chunk of rows.
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// Anything that stops a conversion.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The source could not be read.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// The recipe does not fit the model.
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    /// A weight holds NaN or Inf.
+    #[error("tensor {tensor}: non-finite value {value} at row {row}, column {col}; refusing to quantize it")]
+    NonFinite {
+        /// Source tensor name.
+        tensor: String,
+        /// Output row.
+        row: usize,
+        /// Column within the row.
+        col: usize,
+        /// The value.
+        value: f32,
+    },
+    /// The output folder exists and is not empty.
+    #[error("{0}: output folder exists and is not empty; pass --force to replace it")]
+    OutExists(PathBuf),
+    /// The output would replace the source.
+    #[error("{0}: output folder is the source checkpoint or contains it")]
+    OutIsSource(PathBuf),
+    /// The source is not an upstream checkpoint.
+    #[error("{path}: convert reads upstream gpt-oss checkpoints (MXFP4 experts); this one is {found}")]
+    NotUpstream {
+        /// The source folder.
+        path: PathBuf,
+        /// What it is.
+        found: &'static str,
+    },
+    /// A write failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ConvertError + '_ {
+    move |source| ConvertError::Io { path: path.to_path_buf(), source }
+}
+
+/// Progress events of a conversion; every method has a silent default.
+pub trait Progress: Sync {
+    /// Conversion starts: source bytes to read and tensors to write.
+    fn begin(&self, _source_bytes: u64, _tensors: usize) {}
+    /// Some source bytes were consumed.
+    fn advance(&self, _source_bytes: u64) {}
+    /// A parameter's tensors are written.
+    fn tensor_done(&self, _name: &str) {}
+    /// A new phase (hashing, finishing).
+    fn phase(&self, _what: &str) {}
+}
+
+/// A progress sink that reports nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Knobs of a conversion.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Replace a non-empty output folder.
+    pub force: bool,
+    /// Largest shard, in bytes.
+    pub max_shard_bytes: u64,
+    /// How the source is named in the model card and manifest (repo id or folder).
+    pub source_label: String,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions { force: false, max_shard_bytes: MAX_SHARD_BYTES, source_label: String::new() }
+    }
+}
+
+/// What a finished conversion wrote.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    /// The output folder.
+    pub out: PathBuf,
+    /// Sizes and bits per weight.
+    pub summary: PlanSummary,
+    /// Shard file names.
+    pub shards: Vec<String>,
+    /// Bytes of source tensor data read.
+    pub source_bytes: u64,
+}
+
+/// Removes the partial output folder unless the conversion completed.
+struct PartialDir {
+    path: PathBuf,
+    done: bool,
+}
+
+impl Drop for PartialDir {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Checks that `out` may be written (absent, empty, or `force`) and is not the source.
+pub fn check_out_dir(out: &Path, source: &Path, force: bool) -> Result<(), ConvertError> {
+    if out.exists() {
+        let canon_out = out.canonicalize().map_err(io(out))?;
+        let canon_src = source.canonicalize().map_err(io(source))?;
+        if canon_src.starts_with(&canon_out) {
+            return Err(ConvertError::OutIsSource(out.to_path_buf()));
+        }
+        let non_empty = !out.is_dir() || std::fs::read_dir(out).map_err(io(out))?.next().is_some();
+        if non_empty && !force {
+            return Err(ConvertError::OutExists(out.to_path_buf()));
+        }
+    }
+    Ok(())
+}
+
+/// Converts the upstream checkpoint in `source` to an MLX checkpoint in `out` following `recipe`.
+pub fn convert(
+    source: &Path,
+    recipe: &Recipe,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertReport, ConvertError> {
+    let ckpt = Checkpoint::open(source)?;
+    let format = ckpt.format();
+    if format != CheckpointFormat::UpstreamMxfp4 {
+        return Err(ConvertError::NotUpstream { path: source.to_path_buf(), found: format.describe() });
+    }
+    mixq_loader::layout::validate_upstream(&ckpt)?;
+    let alloc = Allocation::resolve(ckpt.config(), recipe)?;
+    check_out_dir(out, source, opts.force)?;
+
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlx-model".into());
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp_path = parent.join(format!(".{name}.mixq-partial-{}", std::process::id()));
+    if tmp_path.exists() {
+        std::fs::remove_dir_all(&tmp_path).map_err(io(&tmp_path))?;
+    }
+    std::fs::create_dir_all(&tmp_path).map_err(io(&tmp_path))?;
+    let mut partial = PartialDir { path: tmp_path.clone(), done: false };
+
+    let sources: Vec<RowSource<'_>> = alloc.assigned.iter().map(|a| row_source(&ckpt, a)).collect::<Result<_, _>>()?;
+    let rows_of = |a: &Assigned, s: &RowSource<'_>| a.param.numel() / s.cols();
+    let source_bytes: u64 =
+        alloc.assigned.iter().zip(&sources).map(|(a, s)| (rows_of(a, s) * s.source_bytes_per_row()) as u64).sum();
+    progress.begin(source_bytes, alloc.assigned.len());
+
+    let layout = ShardLayout::new(&alloc, opts.max_shard_bytes);
+    let files = layout.create_files(&tmp_path)?;
+    for ((a, src), places) in alloc.assigned.iter().zip(&sources).zip(&layout.placements) {
+        write_param(a, src, places, &files, &layout.names, &tmp_path, progress)?;
+        progress.tensor_done(&a.param.name());
+    }
+    progress.phase("syncing shards");
+    for (f, n) in files.iter().zip(&layout.names) {
+        f.sync_all().map_err(io(&tmp_path.join(n)))?;
+    }
+    drop(files);
+
+    let summary = alloc.summary();
+    write_json(&tmp_path.join(mixq_loader::INDEX_FILE), &layout.index_json(&alloc, &summary))?;
+    write_json(&tmp_path.join("config.json"), &mlx_config(&ckpt, &alloc))?;
+    for side in mixq_loader::source::SIDE_FILES {
+        let from = source.join(side);
+        if from.is_file() {
+            std::fs::copy(&from, tmp_path.join(side)).map_err(io(&from))?;
+        }
+    }
+    let base_model = if opts.source_label.is_empty() { source.display().to_string() } else { opts.source_label.clone() };
+    let card = model_card(&name, &base_model, recipe, &summary);
+    std::fs::write(tmp_path.join("README.md"), card).map_err(io(&tmp_path))?;
+    progress.phase("hashing");
+    write_manifest(&tmp_path, &base_model, recipe, &summary)?;
+
+    if out.exists() {
+        if out.is_dir() {
+            std::fs::remove_dir_all(out).map_err(io(out))?;
+        } else {
+            std::fs::remove_file(out).map_err(io(out))?;
+        }
+    }
+    std::fs::rename(&tmp_path, out).map_err(io(out))?;
+    partial.done = true;
+    Ok(ConvertReport { out: out.to_path_buf(), summary, shards: layout.names.clone(), source_bytes })
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), ConvertError> {
+    let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialize");
+    text.push('\n');
+    std::fs::write(path, text).map_err(io(path))
+}
+
+/// The row source of a parameter in an upstream checkpoint.
+fn row_source<'a>(ckpt: &'a Checkpoint, a: &Assigned) -> Result<RowSource<'a>, ConvertError> {
+    let c = ckpt.config();
+    let p = &a.param;
+    let cols = p.in_features();
+    let (i, h) = (c.intermediate_size, c.hidden_size);
+    let layer = p.layer.unwrap_or(0);
+    let experts = format!("model.layers.{layer}.mlp.experts");
+    // (source stem, start, step) for expert tensors: gate rows are even, up rows odd.
+    let expert = match p.class {
+        TensorClass::ExpertsGate => Some(("gate_up_proj", 0, 2)),
+        TensorClass::ExpertsUp => Some(("gate_up_proj", 1, 2)),
+        TensorClass::ExpertsDown => Some(("down_proj", 0, 1)),
+        TensorClass::Bias if p.module.ends_with("experts.gate_proj") => Some(("gate_up_proj", 0, 2)),
+        TensorClass::Bias if p.module.ends_with("experts.up_proj") => Some(("gate_up_proj", 1, 2)),
+        TensorClass::Bias if p.module.ends_with("experts.down_proj") => Some(("down_proj", 0, 1)),
+        _ => None,
+    };
+    Ok(match expert {
+        Some((stem, start, step)) if p.leaf == "weight" => {
+            let blocks = ckpt.tensor(&format!("{experts}.{stem}_blocks"))?;
+            let scales = ckpt.tensor(&format!("{experts}.{stem}_scales"))?;
+            let rows_per_expert = p.shape[1];
+            let src_rows_per_expert = if stem == "gate_up_proj" { 2 * i } else { h };
+            RowSource::Mxfp4 { blocks: blocks.data, scales: scales.data, cols, rows_per_expert, src_rows_per_expert, start, step }
+        }
+        Some((stem, start, step)) => {
+            let bias = ckpt.tensor(&format!("{experts}.{stem}_bias"))?;
+            RowSource::Bf16 { data: bias.data, cols, src_cols: cols * step, start, step }
+        }
+        None => {
+            let t = ckpt.tensor(&p.name())?;
+            t.expect(mixq_loader::Dtype::BF16, &p.shape)?;
+            RowSource::Bf16 { data: t.data, cols, src_cols: cols, start: 0, step: 1 }
+        }
+    })
+}
+
+/// Where each output tensor goes: shard and absolute file offset.
+struct ShardLayout {
+    names: Vec<String>,
+    headers: Vec<Vec<u8>>,
+    sizes: Vec<u64>,
+    /// Per assigned parameter, per output tensor: (shard, absolute offset).
+    placements: Vec<Vec<(usize, u64)>>,
+    weight_map: Vec<(String, usize)>,
+}
+
+impl ShardLayout {
+    fn new(alloc: &Allocation, max_shard_bytes: u64) -> Self {
+        // Group tensors into shards as mlx-lm does: a new shard when the next tensor would overflow.
+        let mut shard_of: Vec<Vec<usize>> = Vec::new();
+        let mut shard_tensors: Vec<Vec<OutTensor>> = Vec::new();
+        let mut current = 0u64;
+        for a in &alloc.assigned {
+            let mut ids = Vec::new();
+            for t in a.outputs() {
+                let n = t.nbytes() as u64;
+                if shard_tensors.is_empty() || current + n > max_shard_bytes {
+                    shard_tensors.push(Vec::new());
+                    current = 0;
+                }
+                current += n;
+                ids.push(shard_tensors.len() - 1);
+                shard_tensors.last_mut().expect("a shard was just pushed").push(t);
+            }
+            shard_of.push(ids);
+        }
+        let count = shard_tensors.len();
+        let names: Vec<String> = (0..count)
+            .map(|i| if count == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) })
+            .collect();
+        let mut headers = Vec::new();
+        let mut sizes = Vec::new();
+        let mut offsets: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        let mut weight_map = Vec::new();
+        for (s, tensors) in shard_tensors.iter().enumerate() {
+            let mut header = Map::new();
+            header.insert("__metadata__".into(), json!({"format": "mlx"}));
+            let mut pos = 0usize;
+            for t in tensors {
+                header.insert(
+                    t.name.clone(),
+                    json!({"dtype": t.dtype.as_str(), "shape": t.shape, "data_offsets": [pos, pos + t.nbytes()]}),
+                );
+                pos += t.nbytes();
+            }
+            let mut bytes = serde_json::to_vec(&Value::Object(header)).expect("JSON values always serialize");
+            while bytes.len() % 8 != 0 {
+                bytes.push(b' ');
+            }
+            let data_start = 8 + bytes.len() as u64;
+            let mut p = 0u64;
+            for t in tensors {
+                offsets.insert(t.name.clone(), data_start + p);
+                p += t.nbytes() as u64;
+                weight_map.push((t.name.clone(), s));
+            }
+            sizes.push(data_start + pos as u64);
+            headers.push(bytes);
+        }
+        let placements = alloc
+            .assigned
+            .iter()
+            .zip(&shard_of)
+            .map(|(a, ids)| a.outputs().iter().zip(ids).map(|(t, &s)| (s, offsets[&t.name])).collect())
+            .collect();
+        weight_map.sort();
+        ShardLayout { names, headers, sizes, placements, weight_map }
+    }
+
+    fn create_files(&self, dir: &Path) -> Result<Vec<File>, ConvertError> {
+        let mut files = Vec::new();
+        for ((name, header), &size) in self.names.iter().zip(&self.headers).zip(&self.sizes) {
+            let path = dir.join(name);
+            let f = File::create(&path).map_err(io(&path))?;
+            f.set_len(size).map_err(io(&path))?;
+            f.write_all_at(&(header.len() as u64).to_le_bytes(), 0).map_err(io(&path))?;
+            f.write_all_at(header, 8).map_err(io(&path))?;
+            files.push(f);
+        }
+        Ok(files)
+    }
+
+    fn index_json(&self, alloc: &Allocation, summary: &PlanSummary) -> Value {
+        let total_size: usize = alloc.outputs().iter().map(OutTensor::nbytes).sum();
+        let weight_map: Map<String, Value> =
+            self.weight_map.iter().map(|(n, s)| (n.clone(), Value::String(self.names[*s].clone()))).collect();
+        json!({
+            "metadata": {"total_size": total_size, "total_parameters": summary.params},
+            "weight_map": weight_map,
+        })
+    }
+}
+
+/// Produces and writes every output tensor of one parameter, a chunk of rows at a time.
+fn write_param(
+    a: &Assigned,
+    src: &RowSource<'_>,
+    places: &[(usize, u64)],
+    files: &[File],
+    names: &[String],
+    dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(), ConvertError> {
+    let cols = src.cols();
+    let rows = a.param.numel() / cols;
+    let outs = a.outputs();
+    let row_bytes: Vec<usize> = outs.iter().map(|t| t.nbytes() / rows).collect();
+    let chunk_rows = (CHUNK_BYTES / (row_bytes.iter().sum::<usize>() + cols * 4).max(1)).max(1);
+    let put = |k: usize, first_row: usize, bytes: &[u8]| -> Result<(), ConvertError> {
+        let (s, off) = places[k];
+        let at = off + (first_row * row_bytes[k]) as u64;
+        files[s].write_all_at(bytes, at).map_err(io(&dir.join(&names[s])))
+    };
+    let mut first = 0;
+    while first < rows {
+        let n = chunk_rows.min(rows - first);
+        match a.action {
+            Action::Keep => {
+                let mut buf = vec![0u8; n * row_bytes[0]];
+                buf.par_chunks_mut(row_bytes[0])
+                    .enumerate()
+                    .for_each_init(|| vec![0f32; cols], |scratch, (i, out)| src.row_bf16(first + i, scratch, out));
+                put(0, first, &buf)?;
+            }
+            Action::Affine { bits, group_size } => {
+                let gpr = cols / group_size as usize;
+                let mut packed = vec![0u8; n * packed_row_bytes(cols, bits)];
+                let mut scales = vec![bf16::ZERO; n * gpr];
+                let mut biases = vec![bf16::ZERO; n * gpr];
+                packed
+                    .par_chunks_mut(packed_row_bytes(cols, bits))
+                    .zip(scales.par_chunks_mut(gpr))
+                    .zip(biases.par_chunks_mut(gpr))
+                    .enumerate()
+                    .try_for_each_init(
+                        || vec![0f32; cols],
+                        |row, (i, ((p, s), b))| {
+                            src.row_f32(first + i, row);
+                            quantize_row(row, bits, group_size as usize, p, s, b).map_err(|e| (first + i, e))
+                        },
+                    )
+                    .map_err(|(row, e)| ConvertError::NonFinite {
+                        tensor: a.param.name(),
+                        row,
+                        col: e.index,
+                        value: e.value,
+                    })?;
+                put(0, first, &packed)?;
+                put(1, first, bytemuck::cast_slice(&scales))?;
+                put(2, first, bytemuck::cast_slice(&biases))?;
+            }
+            Action::Mxfp4 => {
+                let (bb, sb) = (row_bytes[0], row_bytes[1]);
+                let mut blocks = vec![0u8; n * bb];
+                let mut scales = vec![0u8; n * sb];
+                for i in 0..n {
+                    let (b, s) = src.row_mxfp4(first + i).ok_or_else(|| ConvertError::NotUpstream {
+                        path: dir.to_path_buf(),
+                        found: "not MXFP4 for this tensor",
+                    })?;
+                    blocks[i * bb..(i + 1) * bb].copy_from_slice(b);
+                    scales[i * sb..(i + 1) * sb].copy_from_slice(s);
+                }
+                put(0, first, &blocks)?;
+                put(1, first, &scales)?;
+            }
+        }
+        progress.advance((n * src.source_bytes_per_row()) as u64);
+        first += n;
+    }
+    Ok(())
+}
+
+/// The MLX config.json: the source config without its mxfp4 `quantization_config`, eos ids from
+/// generation_config.json, and the quantization map (also copied as `quantization_config`).
+fn mlx_config(ckpt: &Checkpoint, alloc: &Allocation) -> Value {
+    let mut cfg: std::collections::BTreeMap<String, Value> =
+        ckpt.config().raw.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    cfg.remove("quantization_config");
+    cfg.remove("_name_or_path");
+    if let Ok(text) = std::fs::read_to_string(ckpt.dir().join("generation_config.json")) {
+        if let Ok(gen) = serde_json::from_str::<Value>(&text) {
+            if let Some(eos) = gen.get("eos_token_id").filter(|v| !v.is_null()) {
+                cfg.insert("eos_token_id".into(), eos.clone());
+            }
+        }
+    }
+    if let Some(default) = alloc.default_spec() {
+        let spec = |s: mixq_loader::QuantSpec| json!({"group_size": s.group_size, "bits": s.bits, "mode": s.mode.as_str()});
+        let mut q = Map::new();
+        q.insert("group_size".into(), json!(default.group_size));
+        q.insert("bits".into(), json!(default.bits));
+        q.insert("mode".into(), json!(default.mode.as_str()));
+        for a in &alloc.assigned {
+            if let Some(s) = a.quant_spec() {
+                q.insert(a.param.module.clone(), spec(s));
+            }
+        }
+        cfg.insert("quantization".into(), Value::Object(q.clone()));
+        cfg.insert("quantization_config".into(), Value::Object(q));
+    }
+    Value::Object(cfg.into_iter().collect())
+}
+
+/// Reads back the recipe-independent part of an existing output: is `dir` a mixq output?
+pub fn is_mixq_output(dir: &Path) -> bool {
+    dir.join(MANIFEST_FILE).is_file()
+}

@@ -1,0 +1,19 @@
+//! mixq-quantizer: YAML recipes, size plans from config.json alone, MLX-exact affine
+//! quantization, and the streaming writer of MLX checkpoints (shards, index, config, manifest,
+//! model card), plus inspection and verification of what it wrote.
+
+pub mod affine;
+pub mod card;
+pub mod convert;
+pub mod inspect;
+pub mod manifest;
+pub mod modules;
+pub mod plan;
+pub mod recipe;
+pub mod rows;
+pub mod verify;
+
+pub use convert::{convert, ConvertError, ConvertOptions, ConvertReport, NoProgress, Progress};
+pub use modules::TensorClass;
+pub use plan::{Allocation, PlanSummary};
+pub use recipe::{Action, Recipe, RecipeError, BUILTIN_RECIPES};

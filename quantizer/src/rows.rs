@@ -1,0 +1,106 @@
+//! Row access to source tensors: BF16 rows (optionally strided, for de-interleaving) and MXFP4
+//! expert rows (optionally de-interleaved), decoded one row at a time.
+
+use mixq_loader::decode::{bf16_to_f32, mxfp4_row_to_f32};
+use mixq_loader::layout::MXFP4_BLOCK;
+
+/// Where the rows of one output parameter come from.
+#[derive(Debug, Clone, Copy)]
+pub enum RowSource<'a> {
+    /// BF16 elements: output row `r`, element `j` is source element `r*src_cols + start + j*step`.
+    Bf16 {
+        /// Source bytes.
+        data: &'a [u8],
+        /// Output row length.
+        cols: usize,
+        /// Source row length.
+        src_cols: usize,
+        /// First source column.
+        start: usize,
+        /// Column stride.
+        step: usize,
+    },
+    /// MXFP4 expert rows: output row `r` of expert `e = r / rows_per_expert` is source row
+    /// `e*src_rows_per_expert + start + (r % rows_per_expert)*step`.
+    Mxfp4 {
+        /// `[experts, src_rows, cols/32, 16]` bytes.
+        blocks: &'a [u8],
+        /// `[experts, src_rows, cols/32]` bytes.
+        scales: &'a [u8],
+        /// Row length in elements.
+        cols: usize,
+        /// Output rows per expert.
+        rows_per_expert: usize,
+        /// Source rows per expert.
+        src_rows_per_expert: usize,
+        /// First source row within an expert.
+        start: usize,
+        /// Row stride within an expert.
+        step: usize,
+    },
+}
+
+impl RowSource<'_> {
+    /// Output row length in elements.
+    pub fn cols(&self) -> usize {
+        match *self {
+            RowSource::Bf16 { cols, .. } | RowSource::Mxfp4 { cols, .. } => cols,
+        }
+    }
+
+    /// Source bytes read per output row (for progress).
+    pub fn source_bytes_per_row(&self) -> usize {
+        match *self {
+            RowSource::Bf16 { cols, .. } => cols * 2,
+            RowSource::Mxfp4 { cols, .. } => cols / 2 + cols / MXFP4_BLOCK,
+        }
+    }
+
+    fn mxfp4_row(&self, r: usize) -> (&[u8], &[u8]) {
+        let RowSource::Mxfp4 { blocks, scales, cols, rows_per_expert, src_rows_per_expert, start, step } = *self else {
+            unreachable!("mxfp4_row on a BF16 source")
+        };
+        let src = (r / rows_per_expert) * src_rows_per_expert + start + (r % rows_per_expert) * step;
+        let (bb, sb) = (cols / 2, cols / MXFP4_BLOCK);
+        (&blocks[src * bb..(src + 1) * bb], &scales[src * sb..(src + 1) * sb])
+    }
+
+    /// Decodes output row `r` to f32.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        match *self {
+            RowSource::Bf16 { data, cols, src_cols, start, step } => {
+                let base = r * src_cols + start;
+                if step == 1 {
+                    bf16_to_f32(&data[base * 2..(base + cols) * 2], out);
+                } else {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let k = (base + j * step) * 2;
+                        *o = f32::from_bits(u32::from(u16::from_le_bytes([data[k], data[k + 1]])) << 16);
+                    }
+                }
+            }
+            RowSource::Mxfp4 { .. } => {
+                let (b, s) = self.mxfp4_row(r);
+                mxfp4_row_to_f32(b, s, out);
+            }
+        }
+    }
+
+    /// Writes output row `r` as BF16 bytes (exact: MXFP4 values are representable in bf16).
+    pub fn row_bf16(&self, r: usize, scratch: &mut [f32], out: &mut [u8]) {
+        if let RowSource::Bf16 { data, cols, src_cols, start, step: 1 } = *self {
+            let base = (r * src_cols + start) * 2;
+            out.copy_from_slice(&data[base..base + cols * 2]);
+            return;
+        }
+        self.row_f32(r, scratch);
+        for (o, v) in out.chunks_exact_mut(2).zip(scratch.iter()) {
+            o.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
+        }
+    }
+
+    /// Copies output row `r`'s MXFP4 blocks and scales unchanged; `None` for a BF16 source.
+    pub fn row_mxfp4(&self, r: usize) -> Option<(&[u8], &[u8])> {
+        matches!(self, RowSource::Mxfp4 { .. }).then(|| self.mxfp4_row(r))
+    }
+}
