@@ -1,1 +1,277 @@
-fn main(){}
+//! mixq: turn gpt-oss checkpoints into mixed-precision MLX models and prove they are still good.
+
+mod progress;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use mixq_loader::source::{resolve_source, Need, ResolvedSource};
+use mixq_loader::{Checkpoint, GptOssConfig};
+use mixq_quantizer::plan::source_size;
+use mixq_quantizer::{Allocation, ConvertOptions, Recipe};
+
+#[derive(Parser)]
+#[command(name = "mixq", version, about = "Mixed-precision MLX conversion of gpt-oss checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Size and bits per weight of a recipe applied to a model, from config.json alone.
+    Plan {
+        /// Checkpoint folder, hub repo id (owner/name) or a bare config.json.
+        #[arg(long)]
+        source: String,
+        /// Recipe name (see `mixq recipes`) or path to a YAML file.
+        #[arg(long)]
+        recipe: String,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert an upstream gpt-oss checkpoint to an MLX checkpoint following a recipe.
+    Convert {
+        /// Checkpoint folder or hub repo id (owner/name).
+        #[arg(long)]
+        source: String,
+        /// Recipe name or path to a YAML file.
+        #[arg(long)]
+        recipe: String,
+        /// Output folder (must be absent or empty unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace a non-empty output folder.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Largest shard in bytes (default 5 GiB, as mlx-lm).
+        #[arg(long, default_value_t = mixq_quantizer::convert::MAX_SHARD_BYTES)]
+        max_shard_bytes: u64,
+        /// No progress output.
+        #[arg(long)]
+        quiet: bool,
+        /// Print one JSON object when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a checkpoint (upstream or MLX) holds: format, tensors by class, quantization, size, BPW.
+    Inspect {
+        /// Checkpoint folder.
+        dir: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a converted checkpoint against its manifest, index and config; exit 1 on any mismatch.
+    Verify {
+        /// Converted checkpoint folder.
+        dir: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the built-in recipes.
+    Recipes {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The pipeline on the bundled tiny model: plan, convert, inspect, verify.
+    Demo {
+        /// Where to write the converted model.
+        #[arg(long, default_value = "target/demo/tiny-gpt-oss-shakespeare-3.6bit")]
+        out: PathBuf,
+        /// Recipe to use.
+        #[arg(long, default_value = "gpt-oss-120b-3.6bit")]
+        recipe: String,
+        /// The model to convert (default: the bundled one).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Write a deterministic synthetic upstream-layout checkpoint (for tests and benches).
+    Synth {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Shape preset: tiny, small, wide, medium.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Override the layer count.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Override the model width.
+        #[arg(long)]
+        hidden: Option<usize>,
+        /// Override the expert width.
+        #[arg(long)]
+        intermediate: Option<usize>,
+        /// Override the expert count.
+        #[arg(long)]
+        experts: Option<usize>,
+        /// Override the RNG seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// YaRN truncate flag in the config.
+        #[arg(long)]
+        no_truncate: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bundled_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("tiny-gpt-oss-shakespeare")
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values always serialize"));
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Plan { source, recipe, json } => {
+            let recipe = Recipe::load(&recipe)?;
+            let resolved = resolve_source(&source, Need::Config)?;
+            let config = GptOssConfig::from_file(&resolved.config_path())?;
+            let summary = Allocation::resolve(&config, &recipe)?.summary();
+            let src = source_size(&config);
+            if json {
+                print_json(&report::plan_json(&source, &recipe, &summary, src));
+            } else {
+                print!("{}", report::plan_text(&source, &recipe, &summary, src));
+            }
+        }
+        Command::Convert { source, recipe, out, force, threads, max_shard_bytes, quiet, json } => {
+            let recipe = Recipe::load(&recipe)?;
+            let ResolvedSource::Folder(dir) = resolve_source(&source, Need::Everything)? else {
+                bail!("{source}: converting needs a checkpoint folder, not a bare config file");
+            };
+            let opts = ConvertOptions { force, max_shard_bytes, source_label: source.clone() };
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads.unwrap_or(0))
+                .build()
+                .context("starting worker threads")?;
+            let progress = progress::StderrProgress::new(quiet || json);
+            let start = std::time::Instant::now();
+            let result = pool.install(|| mixq_quantizer::convert(&dir, &recipe, &out, &opts, &progress));
+            progress.finish();
+            let rep = result?;
+            let secs = start.elapsed().as_secs_f64();
+            let s = &rep.summary;
+            if json {
+                print_json(&serde_json::json!({
+                    "out": rep.out, "recipe": recipe.name, "shards": rep.shards, "seconds": secs,
+                    "source_bytes": rep.source_bytes, "bytes": s.bytes, "parameters": s.params,
+                    "bits_per_weight": s.bits_per_weight(),
+                }));
+            } else {
+                println!(
+                    "wrote {} ({} shard(s), {} bytes, {:.3} bits per weight) in {:.2}s ({:.1} MiB/s of source)",
+                    rep.out.display(),
+                    rep.shards.len(),
+                    report::thousands(s.bytes),
+                    s.bits_per_weight(),
+                    secs,
+                    rep.source_bytes as f64 / 1048576.0 / secs.max(1e-9)
+                );
+            }
+        }
+        Command::Inspect { dir, json } => {
+            let ckpt = Checkpoint::open(&dir)?;
+            let i = mixq_quantizer::inspect::inspect(&ckpt);
+            let name = dir.display().to_string();
+            if json {
+                print_json(&report::inspect_json(&name, &i));
+            } else {
+                print!("{}", report::inspect_text(&name, &i));
+            }
+        }
+        Command::Verify { dir, json } => {
+            let r = mixq_quantizer::verify::verify(&dir);
+            let name = dir.display().to_string();
+            if json {
+                print_json(&report::verify_json(&name, &r));
+            } else {
+                print!("{}", report::verify_text(&name, &r));
+            }
+            if !r.ok() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Recipes { json } => {
+            let all: Vec<Recipe> =
+                mixq_quantizer::BUILTIN_RECIPES.iter().map(|(n, _)| Recipe::load(n)).collect::<Result<_, _>>()?;
+            if json {
+                print_json(&serde_json::json!(all
+                    .iter()
+                    .map(|r| serde_json::json!({"name": r.name, "description": r.description, "rules": r.rules.len()}))
+                    .collect::<Vec<_>>()));
+            } else {
+                for r in all {
+                    println!("{}\n    {}\n", r.name, r.description);
+                }
+            }
+        }
+        Command::Demo { out, recipe, model } => demo(&model.unwrap_or_else(bundled_model), &recipe, &out)?,
+        Command::Synth { out, preset, layers, hidden, intermediate, experts, seed, no_truncate } => {
+            let mut shape = mixq_synth::Shape::preset(&preset)
+                .with_context(|| format!("unknown preset {preset}; expected tiny, small, wide or medium"))?;
+            shape.layers = layers.unwrap_or(shape.layers);
+            shape.hidden = hidden.unwrap_or(shape.hidden);
+            shape.intermediate = intermediate.unwrap_or(shape.intermediate);
+            shape.experts = experts.unwrap_or(shape.experts);
+            shape.seed = seed.unwrap_or(shape.seed);
+            shape.truncate = !no_truncate;
+            mixq_synth::write_checkpoint(&out, &shape)?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(model: &Path, recipe_name: &str, out: &Path) -> Result<()> {
+    let recipe = Recipe::load(recipe_name)?;
+    let source = model.display().to_string();
+    println!("== 1. plan ==");
+    let ckpt = Checkpoint::open(model).with_context(|| format!("opening the bundled model {source}"))?;
+    let summary = Allocation::resolve(ckpt.config(), &recipe)?.summary();
+    print!("{}", report::plan_text(&source, &recipe, &summary, source_size(ckpt.config())));
+    drop(ckpt);
+
+    println!("\n== 2. convert ==");
+    let progress = progress::StderrProgress::new(false);
+    let opts = ConvertOptions { force: true, source_label: "tiny-gpt-oss-shakespeare".into(), ..Default::default() };
+    let start = std::time::Instant::now();
+    let rep = mixq_quantizer::convert(model, &recipe, out, &opts, &progress);
+    progress.finish();
+    let rep = rep?;
+    println!("wrote {} in {:.2}s", rep.out.display(), start.elapsed().as_secs_f64());
+
+    println!("\n== 3. inspect ==");
+    let converted = Checkpoint::open(out)?;
+    print!("{}", report::inspect_text(&out.display().to_string(), &mixq_quantizer::inspect::inspect(&converted)));
+
+    println!("\n== 4. verify ==");
+    let r = mixq_quantizer::verify::verify(out);
+    print!("{}", report::verify_text(&out.display().to_string(), &r));
+    if !r.ok() {
+        bail!("the converted model failed verification");
+    }
+    Ok(())
+}

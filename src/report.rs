@@ -1,0 +1,188 @@
+//! Human tables and JSON objects for the CLI's results.
+
+use mixq_quantizer::card::{gb, gib};
+use mixq_quantizer::inspect::Inspection;
+use mixq_quantizer::plan::PlanSummary;
+use mixq_quantizer::verify::VerifyReport;
+use mixq_quantizer::Recipe;
+use serde_json::{json, Value};
+
+/// 1234567 -> "1,234,567".
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Size figures as JSON.
+fn size_json(bytes: usize, params: usize) -> Value {
+    json!({
+        "bytes": bytes,
+        "gb": gb(bytes),
+        "gib": gib(bytes),
+        "parameters": params,
+        "bits_per_weight": 8.0 * bytes as f64 / params as f64,
+    })
+}
+
+/// The plan as a JSON object.
+pub fn plan_json(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (usize, usize)) -> Value {
+    let rows: Vec<Value> = s
+        .rows
+        .iter()
+        .map(|r| {
+            json!({
+                "bits": r.bits_label(),
+                "group_size": r.group_label(),
+                "action": r.action.to_string(),
+                "parameters": r.params,
+                "percent": 100.0 * r.params as f64 / s.params as f64,
+                "bytes": r.bytes,
+                "covers": r.covers(s.num_layers),
+            })
+        })
+        .collect();
+    json!({
+        "source": source,
+        "recipe": recipe.name,
+        "rows": rows,
+        "total": size_json(s.bytes, s.params),
+        "source_checkpoint": size_json(source_size.0, source_size.1),
+    })
+}
+
+/// The plan as a table.
+pub fn plan_text(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (usize, usize)) -> String {
+    let mut out = format!("plan: {source} ({} layers) with recipe {}\n\n", s.num_layers, recipe.name);
+    out.push_str(&format!("{:<6} {:>5} {:>17} {:>8} {:>17}  {}\n", "bits", "group", "parameters", "%", "bytes", "covers"));
+    for r in &s.rows {
+        out.push_str(&format!(
+            "{:<6} {:>5} {:>17} {:>7.2}% {:>17}  {}\n",
+            r.bits_label(),
+            r.group_label(),
+            thousands(r.params),
+            100.0 * r.params as f64 / s.params as f64,
+            thousands(r.bytes),
+            r.covers(s.num_layers)
+        ));
+    }
+    out.push_str(&format!(
+        "{:<6} {:>5} {:>17} {:>7.2}% {:>17}\n\n",
+        "total",
+        "",
+        thousands(s.params),
+        100.0,
+        thousands(s.bytes)
+    ));
+    out.push_str(&format!(
+        "converted: {} bytes = {:.2} GB = {:.2} GiB, {:.3} bits per weight\n",
+        thousands(s.bytes),
+        gb(s.bytes),
+        gib(s.bytes),
+        s.bits_per_weight()
+    ));
+    let (sb, sp) = source_size;
+    out.push_str(&format!(
+        "source (MXFP4 experts, BF16 rest): {} bytes = {:.2} GB = {:.2} GiB, {:.3} bits per weight\n",
+        thousands(sb),
+        gb(sb),
+        gib(sb),
+        8.0 * sb as f64 / sp as f64
+    ));
+    out
+}
+
+/// An inspection as JSON.
+pub fn inspect_json(dir: &str, i: &Inspection) -> Value {
+    let classes: Vec<Value> = i
+        .by_class
+        .iter()
+        .map(|(c, s)| {
+            json!({
+                "class": c.map(|c| c.as_str()).unwrap_or("unrecognised"),
+                "tensors": s.tensors,
+                "bytes": s.bytes,
+                "dtypes": s.dtypes,
+            })
+        })
+        .collect();
+    json!({
+        "path": dir,
+        "format": i.format.describe(),
+        "layers": i.layers,
+        "experts": i.experts,
+        "shards": i.shards,
+        "tensors": i.tensors,
+        "classes": classes,
+        "quantization": i.quantization,
+        "size": size_json(i.bytes as usize, i.params),
+    })
+}
+
+/// An inspection as a table.
+pub fn inspect_text(dir: &str, i: &Inspection) -> String {
+    let mut out = format!(
+        "{dir}: {}\n{} layers, {} experts per layer, {} tensors in {} shard(s)\n\n",
+        i.format.describe(),
+        i.layers,
+        i.experts,
+        i.tensors,
+        i.shards
+    );
+    out.push_str(&format!("{:<14} {:>8} {:>17}  {}\n", "class", "tensors", "bytes", "dtypes"));
+    for (c, s) in &i.by_class {
+        let dtypes: Vec<&str> = s.dtypes.iter().map(String::as_str).collect();
+        out.push_str(&format!(
+            "{:<14} {:>8} {:>17}  {}\n",
+            c.map(|c| c.as_str()).unwrap_or("unrecognised"),
+            s.tensors,
+            thousands(s.bytes as usize),
+            dtypes.join(", ")
+        ));
+    }
+    if !i.quantization.is_empty() {
+        out.push_str("\nquantized modules:\n");
+        for (label, n) in &i.quantization {
+            out.push_str(&format!("  {label}: {n}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "\nsize: {} bytes = {:.2} GB = {:.2} GiB over {} parameters, {:.3} bits per weight\n",
+        thousands(i.bytes as usize),
+        gb(i.bytes as usize),
+        gib(i.bytes as usize),
+        thousands(i.params),
+        i.bits_per_weight()
+    ));
+    out
+}
+
+/// A verification as JSON.
+pub fn verify_json(dir: &str, r: &VerifyReport) -> Value {
+    json!({
+        "path": dir,
+        "ok": r.ok(),
+        "files_checked": r.files_checked,
+        "tensors_checked": r.tensors_checked,
+        "problems": r.problems,
+    })
+}
+
+/// A verification as text.
+pub fn verify_text(dir: &str, r: &VerifyReport) -> String {
+    if r.ok() {
+        format!("{dir}: OK ({} files hashed, {} tensors checked against the config)\n", r.files_checked, r.tensors_checked)
+    } else {
+        let mut out = format!("{dir}: {} problem(s)\n", r.problems.len());
+        for p in &r.problems {
+            out.push_str(&format!("  {p}\n"));
+        }
+        out
+    }
+}

@@ -1,0 +1,103 @@
+"""mlx's own conversion of an upstream gpt-oss checkpoint, as the reference mixq is judged by.
+
+The upstream checkpoint is loaded with mlx-lm (experts arrive as MXFP4), every quantized layer is
+dequantized back to bf16 (MXFP4 values are exact in bf16), and `nn.quantize` is applied with a
+predicate written here, independently of mixq's recipe engine, for each shipped recipe.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import dequantize_model, load
+
+
+def _layer(path):
+    parts = path.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
+
+
+def predicate_36bit(n_layers, layer_types):
+    """gpt-oss-120b-3.6bit: bf16 router; 6-bit embed/lm_head/v/o and edge or full-attention q/k;
+    4-bit other q/k; 3-bit experts; group size 64."""
+    edge = n_layers // 6
+
+    def pred(path, module):
+        if not hasattr(module, "to_quantized") or path.endswith("router"):
+            return False
+        l = _layer(path)
+        six = {"group_size": 64, "bits": 6, "mode": "affine"}
+        if path in ("model.embed_tokens", "lm_head") or path.endswith(("v_proj", "o_proj")):
+            return six
+        if path.endswith(("q_proj", "k_proj")):
+            if l < edge or l >= n_layers - edge or layer_types[l] == "full_attention":
+                return six
+            return {"group_size": 64, "bits": 4, "mode": "affine"}
+        if ".experts." in path:
+            return {"group_size": 64, "bits": 3, "mode": "affine"}
+        raise AssertionError(f"unexpected module {path}")
+
+    return pred
+
+
+def predicate_mixed_3_6(n_layers, layer_types):
+    """mlx-lm's own mixed_3_6 predicate, taken from mlx_lm.convert."""
+    from mlx_lm.convert import mixed_quant_predicate_builder
+
+    def pred_factory(model):
+        inner = mixed_quant_predicate_builder("mixed_3_6", model, 64)
+
+        def pred(path, module):
+            if not hasattr(module, "to_quantized"):
+                return False
+            return inner(path, module)
+
+        return pred
+
+    return pred_factory
+
+
+def predicate_mxfp4_experts(n_layers, layer_types):
+    """mxfp4-experts: experts stay as loaded (MXFP4); router bf16; 6-bit the rest."""
+
+    def pred(path, module):
+        if not hasattr(module, "to_quantized") or path.endswith("router"):
+            return False
+        if ".experts." in path:
+            return False
+        return {"group_size": 64, "bits": 6, "mode": "affine"}
+
+    return pred
+
+
+PREDICATES = {
+    "gpt-oss-120b-3.6bit": predicate_36bit,
+    "mixed_3_6": predicate_mixed_3_6,
+    "mxfp4-experts": predicate_mxfp4_experts,
+}
+
+
+def reference_model(src, recipe):
+    """mlx's conversion of `src` under `recipe`: (model, {path: params} quantization map)."""
+    model, _ = load(str(src), lazy=False)
+    n = len(model.layers)
+    layer_types = model.model.layer_types
+    if recipe != "mxfp4-experts":
+        model = dequantize_model(model)
+    # The model dtype is bf16: the dequantized experts (exact values) are cast to it.
+    params = [
+        (k, v.astype(mx.bfloat16) if v.dtype in (mx.float16, mx.float32) else v)
+        for k, v in tree_flatten(model.parameters())
+    ]
+    model.update(tree_unflatten(params))
+    factory = PREDICATES[recipe](n, layer_types)
+    pred = factory(model) if recipe == "mixed_3_6" else factory
+    qmap = {}
+
+    def recording(path, module):
+        r = pred(path, module)
+        if r:
+            qmap[path] = r
+        return r
+
+    nn.quantize(model, group_size=64, bits=4, class_predicate=recording)
+    return model, qmap
