@@ -188,6 +188,13 @@ impl Checkpoint {
         Ok(TensorRef { name: key, info, data: shard.bytes(info), shard: shard.path() })
     }
 
+    /// Drops resident pages of consumed tensor data (see [`ShardFile::release`]).
+    pub fn release(&self, slice: &[u8]) {
+        for shard in &self.shards {
+            shard.release(slice);
+        }
+    }
+
     /// The kind of checkpoint, from its config and tensors.
     pub fn format(&self) -> CheckpointFormat {
         if self.config.quantization.is_some() {

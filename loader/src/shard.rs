@@ -126,6 +126,27 @@ impl ShardFile {
         &self.mmap[self.data_start + info.begin..self.data_start + info.end]
     }
 
+    /// Drops this process's resident pages for a slice of the map once it has been consumed, so
+    /// streaming through a large checkpoint keeps resident memory bounded. The data stays in the
+    /// page cache and later reads fault it back in unchanged. Slices outside this map are ignored.
+    pub fn release(&self, slice: &[u8]) {
+        let base = self.mmap.as_ptr() as usize;
+        let start = slice.as_ptr() as usize;
+        if start < base || start + slice.len() > base + self.mmap.len() {
+            return;
+        }
+        let page = 4096;
+        let from = (start - base).div_ceil(page) * page;
+        let to = (start - base + slice.len()) / page * page;
+        if to > from {
+            // SAFETY: the mapping is a read-only shared map of a file that mixq never writes, so
+            // MADV_DONTNEED only drops page-table entries; any later read of the range refaults the
+            // identical file contents. Only whole pages inside the slice are advised.
+            #[cfg(unix)]
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from) };
+        }
+    }
+
     /// Size of the file in bytes.
     pub fn file_len(&self) -> u64 {
         self.mmap.len() as u64

@@ -191,6 +191,9 @@ pub fn convert(
     let files = layout.create_files(&tmp_path)?;
     for ((a, src), places) in alloc.assigned.iter().zip(&sources).zip(&layout.placements) {
         write_param(a, src, places, &files, &layout.names, &tmp_path, progress)?;
+        for slice in src.slices() {
+            ckpt.release(slice);
+        }
         progress.tensor_done(&a.param.name());
     }
     progress.phase("syncing shards");

@@ -41,6 +41,14 @@ pub enum RowSource<'a> {
 }
 
 impl RowSource<'_> {
+    /// The source byte slices this reads from.
+    pub fn slices(&self) -> Vec<&[u8]> {
+        match *self {
+            RowSource::Bf16 { data, .. } => vec![data],
+            RowSource::Mxfp4 { blocks, scales, .. } => vec![blocks, scales],
+        }
+    }
+
     /// Output row length in elements.
     pub fn cols(&self) -> usize {
         match *self {

@@ -100,4 +100,8 @@ def reference_model(src, recipe):
         return r
 
     nn.quantize(model, group_size=64, bits=4, class_predicate=recording)
+    # Layers that stayed as loaded (MXFP4 experts) are quantized too; record their mode.
+    for path, module in model.named_modules():
+        if getattr(module, "mode", None) == "mxfp4":
+            qmap[path] = {"group_size": module.group_size, "bits": module.bits, "mode": "mxfp4"}
     return model, qmap
