@@ -94,6 +94,9 @@ enum Command {
         /// The model to convert (default: the bundled one).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Print one JSON object with every step's result instead of the narration.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a deterministic synthetic upstream-layout checkpoint (for tests and benches).
     Synth {
@@ -118,9 +121,12 @@ enum Command {
         /// Override the RNG seed.
         #[arg(long)]
         seed: Option<u64>,
-        /// YaRN truncate flag in the config.
+        /// Write `rope_scaling.truncate: false` in the config.
         #[arg(long)]
         no_truncate: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -228,8 +234,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Demo { out, recipe, model } => demo(&model.unwrap_or_else(bundled_model), &recipe, &out)?,
-        Command::Synth { out, preset, layers, hidden, intermediate, experts, seed, no_truncate } => {
+        Command::Demo { out, recipe, model, json } => demo(&model.unwrap_or_else(bundled_model), &recipe, &out, json)?,
+        Command::Synth { out, preset, layers, hidden, intermediate, experts, seed, no_truncate, json } => {
             let mut shape = mixq_synth::Shape::preset(&preset)
                 .with_context(|| format!("unknown preset {preset}; expected tiny, small, wide or medium"))?;
             shape.layers = layers.unwrap_or(shape.layers);
@@ -239,38 +245,54 @@ fn run(cli: Cli) -> Result<ExitCode> {
             shape.seed = seed.unwrap_or(shape.seed);
             shape.truncate = !no_truncate;
             mixq_synth::write_checkpoint(&out, &shape)?;
-            println!("wrote {}", out.display());
+            if json {
+                print_json(&serde_json::json!({"out": out, "preset": preset, "config": shape.config_json()}));
+            } else {
+                println!("wrote {}", out.display());
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn demo(model: &Path, recipe_name: &str, out: &Path) -> Result<()> {
+fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<()> {
     let recipe = Recipe::load(recipe_name)?;
     let source = model.display().to_string();
-    println!("== 1. plan ==");
+    let say = |text: &str| {
+        if !json {
+            print!("{text}");
+        }
+    };
     let ckpt = Checkpoint::open(model).with_context(|| format!("opening the bundled model {source}"))?;
     let summary = Allocation::resolve(ckpt.config(), &recipe)?.summary();
-    print!("{}", report::plan_text(&source, &recipe, &summary, source_size(ckpt.config())));
+    let src_size = source_size(ckpt.config());
+    say(&format!("== 1. plan ==\n{}", report::plan_text(&source, &recipe, &summary, src_size)));
     drop(ckpt);
 
-    println!("\n== 2. convert ==");
-    let progress = progress::StderrProgress::new(false);
+    say("\n== 2. convert ==\n");
+    let progress = progress::StderrProgress::new(json);
     let opts = ConvertOptions { force: true, source_label: "tiny-gpt-oss-shakespeare".into(), ..Default::default() };
     let start = std::time::Instant::now();
     let rep = mixq_quantizer::convert(model, &recipe, out, &opts, &progress);
     progress.finish();
     let rep = rep?;
-    println!("wrote {} in {:.2}s", rep.out.display(), start.elapsed().as_secs_f64());
+    let secs = start.elapsed().as_secs_f64();
+    say(&format!("wrote {} in {secs:.2}s\n", rep.out.display()));
 
-    println!("\n== 3. inspect ==");
-    let converted = Checkpoint::open(out)?;
-    print!("{}", report::inspect_text(&out.display().to_string(), &mixq_quantizer::inspect::inspect(&converted)));
-
-    println!("\n== 4. verify ==");
-    let r = mixq_quantizer::verify::verify(out);
-    print!("{}", report::verify_text(&out.display().to_string(), &r));
-    if !r.ok() {
+    let name = out.display().to_string();
+    let inspection = mixq_quantizer::inspect::inspect(&Checkpoint::open(out)?);
+    say(&format!("\n== 3. inspect ==\n{}", report::inspect_text(&name, &inspection)));
+    let verified = mixq_quantizer::verify::verify(out);
+    say(&format!("\n== 4. verify ==\n{}", report::verify_text(&name, &verified)));
+    if json {
+        print_json(&serde_json::json!({
+            "plan": report::plan_json(&source, &recipe, &summary, src_size),
+            "convert": {"out": rep.out, "seconds": secs, "shards": rep.shards},
+            "inspect": report::inspect_json(&name, &inspection),
+            "verify": report::verify_json(&name, &verified),
+        }));
+    }
+    if !verified.ok() {
         bail!("the converted model failed verification");
     }
     Ok(())
