@@ -153,6 +153,36 @@ impl ShardFile {
     }
 }
 
+/// Encodes a safetensors header for tensors laid out back to back in the given order: the 8-byte
+/// length prefix and the JSON, padded with spaces to a multiple of 8. Returns it with each tensor's
+/// offset within the data section.
+pub fn encode_header(metadata: &[(&str, &str)], tensors: &[(&str, Dtype, &[usize])]) -> (Vec<u8>, Vec<usize>) {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, Value> =
+            metadata.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
+        header.insert("__metadata__".into(), Value::Object(meta));
+    }
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut pos = 0usize;
+    for (name, dtype, shape) in tensors {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype.as_str(), "shape": shape, "data_offsets": [pos, pos + n]}),
+        );
+        offsets.push(pos);
+        pos += n;
+    }
+    let mut json = serde_json::to_vec(&Value::Object(header)).expect("JSON values always serialize");
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    (out, offsets)
+}
+
 fn parse_entry(name: &str, entry: &Value) -> std::result::Result<TensorInfo, String> {
     let obj = entry.as_object().ok_or("entry is not an object")?;
     let dtype_name = obj.get("dtype").and_then(Value::as_str).ok_or("missing string `dtype`")?;

@@ -53,6 +53,40 @@ pub fn quantize_row(
     scales: &mut [bf16],
     biases: &mut [bf16],
 ) -> Result<(), NonFinite> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { quantize_row_avx2(row, bits, group_size, packed, scales, biases) };
+        }
+    }
+    quantize_row_portable(row, bits, group_size, packed, scales, biases)
+}
+
+/// The same code compiled for AVX2 (8-lane division and rounding). No FMA is enabled, and Rust
+/// never contracts `a * b + c` on its own, so results stay bit-identical to the portable path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(
+    row: &[f32],
+    bits: u32,
+    group_size: usize,
+    packed: &mut [u8],
+    scales: &mut [bf16],
+    biases: &mut [bf16],
+) -> Result<(), NonFinite> {
+    quantize_row_portable(row, bits, group_size, packed, scales, biases)
+}
+
+#[inline(always)]
+fn quantize_row_portable(
+    row: &[f32],
+    bits: u32,
+    group_size: usize,
+    packed: &mut [u8],
+    scales: &mut [bf16],
+    biases: &mut [bf16],
+) -> Result<(), NonFinite> {
     debug_assert_eq!(row.len() % group_size, 0);
     debug_assert_eq!(packed.len(), packed_row_bytes(row.len(), bits));
     let n_bins = ((1u32 << bits) - 1) as f32;
@@ -80,7 +114,7 @@ pub fn quantize_row(
 }
 
 /// The (scale, bias) of one group, in f32 before rounding to bf16; `Err(i)` names a non-finite element.
-#[inline]
+#[inline(always)]
 fn group_params(group: &[f32], n_bins: f32) -> Result<(f32, f32), usize> {
     let mut w_min = f32::INFINITY;
     let mut w_max = f32::NEG_INFINITY;
@@ -108,7 +142,7 @@ fn group_params(group: &[f32], n_bins: f32) -> Result<(f32, f32), usize> {
 }
 
 /// Packs codes (each < 2^bits) as a little-endian bit stream; `codes.len()` is a multiple of 8.
-#[inline]
+#[inline(always)]
 pub fn pack_codes(codes: &[u8], bits: u32, out: &mut [u8]) {
     let b = bits as usize;
     for (eight, dst) in codes.chunks_exact(8).zip(out.chunks_exact_mut(b)) {
@@ -179,6 +213,21 @@ mod tests {
             let step = 0.2 / ((1u32 << bits) - 1) as f32;
             for (a, r) in back.iter().zip(&row) {
                 assert!((a - r).abs() <= step + 1e-3, "bits {bits}: {a} vs {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn dispatched_and_portable_paths_agree() {
+        let row: Vec<f32> = (0..256).map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) * 0.013).to_f32()).collect();
+        for bits in AFFINE_BITS {
+            for gs in [32usize, 64, 128] {
+                let n = 256 / gs;
+                let mut a = (vec![0u8; packed_row_bytes(256, bits)], vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+                let mut b = a.clone();
+                quantize_row(&row, bits, gs, &mut a.0, &mut a.1, &mut a.2).unwrap();
+                quantize_row_portable(&row, bits, gs, &mut b.0, &mut b.1, &mut b.2).unwrap();
+                assert_eq!(a, b, "bits {bits} gs {gs}");
             }
         }
     }

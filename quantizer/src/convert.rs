@@ -14,6 +14,7 @@ use mixq_loader::{Checkpoint, CheckpointFormat, LoaderError};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
+
 use crate::affine::{packed_row_bytes, quantize_row};
 use crate::card::model_card;
 use crate::manifest::{write_manifest, MANIFEST_FILE};
@@ -312,28 +313,15 @@ impl ShardLayout {
         let mut offsets: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         let mut weight_map = Vec::new();
         for (s, tensors) in shard_tensors.iter().enumerate() {
-            let mut header = Map::new();
-            header.insert("__metadata__".into(), json!({"format": "mlx"}));
-            let mut pos = 0usize;
-            for t in tensors {
-                header.insert(
-                    t.name.clone(),
-                    json!({"dtype": t.dtype.as_str(), "shape": t.shape, "data_offsets": [pos, pos + t.nbytes()]}),
-                );
-                pos += t.nbytes();
-            }
-            let mut bytes = serde_json::to_vec(&Value::Object(header)).expect("JSON values always serialize");
-            while bytes.len() % 8 != 0 {
-                bytes.push(b' ');
-            }
-            let data_start = 8 + bytes.len() as u64;
-            let mut p = 0u64;
-            for t in tensors {
-                offsets.insert(t.name.clone(), data_start + p);
-                p += t.nbytes() as u64;
+            let entries: Vec<(&str, mixq_loader::Dtype, &[usize])> =
+                tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
+            let (bytes, rel) = mixq_loader::shard::encode_header(&[("format", "mlx")], &entries);
+            let data_start = bytes.len() as u64;
+            for (t, off) in tensors.iter().zip(rel) {
+                offsets.insert(t.name.clone(), data_start + off as u64);
                 weight_map.push((t.name.clone(), s));
             }
-            sizes.push(data_start + pos as u64);
+            sizes.push(data_start + tensors.iter().map(|t| t.nbytes() as u64).sum::<u64>());
             headers.push(bytes);
         }
         let placements = alloc
@@ -352,8 +340,7 @@ impl ShardLayout {
             let path = dir.join(name);
             let f = File::create(&path).map_err(io(&path))?;
             f.set_len(size).map_err(io(&path))?;
-            f.write_all_at(&(header.len() as u64).to_le_bytes(), 0).map_err(io(&path))?;
-            f.write_all_at(header, 8).map_err(io(&path))?;
+            f.write_all_at(header, 0).map_err(io(&path))?;
             files.push(f);
         }
         Ok(files)

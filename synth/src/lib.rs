@@ -151,7 +151,7 @@ impl Rng {
     fn heavy(&mut self) -> f32 {
         let (u1, u2) = (self.uniform(), self.uniform());
         let g = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
-        if self.next_u64() % 64 == 0 {
+        if self.next_u64().is_multiple_of(64) {
             g * (1.0 + 7.0 * self.uniform())
         } else {
             g
@@ -242,7 +242,7 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
         let p = p.to_path_buf();
         move |source| SynthError::Io { path: p, source }
     };
-    if shape.hidden % 32 != 0 || shape.intermediate % 32 != 0 {
+    if !shape.hidden.is_multiple_of(32) || !shape.intermediate.is_multiple_of(32) {
         return Err(SynthError::Shape("hidden and intermediate must be multiples of 32 (MXFP4 blocks)".into()));
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -278,22 +278,14 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
     let mut weight_map = serde_json::Map::new();
     for (i, group) in groups.iter().enumerate() {
         let name = if count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) };
-        let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), json!({"format": "pt"}));
-        let mut pos = 0;
+        let entries: Vec<(&str, mixq_loader::Dtype, &[usize])> =
+            group.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
+        let (header, _) = mixq_loader::shard::encode_header(&[("format", "pt")], &entries);
         for t in group {
-            let n = t.shape.iter().product::<usize>() * t.dtype.size();
-            header.insert(t.name.clone(), json!({"dtype": t.dtype.as_str(), "shape": t.shape, "data_offsets": [pos, pos + n]}));
-            pos += n;
             weight_map.insert(t.name.clone(), json!(name));
-        }
-        let mut header = serde_json::to_vec(&Value::Object(header)).expect("JSON values always serialize");
-        while header.len() % 8 != 0 {
-            header.push(b' ');
         }
         let path = dir.join(&name);
         let mut w = BufWriter::with_capacity(8 << 20, File::create(&path).map_err(io(&path))?);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io(&path))?;
         w.write_all(&header).map_err(io(&path))?;
         for t in group {
             w.write_all(&tensor_bytes(t, shape.seed)).map_err(io(&path))?;
