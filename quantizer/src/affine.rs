@@ -104,7 +104,9 @@ fn quantize_row_portable(
             let q = rint((w - bias) / scale);
             let q = if q < 0.0 { 0.0 } else { q };
             let q = if n_bins < q { n_bins } else { q };
-            *c = q as u8;
+            // q is an integer in [0, 255]: adding 2^23 puts it in the low mantissa bits, which
+            // vectorises where a float-to-int cast does not.
+            *c = (q + 8_388_608.0).to_bits() as u8;
         }
         pack_codes(codes, bits, out);
         *s = bf16::from_f32(scale);

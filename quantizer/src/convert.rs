@@ -377,26 +377,35 @@ fn write_param(
         let at = off + (first_row * row_bytes[k]) as u64;
         files[s].write_all_at(bytes, at).map_err(io(&dir.join(&names[s])))
     };
+    // Chunk buffers are allocated once per parameter and reused, so fresh pages are not
+    // faulted in for every chunk.
+    let mut bytes_a = vec![0u8; chunk_rows.min(rows) * row_bytes[0]];
+    let mut bytes_b = vec![0u8; if row_bytes.len() > 1 { chunk_rows.min(rows) * row_bytes[1] } else { 0 }];
+    let groups_per_row = match a.action {
+        Action::Affine { group_size, .. } => cols / group_size as usize,
+        _ => 0,
+    };
+    let mut scales = vec![bf16::ZERO; chunk_rows.min(rows) * groups_per_row];
+    let mut biases = scales.clone();
     let mut first = 0;
     while first < rows {
         let n = chunk_rows.min(rows - first);
         match a.action {
             Action::Keep => {
-                let mut buf = vec![0u8; n * row_bytes[0]];
+                let buf = &mut bytes_a[..n * row_bytes[0]];
                 buf.par_chunks_mut(row_bytes[0])
                     .enumerate()
                     .for_each_init(|| vec![0f32; cols], |scratch, (i, out)| src.row_bf16(first + i, scratch, out));
-                put(0, first, &buf)?;
+                put(0, first, buf)?;
             }
             Action::Affine { bits, group_size } => {
-                let gpr = cols / group_size as usize;
-                let mut packed = vec![0u8; n * packed_row_bytes(cols, bits)];
-                let mut scales = vec![bf16::ZERO; n * gpr];
-                let mut biases = vec![bf16::ZERO; n * gpr];
+                let gpr = groups_per_row;
+                let packed = &mut bytes_a[..n * packed_row_bytes(cols, bits)];
+                let (s, b) = (&mut scales[..n * gpr], &mut biases[..n * gpr]);
                 packed
                     .par_chunks_mut(packed_row_bytes(cols, bits))
-                    .zip(scales.par_chunks_mut(gpr))
-                    .zip(biases.par_chunks_mut(gpr))
+                    .zip(s.par_chunks_mut(gpr))
+                    .zip(b.par_chunks_mut(gpr))
                     .enumerate()
                     .try_for_each_init(
                         || vec![0f32; cols],
@@ -411,24 +420,23 @@ fn write_param(
                         col: e.index,
                         value: e.value,
                     })?;
-                put(0, first, &packed)?;
-                put(1, first, bytemuck::cast_slice(&scales))?;
-                put(2, first, bytemuck::cast_slice(&biases))?;
+                put(0, first, packed)?;
+                put(1, first, bytemuck::cast_slice(s))?;
+                put(2, first, bytemuck::cast_slice(b))?;
             }
             Action::Mxfp4 => {
                 let (bb, sb) = (row_bytes[0], row_bytes[1]);
-                let mut blocks = vec![0u8; n * bb];
-                let mut scales = vec![0u8; n * sb];
+                let (blocks, block_scales) = (&mut bytes_a[..n * bb], &mut bytes_b[..n * sb]);
                 for i in 0..n {
                     let (b, s) = src.row_mxfp4(first + i).ok_or_else(|| ConvertError::NotUpstream {
                         path: dir.to_path_buf(),
                         found: "not MXFP4 for this tensor",
                     })?;
                     blocks[i * bb..(i + 1) * bb].copy_from_slice(b);
-                    scales[i * sb..(i + 1) * sb].copy_from_slice(s);
+                    block_scales[i * sb..(i + 1) * sb].copy_from_slice(s);
                 }
-                put(0, first, &blocks)?;
-                put(1, first, &scales)?;
+                put(0, first, blocks)?;
+                put(1, first, block_scales)?;
             }
         }
         progress.advance((n * src.source_bytes_per_row()) as u64);

@@ -79,7 +79,7 @@ impl Shape {
             "tiny" => base,
             "small" => Shape { layers: 4, hidden: 192, intermediate: 128, experts: 8, top_k: 4, heads: 4, kv_heads: 2, vocab: 512, sliding_window: 16, seed: 2, ..base },
             "wide" => Shape { layers: 6, hidden: 256, intermediate: 320, experts: 6, top_k: 2, heads: 8, kv_heads: 2, vocab: 1000, sliding_window: 16, shards: 3, seed: 3, ..base },
-            "medium" => Shape { layers: 8, hidden: 1024, intermediate: 1024, experts: 32, top_k: 4, heads: 16, kv_heads: 4, vocab: 8192, sliding_window: 128, shards: 4, seed: 4, ..base },
+            "medium" => Shape { layers: 8, hidden: 1024, intermediate: 2048, experts: 32, top_k: 4, heads: 16, kv_heads: 4, vocab: 8192, sliding_window: 128, shards: 4, seed: 4, ..base },
             _ => return None,
         })
     }
