@@ -77,6 +77,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Float32 logits `[n_tokens, vocab]` of a JSON list of token ids, written as .npy.
+    Logits {
+        /// Checkpoint folder (upstream or converted).
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON file holding a list of token ids.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Output .npy file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the built-in recipes.
     Recipes {
         /// Print one JSON object.
@@ -218,6 +233,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if !r.ok() {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Logits { model, tokens, out, json } => {
+            let text = std::fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
+            let ids: Vec<u32> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: expected a JSON list of non-negative token ids", tokens.display()))?;
+            let ckpt = Checkpoint::open(&model)?;
+            let m = mixq_runtime::Model::load(&ckpt)?;
+            let mut cache = m.new_cache();
+            let start = std::time::Instant::now();
+            let logits = m.forward(&ids, &mut cache, true)?;
+            let secs = start.elapsed().as_secs_f64();
+            let vocab = m.config.vocab_size;
+            std::fs::write(&out, mixq_runtime::npy::npy_f32(&[ids.len(), vocab], &logits))
+                .with_context(|| format!("writing {}", out.display()))?;
+            if json {
+                print_json(&serde_json::json!({"out": out, "tokens": ids.len(), "vocab": vocab, "seconds": secs}));
+            } else {
+                println!("wrote {} ([{}, {vocab}] float32) in {secs:.2}s", out.display(), ids.len());
             }
         }
         Command::Recipes { json } => {

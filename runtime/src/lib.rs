@@ -1,5 +1,17 @@
-//! mixq-runtime: runs gpt-oss checkpoints. This crate is a skeleton until the runtime lands;
-//! it holds only the one fact the rest of the workspace shares with it.
+//! mixq-runtime: runs gpt-oss checkpoints (upstream MXFP4, MLX affine or mxfp4, BF16) on the
+//! CPU with weights kept packed in the memory map: forward pass, KV cache, sampling, tokenizer
+//! and chat template.
+
+pub mod cache;
+pub mod error;
+pub mod matrix;
+pub mod model;
+pub mod npy;
+pub mod rope;
+
+pub use cache::KvCache;
+pub use error::{Result, RuntimeError};
+pub use model::Model;
 
 /// The version of the runtime crate, reported in model cards and validation reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,239 @@
+//! Weight matrices kept packed in the memory map, with products that decode one row at a time.
+//!
+//! A product `y = W x` (or `Y = X W^T` for several tokens) walks the rows of `W`: each row is
+//! decoded once into a small f32 scratch (`scale * q + bias` for affine codes, `lut[q] * 2^e` for
+//! MXFP4, a widening for BF16: exactly the reference's dequantized values) and dotted with every
+//! input. The model is never dequantized as a whole; rows are spread over threads.
+
+use half::bf16;
+use mixq_loader::decode::{bf16_to_f32, mxfp4_row_to_f32};
+use rayon::prelude::*;
+
+/// How a matrix's rows are stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Codes<'a> {
+    /// Dense BF16.
+    Bf16 {
+        /// `[stored_rows, cols]` little-endian bf16.
+        data: &'a [u8],
+    },
+    /// MLX affine: `bits`-bit codes in a little-endian bit stream per row, bf16 scales and biases.
+    Affine {
+        /// Packed codes, `cols * bits / 8` bytes per row.
+        weight: &'a [u8],
+        /// bf16 scales, `cols / group_size` per row.
+        scales: &'a [u8],
+        /// bf16 biases, `cols / group_size` per row.
+        biases: &'a [u8],
+        /// Bits per code.
+        bits: u32,
+        /// Elements per group.
+        group_size: usize,
+    },
+    /// MXFP4: FP4 E2M1 codes (low nibble first) with one E8M0 scale per 32 elements.
+    Mxfp4 {
+        /// `cols / 2` bytes per row.
+        blocks: &'a [u8],
+        /// `cols / 32` bytes per row.
+        scales: &'a [u8],
+    },
+}
+
+/// Maps logical row `r` to stored row `(r / per) * src_per + start + (r % per) * step`, which
+/// reads the gate (even) or up (odd) rows of upstream interleaved experts in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowMap {
+    /// Logical rows per block (per expert).
+    pub per: usize,
+    /// Stored rows per block.
+    pub src_per: usize,
+    /// First stored row within a block.
+    pub start: usize,
+    /// Stride between stored rows.
+    pub step: usize,
+}
+
+impl RowMap {
+    /// The identity map.
+    pub fn identity(rows: usize) -> Self {
+        RowMap { per: rows.max(1), src_per: rows.max(1), start: 0, step: 1 }
+    }
+
+    fn stored(&self, r: usize) -> usize {
+        (r / self.per) * self.src_per + self.start + (r % self.per) * self.step
+    }
+}
+
+/// A packed weight matrix `[rows, cols]` (for experts, all experts' rows stacked).
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a> {
+    /// Storage.
+    pub codes: Codes<'a>,
+    /// Logical rows.
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// Logical-to-stored row map.
+    pub map: RowMap,
+}
+
+fn bf16_at(bytes: &[u8], i: usize) -> f32 {
+    bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+}
+
+impl<'a> Matrix<'a> {
+    /// Bytes of packed weight data read per row (for bandwidth figures).
+    pub fn row_bytes(&self) -> usize {
+        match self.codes {
+            Codes::Bf16 { .. } => self.cols * 2,
+            Codes::Affine { bits, group_size, .. } => self.cols * bits as usize / 8 + 4 * self.cols / group_size,
+            Codes::Mxfp4 { .. } => self.cols / 2 + self.cols / 32,
+        }
+    }
+
+    /// Decodes logical row `r` into `out` (`cols` values).
+    pub fn decode_row(&self, r: usize, out: &mut [f32]) {
+        let s = self.map.stored(r);
+        let c = self.cols;
+        match self.codes {
+            Codes::Bf16 { data } => bf16_to_f32(&data[s * c * 2..(s + 1) * c * 2], out),
+            Codes::Mxfp4 { blocks, scales } => {
+                let (bb, sb) = (c / 2, c / 32);
+                mxfp4_row_to_f32(&blocks[s * bb..(s + 1) * bb], &scales[s * sb..(s + 1) * sb], out)
+            }
+            Codes::Affine { weight, scales, biases, bits, group_size } => {
+                let b = bits as usize;
+                let row_bytes = c * b / 8;
+                let packed = &weight[s * row_bytes..(s + 1) * row_bytes];
+                let groups = c / group_size;
+                let mask = (1u64 << b) - 1;
+                let group_bytes = group_size * b / 8;
+                for g in 0..groups {
+                    let scale = bf16_at(scales, s * groups + g);
+                    let bias = bf16_at(biases, s * groups + g);
+                    let src = &packed[g * group_bytes..(g + 1) * group_bytes];
+                    let dst = &mut out[g * group_size..(g + 1) * group_size];
+                    for (eight, o) in src.chunks_exact(b).zip(dst.chunks_exact_mut(8)) {
+                        let mut word = [0u8; 8];
+                        word[..b].copy_from_slice(eight);
+                        let w = u64::from_le_bytes(word);
+                        for (k, v) in o.iter_mut().enumerate() {
+                            *v = scale * ((w >> (k * b)) & mask) as f32 + bias;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out[t][r] = row_r · xs[t]` for rows `first..first+out_rows`, tokens `t` (`xs` is `[n, cols]`,
+    /// `out` is `[n, out_rows]`).
+    pub fn matmul_rows(&self, first: usize, out_rows: usize, xs: &[f32], out: &mut [f32]) {
+        let n = xs.len() / self.cols;
+        debug_assert_eq!(out.len(), n * out_rows);
+        const BLOCK: usize = 16;
+        // Rows in parallel blocks; each block fills a [rows, n] tile, transposed into `out`.
+        let tiles: Vec<(usize, Vec<f32>)> = (0..out_rows.div_ceil(BLOCK))
+            .into_par_iter()
+            .map_init(
+                || vec![0f32; self.cols],
+                |row, b| {
+                    let r0 = b * BLOCK;
+                    let r1 = (r0 + BLOCK).min(out_rows);
+                    let mut tile = vec![0f32; (r1 - r0) * n];
+                    for r in r0..r1 {
+                        self.decode_row(first + r, row);
+                        for (t, x) in xs.chunks_exact(self.cols).enumerate() {
+                            tile[(r - r0) * n + t] = dot(row, x);
+                        }
+                    }
+                    (r0, tile)
+                },
+            )
+            .collect();
+        for (r0, tile) in tiles {
+            let rows_here = tile.len() / n.max(1);
+            for i in 0..rows_here {
+                for t in 0..n {
+                    out[t * out_rows + r0 + i] = tile[i * n + t];
+                }
+            }
+        }
+    }
+
+    /// `Y = X W^T` over all rows.
+    pub fn matmul(&self, xs: &[f32], out: &mut [f32]) {
+        self.matmul_rows(0, self.rows, xs, out);
+    }
+}
+
+/// Dot product with several accumulators so it vectorises; f32 throughout.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..16 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affine_rows_decode_as_scale_q_plus_bias() {
+        // One row of 32 codes at 3 bits: codes 0..7 repeated, scale 0.5, bias -1.
+        let codes: Vec<u8> = (0..32).map(|i| (i % 8) as u8).collect();
+        let mut packed = vec![0u8; 12];
+        for (eight, dst) in codes.chunks(8).zip(packed.chunks_mut(3)) {
+            let w: u64 = eight.iter().enumerate().map(|(k, &c)| u64::from(c) << (3 * k)).sum();
+            dst.copy_from_slice(&w.to_le_bytes()[..3]);
+        }
+        let scales = bf16::from_f32(0.5).to_bits().to_le_bytes();
+        let biases = bf16::from_f32(-1.0).to_bits().to_le_bytes();
+        let m = Matrix {
+            codes: Codes::Affine { weight: &packed, scales: &scales, biases: &biases, bits: 3, group_size: 32 },
+            rows: 1,
+            cols: 32,
+            map: RowMap::identity(1),
+        };
+        let mut out = vec![0f32; 32];
+        m.decode_row(0, &mut out);
+        for (i, v) in out.iter().enumerate() {
+            assert_eq!(*v, 0.5 * (i % 8) as f32 - 1.0);
+        }
+        let x = vec![1.0f32; 32];
+        let mut y = [0f32];
+        m.matmul(&x, &mut y);
+        assert_eq!(y[0], out.iter().sum::<f32>());
+    }
+
+    #[test]
+    fn row_map_reads_interleaved_rows() {
+        let m = RowMap { per: 2, src_per: 4, start: 1, step: 2 };
+        assert_eq!((0..4).map(|r| m.stored(r)).collect::<Vec<_>>(), vec![1, 3, 5, 7]);
+    }
+
+    #[test]
+    fn matmul_of_several_tokens_matches_one_by_one() {
+        let data: Vec<u8> = (0..6 * 32).flat_map(|i| bf16::from_f32((i % 7) as f32 - 3.0).to_bits().to_le_bytes()).collect();
+        let m = Matrix { codes: Codes::Bf16 { data: &data }, rows: 6, cols: 32, map: RowMap::identity(6) };
+        let xs: Vec<f32> = (0..3 * 32).map(|i| (i as f32).sin()).collect();
+        let mut all = vec![0f32; 18];
+        m.matmul(&xs, &mut all);
+        for t in 0..3 {
+            let mut one = vec![0f32; 6];
+            m.matmul(&xs[t * 32..(t + 1) * 32], &mut one);
+            assert_eq!(&all[t * 6..(t + 1) * 6], &one[..]);
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The gpt-oss model over packed weights: loading from any supported checkpoint, and the forward
+//! pass (RMSNorm, attention with biases, GQA, YaRN RoPE, sinks and sliding windows, top-k router,
+//! SwiGLU-OAI experts, final norm, lm_head), all in f32.
+
+use mixq_loader::{Checkpoint, CheckpointFormat, Dtype, GptOssConfig, LayerType, QuantMode};
+use rayon::prelude::*;
+
+use crate::cache::{KvCache, LayerCache};
+use crate::error::{Result, RuntimeError};
+use crate::matrix::{dot, Codes, Matrix, RowMap};
+use crate::rope::Rope;
+
+/// Tokens processed together during prefill.
+pub const PREFILL_CHUNK: usize = 64;
+/// SwiGLU-OAI's sigmoid slope.
+const SWIGLU_ALPHA: f32 = 1.702;
+
+/// A linear layer: packed weight and f32 bias.
+#[derive(Debug, Clone)]
+struct Linear<'a> {
+    w: Matrix<'a>,
+    b: Vec<f32>,
+}
+
+impl Linear<'_> {
+    fn forward(&self, xs: &[f32]) -> Vec<f32> {
+        let n = xs.len() / self.w.cols;
+        let mut out = vec![0f32; n * self.w.rows];
+        self.w.matmul(xs, &mut out);
+        if !self.b.is_empty() {
+            for row in out.chunks_exact_mut(self.w.rows) {
+                for (o, b) in row.iter_mut().zip(&self.b) {
+                    *o += b;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The weights of one transformer layer.
+#[derive(Debug, Clone)]
+struct Layer<'a> {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    q: Linear<'a>,
+    k: Linear<'a>,
+    v: Linear<'a>,
+    o: Linear<'a>,
+    sinks: Vec<f32>,
+    router: Linear<'a>,
+    /// All experts' gate rows stacked: `[experts * intermediate, hidden]`, bias `[experts * intermediate]`.
+    gate: Linear<'a>,
+    up: Linear<'a>,
+    /// `[experts * hidden, intermediate]`.
+    down: Linear<'a>,
+    sliding: bool,
+}
+
+/// A gpt-oss model whose weights stay packed in the checkpoint's memory map.
+#[derive(Debug)]
+pub struct Model<'a> {
+    /// The config.
+    pub config: GptOssConfig,
+    embed: Matrix<'a>,
+    norm: Vec<f32>,
+    lm_head: Matrix<'a>,
+    layers: Vec<Layer<'a>>,
+    rope: Rope,
+    format: CheckpointFormat,
+}
+
+struct Loader<'a, 'c> {
+    ckpt: &'a Checkpoint,
+    config: &'c GptOssConfig,
+}
+
+impl<'a> Loader<'a, '_> {
+    fn err(name: &str, msg: String) -> RuntimeError {
+        RuntimeError::Checkpoint(format!("tensor {name}: {msg}"))
+    }
+
+    /// A BF16 vector (norm, bias, sinks) as f32, checked against the config's shape.
+    fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.ckpt.tensor(name)?;
+        t.expect(Dtype::BF16, shape).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
+        let mut out = vec![0f32; t.info.numel()];
+        mixq_loader::decode::bf16_to_f32(t.data, &mut out);
+        Ok(out)
+    }
+
+    /// The weight of an MLX module (`[..outer, rows, cols]`), quantized as the config's map says.
+    fn mlx_matrix(&self, module: &str, outer: &[usize], rows: usize, cols: usize) -> Result<Matrix<'a>> {
+        let spec = self.config.quantization.as_ref().and_then(|q| q.module(module));
+        let shape = |last: usize| outer.iter().copied().chain([rows, last]).collect::<Vec<_>>();
+        let total_rows = outer.iter().product::<usize>() * rows;
+        let fetch = |leaf: &str, dtype: Dtype, last: usize| -> Result<&'a [u8]> {
+            let name = format!("{module}.{leaf}");
+            let t = self.ckpt.tensor(&name)?;
+            t.expect(dtype, &shape(last)).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
+            Ok(t.data)
+        };
+        let codes = match spec {
+            None => Codes::Bf16 { data: fetch("weight", Dtype::BF16, cols)? },
+            Some(s) if s.mode == QuantMode::Mxfp4 => {
+                Codes::Mxfp4 { blocks: fetch("weight", Dtype::U32, cols / 8)?, scales: fetch("scales", Dtype::U8, cols / 32)? }
+            }
+            Some(s) => {
+                let gs = s.group_size as usize;
+                if cols % gs != 0 || !(2..=8).contains(&s.bits) || s.bits == 7 {
+                    return Err(Self::err(module, format!("unsupported quantization {} bits, group size {gs}", s.bits)));
+                }
+                Codes::Affine {
+                    weight: fetch("weight", Dtype::U32, cols * s.bits as usize / 32)?,
+                    scales: fetch("scales", Dtype::BF16, cols / gs)?,
+                    biases: fetch("biases", Dtype::BF16, cols / gs)?,
+                    bits: s.bits,
+                    group_size: gs,
+                }
+            }
+        };
+        Ok(Matrix { codes, rows: total_rows, cols, map: RowMap::identity(total_rows) })
+    }
+
+    fn linear(&self, module: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear<'a>> {
+        Ok(Linear {
+            w: self.mlx_matrix(module, &[], rows, cols)?,
+            b: if bias { self.vector(&format!("{module}.bias"), &[rows])? } else { Vec::new() },
+        })
+    }
+
+    /// Upstream experts: MXFP4 blocks with gate/up rows interleaved, read in place.
+    fn upstream_experts(&self, l: usize) -> Result<(Linear<'a>, Linear<'a>, Linear<'a>)> {
+        let c = self.config;
+        let (e, h, i) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
+        let p = format!("model.layers.{l}.mlp.experts");
+        let tensor = |name: String, dtype: Dtype, shape: &[usize]| -> Result<&'a [u8]> {
+            let t = self.ckpt.tensor(&name)?;
+            t.expect(dtype, shape).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
+            Ok(t.data)
+        };
+        let gu_blocks = tensor(format!("{p}.gate_up_proj_blocks"), Dtype::U8, &[e, 2 * i, h / 32, 16])?;
+        let gu_scales = tensor(format!("{p}.gate_up_proj_scales"), Dtype::U8, &[e, 2 * i, h / 32])?;
+        let gu_bias = self.vector(&format!("{p}.gate_up_proj_bias"), &[e, 2 * i])?;
+        let d_blocks = tensor(format!("{p}.down_proj_blocks"), Dtype::U8, &[e, h, i / 32, 16])?;
+        let d_scales = tensor(format!("{p}.down_proj_scales"), Dtype::U8, &[e, h, i / 32])?;
+        let d_bias = self.vector(&format!("{p}.down_proj_bias"), &[e, h])?;
+        let half = |start: usize| Linear {
+            w: Matrix {
+                codes: Codes::Mxfp4 { blocks: gu_blocks, scales: gu_scales },
+                rows: e * i,
+                cols: h,
+                map: RowMap { per: i, src_per: 2 * i, start, step: 2 },
+            },
+            b: gu_bias.iter().skip(start).step_by(2).copied().collect(),
+        };
+        let down = Linear {
+            w: Matrix { codes: Codes::Mxfp4 { blocks: d_blocks, scales: d_scales }, rows: e * h, cols: i, map: RowMap::identity(e * h) },
+            b: d_bias,
+        };
+        Ok((half(0), half(1), down))
+    }
+
+    fn mlx_experts(&self, l: usize) -> Result<(Linear<'a>, Linear<'a>, Linear<'a>)> {
+        let c = self.config;
+        let (e, h, i) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
+        let p = format!("model.layers.{l}.mlp.experts");
+        let lin = |name: &str, rows: usize, cols: usize| -> Result<Linear<'a>> {
+            let module = format!("{p}.{name}");
+            Ok(Linear { w: self.mlx_matrix(&module, &[e], rows, cols)?, b: self.vector(&format!("{module}.bias"), &[e, rows])? })
+        };
+        Ok((lin("gate_proj", i, h)?, lin("up_proj", i, h)?, lin("down_proj", h, i)?))
+    }
+}
+
+impl<'a> Model<'a> {
+    /// Builds the model over an open checkpoint (upstream MXFP4, MLX quantized, or BF16).
+    pub fn load(ckpt: &'a Checkpoint) -> Result<Self> {
+        let config = ckpt.config().clone();
+        let c = &config;
+        let format = ckpt.format();
+        let ld = Loader { ckpt, config: c };
+        let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let (gate, up, down) =
+                if format == CheckpointFormat::UpstreamMxfp4 { ld.upstream_experts(l)? } else { ld.mlx_experts(l)? };
+            layers.push(Layer {
+                input_norm: ld.vector(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q: ld.linear(&format!("{p}.self_attn.q_proj"), q, h, true)?,
+                k: ld.linear(&format!("{p}.self_attn.k_proj"), kv, h, true)?,
+                v: ld.linear(&format!("{p}.self_attn.v_proj"), kv, h, true)?,
+                o: ld.linear(&format!("{p}.self_attn.o_proj"), h, q, true)?,
+                sinks: ld.vector(&format!("{p}.self_attn.sinks"), &[c.num_attention_heads])?,
+                router: ld.linear(&format!("{p}.mlp.router"), c.num_local_experts, h, true)?,
+                gate,
+                up,
+                down,
+                sliding: c.layer_types[l] == LayerType::Sliding,
+            });
+        }
+        Ok(Model {
+            embed: ld.mlx_matrix("model.embed_tokens", &[], c.vocab_size, h)?,
+            norm: ld.vector("model.norm.weight", &[h])?,
+            lm_head: ld.mlx_matrix("lm_head", &[], c.vocab_size, h)?,
+            layers,
+            rope: Rope::new(c.head_dim, c.rope_theta, c.rope_scaling.as_ref()),
+            format,
+            config,
+        })
+    }
+
+    /// The checkpoint format the model was loaded from.
+    pub fn format(&self) -> CheckpointFormat {
+        self.format
+    }
+
+    /// Longest context the model supports.
+    pub fn max_context(&self) -> usize {
+        self.config.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072) as usize
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        let width = self.config.num_key_value_heads * self.config.head_dim;
+        let ring = self.config.sliding_window + PREFILL_CHUNK;
+        KvCache {
+            layers: self.layers.iter().map(|l| LayerCache::new(width, l.sliding.then_some(ring))).collect(),
+            len: 0,
+        }
+    }
+
+    /// Packed weight bytes read to decode one token (dense weights plus the routed experts).
+    pub fn bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        let k = c.num_experts_per_tok;
+        let mut bytes = self.lm_head.rows * self.lm_head.row_bytes() + self.embed.row_bytes();
+        for l in &self.layers {
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.router] {
+                bytes += lin.w.rows * lin.w.row_bytes();
+            }
+            bytes += k * c.intermediate_size * (l.gate.w.row_bytes() + l.up.w.row_bytes());
+            bytes += k * c.hidden_size * l.down.w.row_bytes();
+        }
+        bytes
+    }
+
+    /// Runs `tokens` through the model after what `cache` holds; returns logits for every
+    /// position (`[n, vocab]`) or only the last (`[vocab]`).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
+        let c = &self.config;
+        for (i, &t) in tokens.iter().enumerate() {
+            if t as usize >= c.vocab_size {
+                return Err(RuntimeError::TokenOutOfRange { id: t, position: cache.len + i, vocab: c.vocab_size });
+            }
+        }
+        if cache.len + tokens.len() > self.max_context() {
+            return Err(RuntimeError::ContextExceeded { tokens: cache.len + tokens.len(), context: self.max_context() });
+        }
+        let mut logits = Vec::new();
+        for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let last_chunk = (ci + 1) * PREFILL_CHUNK >= tokens.len();
+            let hidden = self.hidden_states(chunk, cache);
+            let rows: &[f32] = if all_logits {
+                &hidden
+            } else if last_chunk {
+                &hidden[hidden.len() - c.hidden_size..]
+            } else {
+                continue;
+            };
+            let mut out = vec![0f32; rows.len() / c.hidden_size * c.vocab_size];
+            self.lm_head.matmul(rows, &mut out);
+            logits.extend_from_slice(&out);
+        }
+        Ok(logits)
+    }
+
+    /// Final-norm hidden states of a chunk of tokens, advancing the cache.
+    fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let n = tokens.len();
+        let first = cache.len;
+        let mut x = vec![0f32; n * h];
+        for (t, &id) in tokens.iter().enumerate() {
+            self.embed.decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
+        }
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let normed = rms_norm(&x, &layer.input_norm, c.rms_norm_eps as f32);
+            let attn = self.attention(layer, lc, &normed, first);
+            let o = layer.o.forward(&attn);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let normed = rms_norm(&x, &layer.post_norm, c.rms_norm_eps as f32);
+            let moe = self.experts(layer, &normed);
+            x.iter_mut().zip(&moe).for_each(|(a, b)| *a += b);
+        }
+        cache.len += n;
+        rms_norm(&x, &self.norm, c.rms_norm_eps as f32)
+    }
+
+    fn attention(&self, layer: &Layer<'_>, lc: &mut LayerCache, xs: &[f32], first: usize) -> Vec<f32> {
+        let c = &self.config;
+        let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let n = xs.len() / c.hidden_size;
+        let mut q = layer.q.forward(xs);
+        let mut k = layer.k.forward(xs);
+        let v = layer.v.forward(xs);
+        for t in 0..n {
+            for head in q[t * nh * hd..(t + 1) * nh * hd].chunks_exact_mut(hd) {
+                self.rope.apply(head, first + t);
+            }
+            for head in k[t * nkv * hd..(t + 1) * nkv * hd].chunks_exact_mut(hd) {
+                self.rope.apply(head, first + t);
+            }
+        }
+        lc.append(first, &k, &v);
+        let lc = &*lc;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = nh / nkv;
+        let window = c.sliding_window;
+        let mut out = vec![0f32; n * nh * hd];
+        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+            let (t, head) = (idx / nh, idx % nh);
+            let pos = first + t;
+            let lo = if layer.sliding { (pos + 1).saturating_sub(window) } else { 0 };
+            let qv = &q[(t * nh + head) * hd..(t * nh + head + 1) * hd];
+            let kvh = head / group;
+            scores.clear();
+            let mut max = layer.sinks[head];
+            for p in lo..=pos {
+                let key = &lc.at(p).0[kvh * hd..(kvh + 1) * hd];
+                let s = dot(qv, key) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut denom = (layer.sinks[head] - max).exp();
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                denom += *s;
+            }
+            o.fill(0.0);
+            for (p, &w) in (lo..=pos).zip(scores.iter()) {
+                let val = &lc.at(p).1[kvh * hd..(kvh + 1) * hd];
+                let w = w / denom;
+                for (a, b) in o.iter_mut().zip(val) {
+                    *a += w * b;
+                }
+            }
+        });
+        out
+    }
+
+    fn experts(&self, layer: &Layer<'_>, xs: &[f32]) -> Vec<f32> {
+        let c = &self.config;
+        let (h, i, k) = (c.hidden_size, c.intermediate_size, c.num_experts_per_tok);
+        let n = xs.len() / h;
+        let router = layer.router.forward(xs);
+        // Per token: the k experts with the largest logits, weighted by a softmax over those k.
+        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); c.num_local_experts];
+        for (t, logits) in router.chunks_exact(c.num_local_experts).enumerate() {
+            let mut idx: Vec<usize> = (0..logits.len()).collect();
+            idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            let top = &idx[..k];
+            let max = logits[top[0]];
+            let exps: Vec<f32> = top.iter().map(|&e| (logits[e] - max).exp()).collect();
+            let sum: f32 = exps.iter().sum();
+            for (&e, w) in top.iter().zip(exps) {
+                by_expert[e].push((t, w / sum));
+            }
+        }
+        let limit = c.swiglu_limit as f32;
+        let mut out = vec![0f32; n * h];
+        for (e, users) in by_expert.iter().enumerate().filter(|(_, u)| !u.is_empty()) {
+            let m = users.len();
+            let mut x_e = Vec::with_capacity(m * h);
+            for &(t, _) in users {
+                x_e.extend_from_slice(&xs[t * h..(t + 1) * h]);
+            }
+            let mut gate = vec![0f32; m * i];
+            let mut up = vec![0f32; m * i];
+            layer.gate.w.matmul_rows(e * i, i, &x_e, &mut gate);
+            layer.up.w.matmul_rows(e * i, i, &x_e, &mut up);
+            let (gb, ub) = (&layer.gate.b[e * i..(e + 1) * i], &layer.up.b[e * i..(e + 1) * i]);
+            for (t, (g_row, u_row)) in gate.chunks_exact_mut(i).zip(up.chunks_exact(i)).enumerate() {
+                let _ = t;
+                for (((g, u), bg), bu) in g_row.iter_mut().zip(u_row).zip(gb).zip(ub) {
+                    let gv = (*g + bg).min(limit);
+                    let uv = (u + bu).clamp(-limit, limit);
+                    *g = (uv + 1.0) * (gv / (1.0 + (-SWIGLU_ALPHA * gv).exp()));
+                }
+            }
+            let mut down = vec![0f32; m * h];
+            layer.down.w.matmul_rows(e * h, h, &gate, &mut down);
+            let db = &layer.down.b[e * h..(e + 1) * h];
+            for (&(t, w), d_row) in users.iter().zip(down.chunks_exact(h)) {
+                for ((o, d), b) in out[t * h..(t + 1) * h].iter_mut().zip(d_row).zip(db) {
+                    *o += w * (d + b);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `x * rsqrt(mean(x^2) + eps) * w` per row.
+fn rms_norm(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len();
+    let mut out = vec![0f32; xs.len()];
+    for (o, x) in out.chunks_exact_mut(h).zip(xs.chunks_exact(h)) {
+        let ms = dot(x, x) / h as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+            *o = x * r * w;
+        }
+    }
+    out
+}
