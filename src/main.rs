@@ -77,6 +77,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text with a model, streaming it; ends with prefill/decode tokens/s and peak memory.
+    Run {
+        /// Checkpoint folder (upstream or converted).
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template (harmony format for gpt-oss).
+        #[arg(long)]
+        chat: bool,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 100)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temp: f32,
+        /// Nucleus sampling mass (1 keeps every token).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Keep only the k most likely tokens (0 keeps all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// RNG seed for sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object (text, tokens, figures) instead of streaming.
+        #[arg(long)]
+        json: bool,
+    },
     /// Float32 logits `[n_tokens, vocab]` of a JSON list of token ids, written as .npy.
     Logits {
         /// Checkpoint folder (upstream or converted).
@@ -235,6 +265,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Run { model, prompt, chat, max_tokens, temp, top_p, top_k, seed, json } => {
+            let sampler = mixq_runtime::SamplerConfig { temperature: temp, top_p, top_k, seed };
+            generate_text(&model, &prompt, chat, max_tokens, sampler, json)?;
+        }
         Command::Logits { model, tokens, out, json } => {
             let text = std::fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
             let ids: Vec<u32> = serde_json::from_str(&text)
@@ -287,6 +321,87 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Peak resident memory of this process in bytes, where the OS reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Generates from a prompt, streaming text to stdout (or one JSON object at the end).
+fn generate_text(
+    model_dir: &Path,
+    prompt: &str,
+    chat: bool,
+    max_tokens: usize,
+    sampler: mixq_runtime::SamplerConfig,
+    json: bool,
+) -> Result<serde_json::Value> {
+    use std::io::Write;
+    let ckpt = Checkpoint::open(model_dir)?;
+    let model = mixq_runtime::Model::load(&ckpt)?;
+    let codec = mixq_runtime::TextCodec::load(model_dir)?;
+    let text = if chat { codec.render_chat(&[("user", prompt)])? } else { prompt.to_string() };
+    let ids = codec.encode(&text)?;
+    let mut shown = 0;
+    let mut generated = Vec::new();
+    let mut stdout = std::io::stdout();
+    if !json {
+        print!("{prompt}");
+    }
+    let (tokens, stats) = mixq_runtime::generate(
+        &model,
+        &ids,
+        max_tokens,
+        &mut mixq_runtime::Sampler::new(sampler),
+        &codec.eos_ids,
+        |id| {
+            generated.push(id);
+            if !json {
+                if let Ok(t) = codec.decode(&generated) {
+                    // Print only what is new and complete (a partial UTF-8 sequence decodes to U+FFFD).
+                    if t.len() > shown && !t.ends_with('\u{fffd}') {
+                        print!("{}", &t[shown..]);
+                        let _ = stdout.flush();
+                        shown = t.len();
+                    }
+                }
+            }
+        },
+    )?;
+    let output = codec.decode(&tokens)?;
+    let peak = peak_rss_bytes();
+    let figures = serde_json::json!({
+        "prompt": prompt,
+        "text": output,
+        "tokens": tokens,
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "prefill_tokens_per_second": stats.prefill_tps(),
+        "decode_tokens_per_second": stats.decode_tps(),
+        "kv_cache_bytes": stats.cache_bytes,
+        "peak_rss_bytes": peak,
+        "stopped_at_eos": stats.stopped_at_eos,
+    });
+    if json {
+        print_json(&figures);
+    } else {
+        if output.len() > shown {
+            print!("{}", &output[shown..]);
+        }
+        println!("\n==========");
+        println!("Prompt: {} tokens, {:.1} tokens/s", stats.prompt_tokens, stats.prefill_tps());
+        println!("Generation: {} tokens, {:.1} tokens/s", stats.generated_tokens, stats.decode_tps());
+        println!(
+            "KV cache: {:.2} MiB; peak memory: {}",
+            stats.cache_bytes as f64 / 1048576.0,
+            peak.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into())
+        );
+    }
+    Ok(figures)
 }
 
 fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<()> {

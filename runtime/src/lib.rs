@@ -4,14 +4,20 @@
 
 pub mod cache;
 pub mod error;
+pub mod generate;
 pub mod matrix;
 pub mod model;
 pub mod npy;
 pub mod rope;
+pub mod sample;
+pub mod text;
 
 pub use cache::KvCache;
 pub use error::{Result, RuntimeError};
+pub use generate::{generate, GenerationStats};
 pub use model::Model;
+pub use sample::{Sampler, SamplerConfig};
+pub use text::TextCodec;
 
 /// The version of the runtime crate, reported in model cards and validation reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
