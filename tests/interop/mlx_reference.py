@@ -105,3 +105,37 @@ def reference_model(src, recipe):
         if getattr(module, "mode", None) == "mxfp4":
             qmap[path] = {"group_size": module.group_size, "bits": module.bits, "mode": "mxfp4"}
     return model, qmap
+
+
+def float32_model(path):
+    """mlx-lm's model of a checkpoint with every weight dequantized in float32 (scale*q + bias
+    with f32 scales and biases; mlx-lm's own dequantize_model rounds to bf16) and float32
+    activations: the reference for the maths, free of mlx's bf16 CPU quantized matmul."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    model, tokenizer = load(str(path))
+    replaced = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
+            continue
+        if m.mode == "affine":
+            w = mx.dequantize(
+                m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), m.group_size, m.bits, mode="affine"
+            )
+        else:
+            w = mx.dequantize(m.weight, m.scales, None, m.group_size, m.bits, mode=m.mode, dtype=mx.float32)
+        has_bias = "bias" in m
+        if isinstance(m, nn.QuantizedLinear):
+            new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+        elif isinstance(m, nn.QuantizedEmbedding):
+            new = nn.Embedding(w.shape[0], w.shape[1])
+        else:
+            new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias=has_bias)
+        new.weight = w
+        if has_bias:
+            new.bias = m.bias
+        replaced.append((name, new))
+    if replaced:
+        model.update_modules(tree_unflatten(replaced))
+    model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())]))
+    return model, tokenizer
