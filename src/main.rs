@@ -128,7 +128,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The pipeline on the bundled tiny model: plan, convert, inspect, verify.
+    /// The pipeline on the bundled tiny model: plan, convert, inspect, verify, generate.
     Demo {
         /// Where to write the converted model.
         #[arg(long, default_value = "target/demo/tiny-gpt-oss-shakespeare-3.6bit")]
@@ -267,7 +267,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run { model, prompt, chat, max_tokens, temp, top_p, top_k, seed, json } => {
             let sampler = mixq_runtime::SamplerConfig { temperature: temp, top_p, top_k, seed };
-            generate_text(&model, &prompt, chat, max_tokens, sampler, json)?;
+            let figures = generate_text(&model, &prompt, chat, max_tokens, sampler, json)?;
+            if json {
+                print_json(&figures);
+            }
         }
         Command::Logits { model, tokens, out, json } => {
             let text = std::fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
@@ -338,8 +341,9 @@ fn generate_text(
     chat: bool,
     max_tokens: usize,
     sampler: mixq_runtime::SamplerConfig,
-    json: bool,
+    quiet: bool,
 ) -> Result<serde_json::Value> {
+    let json = quiet;
     use std::io::Write;
     let ckpt = Checkpoint::open(model_dir)?;
     let model = mixq_runtime::Model::load(&ckpt)?;
@@ -378,6 +382,7 @@ fn generate_text(
         "prompt": prompt,
         "text": output,
         "tokens": tokens,
+        "prompt_ids": ids,
         "prompt_tokens": stats.prompt_tokens,
         "generated_tokens": stats.generated_tokens,
         "prefill_tokens_per_second": stats.prefill_tps(),
@@ -386,9 +391,7 @@ fn generate_text(
         "peak_rss_bytes": peak,
         "stopped_at_eos": stats.stopped_at_eos,
     });
-    if json {
-        print_json(&figures);
-    } else {
+    if !json {
         if output.len() > shown {
             print!("{}", &output[shown..]);
         }
@@ -433,16 +436,31 @@ fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<()> {
     say(&format!("\n== 3. inspect ==\n{}", report::inspect_text(&name, &inspection)));
     let verified = mixq_quantizer::verify::verify(out);
     say(&format!("\n== 4. verify ==\n{}", report::verify_text(&name, &verified)));
+    if !verified.ok() {
+        bail!("the converted model failed verification");
+    }
+    say("\n== 5. generate with the converted model ==\n");
+    let sampler = mixq_runtime::SamplerConfig::default();
+    let generated = generate_text(out, "ROMEO:", false, 48, sampler, true).map(|g| {
+        say(&format!(
+            "{}{}\n==========\nPrompt: {} tokens, {:.1} tokens/s\nGeneration: {} tokens, {:.1} tokens/s\n",
+            g["prompt"].as_str().unwrap_or_default(),
+            g["text"].as_str().unwrap_or_default(),
+            g["prompt_tokens"],
+            g["prefill_tokens_per_second"].as_f64().unwrap_or(0.0),
+            g["generated_tokens"],
+            g["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
+        ));
+        g
+    })?;
     if json {
         print_json(&serde_json::json!({
             "plan": report::plan_json(&source, &recipe, &summary, src_size),
             "convert": {"out": rep.out, "seconds": secs, "shards": rep.shards},
             "inspect": report::inspect_json(&name, &inspection),
             "verify": report::verify_json(&name, &verified),
+            "generate": generated,
         }));
-    }
-    if !verified.ok() {
-        bail!("the converted model failed verification");
     }
     Ok(())
 }
