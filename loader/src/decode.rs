@@ -8,6 +8,7 @@ pub const FP4_VALUES: [f32; 16] = [
 ];
 
 /// Decodes little-endian BF16 bytes into f32 (`out.len()` elements).
+#[inline]
 pub fn bf16_to_f32(bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * 2);
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -16,6 +17,7 @@ pub fn bf16_to_f32(bytes: &[u8], out: &mut [f32]) {
 }
 
 /// The value of an E8M0 scale byte, 2^(s-127); 255 is NaN.
+#[inline]
 pub fn e8m0_to_f32(s: u8) -> f32 {
     match s {
         0 => f32::from_bits(0x0040_0000),
@@ -25,6 +27,7 @@ pub fn e8m0_to_f32(s: u8) -> f32 {
 }
 
 /// Decodes one MXFP4 row: `blocks` holds cols/2 bytes (low nibble = even element), `scales` cols/32 bytes.
+#[inline]
 pub fn mxfp4_row_to_f32(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
     debug_assert_eq!(blocks.len() * 2, out.len());
     debug_assert_eq!(scales.len() * MXFP4_BLOCK, out.len());

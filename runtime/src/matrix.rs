@@ -92,6 +92,7 @@ impl<'a> Matrix<'a> {
     }
 
     /// Decodes logical row `r` into `out` (`cols` values).
+    #[inline(always)]
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         let s = self.map.stored(r);
         let c = self.cols;
@@ -102,25 +103,18 @@ impl<'a> Matrix<'a> {
                 mxfp4_row_to_f32(&blocks[s * bb..(s + 1) * bb], &scales[s * sb..(s + 1) * sb], out)
             }
             Codes::Affine { weight, scales, biases, bits, group_size } => {
-                let b = bits as usize;
-                let row_bytes = c * b / 8;
-                let packed = &weight[s * row_bytes..(s + 1) * row_bytes];
+                let row_bytes = c * bits as usize / 8;
                 let groups = c / group_size;
-                let mask = (1u64 << b) - 1;
-                let group_bytes = group_size * b / 8;
-                for g in 0..groups {
-                    let scale = bf16_at(scales, s * groups + g);
-                    let bias = bf16_at(biases, s * groups + g);
-                    let src = &packed[g * group_bytes..(g + 1) * group_bytes];
-                    let dst = &mut out[g * group_size..(g + 1) * group_size];
-                    for (eight, o) in src.chunks_exact(b).zip(dst.chunks_exact_mut(8)) {
-                        let mut word = [0u8; 8];
-                        word[..b].copy_from_slice(eight);
-                        let w = u64::from_le_bytes(word);
-                        for (k, v) in o.iter_mut().enumerate() {
-                            *v = scale * ((w >> (k * b)) & mask) as f32 + bias;
-                        }
-                    }
+                let packed = &weight[s * row_bytes..(s + 1) * row_bytes];
+                let scales = &scales[s * groups * 2..(s + 1) * groups * 2];
+                let biases = &biases[s * groups * 2..(s + 1) * groups * 2];
+                match bits {
+                    2 => decode_affine::<2>(packed, scales, biases, group_size, out),
+                    3 => decode_affine::<3>(packed, scales, biases, group_size, out),
+                    4 => decode_affine::<4>(packed, scales, biases, group_size, out),
+                    5 => decode_affine::<5>(packed, scales, biases, group_size, out),
+                    6 => decode_affine::<6>(packed, scales, biases, group_size, out),
+                    _ => decode_affine::<8>(packed, scales, biases, group_size, out),
                 }
             }
         }
@@ -141,12 +135,7 @@ impl<'a> Matrix<'a> {
                     let r0 = b * BLOCK;
                     let r1 = (r0 + BLOCK).min(out_rows);
                     let mut tile = vec![0f32; (r1 - r0) * n];
-                    for r in r0..r1 {
-                        self.decode_row(first + r, row);
-                        for (t, x) in xs.chunks_exact(self.cols).enumerate() {
-                            tile[(r - r0) * n + t] = dot(row, x);
-                        }
-                    }
+                    self.rows_times(first + r0, first + r1, xs, row, &mut tile);
                     (r0, tile)
                 },
             )
@@ -161,14 +150,63 @@ impl<'a> Matrix<'a> {
         }
     }
 
+    /// Fills `tile[(r - r0) * n + t] = row_r · xs[t]` for rows `r0..r1`, picking the widest
+    /// vector unit the CPU has (same operations, so the same results, on every path).
+    fn rows_times(&self, r0: usize, r1: usize, xs: &[f32], row: &mut [f32], tile: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { self.rows_times_avx2(r0, r1, xs, row, tile) };
+            }
+        }
+        self.rows_times_portable(r0, r1, xs, row, tile)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_times_avx2(&self, r0: usize, r1: usize, xs: &[f32], row: &mut [f32], tile: &mut [f32]) {
+        self.rows_times_portable(r0, r1, xs, row, tile)
+    }
+
+    #[inline(always)]
+    fn rows_times_portable(&self, r0: usize, r1: usize, xs: &[f32], row: &mut [f32], tile: &mut [f32]) {
+        let n = xs.len() / self.cols;
+        for r in r0..r1 {
+            self.decode_row(r, row);
+            for (t, x) in xs.chunks_exact(self.cols).enumerate() {
+                tile[(r - r0) * n + t] = dot(row, x);
+            }
+        }
+    }
+
     /// `Y = X W^T` over all rows.
     pub fn matmul(&self, xs: &[f32], out: &mut [f32]) {
         self.matmul_rows(0, self.rows, xs, out);
     }
 }
 
+/// Decodes one affine row of `B`-bit codes: every 8 codes occupy `B` bytes of the bit stream.
+#[inline(always)]
+fn decode_affine<const B: usize>(packed: &[u8], scales: &[u8], biases: &[u8], group_size: usize, out: &mut [f32]) {
+    let mask = (1u64 << B) - 1;
+    let group_bytes = group_size * B / 8;
+    for (g, (src, dst)) in packed.chunks_exact(group_bytes).zip(out.chunks_exact_mut(group_size)).enumerate() {
+        let scale = bf16_at(scales, g);
+        let bias = bf16_at(biases, g);
+        for (eight, o) in src.chunks_exact(B).zip(dst.chunks_exact_mut(8)) {
+            let mut word = [0u8; 8];
+            word[..B].copy_from_slice(eight);
+            let w = u64::from_le_bytes(word);
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = scale * ((w >> (k * B)) & mask) as f32 + bias;
+            }
+        }
+    }
+}
+
 /// Dot product with several accumulators so it vectorises; f32 throughout.
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
