@@ -177,7 +177,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The pipeline on the bundled tiny model: plan, convert, inspect, verify, generate.
+    /// The pipeline on the bundled tiny model: plan, convert, inspect, verify, generate, validate.
     Demo {
         /// Where to write the converted model.
         #[arg(long, default_value = "target/demo/tiny-gpt-oss-shakespeare-3.6bit")]
@@ -666,8 +666,36 @@ fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<()> {
         ));
         g
     })?;
+    say("\n== 6. validate against the source ==\n");
+    let text = model.parent().map(|p| p.join("shakespeare-dev.txt")).filter(|p| p.is_file());
+    let validation = match text {
+        Some(text) => {
+            let args = ValidateArgs {
+                model: out,
+                text: &text,
+                reference: Some(model),
+                reference_logits: None,
+                save_reference: None,
+                ctx: 256,
+                stride: 256,
+                max_tokens: Some(4096),
+                top_k: 32,
+                gates: mixq_validate::Gates::default(),
+                card: Some(&out.join("README.md")),
+                quiet: json,
+            };
+            let (v, _) = validate(&args)?;
+            say(&format!("{}(first 4096 tokens of {}, windows of 256; added to the model card)\n", v.to_text(), text.display()));
+            v.to_json()
+        }
+        None => {
+            say("(no held-out text beside the model; skipped)\n");
+            serde_json::Value::Null
+        }
+    };
     if json {
         print_json(&serde_json::json!({
+            "validate": validation,
             "plan": report::plan_json(&source, &recipe, &summary, src_size),
             "convert": {"out": rep.out, "seconds": secs, "shards": rep.shards},
             "inspect": report::inspect_json(&name, &inspection),
