@@ -1,7 +1,10 @@
 //! mixq: turn gpt-oss checkpoints into mixed-precision MLX models and prove they are still good.
 
+mod demo;
+mod generate;
 mod progress;
 mod report;
+mod validate;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -239,7 +242,7 @@ fn bundled_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("tiny-gpt-oss-shakespeare")
 }
 
-fn print_json(v: &serde_json::Value) {
+pub(crate) fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("JSON values always serialize"));
 }
 
@@ -316,7 +319,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run { model, prompt, chat, max_tokens, temp, top_p, top_k, seed, json } => {
             let sampler = mixq_runtime::SamplerConfig { temperature: temp, top_p, top_k, seed };
-            let figures = generate_text(&model, &prompt, chat, max_tokens, sampler, json)?;
+            let figures = generate::generate_text(&model, &prompt, chat, max_tokens, sampler, !json)?;
             if json {
                 print_json(&figures);
             }
@@ -357,7 +360,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             quiet,
             json,
         } => {
-            let args = ValidateArgs {
+            let args = validate::ValidateArgs {
                 model: &model,
                 text: &text,
                 reference: reference.as_deref(),
@@ -371,7 +374,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 card: card.as_deref(),
                 quiet: quiet || json,
             };
-            let (summary, failed) = validate(&args)?;
+            let (summary, failed) = validate::validate(&args)?;
             if json {
                 let mut v = summary.to_json();
                 v["gates_failed"] = serde_json::json!(failed);
@@ -400,7 +403,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Demo { out, recipe, model, json } => demo(&model.unwrap_or_else(bundled_model), &recipe, &out, json)?,
+        Command::Demo { out, recipe, model, json } => demo::demo(&model.unwrap_or_else(bundled_model), &recipe, &out, json)?,
         Command::Synth { out, preset, layers, hidden, intermediate, experts, seed, no_truncate, json } => {
             let mut shape = mixq_synth::Shape::preset(&preset)
                 .with_context(|| format!("unknown preset {preset}; expected tiny, small, wide or medium"))?;
@@ -421,287 +424,3 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Inputs of `mixq validate`.
-struct ValidateArgs<'a> {
-    model: &'a Path,
-    text: &'a Path,
-    reference: Option<&'a Path>,
-    reference_logits: Option<&'a Path>,
-    save_reference: Option<&'a Path>,
-    ctx: usize,
-    stride: usize,
-    max_tokens: Option<usize>,
-    top_k: usize,
-    gates: mixq_validate::Gates,
-    card: Option<&'a Path>,
-    quiet: bool,
-}
-
-/// Runs a validation: returns the figures and the failed gates.
-fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<String>)> {
-    use mixq_validate::reference::{self, RefHeader};
-    if a.ctx < 2 || a.stride == 0 || a.stride > a.ctx {
-        bail!("--ctx must be at least 2 and --stride between 1 and --ctx (got ctx {}, stride {})", a.ctx, a.stride);
-    }
-    let raw = std::fs::read(a.text).with_context(|| format!("reading {}", a.text.display()))?;
-    let text = String::from_utf8(raw).with_context(|| format!("{}: not UTF-8 text", a.text.display()))?;
-    let ckpt = Checkpoint::open(a.model)?;
-    let model = mixq_runtime::Model::load(&ckpt)?;
-    let mut tokens = mixq_runtime::TextCodec::load(a.model)?.encode(&text)?;
-    if let Some(n) = a.max_tokens {
-        tokens.truncate(n);
-    }
-    if tokens.len() < 2 {
-        bail!("{}: fewer than 2 tokens to evaluate", a.text.display());
-    }
-    let tokens_sha = mixq_validate::tokens_sha256(&tokens);
-    let opts = mixq_validate::EvalOptions { ctx: a.ctx, stride: a.stride, top_k: a.top_k };
-    let ref_ckpt = a.reference.map(Checkpoint::open).transpose()?;
-    let ref_model = ref_ckpt.as_ref().map(mixq_runtime::Model::load).transpose()?;
-    let saved = match a.reference_logits {
-        Some(p) => {
-            let (h, t) = reference::read(p)?;
-            if h.tokens_sha256 != tokens_sha || h.ctx != a.ctx || h.stride != a.stride {
-                bail!(
-                    "{}: saved for other text or windows (ctx {}, stride {}); this run has ctx {}, stride {}",
-                    p.display(), h.ctx, h.stride, a.ctx, a.stride
-                );
-            }
-            Some(t)
-        }
-        None => None,
-    };
-    let reference = match (&ref_model, &saved) {
-        (Some(m), _) => mixq_validate::Reference::Model(m),
-        (None, Some(t)) => mixq_validate::Reference::Saved(t),
-        _ => mixq_validate::Reference::None,
-    };
-    let bar = (!a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
-                .expect("valid template"),
-        );
-        bar
-    });
-    let start = std::time::Instant::now();
-    let last = std::sync::Mutex::new(std::time::Instant::now());
-    let progress = |done: usize, total: usize| {
-        if let Some(bar) = &bar {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        } else if !a.quiet {
-            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-            if l.elapsed().as_secs_f64() >= 2.0 || done == total {
-                *l = std::time::Instant::now();
-                let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
-                eprintln!("validate: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s", (total - done) as f64 / rate.max(1e-9));
-            }
-        }
-    };
-    let scored = mixq_validate::score(&model, &tokens, &reference, opts, &progress)?;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let method = match reference {
-        mixq_validate::Reference::Model(_) => Some("exact"),
-        mixq_validate::Reference::Saved(_) => Some("top-k"),
-        mixq_validate::Reference::None => None,
-    };
-    let summary = mixq_validate::Summary::new(&scored.tokens, method);
-    if let Some(p) = a.save_reference {
-        if saved.is_some() {
-            bail!("--save-reference needs --reference DIR (or no reference), not --reference-logits");
-        }
-        let header = RefHeader {
-            model: a.reference.unwrap_or(a.model).display().to_string(),
-            tokens_sha256: tokens_sha.clone(),
-            ctx: a.ctx,
-            stride: a.stride,
-            top_k: a.top_k,
-        };
-        reference::write(p, &header, &scored.summaries)?;
-    }
-    if let Some(card) = a.card {
-        let text_sha = mixq_quantizer::manifest::sha256_file(a.text).map(|(s, _)| s).unwrap_or_default();
-        let name = a.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let reference_name = a.reference.or(a.reference_logits).map(|p| p.display().to_string());
-        let ctx = mixq_validate::card::CardContext {
-            text_name: &name,
-            text_sha256: &text_sha,
-            ctx: a.ctx,
-            stride: a.stride,
-            reference: reference_name.as_deref(),
-        };
-        mixq_validate::card::update_card(card, &mixq_validate::card::section(&summary, &ctx))?;
-    }
-    let failed = a.gates.check(&summary);
-    Ok((summary, failed))
-}
-
-/// Peak resident memory of this process in bytes, where the OS reports it.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Generates from a prompt, streaming text to stdout (or one JSON object at the end).
-fn generate_text(
-    model_dir: &Path,
-    prompt: &str,
-    chat: bool,
-    max_tokens: usize,
-    sampler: mixq_runtime::SamplerConfig,
-    quiet: bool,
-) -> Result<serde_json::Value> {
-    let json = quiet;
-    use std::io::Write;
-    let ckpt = Checkpoint::open(model_dir)?;
-    let model = mixq_runtime::Model::load(&ckpt)?;
-    let codec = mixq_runtime::TextCodec::load(model_dir)?;
-    let text = if chat { codec.render_chat(&[("user", prompt)])? } else { prompt.to_string() };
-    let ids = codec.encode(&text)?;
-    let mut shown = 0;
-    let mut generated = Vec::new();
-    let mut stdout = std::io::stdout();
-    if !json {
-        print!("{prompt}");
-    }
-    let (tokens, stats) = mixq_runtime::generate(
-        &model,
-        &ids,
-        max_tokens,
-        &mut mixq_runtime::Sampler::new(sampler),
-        &codec.eos_ids,
-        |id| {
-            generated.push(id);
-            if !json {
-                if let Ok(t) = codec.decode(&generated) {
-                    // Print only what is new and complete (a partial UTF-8 sequence decodes to U+FFFD).
-                    if t.len() > shown && !t.ends_with('\u{fffd}') {
-                        print!("{}", &t[shown..]);
-                        let _ = stdout.flush();
-                        shown = t.len();
-                    }
-                }
-            }
-        },
-    )?;
-    let output = codec.decode(&tokens)?;
-    let peak = peak_rss_bytes();
-    let figures = serde_json::json!({
-        "prompt": prompt,
-        "text": output,
-        "tokens": tokens,
-        "prompt_ids": ids,
-        "prompt_tokens": stats.prompt_tokens,
-        "generated_tokens": stats.generated_tokens,
-        "prefill_tokens_per_second": stats.prefill_tps(),
-        "decode_tokens_per_second": stats.decode_tps(),
-        "kv_cache_bytes": stats.cache_bytes,
-        "peak_rss_bytes": peak,
-        "stopped_at_eos": stats.stopped_at_eos,
-    });
-    if !json {
-        if output.len() > shown {
-            print!("{}", &output[shown..]);
-        }
-        println!("\n==========");
-        println!("Prompt: {} tokens, {:.1} tokens/s", stats.prompt_tokens, stats.prefill_tps());
-        println!("Generation: {} tokens, {:.1} tokens/s", stats.generated_tokens, stats.decode_tps());
-        println!(
-            "KV cache: {:.2} MiB; peak memory: {}",
-            stats.cache_bytes as f64 / 1048576.0,
-            peak.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into())
-        );
-    }
-    Ok(figures)
-}
-
-fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<()> {
-    let recipe = Recipe::load(recipe_name)?;
-    let source = model.display().to_string();
-    let say = |text: &str| {
-        if !json {
-            print!("{text}");
-        }
-    };
-    let ckpt = Checkpoint::open(model).with_context(|| format!("opening the bundled model {source}"))?;
-    let summary = Allocation::resolve(ckpt.config(), &recipe)?.summary();
-    let src_size = source_size(ckpt.config());
-    say(&format!("== 1. plan ==\n{}", report::plan_text(&source, &recipe, &summary, src_size)));
-    drop(ckpt);
-
-    say("\n== 2. convert ==\n");
-    let progress = progress::StderrProgress::new(json);
-    let opts = ConvertOptions { force: true, source_label: "tiny-gpt-oss-shakespeare".into(), ..Default::default() };
-    let start = std::time::Instant::now();
-    let rep = mixq_quantizer::convert(model, &recipe, out, &opts, &progress);
-    progress.finish();
-    let rep = rep?;
-    let secs = start.elapsed().as_secs_f64();
-    say(&format!("wrote {} in {secs:.2}s\n", rep.out.display()));
-
-    let name = out.display().to_string();
-    let inspection = mixq_quantizer::inspect::inspect(&Checkpoint::open(out)?);
-    say(&format!("\n== 3. inspect ==\n{}", report::inspect_text(&name, &inspection)));
-    let verified = mixq_quantizer::verify::verify(out);
-    say(&format!("\n== 4. verify ==\n{}", report::verify_text(&name, &verified)));
-    if !verified.ok() {
-        bail!("the converted model failed verification");
-    }
-    say("\n== 5. generate with the converted model ==\n");
-    let sampler = mixq_runtime::SamplerConfig::default();
-    let generated = generate_text(out, "ROMEO:", false, 48, sampler, true).map(|g| {
-        say(&format!(
-            "{}{}\n==========\nPrompt: {} tokens, {:.1} tokens/s\nGeneration: {} tokens, {:.1} tokens/s\n",
-            g["prompt"].as_str().unwrap_or_default(),
-            g["text"].as_str().unwrap_or_default(),
-            g["prompt_tokens"],
-            g["prefill_tokens_per_second"].as_f64().unwrap_or(0.0),
-            g["generated_tokens"],
-            g["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
-        ));
-        g
-    })?;
-    say("\n== 6. validate against the source ==\n");
-    let text = model.parent().map(|p| p.join("shakespeare-dev.txt")).filter(|p| p.is_file());
-    let validation = match text {
-        Some(text) => {
-            let args = ValidateArgs {
-                model: out,
-                text: &text,
-                reference: Some(model),
-                reference_logits: None,
-                save_reference: None,
-                ctx: 256,
-                stride: 256,
-                max_tokens: Some(4096),
-                top_k: 32,
-                gates: mixq_validate::Gates::default(),
-                card: Some(&out.join("README.md")),
-                quiet: json,
-            };
-            let (v, _) = validate(&args)?;
-            say(&format!("{}(first 4096 tokens of {}, windows of 256; added to the model card)\n", v.to_text(), text.display()));
-            v.to_json()
-        }
-        None => {
-            say("(no held-out text beside the model; skipped)\n");
-            serde_json::Value::Null
-        }
-    };
-    if json {
-        print_json(&serde_json::json!({
-            "validate": validation,
-            "plan": report::plan_json(&source, &recipe, &summary, src_size),
-            "convert": {"out": rep.out, "seconds": secs, "shards": rep.shards},
-            "inspect": report::inspect_json(&name, &inspection),
-            "verify": report::verify_json(&name, &verified),
-            "generate": generated,
-        }));
-    }
-    Ok(())
-}

@@ -83,7 +83,7 @@ impl ShardFile {
                 }
                 continue;
             }
-            let info = parse_entry(&name, &entry).map_err(|m| bad(format!("tensor {name}: {m}")))?;
+            let info = parse_entry(&entry).map_err(|m| bad(format!("tensor {name}: {m}")))?;
             if info.end > data_len {
                 return Err(bad(format!(
                     "tensor {name}: data ends at byte {} but the data section holds only {data_len} bytes (truncated?)",
@@ -183,7 +183,7 @@ pub fn encode_header(metadata: &[(&str, &str)], tensors: &[(&str, Dtype, &[usize
     (out, offsets)
 }
 
-fn parse_entry(name: &str, entry: &Value) -> std::result::Result<TensorInfo, String> {
+fn parse_entry(entry: &Value) -> std::result::Result<TensorInfo, String> {
     let obj = entry.as_object().ok_or("entry is not an object")?;
     let dtype_name = obj.get("dtype").and_then(Value::as_str).ok_or("missing string `dtype`")?;
     let dtype = Dtype::parse(dtype_name).ok_or_else(|| format!("unknown dtype \"{dtype_name}\""))?;
@@ -208,7 +208,6 @@ fn parse_entry(name: &str, entry: &Value) -> std::result::Result<TensorInfo, Str
     let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or("shape overflows")?;
     let expected = numel.checked_mul(dtype.size()).ok_or("shape overflows")?;
     if end - begin != expected {
-        let _ = name;
         return Err(format!(
             "shape {shape:?} of {dtype} needs {expected} bytes but data_offsets [{begin}, {end}] span {}",
             end - begin

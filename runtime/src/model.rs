@@ -107,7 +107,7 @@ impl<'a> Loader<'a, '_> {
             }
             Some(s) => {
                 let gs = s.group_size as usize;
-                if cols % gs != 0 || !(2..=8).contains(&s.bits) || s.bits == 7 {
+                if !cols.is_multiple_of(gs) || !matches!(s.bits, 2..=6 | 8) {
                     return Err(Self::err(module, format!("unsupported quantization {} bits, group size {gs}", s.bits)));
                 }
                 Codes::Affine {
@@ -383,8 +383,7 @@ impl<'a> Model<'a> {
             layer.gate.w.matmul_rows(e * i, i, &x_e, &mut gate);
             layer.up.w.matmul_rows(e * i, i, &x_e, &mut up);
             let (gb, ub) = (&layer.gate.b[e * i..(e + 1) * i], &layer.up.b[e * i..(e + 1) * i]);
-            for (t, (g_row, u_row)) in gate.chunks_exact_mut(i).zip(up.chunks_exact(i)).enumerate() {
-                let _ = t;
+            for (g_row, u_row) in gate.chunks_exact_mut(i).zip(up.chunks_exact(i)) {
                 for (((g, u), bg), bu) in g_row.iter_mut().zip(u_row).zip(gb).zip(ub) {
                     let gv = (*g + bg).min(limit);
                     let uv = (u + bu).clamp(-limit, limit);

@@ -53,8 +53,8 @@ mod tests {
         let w = windows(10, 4, 2);
         let mut scored = vec![0; 10];
         for x in &w {
-            for t in x.score_from..x.end {
-                scored[t] += 1;
+            for count in &mut scored[x.score_from..x.end] {
+                *count += 1;
             }
         }
         assert_eq!(scored, vec![0, 1, 1, 1, 1, 1, 1, 1, 1, 1]);

@@ -1,0 +1,125 @@
+//! `mixq validate`: loading the models and the text, progress, reference files, the card.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use mixq_loader::Checkpoint;
+
+/// Inputs of `mixq validate`.
+pub struct ValidateArgs<'a> {
+    pub model: &'a Path,
+    pub text: &'a Path,
+    pub reference: Option<&'a Path>,
+    pub reference_logits: Option<&'a Path>,
+    pub save_reference: Option<&'a Path>,
+    pub ctx: usize,
+    pub stride: usize,
+    pub max_tokens: Option<usize>,
+    pub top_k: usize,
+    pub gates: mixq_validate::Gates,
+    pub card: Option<&'a Path>,
+    pub quiet: bool,
+}
+
+/// Runs a validation: returns the figures and the failed gates.
+pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<String>)> {
+    use mixq_validate::reference::{self, RefHeader};
+    if a.ctx < 2 || a.stride == 0 || a.stride > a.ctx {
+        bail!("--ctx must be at least 2 and --stride between 1 and --ctx (got ctx {}, stride {})", a.ctx, a.stride);
+    }
+    let raw = std::fs::read(a.text).with_context(|| format!("reading {}", a.text.display()))?;
+    let text = String::from_utf8(raw).with_context(|| format!("{}: not UTF-8 text", a.text.display()))?;
+    let ckpt = Checkpoint::open(a.model)?;
+    let model = mixq_runtime::Model::load(&ckpt)?;
+    let mut tokens = mixq_runtime::TextCodec::load(a.model)?.encode(&text)?;
+    if let Some(n) = a.max_tokens {
+        tokens.truncate(n);
+    }
+    if tokens.len() < 2 {
+        bail!("{}: fewer than 2 tokens to evaluate", a.text.display());
+    }
+    let tokens_sha = mixq_validate::tokens_sha256(&tokens);
+    let opts = mixq_validate::EvalOptions { ctx: a.ctx, stride: a.stride, top_k: a.top_k };
+    let ref_ckpt = a.reference.map(Checkpoint::open).transpose()?;
+    let ref_model = ref_ckpt.as_ref().map(mixq_runtime::Model::load).transpose()?;
+    let saved = match a.reference_logits {
+        Some(p) => {
+            let (h, t) = reference::read(p)?;
+            if h.tokens_sha256 != tokens_sha || h.ctx != a.ctx || h.stride != a.stride {
+                bail!(
+                    "{}: saved for other text or windows (ctx {}, stride {}); this run has ctx {}, stride {}",
+                    p.display(), h.ctx, h.stride, a.ctx, a.stride
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let reference = match (&ref_model, &saved) {
+        (Some(m), _) => mixq_validate::Reference::Model(m),
+        (None, Some(t)) => mixq_validate::Reference::Saved(t),
+        _ => mixq_validate::Reference::None,
+    };
+    let bar = (!a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
+                .expect("valid template"),
+        );
+        bar
+    });
+    let start = std::time::Instant::now();
+    let last = std::sync::Mutex::new(std::time::Instant::now());
+    let progress = |done: usize, total: usize| {
+        if let Some(bar) = &bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        } else if !a.quiet {
+            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+            if l.elapsed().as_secs_f64() >= 2.0 || done == total {
+                *l = std::time::Instant::now();
+                let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                eprintln!("validate: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s", (total - done) as f64 / rate.max(1e-9));
+            }
+        }
+    };
+    let scored = mixq_validate::score(&model, &tokens, &reference, opts, &progress)?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let method = match reference {
+        mixq_validate::Reference::Model(_) => Some("exact"),
+        mixq_validate::Reference::Saved(_) => Some("top-k"),
+        mixq_validate::Reference::None => None,
+    };
+    let summary = mixq_validate::Summary::new(&scored.tokens, method);
+    if let Some(p) = a.save_reference {
+        if saved.is_some() {
+            bail!("--save-reference needs --reference DIR (or no reference), not --reference-logits");
+        }
+        let header = RefHeader {
+            model: a.reference.unwrap_or(a.model).display().to_string(),
+            tokens_sha256: tokens_sha.clone(),
+            ctx: a.ctx,
+            stride: a.stride,
+            top_k: a.top_k,
+        };
+        reference::write(p, &header, &scored.summaries)?;
+    }
+    if let Some(card) = a.card {
+        let text_sha = mixq_quantizer::manifest::sha256_file(a.text).map(|(s, _)| s).unwrap_or_default();
+        let name = a.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let reference_name = a.reference.or(a.reference_logits).map(|p| p.display().to_string());
+        let ctx = mixq_validate::card::CardContext {
+            text_name: &name,
+            text_sha256: &text_sha,
+            ctx: a.ctx,
+            stride: a.stride,
+            reference: reference_name.as_deref(),
+        };
+        mixq_validate::card::update_card(card, &mixq_validate::card::section(&summary, &ctx))?;
+    }
+    let failed = a.gates.check(&summary);
+    Ok((summary, failed))
+}
+
