@@ -186,10 +186,25 @@ impl<'a> Matrix<'a> {
     }
 }
 
+/// Per-lane shifts of codes 0-3 and 4-7 within their 32-bit windows, by bit width.
+const LANE_SHIFTS: [[u32; 8]; 9] = {
+    let mut t = [[0u32; 8]; 9];
+    let mut b = 1;
+    while b <= 8 {
+        let mut k = 0;
+        while k < 8 {
+            t[b][k] = ((k % 4) * b) as u32;
+            k += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// Decodes one affine row of `B`-bit codes: every 8 codes occupy `B` bytes of the bit stream.
 #[inline(always)]
 fn decode_affine<const B: usize>(packed: &[u8], scales: &[u8], biases: &[u8], group_size: usize, out: &mut [f32]) {
-    let mask = (1u64 << B) - 1;
+    let mask = (1u32 << B) - 1;
     let group_bytes = group_size * B / 8;
     for (g, (src, dst)) in packed.chunks_exact(group_bytes).zip(out.chunks_exact_mut(group_size)).enumerate() {
         let scale = bf16_at(scales, g);
@@ -198,8 +213,12 @@ fn decode_affine<const B: usize>(packed: &[u8], scales: &[u8], biases: &[u8], gr
             let mut word = [0u8; 8];
             word[..B].copy_from_slice(eight);
             let w = u64::from_le_bytes(word);
-            for (k, v) in o.iter_mut().enumerate() {
-                *v = scale * ((w >> (k * B)) & mask) as f32 + bias;
+            // Codes 0-3 sit in the low 4B bits and codes 4-7 in the next 4B (4B <= 32), so eight
+            // 32-bit lanes with per-lane shifts extract them: one vector shift with AVX2.
+            let (lo, hi) = (w as u32, (w >> (4 * B)) as u32);
+            let words = [lo, lo, lo, lo, hi, hi, hi, hi];
+            for ((v, &word), &shift) in o.iter_mut().zip(&words).zip(&LANE_SHIFTS[B]) {
+                *v = scale * ((word >> shift) & mask) as i32 as f32 + bias;
             }
         }
     }
