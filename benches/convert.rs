@@ -474,10 +474,7 @@ fn expert_sources<'a>(ckpt: &'a Checkpoint, alloc: &Allocation) -> Vec<(RowSourc
                 blocks: tensor("blocks"),
                 scales: tensor("scales"),
                 cols,
-                rows_per_expert: p.shape[1],
-                src_rows_per_expert: src_rows,
-                start,
-                step,
+                map: mixq_loader::RowMap { per: p.shape[1], src_per: src_rows, start, step },
             };
             Some((src, p.numel() / cols))
         })

@@ -258,9 +258,9 @@ fn row_source<'a>(ckpt: &'a Checkpoint, a: &Assigned) -> Result<RowSource<'a>, C
         Some((stem, start, step)) if p.leaf == "weight" => {
             let blocks = ckpt.tensor(&format!("{experts}.{stem}_blocks"))?;
             let scales = ckpt.tensor(&format!("{experts}.{stem}_scales"))?;
-            let rows_per_expert = p.shape[1];
-            let src_rows_per_expert = if stem == "gate_up_proj" { 2 * i } else { h };
-            RowSource::Mxfp4 { blocks: blocks.data, scales: scales.data, cols, rows_per_expert, src_rows_per_expert, start, step }
+            let src_per = if stem == "gate_up_proj" { 2 * i } else { h };
+            let map = mixq_loader::RowMap { per: p.shape[1], src_per, start, step };
+            RowSource::Mxfp4 { blocks: blocks.data, scales: scales.data, cols, map }
         }
         Some((stem, start, step)) => {
             let bias = ckpt.tensor(&format!("{experts}.{stem}_bias"))?;

@@ -3,6 +3,7 @@
 
 use mixq_loader::decode::{bf16_to_f32, mxfp4_row_to_f32};
 use mixq_loader::layout::MXFP4_BLOCK;
+use mixq_loader::RowMap;
 
 /// Where the rows of one output parameter come from.
 #[derive(Debug, Clone, Copy)]
@@ -20,8 +21,7 @@ pub enum RowSource<'a> {
         /// Column stride.
         step: usize,
     },
-    /// MXFP4 expert rows: output row `r` of expert `e = r / rows_per_expert` is source row
-    /// `e*src_rows_per_expert + start + (r % rows_per_expert)*step`.
+    /// MXFP4 expert rows: output row `r` is source row `map.stored(r)`.
     Mxfp4 {
         /// `[experts, src_rows, cols/32, 16]` bytes.
         blocks: &'a [u8],
@@ -29,14 +29,8 @@ pub enum RowSource<'a> {
         scales: &'a [u8],
         /// Row length in elements.
         cols: usize,
-        /// Output rows per expert.
-        rows_per_expert: usize,
-        /// Source rows per expert.
-        src_rows_per_expert: usize,
-        /// First source row within an expert.
-        start: usize,
-        /// Row stride within an expert.
-        step: usize,
+        /// Output row to source row.
+        map: RowMap,
     },
 }
 
@@ -65,10 +59,10 @@ impl RowSource<'_> {
     }
 
     fn mxfp4_row(&self, r: usize) -> (&[u8], &[u8]) {
-        let RowSource::Mxfp4 { blocks, scales, cols, rows_per_expert, src_rows_per_expert, start, step } = *self else {
+        let RowSource::Mxfp4 { blocks, scales, cols, map } = *self else {
             unreachable!("mxfp4_row on a BF16 source")
         };
-        let src = (r / rows_per_expert) * src_rows_per_expert + start + (r % rows_per_expert) * step;
+        let src = map.stored(r);
         let (bb, sb) = (cols / 2, cols / MXFP4_BLOCK);
         (&blocks[src * bb..(src + 1) * bb], &scales[src * sb..(src + 1) * sb])
     }

@@ -6,6 +6,7 @@
 //! input. The model is never dequantized as a whole; rows are spread over threads.
 
 use half::bf16;
+pub use mixq_loader::RowMap;
 use mixq_loader::decode::{bf16_to_f32, mxfp4_row_to_f32};
 use rayon::prelude::*;
 
@@ -37,31 +38,6 @@ pub enum Codes<'a> {
         /// `cols / 32` bytes per row.
         scales: &'a [u8],
     },
-}
-
-/// Maps logical row `r` to stored row `(r / per) * src_per + start + (r % per) * step`, which
-/// reads the gate (even) or up (odd) rows of upstream interleaved experts in place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowMap {
-    /// Logical rows per block (per expert).
-    pub per: usize,
-    /// Stored rows per block.
-    pub src_per: usize,
-    /// First stored row within a block.
-    pub start: usize,
-    /// Stride between stored rows.
-    pub step: usize,
-}
-
-impl RowMap {
-    /// The identity map.
-    pub fn identity(rows: usize) -> Self {
-        RowMap { per: rows.max(1), src_per: rows.max(1), start: 0, step: 1 }
-    }
-
-    fn stored(&self, r: usize) -> usize {
-        (r / self.per) * self.src_per + self.start + (r % self.per) * self.step
-    }
 }
 
 /// A packed weight matrix `[rows, cols]` (for experts, all experts' rows stacked).
@@ -272,12 +248,6 @@ mod tests {
         let mut y = [0f32];
         m.matmul(&x, &mut y);
         assert_eq!(y[0], out.iter().sum::<f32>());
-    }
-
-    #[test]
-    fn row_map_reads_interleaved_rows() {
-        let m = RowMap { per: 2, src_per: 4, start: 1, step: 2 };
-        assert_eq!((0..4).map(|r| m.stored(r)).collect::<Vec<_>>(), vec![1, 3, 5, 7]);
     }
 
     #[test]
