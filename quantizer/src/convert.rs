@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 
 use crate::affine::{packed_row_bytes, quantize_row};
 use crate::card::model_card;
-use crate::manifest::{write_manifest, MANIFEST_FILE};
+use crate::manifest::write_manifest;
 use crate::modules::TensorClass;
 use crate::plan::{Allocation, Assigned, OutTensor, PlanSummary};
 use crate::recipe::{Action, Recipe, RecipeError};
@@ -204,7 +204,7 @@ pub fn convert(
     drop(files);
 
     let summary = alloc.summary();
-    write_json(&tmp_path.join(mixq_loader::INDEX_FILE), &layout.index_json(&alloc, &summary))?;
+    write_json(&tmp_path.join(mixq_loader::INDEX_FILE), &layout.index_json(&summary))?;
     write_json(&tmp_path.join("config.json"), &mlx_config(&ckpt, &alloc))?;
     for side in mixq_loader::source::SIDE_FILES {
         let from = source.join(side);
@@ -346,12 +346,11 @@ impl ShardLayout {
         Ok(files)
     }
 
-    fn index_json(&self, alloc: &Allocation, summary: &PlanSummary) -> Value {
-        let total_size: usize = alloc.outputs().iter().map(OutTensor::nbytes).sum();
+    fn index_json(&self, summary: &PlanSummary) -> Value {
         let weight_map: Map<String, Value> =
             self.weight_map.iter().map(|(n, s)| (n.clone(), Value::String(self.names[*s].clone()))).collect();
         json!({
-            "metadata": {"total_size": total_size, "total_parameters": summary.params},
+            "metadata": {"total_size": summary.bytes, "total_parameters": summary.params},
             "weight_map": weight_map,
         })
     }
@@ -474,9 +473,4 @@ fn mlx_config(ckpt: &Checkpoint, alloc: &Allocation) -> Value {
         cfg.insert("quantization_config".into(), Value::Object(q));
     }
     Value::Object(cfg.into_iter().collect())
-}
-
-/// Reads back the recipe-independent part of an existing output: is `dir` a mixq output?
-pub fn is_mixq_output(dir: &Path) -> bool {
-    dir.join(MANIFEST_FILE).is_file()
 }
