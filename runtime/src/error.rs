@@ -27,6 +27,15 @@ pub enum RuntimeError {
         /// The limit.
         context: usize,
     },
+    /// No usable GPU adapter.
+    #[error("{0}")]
+    NoGpu(String),
+    /// The GPU does not have the memory (or buffer size) a model or session needs.
+    #[error("not enough GPU memory: {0}")]
+    GpuMemory(String),
+    /// The GPU reported an error while running.
+    #[error("GPU error: {0}")]
+    Gpu(String),
     /// Tokenizer or chat template problems.
     #[error("{0}")]
     Text(String),

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod error;
 pub mod generate;
+pub mod gpu;
 pub mod matrix;
 pub mod model;
 pub mod npy;

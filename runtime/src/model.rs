@@ -13,13 +13,13 @@ use crate::rope::Rope;
 /// Tokens processed together during prefill.
 pub const PREFILL_CHUNK: usize = 64;
 /// SwiGLU-OAI's sigmoid slope.
-const SWIGLU_ALPHA: f32 = 1.702;
+pub(crate) const SWIGLU_ALPHA: f32 = 1.702;
 
 /// A linear layer: packed weight and f32 bias.
 #[derive(Debug, Clone)]
-struct Linear<'a> {
-    w: Matrix<'a>,
-    b: Vec<f32>,
+pub(crate) struct Linear<'a> {
+    pub(crate) w: Matrix<'a>,
+    pub(crate) b: Vec<f32>,
 }
 
 impl Linear<'_> {
@@ -40,21 +40,21 @@ impl Linear<'_> {
 
 /// The weights of one transformer layer.
 #[derive(Debug, Clone)]
-struct Layer<'a> {
-    input_norm: Vec<f32>,
-    post_norm: Vec<f32>,
-    q: Linear<'a>,
-    k: Linear<'a>,
-    v: Linear<'a>,
-    o: Linear<'a>,
-    sinks: Vec<f32>,
-    router: Linear<'a>,
+pub(crate) struct Layer<'a> {
+    pub(crate) input_norm: Vec<f32>,
+    pub(crate) post_norm: Vec<f32>,
+    pub(crate) q: Linear<'a>,
+    pub(crate) k: Linear<'a>,
+    pub(crate) v: Linear<'a>,
+    pub(crate) o: Linear<'a>,
+    pub(crate) sinks: Vec<f32>,
+    pub(crate) router: Linear<'a>,
     /// All experts' gate rows stacked: `[experts * intermediate, hidden]`, bias `[experts * intermediate]`.
-    gate: Linear<'a>,
-    up: Linear<'a>,
+    pub(crate) gate: Linear<'a>,
+    pub(crate) up: Linear<'a>,
     /// `[experts * hidden, intermediate]`.
-    down: Linear<'a>,
-    sliding: bool,
+    pub(crate) down: Linear<'a>,
+    pub(crate) sliding: bool,
 }
 
 /// A gpt-oss model whose weights stay packed in the checkpoint's memory map.
@@ -62,11 +62,11 @@ struct Layer<'a> {
 pub struct Model<'a> {
     /// The config.
     pub config: GptOssConfig,
-    embed: Matrix<'a>,
-    norm: Vec<f32>,
-    lm_head: Matrix<'a>,
-    layers: Vec<Layer<'a>>,
-    rope: Rope,
+    pub(crate) embed: Matrix<'a>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) lm_head: Matrix<'a>,
+    pub(crate) layers: Vec<Layer<'a>>,
+    pub(crate) rope: Rope,
     format: CheckpointFormat,
 }
 

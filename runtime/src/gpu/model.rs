@@ -1,0 +1,671 @@
+//! The gpt-oss forward pass on the GPU: weights uploaded once, a session holding the KV cache and
+//! activations with every dispatch of a forward pass recorded up front, and on-GPU sampling so a
+//! decode step returns one token id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mixq_loader::{GptOssConfig, LayerType, QuantMode};
+
+use crate::error::{Result, RuntimeError};
+use crate::gpu::context::{GpuContext, Pipeline};
+use crate::gpu::shaders::{Kernel, WeightFormat, MATMUL_ROWS, MATMUL_TILE, WORKGROUP};
+use crate::gpu::weights::{GpuMatrix, Storage};
+use crate::matrix::{Matrix, RowMap};
+use crate::model::{Model, PREFILL_CHUNK, SWIGLU_ALPHA};
+use crate::rope::Rope;
+
+/// The weights of one layer on the GPU.
+struct GpuLayer {
+    input_norm: wgpu::Buffer,
+    post_norm: wgpu::Buffer,
+    q: GpuMatrix,
+    k: GpuMatrix,
+    v: GpuMatrix,
+    o: GpuMatrix,
+    sinks: wgpu::Buffer,
+    router: GpuMatrix,
+    gate: GpuMatrix,
+    up: GpuMatrix,
+    down: GpuMatrix,
+    sliding: bool,
+}
+
+/// A gpt-oss model whose weights live in GPU memory.
+pub struct GpuModel {
+    /// The device.
+    pub ctx: Arc<GpuContext>,
+    /// The config.
+    pub config: GptOssConfig,
+    embed: GpuMatrix,
+    norm: wgpu::Buffer,
+    lm_head: GpuMatrix,
+    layers: Vec<GpuLayer>,
+    rope: Rope,
+    dummy: wgpu::Buffer,
+    weight_bytes: u64,
+}
+
+impl std::fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuModel").field("adapter", &self.ctx.adapter).field("weight_bytes", &self.weight_bytes).finish_non_exhaustive()
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Uploads matrices, sharing the storage of views over the same stored bytes.
+struct Uploader<'c, 'p> {
+    ctx: &'c GpuContext,
+    shared: HashMap<(usize, usize), Arc<Storage>>,
+    progress: &'p dyn Fn(u64),
+}
+
+impl Uploader<'_, '_> {
+    fn matrix(&mut self, what: &str, m: &Matrix<'_>, bias: &[f32]) -> Result<GpuMatrix> {
+        let key = match m.codes {
+            crate::matrix::Codes::Bf16 { data } => (data.as_ptr() as usize, data.len()),
+            crate::matrix::Codes::Affine { weight, .. } => (weight.as_ptr() as usize, weight.len()),
+            crate::matrix::Codes::Mxfp4 { blocks, .. } => (blocks.as_ptr() as usize, blocks.len()),
+        };
+        let storage = match self.shared.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(Storage::upload(self.ctx, what, m, self.progress)?);
+                self.shared.insert(key, s.clone());
+                s
+            }
+        };
+        let bias = if bias.is_empty() { None } else { Some(self.ctx.upload(&format!("{what}.bias"), &f32_bytes(bias))?) };
+        Ok(GpuMatrix { storage, rows: m.map.per.min(m.rows), map: m.map, bias })
+    }
+}
+
+/// Quantization of one MLX module from the config's map, as the kernels name it.
+fn module_format(config: &GptOssConfig, module: &str) -> Result<WeightFormat> {
+    Ok(match config.quantization.as_ref().and_then(|q| q.module(module)) {
+        None => WeightFormat::Bf16,
+        Some(s) if s.mode == QuantMode::Mxfp4 => WeightFormat::Mxfp4,
+        Some(s) => {
+            let f = WeightFormat::Affine { bits: s.bits, group: s.group_size };
+            if !f.supported() {
+                return Err(RuntimeError::Checkpoint(format!("{module}: unsupported quantization {} bits, group size {}", s.bits, s.group_size)));
+            }
+            f
+        }
+    })
+}
+
+impl GpuModel {
+    /// Uploads a loaded model's weights (read from its memory map) to the GPU; `progress(bytes)`
+    /// is called as they go (the total is [`Model::weight_bytes`]).
+    pub fn upload(model: &Model<'_>, ctx: Arc<GpuContext>, progress: &dyn Fn(u64)) -> Result<Self> {
+        let c = model.config.clone();
+        let mut up = Uploader { ctx: &ctx, shared: HashMap::new(), progress };
+        let vec = |what: &str, v: &[f32]| ctx.upload(what, &f32_bytes(v));
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for (l, w) in model.layers.iter().enumerate() {
+            let p = format!("layer {l}");
+            let mut experts = |name: &str, lin: &crate::model::Linear<'_>, per: usize| -> Result<GpuMatrix> {
+                let mut m = up.matrix(&format!("{p}.{name}"), &lin.w, &lin.b)?;
+                // Expert matrices are addressed per expert: logical rows = rows of one expert.
+                m.rows = per;
+                if m.map.per == lin.w.rows {
+                    m.map = RowMap::identity(per);
+                }
+                Ok(m)
+            };
+            let gate = experts("gate", &w.gate, c.intermediate_size)?;
+            let upm = experts("up", &w.up, c.intermediate_size)?;
+            let down = experts("down", &w.down, c.hidden_size)?;
+            layers.push(GpuLayer {
+                input_norm: vec(&format!("{p}.input_layernorm"), &w.input_norm)?,
+                post_norm: vec(&format!("{p}.post_attention_layernorm"), &w.post_norm)?,
+                q: up.matrix(&format!("{p}.q_proj"), &w.q.w, &w.q.b)?,
+                k: up.matrix(&format!("{p}.k_proj"), &w.k.w, &w.k.b)?,
+                v: up.matrix(&format!("{p}.v_proj"), &w.v.w, &w.v.b)?,
+                o: up.matrix(&format!("{p}.o_proj"), &w.o.w, &w.o.b)?,
+                sinks: vec(&format!("{p}.sinks"), &w.sinks)?,
+                router: up.matrix(&format!("{p}.router"), &w.router.w, &w.router.b)?,
+                gate,
+                up: upm,
+                down,
+                sliding: w.sliding,
+            });
+        }
+        let embed = up.matrix("embed_tokens", &model.embed, &[])?;
+        let lm_head = up.matrix("lm_head", &model.lm_head, &[])?;
+        let norm = vec("norm", &model.norm)?;
+        let dummy = ctx.upload("unused binding", &[0u8; 16])?;
+        ctx.queue.submit([]);
+        ctx.wait()?;
+        ctx.check("uploading the weights")?;
+        let weight_bytes = ctx.allocated();
+        Ok(GpuModel { config: c.clone(), embed, norm, lm_head, layers, rope: model.rope.clone(), dummy, weight_bytes, ctx })
+    }
+
+    /// A model of `config`'s shape and quantization map with random weights made in GPU memory,
+    /// for timing shapes whose checkpoints are not at hand (no file is read or written).
+    pub fn synthetic(config: &GptOssConfig, ctx: Arc<GpuContext>, progress: &dyn Fn(u64)) -> Result<Self> {
+        let c = config.clone();
+        let (h, i, e) = (c.hidden_size, c.intermediate_size, c.num_local_experts);
+        let (qd, kvd) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let mut seed = 1u32;
+        let mut matrix = |module: &str, experts: usize, rows: usize, cols: usize, bias: bool| -> Result<GpuMatrix> {
+            seed = seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+            let format = module_format(&c, module)?;
+            let storage = Arc::new(Storage::synthetic(&ctx, module, format, cols, experts * rows, seed)?);
+            progress((storage.row_bytes() * storage.stored_rows) as u64);
+            let bias = if bias {
+                let v: Vec<f32> = (0..experts * rows).map(|k| ((k as f32 * 0.618).fract() - 0.5) * 0.02).collect();
+                Some(ctx.upload(&format!("{module}.bias"), &f32_bytes(&v))?)
+            } else {
+                None
+            };
+            Ok(GpuMatrix { storage, rows, map: RowMap::identity(rows), bias })
+        };
+        let ones = |n: usize| f32_bytes(&vec![1.0f32; n]);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let x = format!("{p}.mlp.experts");
+            layers.push(GpuLayer {
+                input_norm: ctx.upload("norm", &ones(h))?,
+                post_norm: ctx.upload("norm", &ones(h))?,
+                q: matrix(&format!("{p}.self_attn.q_proj"), 1, qd, h, true)?,
+                k: matrix(&format!("{p}.self_attn.k_proj"), 1, kvd, h, true)?,
+                v: matrix(&format!("{p}.self_attn.v_proj"), 1, kvd, h, true)?,
+                o: matrix(&format!("{p}.self_attn.o_proj"), 1, h, qd, true)?,
+                sinks: ctx.upload("sinks", &f32_bytes(&vec![0.5f32; c.num_attention_heads]))?,
+                router: matrix(&format!("{p}.mlp.router"), 1, e, h, true)?,
+                gate: matrix(&format!("{x}.gate_proj"), e, i, h, true)?,
+                up: matrix(&format!("{x}.up_proj"), e, i, h, true)?,
+                down: matrix(&format!("{x}.down_proj"), e, h, i, true)?,
+                sliding: c.layer_types[l] == LayerType::Sliding,
+            });
+        }
+        let embed = matrix("model.embed_tokens", 1, c.vocab_size, h, false)?;
+        let lm_head = matrix("lm_head", 1, c.vocab_size, h, false)?;
+        let norm = ctx.upload("norm", &ones(h))?;
+        let dummy = ctx.upload("unused binding", &[0u8; 16])?;
+        ctx.check("making synthetic weights")?;
+        let weight_bytes = ctx.allocated();
+        let rope = Rope::new(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
+        Ok(GpuModel { config: c, embed, norm, lm_head, layers, rope, dummy, weight_bytes, ctx })
+    }
+
+    /// The most parts any weight tensor was split into (1 when every tensor fits one binding).
+    pub fn max_parts(&self) -> usize {
+        let mut all: Vec<&GpuMatrix> = vec![&self.embed, &self.lm_head];
+        for l in &self.layers {
+            all.extend([&l.q, &l.k, &l.v, &l.o, &l.router, &l.gate, &l.up, &l.down]);
+        }
+        all.iter().map(|m| m.storage.parts.len()).max().unwrap_or(1)
+    }
+
+    /// Bytes of GPU memory the weights occupy.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Longest context the model supports.
+    pub fn max_context(&self) -> usize {
+        self.config.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072) as usize
+    }
+
+    /// Packed weight bytes read to decode one token (dense weights plus the routed experts).
+    pub fn bytes_per_token(&self) -> u64 {
+        let c = &self.config;
+        let k = c.num_experts_per_tok;
+        let rows = |m: &GpuMatrix, n: usize| (n * m.storage.row_bytes()) as u64;
+        let mut bytes = rows(&self.lm_head, c.vocab_size) + rows(&self.embed, 1);
+        for l in &self.layers {
+            for m in [&l.q, &l.k, &l.v, &l.o, &l.router] {
+                bytes += rows(m, m.rows);
+            }
+            bytes += rows(&l.gate, k * l.gate.rows) + rows(&l.up, k * l.up.rows) + rows(&l.down, k * l.down.rows);
+        }
+        bytes
+    }
+}
+
+/// How many workgroups an op dispatches for a chunk of `t` tokens.
+#[derive(Debug, Clone, Copy)]
+enum Grid {
+    /// Dense product: row blocks × token tiles.
+    Rows { rows: u32, last_only: bool },
+    /// Expert product: row blocks × (token, slot) pairs.
+    ExpertRows { rows: u32, slots: u32 },
+    /// One workgroup per token.
+    Tokens,
+    /// One thread per element, `per_token` elements per token.
+    Elements { per_token: u32 },
+    /// One workgroup per (head, token).
+    Heads { heads: u32 },
+    /// A single workgroup.
+    One,
+}
+
+impl Grid {
+    fn size(&self, t: u32) -> (u32, u32) {
+        match *self {
+            Grid::Rows { rows, last_only } => (rows.div_ceil(MATMUL_ROWS), if last_only { 1 } else { t.div_ceil(MATMUL_TILE) }),
+            Grid::ExpertRows { rows, slots } => (rows.div_ceil(MATMUL_ROWS), t * slots),
+            Grid::Tokens => (t, 1),
+            Grid::Elements { per_token } => ((t * per_token).div_ceil(WORKGROUP), 1),
+            Grid::Heads { heads } => (heads, t),
+            Grid::One => (1, 1),
+        }
+    }
+}
+
+struct Op {
+    pipeline: Arc<Pipeline>,
+    bind_group: wgpu::BindGroup,
+    grid: Grid,
+}
+
+/// Buffers of one session: activations for a chunk of tokens, and the KV cache.
+struct Activations {
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    x: wgpu::Buffer,
+    normed: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    router: wgpu::Buffer,
+    ids: wgpu::Buffer,
+    weights: wgpu::Buffer,
+    gate: wgpu::Buffer,
+    up: wgpu::Buffer,
+    down: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    next: wgpu::Buffer,
+    rope_table: wgpu::Buffer,
+    caches: Vec<(wgpu::Buffer, wgpu::Buffer, u32)>,
+    logits_staging: wgpu::Buffer,
+    next_staging: wgpu::Buffer,
+}
+
+/// How the next token is chosen on the GPU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuSampling {
+    /// 0: greedy.
+    pub temperature: f32,
+    /// Noise seed.
+    pub seed: u64,
+}
+
+/// A running context on the GPU: KV cache, activations and the recorded dispatches.
+pub struct GpuSession<'m> {
+    model: &'m GpuModel,
+    acts: Activations,
+    body: Vec<Op>,
+    head_all: Vec<Op>,
+    head_last: Vec<Op>,
+    sample: Op,
+    /// Tokens in the cache.
+    pub len: usize,
+    capacity: usize,
+    counter: u32,
+    memory: u64,
+}
+
+/// Collects uniform parameter blocks at the device's offset alignment.
+struct ParamBlocks {
+    bytes: Vec<u8>,
+    align: usize,
+}
+
+impl ParamBlocks {
+    fn push(&mut self, words: &[u32]) -> (u64, u64) {
+        let at = self.bytes.len().div_ceil(self.align) * self.align;
+        self.bytes.resize(at, 0);
+        self.bytes.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+        let size = (words.len() * 4).div_ceil(16) * 16;
+        self.bytes.resize(at + size, 0);
+        (at as u64, size as u64)
+    }
+}
+
+/// The ops of one product: one per part of the weight's storage.
+#[allow(clippy::too_many_arguments)]
+fn matmul_ops<'b>(
+    blocks: &mut ParamBlocks,
+    ops: &mut Vec<PendingOp<'b>>,
+    m: &'b GpuMatrix,
+    x: &'b wgpu::Buffer,
+    y: &'b wgpu::Buffer,
+    ids: &'b wgpu::Buffer,
+    dummy: &'b wgpu::Buffer,
+    set: &dyn Fn(&mut [u32; 20]),
+) {
+    for part in &m.storage.parts {
+        let mut w = m.params(part);
+        w[11] = m.storage.cols as u32;
+        w[12] = m.rows as u32;
+        set(&mut w);
+        let experts = w[14] > 0;
+        let dense_identity = !experts && m.map == RowMap::identity(m.rows);
+        let (base, rows) = if dense_identity { (part.first as u32, part.rows as u32) } else { (0, m.rows as u32) };
+        w[10] = base;
+        let (kernel, grid) = if experts {
+            (Kernel::ExpertMatmul(m.storage.format), Grid::ExpertRows { rows, slots: w[14] })
+        } else {
+            (Kernel::Matmul(m.storage.format), Grid::Rows { rows, last_only: w[17] == 1 })
+        };
+        ops.push(PendingOp {
+            kernel,
+            params: blocks.push(&w),
+            buffers: vec![
+                &part.codes,
+                part.scales.as_ref().unwrap_or(dummy),
+                part.biases.as_ref().unwrap_or(dummy),
+                m.bias.as_ref().unwrap_or(dummy),
+                x,
+                y,
+                if experts { ids } else { dummy },
+            ],
+            grid,
+        });
+    }
+}
+
+fn norm_op<'b>(blocks: &mut ParamBlocks, c: &GptOssConfig, weight: &'b wgpu::Buffer, x: &'b wgpu::Buffer, y: &'b wgpu::Buffer) -> PendingOp<'b> {
+    PendingOp {
+        kernel: Kernel::Norm,
+        params: blocks.push(&[c.hidden_size as u32, (c.rms_norm_eps as f32).to_bits(), 0, 0]),
+        buffers: vec![weight, x, y],
+        grid: Grid::Tokens,
+    }
+}
+
+/// Ops are recorded against buffers first and bound once the parameter buffer exists.
+struct PendingOp<'b> {
+    kernel: Kernel,
+    params: (u64, u64),
+    buffers: Vec<&'b wgpu::Buffer>,
+    grid: Grid,
+}
+
+impl GpuModel {
+    /// Opens a session whose KV cache holds `max_context` tokens.
+    pub fn session(&self, max_context: usize) -> Result<GpuSession<'_>> {
+        let c = &self.config;
+        if max_context == 0 || max_context > self.max_context() {
+            return Err(RuntimeError::ContextExceeded { tokens: max_context, context: self.max_context() });
+        }
+        let before = self.ctx.allocated();
+        let ctx = &*self.ctx;
+        let t = PREFILL_CHUNK as u64;
+        let (h, nh, nkv, hd, e, k, i) = (
+            c.hidden_size as u64,
+            c.num_attention_heads as u64,
+            c.num_key_value_heads as u64,
+            c.head_dim as u64,
+            c.num_local_experts as u64,
+            c.num_experts_per_tok as u64,
+            c.intermediate_size as u64,
+        );
+        let vocab = c.vocab_size as u64;
+        if hd > 256 || hd % 2 != 0 || nh % nkv != 0 || k > 32 {
+            return Err(RuntimeError::Checkpoint(format!(
+                "the GPU kernels need an even head_dim of at most 256, heads divisible by kv heads and at most 32 experts per token (got head_dim {hd}, {nh}/{nkv} heads, {k} experts per token)"
+            )));
+        }
+        let rw = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        let f = |what: &str, n: u64| ctx.buffer(what, n * 4, rw);
+        let half = c.head_dim / 2;
+        let mut table = Vec::with_capacity(max_context * half * 2);
+        for pos in 0..max_context {
+            for &fr in &self.rope.inv_freq {
+                let (s, co) = (pos as f32 * fr).sin_cos();
+                table.extend([co, s]);
+            }
+        }
+        let mut caches = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let cap = if layer.sliding { (c.sliding_window + PREFILL_CHUNK).min(max_context) } else { max_context };
+            let n = cap as u64 * nkv * hd;
+            let kc = f(&format!("layer {l} key cache ({cap} tokens)"), n)?;
+            let vc = f(&format!("layer {l} value cache ({cap} tokens)"), n)?;
+            caches.push((kc, vc, cap as u32));
+        }
+        let acts = Activations {
+            step: ctx.buffer("step", 32, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?,
+            tokens: ctx.buffer("tokens", t * 4, rw)?,
+            x: f("residual", t * h)?,
+            normed: f("normed", t * h)?,
+            q: f("queries", t * nh * hd)?,
+            k: f("keys", t * nkv * hd)?,
+            v: f("values", t * nkv * hd)?,
+            attn: f("attention", t * nh * hd)?,
+            router: f("router logits", t * e)?,
+            ids: ctx.buffer("expert ids", t * k * 4, rw)?,
+            weights: f("expert weights", t * k)?,
+            gate: f("expert gate", t * k * i)?,
+            up: f("expert up", t * k * i)?,
+            down: f("expert down", t * k * h)?,
+            logits: f("logits", t * vocab)?,
+            next: ctx.buffer("next token", 4, rw)?,
+            rope_table: ctx.upload("rope table", &f32_bytes(&table))?,
+            caches,
+            logits_staging: ctx.buffer("logits read-back", t * vocab * 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
+            next_staging: ctx.buffer("token read-back", 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
+        };
+        let mut blocks = ParamBlocks { bytes: Vec::new(), align: ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize };
+        let a = &acts;
+        let mut body: Vec<PendingOp<'_>> = Vec::new();
+        let dummy = &self.dummy;
+        for part in &self.embed.storage.parts {
+            let w = self.embed.params(part);
+            body.push(PendingOp {
+                kernel: Kernel::Embed(self.embed.storage.format),
+                params: blocks.push(&w),
+                buffers: vec![&part.codes, part.scales.as_ref().unwrap_or(&self.dummy), part.biases.as_ref().unwrap_or(&self.dummy), &a.tokens, &a.x],
+                grid: Grid::Elements { per_token: h as u32 },
+            });
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (layer, (kc, vc, cap)) in self.layers.iter().zip(&a.caches) {
+            body.push(norm_op(&mut blocks, c, &layer.input_norm, &a.x, &a.normed));
+            for (m, y) in [(&layer.q, &a.q), (&layer.k, &a.k), (&layer.v, &a.v)] {
+                matmul_ops(&mut blocks, &mut body, m, &a.normed, y, &a.ids, dummy, &|_| {});
+            }
+            body.push(PendingOp {
+                kernel: Kernel::Rope,
+                params: blocks.push(&[nh as u32, nkv as u32, hd as u32, *cap, self.rope.mscale.to_bits(), 0, 0, 0]),
+                buffers: vec![&a.rope_table, &a.q, &a.k, &a.v, kc, vc],
+                grid: Grid::Elements { per_token: ((nh + nkv) * hd / 2) as u32 },
+            });
+            let window = if layer.sliding { c.sliding_window as u32 } else { 0 };
+            body.push(PendingOp {
+                kernel: Kernel::Attention,
+                params: blocks.push(&[nh as u32, nkv as u32, hd as u32, *cap, window, scale.to_bits(), 0, 0]),
+                buffers: vec![&a.q, kc, vc, &layer.sinks, &a.attn],
+                grid: Grid::Heads { heads: nh as u32 },
+            });
+            matmul_ops(&mut blocks, &mut body, &layer.o, &a.attn, &a.x, &a.ids, dummy, &|w| w[13] = 1);
+            body.push(norm_op(&mut blocks, c, &layer.post_norm, &a.x, &a.normed));
+            matmul_ops(&mut blocks, &mut body, &layer.router, &a.normed, &a.router, &a.ids, dummy, &|_| {});
+            body.push(PendingOp {
+                kernel: Kernel::Router,
+                params: blocks.push(&[e as u32, k as u32, 0, 0]),
+                buffers: vec![&a.router, &a.ids, &a.weights],
+                grid: Grid::Elements { per_token: 1 },
+            });
+            for (m, y) in [(&layer.gate, &a.gate), (&layer.up, &a.up)] {
+                matmul_ops(&mut blocks, &mut body, m, &a.normed, y, &a.ids, dummy, &|w| w[14] = k as u32);
+            }
+            body.push(PendingOp {
+                kernel: Kernel::Swiglu,
+                params: blocks.push(&[i as u32, k as u32, (c.swiglu_limit as f32).to_bits(), SWIGLU_ALPHA.to_bits()]),
+                buffers: vec![&a.gate, &a.up],
+                grid: Grid::Elements { per_token: (k * i) as u32 },
+            });
+            matmul_ops(&mut blocks, &mut body, &layer.down, &a.gate, &a.down, &a.ids, dummy, &|w| {
+                w[14] = k as u32;
+                w[15] = 1;
+            });
+            body.push(PendingOp {
+                kernel: Kernel::Combine,
+                params: blocks.push(&[h as u32, k as u32, 0, 0]),
+                buffers: vec![&a.ids, &a.weights, &a.down, &a.x],
+                grid: Grid::Elements { per_token: h as u32 },
+            });
+        }
+        body.push(norm_op(&mut blocks, c, &self.norm, &a.x, &a.normed));
+        let mut head_all = Vec::new();
+        matmul_ops(&mut blocks, &mut head_all, &self.lm_head, &a.normed, &a.logits, &a.ids, dummy, &|_| {});
+        let mut head_last = Vec::new();
+        matmul_ops(&mut blocks, &mut head_last, &self.lm_head, &a.normed, &a.logits, &a.ids, dummy, &|w| w[17] = 1);
+        let sample = PendingOp {
+            kernel: Kernel::Sample,
+            params: blocks.push(&[vocab as u32, 0, 0, 0]),
+            buffers: vec![&a.logits, &a.next],
+            grid: Grid::One,
+        };
+        let params = ctx.buffer("kernel parameters", blocks.bytes.len() as u64, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
+        ctx.write(&params, 0, &blocks.bytes);
+        let bind = |ops: Vec<PendingOp<'_>>| -> Result<Vec<Op>> { ops.into_iter().map(|p| self.bind(&a.step, &params, p)).collect() };
+        let body = bind(body)?;
+        let head_all = bind(head_all)?;
+        let head_last = bind(head_last)?;
+        let sample = self.bind(&a.step, &params, sample)?;
+        ctx.check("preparing the forward pass")?;
+        let memory = ctx.allocated() - before;
+        Ok(GpuSession { model: self, acts, body, head_all, head_last, sample, len: 0, capacity: max_context, counter: 0, memory })
+    }
+
+    fn bind(&self, step: &wgpu::Buffer, params: &wgpu::Buffer, p: PendingOp<'_>) -> Result<Op> {
+        let pipeline = self.ctx.pipeline(p.kernel)?;
+        let mut entries = vec![
+            wgpu::BindGroupEntry { binding: 0, resource: step.as_entire_binding() },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: params,
+                    offset: p.params.0,
+                    size: wgpu::BufferSize::new(p.params.1),
+                }),
+            },
+        ];
+        for (n, b) in p.buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry { binding: n as u32 + 2, resource: b.as_entire_binding() });
+        }
+        let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.layout, entries: &entries });
+        Ok(Op { pipeline, bind_group, grid: p.grid })
+    }
+}
+
+impl GpuSession<'_> {
+    /// Bytes of GPU memory this session holds (KV cache, activations, read-back buffers).
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory
+    }
+
+    /// Forgets the context (the cache is overwritten from position 0).
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.config.vocab_size;
+        for (i, &t) in tokens.iter().enumerate() {
+            if t as usize >= vocab {
+                return Err(RuntimeError::TokenOutOfRange { id: t, position: self.len + i, vocab });
+            }
+        }
+        if self.len + tokens.len() > self.capacity {
+            return Err(RuntimeError::ContextExceeded { tokens: self.len + tokens.len(), context: self.capacity });
+        }
+        Ok(())
+    }
+
+    /// Records and submits one chunk (at most PREFILL_CHUNK tokens), ending with `tail`.
+    fn run_chunk(&mut self, chunk: &[u32], tail: Tail, sampling: GpuSampling) {
+        let ctx = &self.model.ctx;
+        let n = chunk.len() as u32;
+        let seed = (sampling.seed ^ (sampling.seed >> 32)) as u32;
+        let step = [n, self.len as u32, seed, self.counter, sampling.temperature.to_bits(), 0, 0, 0];
+        ctx.queue.write_buffer(&self.acts.step, 0, &step.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<_>>());
+        ctx.queue.write_buffer(&self.acts.tokens, 0, &chunk.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<_>>());
+        let tail: Vec<&Op> = match tail {
+            Tail::Nothing => Vec::new(),
+            Tail::AllLogits => self.head_all.iter().collect(),
+            Tail::LastLogits => self.head_last.iter().collect(),
+            Tail::Sample => self.head_last.iter().chain(std::iter::once(&self.sample)).collect(),
+        };
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
+            for op in self.body.iter().chain(tail) {
+                let (x, y) = op.grid.size(n);
+                pass.set_pipeline(&op.pipeline.pipeline);
+                pass.set_bind_group(0, &op.bind_group, &[]);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+        self.len += chunk.len();
+        self.counter = self.counter.wrapping_add(1);
+    }
+
+    fn read_logits(&self, rows: usize) -> Result<Vec<f32>> {
+        let bytes = (rows * self.model.config.vocab_size * 4) as u64;
+        let raw = self.model.ctx.read(&self.acts.logits, &self.acts.logits_staging, bytes)?;
+        Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    /// Runs `tokens` after what the cache holds; returns logits for every position (`[n, vocab]`)
+    /// or only the last (`[vocab]`).
+    pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        let mut out = Vec::new();
+        let chunks: Vec<&[u32]> = tokens.chunks(PREFILL_CHUNK).collect();
+        for (ci, chunk) in chunks.iter().enumerate() {
+            let last = ci + 1 == chunks.len();
+            if all_logits {
+                self.run_chunk(chunk, Tail::AllLogits, GpuSampling::default());
+                out.extend(self.read_logits(chunk.len())?);
+            } else if last {
+                self.run_chunk(chunk, Tail::LastLogits, GpuSampling::default());
+                out = self.read_logits(1)?;
+            } else {
+                self.run_chunk(chunk, Tail::Nothing, GpuSampling::default());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `tokens` and samples the next token on the GPU; only its id comes back.
+    pub fn next_token(&mut self, tokens: &[u32], sampling: GpuSampling) -> Result<u32> {
+        self.check_tokens(tokens)?;
+        if tokens.is_empty() {
+            return Err(RuntimeError::Text("nothing to run: no tokens".into()));
+        }
+        let chunks: Vec<&[u32]> = tokens.chunks(PREFILL_CHUNK).collect();
+        for (ci, chunk) in chunks.iter().enumerate() {
+            self.run_chunk(chunk, if ci + 1 == chunks.len() { Tail::Sample } else { Tail::Nothing }, sampling);
+        }
+        let raw = self.model.ctx.read(&self.acts.next, &self.acts.next_staging, 4)?;
+        Ok(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
+    }
+}
+
+/// What a chunk's dispatches end with.
+#[derive(Debug, Clone, Copy)]
+enum Tail {
+    /// Nothing after the final norm (an inner prefill chunk).
+    Nothing,
+    /// lm_head over every position.
+    AllLogits,
+    /// lm_head over the last position.
+    LastLogits,
+    /// lm_head over the last position, then sampling.
+    Sample,
+}

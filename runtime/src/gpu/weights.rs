@@ -1,0 +1,226 @@
+//! Weight matrices in GPU memory: the checkpoint's packed bytes uploaded as they are (streamed from
+//! the memory map in chunks), split by rows into parts when a tensor exceeds the largest storage
+//! binding, or synthetic weights filled in place.
+
+use std::sync::Arc;
+
+use crate::error::{Result, RuntimeError};
+use crate::gpu::context::GpuContext;
+use crate::gpu::shaders::{Kernel, WeightFormat, WORKGROUP};
+use crate::matrix::{Codes, Matrix, RowMap};
+
+/// Bytes copied per write while uploading.
+const UPLOAD_CHUNK: usize = 32 << 20;
+/// Bytes written before waiting for the GPU to drain the staging memory.
+const UPLOAD_FLUSH: u64 = 512 << 20;
+
+/// Rows `first..first + rows` of a stored tensor, in their own buffers.
+pub struct Part {
+    /// First stored row.
+    pub first: usize,
+    /// Stored rows.
+    pub rows: usize,
+    /// Codes (or bf16 values).
+    pub codes: wgpu::Buffer,
+    /// bf16 scales (affine) or E8M0 bytes (MXFP4).
+    pub scales: Option<wgpu::Buffer>,
+    /// bf16 biases (affine).
+    pub biases: Option<wgpu::Buffer>,
+}
+
+/// A stored weight tensor `[stored_rows, cols]` on the GPU.
+pub struct Storage {
+    /// Encoding of the rows.
+    pub format: WeightFormat,
+    /// Columns.
+    pub cols: usize,
+    /// Stored rows (all experts' rows for expert tensors).
+    pub stored_rows: usize,
+    /// The parts, in row order.
+    pub parts: Vec<Part>,
+}
+
+/// Bytes per stored row of codes, scales and biases.
+pub fn row_layout(format: WeightFormat, cols: usize) -> (usize, usize, usize) {
+    match format {
+        WeightFormat::Bf16 => (cols * 2, 0, 0),
+        WeightFormat::Affine { bits, group } => (cols * bits as usize / 8, cols / group as usize * 2, cols / group as usize * 2),
+        WeightFormat::Mxfp4 => (cols / 2, cols / 32, 0),
+    }
+}
+
+/// The format of a CPU matrix's codes.
+pub fn format_of(codes: &Codes<'_>) -> WeightFormat {
+    match *codes {
+        Codes::Bf16 { .. } => WeightFormat::Bf16,
+        Codes::Affine { bits, group_size, .. } => WeightFormat::Affine { bits, group: group_size as u32 },
+        Codes::Mxfp4 { .. } => WeightFormat::Mxfp4,
+    }
+}
+
+impl Storage {
+    /// Bytes per stored row (codes, scales and biases together).
+    pub fn row_bytes(&self) -> usize {
+        let (c, s, b) = row_layout(self.format, self.cols);
+        c + s + b
+    }
+
+    /// Row ranges that keep each buffer within the largest storage binding.
+    fn split(ctx: &GpuContext, what: &str, format: WeightFormat, cols: usize, stored_rows: usize) -> Result<Vec<(usize, usize)>> {
+        if !cols.is_multiple_of(32) || !format.supported() {
+            return Err(RuntimeError::Checkpoint(format!(
+                "{what}: the GPU kernels need {format:?} weights with a multiple of 32 columns (got {cols})"
+            )));
+        }
+        let (c, s, b) = row_layout(format, cols);
+        let widest = c.max(s).max(b) as u64;
+        let per_part = (ctx.split_binding() / widest) as usize;
+        if per_part == 0 {
+            return Err(RuntimeError::GpuMemory(format!(
+                "{what}: one row of {widest} bytes exceeds the largest storage binding of {} bytes",
+                ctx.split_binding()
+            )));
+        }
+        Ok((0..stored_rows).step_by(per_part).map(|first| (first, per_part.min(stored_rows - first))).collect())
+    }
+
+    /// Uploads a CPU matrix's stored bytes, calling `progress(bytes)` after each chunk.
+    pub fn upload(ctx: &GpuContext, what: &str, m: &Matrix<'_>, progress: &dyn Fn(u64)) -> Result<Storage> {
+        let format = format_of(&m.codes);
+        let (c, s, b) = row_layout(format, m.cols);
+        let (codes, scales, biases): (&[u8], &[u8], &[u8]) = match m.codes {
+            Codes::Bf16 { data } => (data, &[], &[]),
+            Codes::Affine { weight, scales, biases, .. } => (weight, scales, biases),
+            Codes::Mxfp4 { blocks, scales } => (blocks, scales, &[]),
+        };
+        let stored_rows = codes.len() / c;
+        let mut written = 0u64;
+        let mut send = |buf: &wgpu::Buffer, bytes: &[u8]| -> Result<()> {
+            for (i, chunk) in bytes.chunks(UPLOAD_CHUNK).enumerate() {
+                ctx.write(buf, (i * UPLOAD_CHUNK) as u64, chunk);
+                written += chunk.len() as u64;
+                progress(chunk.len() as u64);
+                if written >= UPLOAD_FLUSH {
+                    ctx.queue.submit([]);
+                    ctx.wait()?;
+                    written = 0;
+                }
+            }
+            Ok(())
+        };
+        let mut parts = Vec::new();
+        for (first, rows) in Self::split(ctx, what, format, m.cols, stored_rows)? {
+            let mut piece = |per: usize, data: &[u8], leaf: &str| -> Result<Option<wgpu::Buffer>> {
+                if per == 0 {
+                    return Ok(None);
+                }
+                let bytes = &data[first * per..(first + rows) * per];
+                let buf = ctx.buffer(&format!("{what}.{leaf}"), bytes.len() as u64, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)?;
+                send(&buf, bytes)?;
+                Ok(Some(buf))
+            };
+            let codes = piece(c, codes, "weight")?.expect("codes have bytes in every format");
+            let scales = piece(s, scales, "scales")?;
+            let biases = piece(b, biases, "biases")?;
+            parts.push(Part { first, rows, codes, scales, biases });
+        }
+        Ok(Storage { format, cols: m.cols, stored_rows, parts })
+    }
+
+    /// Random weights of the given shape made directly in GPU memory.
+    pub fn synthetic(ctx: &GpuContext, what: &str, format: WeightFormat, cols: usize, stored_rows: usize, seed: u32) -> Result<Storage> {
+        let (c, s, b) = row_layout(format, cols);
+        let fill = ctx.pipeline(Kernel::Fill)?;
+        let mut parts = Vec::new();
+        for (first, rows) in Self::split(ctx, what, format, cols, stored_rows)? {
+            let make = |per: usize, kind: u32, leaf: &str| -> Result<Option<wgpu::Buffer>> {
+                if per == 0 {
+                    return Ok(None);
+                }
+                let buf = ctx.buffer(&format!("{what}.{leaf}"), (rows * per) as u64, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)?;
+                fill_buffer(ctx, &fill, &buf, kind, seed.wrapping_add(kind * 7919 + first as u32))?;
+                Ok(Some(buf))
+            };
+            let code_kind = if format == WeightFormat::Bf16 { 4 } else { 0 };
+            let scale_kind = if format == WeightFormat::Mxfp4 { 3 } else { 1 };
+            let codes = make(c, code_kind, "weight")?.expect("codes have bytes in every format");
+            parts.push(Part { first, rows, codes, scales: make(s, scale_kind, "scales")?, biases: make(b, 2, "biases")? });
+        }
+        Ok(Storage { format, cols, stored_rows, parts })
+    }
+}
+
+fn fill_buffer(ctx: &GpuContext, fill: &crate::gpu::context::Pipeline, buf: &wgpu::Buffer, kind: u32, seed: u32) -> Result<()> {
+    let words = (buf.size() / 4) as u32;
+    let per_dispatch = 65535 * WORKGROUP;
+    let step = ctx.upload("fill step", &[0u8; 32])?;
+    let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fill") });
+    let mut keep = Vec::new();
+    for offset in (0..words).step_by(per_dispatch as usize) {
+        let params: Vec<u8> = [words, kind, seed, offset].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let pbuf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("fill params"),
+            size: 16,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.queue.write_buffer(&pbuf, 0, &params);
+        let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &fill.layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: step.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: pbuf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: buf.as_entire_binding() },
+            ],
+        });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            pass.set_pipeline(&fill.pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups((words - offset).min(per_dispatch).div_ceil(WORKGROUP), 1, 1);
+        }
+        keep.push(pbuf);
+    }
+    ctx.queue.submit([enc.finish()]);
+    ctx.wait()?;
+    ctx.check("filling synthetic weights")
+}
+
+/// A logical weight matrix: a view of a stored tensor through a row map, with an optional bias.
+pub struct GpuMatrix {
+    /// The stored tensor (shared by the gate and up views of upstream experts).
+    pub storage: Arc<Storage>,
+    /// Logical rows (for experts: per expert).
+    pub rows: usize,
+    /// Logical-to-stored row map.
+    pub map: RowMap,
+    /// f32 bias over all logical rows, if any.
+    pub bias: Option<wgpu::Buffer>,
+}
+
+impl GpuMatrix {
+    /// The uniform words of `matmul.wgsl`'s `WeightParams` for one part, before the per-op fields.
+    pub fn params(&self, part: &Part) -> [u32; 20] {
+        let s = &self.storage;
+        let (c, sc, _) = row_layout(s.format, s.cols);
+        let groups = match s.format {
+            WeightFormat::Bf16 => 0,
+            WeightFormat::Affine { .. } => sc / 2,
+            WeightFormat::Mxfp4 => s.cols / 32,
+        };
+        let mut w = [0u32; 20];
+        w[0] = self.rows as u32;
+        w[1] = s.cols as u32;
+        w[2] = (c / 4) as u32;
+        w[3] = groups as u32;
+        w[4] = self.map.per as u32;
+        w[5] = self.map.src_per as u32;
+        w[6] = self.map.start as u32;
+        w[7] = self.map.step as u32;
+        w[8] = part.first as u32;
+        w[9] = part.rows as u32;
+        w[16] = u32::from(self.bias.is_some());
+        w
+    }
+}

@@ -1,0 +1,251 @@
+//! The GPU backend against the CPU runtime: logits on generated checkpoints of several shapes in
+//! every stored form (upstream MXFP4 and each shipped recipe), greedy generation on the trained
+//! model, tensors split across bindings, and the CLI's `--backend` switch.
+//!
+//! These tests need a GPU adapter; lavapipe (Mesa's Vulkan on the CPU) is enough. Where none
+//! exists they fail, naming what to install; `MIXQ_GPU_TESTS=skip` skips them, except under CI.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{mixq, synth, text};
+use mixq_loader::Checkpoint;
+use mixq_runtime::gpu::{GpuContext, GpuModel, GpuOptions, GpuSampling};
+use mixq_runtime::Model;
+
+const TRAINED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-shakespeare");
+const RECIPES: [&str; 3] = ["gpt-oss-120b-3.6bit", "mixed_3_6", "mxfp4-experts"];
+
+/// The GPU, or `None` when skipping was asked for outside CI; otherwise a loud failure.
+fn gpu(max_binding: Option<u64>) -> Option<Arc<GpuContext>> {
+    match GpuContext::new(&GpuOptions { allow_software: true, max_binding }) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            let skip = std::env::var("MIXQ_GPU_TESTS").is_ok_and(|v| v == "skip");
+            let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+            if skip && !ci {
+                eprintln!("skipping a GPU test (MIXQ_GPU_TESTS=skip): {e}");
+                return None;
+            }
+            panic!(
+                "the GPU tests need a GPU adapter and found none: {e}\n\
+                 On Debian/Ubuntu install mesa-vulkan-drivers and libvulkan1 (lavapipe runs Vulkan on the CPU); \
+                 .ci/run does this. Outside CI, MIXQ_GPU_TESTS=skip skips these tests."
+            )
+        }
+    }
+}
+
+fn convert(src: &Path, recipe: &str, out: &Path) -> PathBuf {
+    let r = mixq_quantizer::Recipe::load(recipe).expect("built-in recipe");
+    let opts = mixq_quantizer::ConvertOptions { force: true, max_shard_bytes: 1 << 30, source_label: "test".into() };
+    mixq_quantizer::convert(src, &r, out, &opts, &mixq_quantizer::NoProgress).expect("conversion succeeds");
+    out.to_path_buf()
+}
+
+/// Deterministic token ids in the vocabulary.
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Mean KL(cpu || gpu) per position and the positions whose argmax differs although the CPU's top
+/// two logits are more than 1e-3 apart.
+fn compare(cpu: &[f32], gpu: &[f32], vocab: usize) -> (f64, Vec<usize>) {
+    assert_eq!(cpu.len(), gpu.len());
+    let lse = |r: &[f32]| {
+        let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        m + r.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let (mut kl, mut bad) = (0.0, Vec::new());
+    for (pos, (c, g)) in cpu.chunks_exact(vocab).zip(gpu.chunks_exact(vocab)).enumerate() {
+        assert!(g.iter().all(|v| v.is_finite()), "position {pos}: non-finite GPU logits");
+        let (lc, lg) = (lse(c), lse(g));
+        kl += c.iter().zip(g).map(|(&a, &b)| {
+            let p = a as f64 - lc;
+            p.exp() * (p - (b as f64 - lg))
+        }).sum::<f64>();
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| c[b].total_cmp(&c[a]));
+        let gap = c[order[0]] - c[order[1]];
+        let g_top = mixq_runtime::sample::argmax(g) as usize;
+        if std::env::var("MIXQ_DEBUG_KL").is_ok() {
+            let k: f64 = c.iter().zip(g).map(|(&a, &b)| { let p = a as f64 - lc; p.exp() * (p - (b as f64 - lg)) }).sum();
+            if k > 1e-7 { eprintln!("pos {pos}: kl {k:.3e} maxdiff {}", c.iter().zip(g).map(|(a,b)| (a-b).abs()).fold(0f32, f32::max)); }
+        }
+        if gap > 1e-3 && g_top != order[0] {
+            bad.push(pos);
+        }
+    }
+    (kl / (cpu.len() / vocab) as f64, bad)
+}
+
+/// Logits of `ids` on both backends; the GPU runs them as a prefill of `split` tokens followed by
+/// one-token decode steps, so both paths are covered.
+fn both(dir: &Path, ctx: &Arc<GpuContext>, ids: &[u32], split: usize) -> (Vec<f32>, Vec<f32>, usize) {
+    let ckpt = Checkpoint::open(dir).expect("checkpoint opens");
+    let cpu = Model::load(&ckpt).expect("CPU model loads");
+    let vocab = cpu.config.vocab_size;
+    let want = cpu.forward(ids, &mut cpu.new_cache(), true).expect("CPU forward");
+    let gpu = GpuModel::upload(&cpu, ctx.clone(), &|_| {}).expect("GPU model uploads");
+    let mut s = gpu.session(ids.len()).expect("GPU session");
+    let mut got = s.forward(&ids[..split], true).expect("GPU prefill");
+    for &t in &ids[split..] {
+        got.extend(s.forward(&[t], true).expect("GPU decode step"));
+    }
+    (want, got, vocab)
+}
+
+fn assert_agree(label: &str, cpu: &[f32], gpu: &[f32], vocab: usize) -> f64 {
+    let (kl, bad) = compare(cpu, gpu, vocab);
+    eprintln!("{label}: mean KL {kl:.3e}, argmax mismatches {bad:?}");
+    if std::env::var("MIXQ_DEBUG_KL").is_ok() { return kl; }
+    assert!(kl < 1e-5, "{label}: mean KL {kl:e} between CPU and GPU logits");
+    assert!(bad.is_empty(), "{label}: argmax differs at positions {bad:?}");
+    kl
+}
+
+/// Every shape in every stored form, 150 tokens (past the sliding windows and the 64-token
+/// prefill chunks), prefill of 140 then 10 decode steps.
+fn agreement_for(preset: &str) {
+    let Some(ctx) = gpu(None) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = synth(&tmp.path().join("upstream"), preset, |_| {});
+    let mut forms = vec![("upstream".to_string(), src.clone())];
+    for r in RECIPES {
+        forms.push((r.to_string(), convert(&src, r, &tmp.path().join(r))));
+    }
+    for (name, dir) in forms {
+        let vocab = Checkpoint::open(&dir).unwrap().config().vocab_size;
+        let ids = tokens(150, vocab, 7);
+        let (want, got, vocab) = both(&dir, &ctx, &ids, 140);
+        assert_agree(&format!("{preset} {name}"), &want, &got, vocab);
+    }
+}
+
+#[test]
+fn gpu_matches_cpu_on_the_tiny_shape() {
+    agreement_for("tiny");
+}
+
+#[test]
+fn gpu_matches_cpu_on_the_small_shape() {
+    agreement_for("small");
+}
+
+#[test]
+fn gpu_matches_cpu_on_the_wide_shape() {
+    agreement_for("wide");
+}
+
+#[test]
+fn gpu_matches_cpu_on_the_trained_model() {
+    let Some(ctx) = gpu(None) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(Path::new(TRAINED).join("../shakespeare-dev.txt")).unwrap();
+    let codec = mixq_runtime::TextCodec::load(Path::new(TRAINED)).unwrap();
+    let ids: Vec<u32> = codec.encode(&text[..4000]).unwrap().into_iter().take(200).collect();
+    for (name, dir) in [("upstream".to_string(), PathBuf::from(TRAINED))]
+        .into_iter()
+        .chain(RECIPES.iter().map(|r| (r.to_string(), convert(Path::new(TRAINED), r, &tmp.path().join(r)))))
+    {
+        let (want, got, vocab) = both(&dir, &ctx, &ids, 190);
+        assert_agree(&format!("trained {name}"), &want, &got, vocab);
+    }
+}
+
+/// Tensors larger than the largest binding are split by rows; the results do not change.
+#[test]
+fn split_tensors_give_the_same_logits() {
+    let Some(ctx) = gpu(Some(32 << 10)) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = synth(&tmp.path().join("upstream"), "small", |_| {});
+    let q = convert(&src, "gpt-oss-120b-3.6bit", &tmp.path().join("q"));
+    for dir in [src, q] {
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let cpu = Model::load(&ckpt).unwrap();
+        let gpu = GpuModel::upload(&cpu, ctx.clone(), &|_| {}).unwrap();
+        assert!(gpu.max_parts() > 4, "a 32 KiB part limit should split the large tensors");
+        let ids = tokens(70, cpu.config.vocab_size, 3);
+        let want = cpu.forward(&ids, &mut cpu.new_cache(), true).unwrap();
+        let got = gpu.session(70).unwrap().forward(&ids, true).unwrap();
+        assert_agree(&format!("split {}", dir.display()), &want, &got, cpu.config.vocab_size);
+    }
+}
+
+/// Greedy generation of 48 tokens is the same on both backends, the GPU sampling on the device.
+#[test]
+fn greedy_generation_is_identical_on_both_backends() {
+    let Some(ctx) = gpu(None) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let q = convert(Path::new(TRAINED), "gpt-oss-120b-3.6bit", &tmp.path().join("q"));
+    let codec = mixq_runtime::TextCodec::load(Path::new(TRAINED)).unwrap();
+    for dir in [PathBuf::from(TRAINED), q] {
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let cpu = Model::load(&ckpt).unwrap();
+        let gpu = GpuModel::upload(&cpu, ctx.clone(), &|_| {}).unwrap();
+        for prompt in ["ROMEO:\nBut soft, what light", "KING HENRY:\nOnce more unto the breach", "First Citizen:\n"] {
+            let ids = codec.encode(prompt).unwrap();
+            let mut sampler = mixq_runtime::Sampler::new(Default::default());
+            let (want, _) = mixq_runtime::generate(&cpu, &ids, 48, &mut sampler, &[], |_| {}).unwrap();
+            let mut s = gpu.session(ids.len() + 48).unwrap();
+            let mut got = vec![s.next_token(&ids, GpuSampling::default()).unwrap()];
+            while got.len() < 48 {
+                let last = *got.last().unwrap();
+                got.push(s.next_token(&[last], GpuSampling::default()).unwrap());
+            }
+            assert_eq!(got, want, "{}: {prompt:?}", dir.display());
+        }
+    }
+}
+
+/// Temperature sampling on the GPU is seeded: the same seed repeats, another seed differs, and a
+/// sharp distribution is followed.
+#[test]
+fn gpu_sampling_is_seeded() {
+    let Some(ctx) = gpu(None) else { return };
+    let ckpt = Checkpoint::open(Path::new(TRAINED)).unwrap();
+    let cpu = Model::load(&ckpt).unwrap();
+    let gpu = GpuModel::upload(&cpu, ctx, &|_| {}).unwrap();
+    let run = |seed: u64, temperature: f32| -> Vec<u32> {
+        let mut s = gpu.session(64).unwrap();
+        let sampling = GpuSampling { temperature, seed };
+        let mut out = vec![s.next_token(&[10, 20, 30], sampling).unwrap()];
+        while out.len() < 32 {
+            let last = *out.last().unwrap();
+            out.push(s.next_token(&[last], sampling).unwrap());
+        }
+        out
+    };
+    assert_eq!(run(1, 1.0), run(1, 1.0));
+    assert_ne!(run(1, 1.0), run(2, 1.0));
+    assert_eq!(run(5, 1e-4), run(9, 0.0), "a tiny temperature is greedy");
+}
+
+#[test]
+fn cli_backend_gpu_generates_what_the_cpu_generates() {
+    if gpu(None).is_none() {
+        return;
+    }
+    let run = |backend: &str| {
+        let o = mixq(&["run", "--model", TRAINED, "--prompt", "ROMEO:", "--max-tokens", "24", "--backend", backend, "--json"], &[]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{backend}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (v["tokens"].clone(), v)
+    };
+    let (cpu, _) = run("cpu");
+    let (gpu, v) = run("gpu");
+    assert_eq!(cpu, gpu);
+    assert_eq!(v["backend"], "gpu");
+    assert!(v["gpu_memory_bytes"].as_u64().unwrap() > 0);
+}
