@@ -7,7 +7,8 @@ use mixq_loader::Checkpoint;
 use mixq_quantizer::plan::source_size;
 use mixq_quantizer::{Allocation, ConvertOptions, Recipe};
 
-use crate::generate::generate_text;
+use crate::backend::BackendArgs;
+use crate::generate::{generate_text, RunArgs, Source};
 use crate::validate::{validate, ValidateArgs};
 use crate::{print_json, progress, report};
 
@@ -20,15 +21,23 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
             print!("{text}");
         }
     };
-    let ckpt = Checkpoint::open(model).with_context(|| format!("opening the bundled model {source}"))?;
+    let ckpt =
+        Checkpoint::open(model).with_context(|| format!("opening the bundled model {source}"))?;
     let summary = Allocation::resolve(ckpt.config(), &recipe)?.summary();
     let src_size = source_size(ckpt.config());
-    say(&format!("== 1. plan ==\n{}", report::plan_text(&source, &recipe, &summary, src_size)));
+    say(&format!(
+        "== 1. plan ==\n{}",
+        report::plan_text(&source, &recipe, &summary, src_size)
+    ));
     drop(ckpt);
 
     say("\n== 2. convert ==\n");
     let progress = progress::StderrProgress::new(json);
-    let opts = ConvertOptions { force: true, source_label: "tiny-gpt-oss-shakespeare".into(), ..Default::default() };
+    let opts = ConvertOptions {
+        force: true,
+        source_label: "tiny-gpt-oss-shakespeare".into(),
+        ..Default::default()
+    };
     let start = std::time::Instant::now();
     let rep = mixq_quantizer::convert(model, &recipe, out, &opts, &progress);
     progress.finish();
@@ -38,19 +47,41 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
 
     let name = out.display().to_string();
     let inspection = mixq_quantizer::inspect::inspect(&Checkpoint::open(out)?);
-    say(&format!("\n== 3. inspect ==\n{}", report::inspect_text(&name, &inspection)));
+    say(&format!(
+        "\n== 3. inspect ==\n{}",
+        report::inspect_text(&name, &inspection)
+    ));
     let verified = mixq_quantizer::verify::verify(out);
-    say(&format!("\n== 4. verify ==\n{}", report::verify_text(&name, &verified)));
+    say(&format!(
+        "\n== 4. verify ==\n{}",
+        report::verify_text(&name, &verified)
+    ));
     if !verified.ok() {
         bail!("the converted model failed verification");
     }
     say("\n== 5. generate with the converted model ==\n");
     let sampler = mixq_runtime::SamplerConfig::default();
-    let generated = generate_text(out, "ROMEO:", false, 48, sampler, false).map(|g| {
+    let backend = BackendArgs {
+        backend: mixq_runtime::Backend::Auto,
+        max_context: None,
+    };
+    let run = RunArgs {
+        source: Source::Checkpoint(out),
+        prompt: Some("ROMEO:"),
+        prompt_tokens: None,
+        chat: false,
+        max_tokens: 48,
+        sampler,
+        ignore_eos: false,
+        backend: backend.clone(),
+        stream: false,
+    };
+    let generated = generate_text(&run).map(|g| {
         say(&format!(
-            "{}{}\n==========\nPrompt: {} tokens, {:.1} tokens/s\nGeneration: {} tokens, {:.1} tokens/s\n",
+            "{}{}\n==========\nBackend: {}\nPrompt: {} tokens, {:.1} tokens/s\nGeneration: {} tokens, {:.1} tokens/s\n",
             g["prompt"].as_str().unwrap_or_default(),
             g["text"].as_str().unwrap_or_default(),
+            g["device"].as_str().unwrap_or_default(),
             g["prompt_tokens"],
             g["prefill_tokens_per_second"].as_f64().unwrap_or(0.0),
             g["generated_tokens"],
@@ -59,7 +90,10 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
         g
     })?;
     say("\n== 6. validate against the source ==\n");
-    let text = model.parent().map(|p| p.join("shakespeare-dev.txt")).filter(|p| p.is_file());
+    let text = model
+        .parent()
+        .map(|p| p.join("shakespeare-dev.txt"))
+        .filter(|p| p.is_file());
     let validation = match text {
         Some(text) => {
             let args = ValidateArgs {
@@ -74,10 +108,15 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
                 top_k: 32,
                 gates: mixq_validate::Gates::default(),
                 card: Some(&out.join("README.md")),
+                backend: backend.clone(),
                 quiet: json,
             };
             let (v, _) = validate(&args)?;
-            say(&format!("{}(first 4096 tokens of {}, windows of 256; added to the model card)\n", v.to_text(), text.display()));
+            say(&format!(
+                "{}(first 4096 tokens of {}, windows of 256; added to the model card)\n",
+                v.to_text(),
+                text.display()
+            ));
             v.to_json()
         }
         None => {

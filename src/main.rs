@@ -1,5 +1,6 @@
 //! mixq: turn gpt-oss checkpoints into mixed-precision MLX models and prove they are still good.
 
+mod backend;
 mod demo;
 mod generate;
 mod progress;
@@ -17,7 +18,11 @@ use mixq_quantizer::plan::source_size;
 use mixq_quantizer::{Allocation, ConvertOptions, Recipe};
 
 #[derive(Parser)]
-#[command(name = "mixq", version, about = "Mixed-precision MLX conversion of gpt-oss checkpoints")]
+#[command(
+    name = "mixq",
+    version,
+    about = "Mixed-precision MLX conversion of gpt-oss checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,11 +88,28 @@ enum Command {
     /// Generate text with a model, streaming it; ends with prefill/decode tokens/s and peak memory.
     Run {
         /// Checkpoint folder (upstream or converted).
-        #[arg(long)]
-        model: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "synthetic_config",
+            conflicts_with = "synthetic_config"
+        )]
+        model: Option<PathBuf>,
         /// The prompt.
+        #[arg(long, required_unless_present = "prompt_tokens")]
+        prompt: Option<String>,
+        /// Use N deterministic pseudo-random token ids as the prompt (for timing).
+        #[arg(long, conflicts_with = "prompt")]
+        prompt_tokens: Option<usize>,
+        /// Time a model of this config.json's shape with random weights made in GPU memory
+        /// (no checkpoint file); needs --recipe.
+        #[arg(long, requires = "recipe")]
+        synthetic_config: Option<PathBuf>,
+        /// Recipe that quantizes the synthetic model.
+        #[arg(long, requires = "synthetic_config")]
+        recipe: Option<String>,
+        /// Keep generating past end-of-sequence tokens.
         #[arg(long)]
-        prompt: String,
+        ignore_eos: bool,
         /// Wrap the prompt in the model's chat template (harmony format for gpt-oss).
         #[arg(long)]
         chat: bool,
@@ -106,6 +128,8 @@ enum Command {
         /// RNG seed for sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[command(flatten)]
+        backend: backend::BackendArgs,
         /// Print one JSON object (text, tokens, figures) instead of streaming.
         #[arg(long)]
         json: bool,
@@ -121,6 +145,8 @@ enum Command {
         /// Output .npy file.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        backend: backend::BackendArgs,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -167,6 +193,8 @@ enum Command {
         /// Add (or replace) a "Validation" section in this model card.
         #[arg(long)]
         card: Option<PathBuf>,
+        #[command(flatten)]
+        backend: backend::BackendArgs,
         /// No progress output.
         #[arg(long)]
         quiet: bool,
@@ -239,16 +267,25 @@ fn main() -> ExitCode {
 }
 
 fn bundled_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("tiny-gpt-oss-shakespeare")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("tiny-gpt-oss-shakespeare")
 }
 
 pub(crate) fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON values always serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values always serialize")
+    );
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Plan { source, recipe, json } => {
+        Command::Plan {
+            source,
+            recipe,
+            json,
+        } => {
             let recipe = Recipe::load(&recipe)?;
             let resolved = resolve_source(&source, Need::Config)?;
             let config = GptOssConfig::from_file(&resolved.config_path())?;
@@ -260,19 +297,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", report::plan_text(&source, &recipe, &summary, src));
             }
         }
-        Command::Convert { source, recipe, out, force, threads, max_shard_bytes, quiet, json } => {
+        Command::Convert {
+            source,
+            recipe,
+            out,
+            force,
+            threads,
+            max_shard_bytes,
+            quiet,
+            json,
+        } => {
             let recipe = Recipe::load(&recipe)?;
             let ResolvedSource::Folder(dir) = resolve_source(&source, Need::Everything)? else {
                 bail!("{source}: converting needs a checkpoint folder, not a bare config file");
             };
-            let opts = ConvertOptions { force, max_shard_bytes, source_label: source.clone() };
+            let opts = ConvertOptions {
+                force,
+                max_shard_bytes,
+                source_label: source.clone(),
+            };
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.unwrap_or(0))
                 .build()
                 .context("starting worker threads")?;
             let progress = progress::StderrProgress::new(quiet || json);
             let start = std::time::Instant::now();
-            let result = pool.install(|| mixq_quantizer::convert(&dir, &recipe, &out, &opts, &progress));
+            let result =
+                pool.install(|| mixq_quantizer::convert(&dir, &recipe, &out, &opts, &progress));
             progress.finish();
             let rep = result?;
             let secs = start.elapsed().as_secs_f64();
@@ -317,30 +368,87 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Run { model, prompt, chat, max_tokens, temp, top_p, top_k, seed, json } => {
-            let sampler = mixq_runtime::SamplerConfig { temperature: temp, top_p, top_k, seed };
-            let figures = generate::generate_text(&model, &prompt, chat, max_tokens, sampler, !json)?;
+        Command::Run {
+            model,
+            prompt,
+            prompt_tokens,
+            synthetic_config,
+            recipe,
+            ignore_eos,
+            chat,
+            max_tokens,
+            temp,
+            top_p,
+            top_k,
+            seed,
+            backend,
+            json,
+        } => {
+            let sampler = mixq_runtime::SamplerConfig {
+                temperature: temp,
+                top_p,
+                top_k,
+                seed,
+            };
+            let source = match (&model, &synthetic_config, &recipe) {
+                (Some(m), _, _) => generate::Source::Checkpoint(m),
+                (None, Some(config), Some(recipe)) => {
+                    generate::Source::Synthetic { config, recipe }
+                }
+                _ => bail!("give --model DIR, or --synthetic-config CONFIG with --recipe R"),
+            };
+            let args = generate::RunArgs {
+                source,
+                prompt: prompt.as_deref(),
+                prompt_tokens,
+                chat,
+                max_tokens,
+                sampler,
+                ignore_eos,
+                backend,
+                stream: !json,
+            };
+            let figures = generate::generate_text(&args)?;
             if json {
                 print_json(&figures);
             }
         }
-        Command::Logits { model, tokens, out, json } => {
-            let text = std::fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
-            let ids: Vec<u32> = serde_json::from_str(&text)
-                .with_context(|| format!("{}: expected a JSON list of non-negative token ids", tokens.display()))?;
+        Command::Logits {
+            model,
+            tokens,
+            out,
+            backend,
+            json,
+        } => {
+            let text = std::fs::read_to_string(&tokens)
+                .with_context(|| format!("reading {}", tokens.display()))?;
+            let ids: Vec<u32> = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: expected a JSON list of non-negative token ids",
+                    tokens.display()
+                )
+            })?;
             let ckpt = Checkpoint::open(&model)?;
-            let m = mixq_runtime::Model::load(&ckpt)?;
-            let mut cache = m.new_cache();
+            let m = backend::load(&ckpt, &backend, json)?;
             let start = std::time::Instant::now();
-            let logits = m.forward(&ids, &mut cache, true)?;
+            let logits = m.logits(&ids)?;
             let secs = start.elapsed().as_secs_f64();
-            let vocab = m.config.vocab_size;
-            std::fs::write(&out, mixq_runtime::npy::npy_f32(&[ids.len(), vocab], &logits))
-                .with_context(|| format!("writing {}", out.display()))?;
+            let vocab = m.config().vocab_size;
+            std::fs::write(
+                &out,
+                mixq_runtime::npy::npy_f32(&[ids.len(), vocab], &logits),
+            )
+            .with_context(|| format!("writing {}", out.display()))?;
             if json {
-                print_json(&serde_json::json!({"out": out, "tokens": ids.len(), "vocab": vocab, "seconds": secs}));
+                print_json(
+                    &serde_json::json!({"out": out, "tokens": ids.len(), "vocab": vocab, "seconds": secs, "backend": m.backend()}),
+                );
             } else {
-                println!("wrote {} ([{}, {vocab}] float32) in {secs:.2}s", out.display(), ids.len());
+                println!(
+                    "wrote {} ([{}, {vocab}] float32) in {secs:.2}s",
+                    out.display(),
+                    ids.len()
+                );
             }
         }
         Command::Validate {
@@ -357,6 +465,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_ppl_ratio,
             min_top1,
             card,
+            backend,
             quiet,
             json,
         } => {
@@ -370,8 +479,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 stride: stride.unwrap_or(ctx),
                 max_tokens,
                 top_k,
-                gates: mixq_validate::Gates { max_kl, max_ppl_ratio, min_top1 },
+                gates: mixq_validate::Gates {
+                    max_kl,
+                    max_ppl_ratio,
+                    min_top1,
+                },
                 card: card.as_deref(),
+                backend,
                 quiet: quiet || json,
             };
             let (summary, failed) = validate::validate(&args)?;
@@ -390,8 +504,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Recipes { json } => {
-            let all: Vec<Recipe> =
-                mixq_quantizer::BUILTIN_RECIPES.iter().map(|(n, _)| Recipe::load(n)).collect::<Result<_, _>>()?;
+            let all: Vec<Recipe> = mixq_quantizer::BUILTIN_RECIPES
+                .iter()
+                .map(|(n, _)| Recipe::load(n))
+                .collect::<Result<_, _>>()?;
             if json {
                 print_json(&serde_json::json!(all
                     .iter()
@@ -403,10 +519,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Demo { out, recipe, model, json } => demo::demo(&model.unwrap_or_else(bundled_model), &recipe, &out, json)?,
-        Command::Synth { out, preset, layers, hidden, intermediate, experts, seed, no_truncate, json } => {
-            let mut shape = mixq_synth::Shape::preset(&preset)
-                .with_context(|| format!("unknown preset {preset}; expected tiny, small, wide or medium"))?;
+        Command::Demo {
+            out,
+            recipe,
+            model,
+            json,
+        } => demo::demo(&model.unwrap_or_else(bundled_model), &recipe, &out, json)?,
+        Command::Synth {
+            out,
+            preset,
+            layers,
+            hidden,
+            intermediate,
+            experts,
+            seed,
+            no_truncate,
+            json,
+        } => {
+            let mut shape = mixq_synth::Shape::preset(&preset).with_context(|| {
+                format!("unknown preset {preset}; expected tiny, small, wide or medium")
+            })?;
             shape.layers = layers.unwrap_or(shape.layers);
             shape.hidden = hidden.unwrap_or(shape.hidden);
             shape.intermediate = intermediate.unwrap_or(shape.intermediate);
@@ -415,7 +547,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             shape.truncate = !no_truncate;
             mixq_synth::write_checkpoint(&out, &shape)?;
             if json {
-                print_json(&serde_json::json!({"out": out, "preset": preset, "config": shape.config_json()}));
+                print_json(
+                    &serde_json::json!({"out": out, "preset": preset, "config": shape.config_json()}),
+                );
             } else {
                 println!("wrote {}", out.display());
             }
@@ -423,4 +557,3 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-

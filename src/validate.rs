@@ -18,6 +18,7 @@ pub struct ValidateArgs<'a> {
     pub top_k: usize,
     pub gates: mixq_validate::Gates,
     pub card: Option<&'a Path>,
+    pub backend: crate::backend::BackendArgs,
     pub quiet: bool,
 }
 
@@ -25,12 +26,17 @@ pub struct ValidateArgs<'a> {
 pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<String>)> {
     use mixq_validate::reference::{self, RefHeader};
     if a.ctx < 2 || a.stride == 0 || a.stride > a.ctx {
-        bail!("--ctx must be at least 2 and --stride between 1 and --ctx (got ctx {}, stride {})", a.ctx, a.stride);
+        bail!(
+            "--ctx must be at least 2 and --stride between 1 and --ctx (got ctx {}, stride {})",
+            a.ctx,
+            a.stride
+        );
     }
     let raw = std::fs::read(a.text).with_context(|| format!("reading {}", a.text.display()))?;
-    let text = String::from_utf8(raw).with_context(|| format!("{}: not UTF-8 text", a.text.display()))?;
+    let text =
+        String::from_utf8(raw).with_context(|| format!("{}: not UTF-8 text", a.text.display()))?;
     let ckpt = Checkpoint::open(a.model)?;
-    let model = mixq_runtime::Model::load(&ckpt)?;
+    let model = crate::backend::load(&ckpt, &a.backend, a.quiet)?;
     let mut tokens = mixq_runtime::TextCodec::load(a.model)?.encode(&text)?;
     if let Some(n) = a.max_tokens {
         tokens.truncate(n);
@@ -39,9 +45,16 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
         bail!("{}: fewer than 2 tokens to evaluate", a.text.display());
     }
     let tokens_sha = mixq_validate::tokens_sha256(&tokens);
-    let opts = mixq_validate::EvalOptions { ctx: a.ctx, stride: a.stride, top_k: a.top_k };
+    let opts = mixq_validate::EvalOptions {
+        ctx: a.ctx,
+        stride: a.stride,
+        top_k: a.top_k,
+    };
     let ref_ckpt = a.reference.map(Checkpoint::open).transpose()?;
-    let ref_model = ref_ckpt.as_ref().map(mixq_runtime::Model::load).transpose()?;
+    let ref_model = ref_ckpt
+        .as_ref()
+        .map(|c| crate::backend::load(c, &a.backend, a.quiet))
+        .transpose()?;
     let saved = match a.reference_logits {
         Some(p) => {
             let (h, t) = reference::read(p)?;
@@ -63,8 +76,10 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
     let bar = (!a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
-                .expect("valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
         );
         bar
     });
@@ -79,7 +94,10 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
             if l.elapsed().as_secs_f64() >= 2.0 || done == total {
                 *l = std::time::Instant::now();
                 let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
-                eprintln!("validate: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s", (total - done) as f64 / rate.max(1e-9));
+                eprintln!(
+                    "validate: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s",
+                    (total - done) as f64 / rate.max(1e-9)
+                );
             }
         }
     };
@@ -95,7 +113,9 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
     let summary = mixq_validate::Summary::new(&scored.tokens, method);
     if let Some(p) = a.save_reference {
         if saved.is_some() {
-            bail!("--save-reference needs --reference DIR (or no reference), not --reference-logits");
+            bail!(
+                "--save-reference needs --reference DIR (or no reference), not --reference-logits"
+            );
         }
         let header = RefHeader {
             model: a.reference.unwrap_or(a.model).display().to_string(),
@@ -107,9 +127,18 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
         reference::write(p, &header, &scored.summaries)?;
     }
     if let Some(card) = a.card {
-        let text_sha = mixq_quantizer::manifest::sha256_file(a.text).map(|(s, _)| s).unwrap_or_default();
-        let name = a.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let reference_name = a.reference.or(a.reference_logits).map(|p| p.display().to_string());
+        let text_sha = mixq_quantizer::manifest::sha256_file(a.text)
+            .map(|(s, _)| s)
+            .unwrap_or_default();
+        let name = a
+            .text
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let reference_name = a
+            .reference
+            .or(a.reference_logits)
+            .map(|p| p.display().to_string());
         let ctx = mixq_validate::card::CardContext {
             text_name: &name,
             text_sha256: &text_sha,
@@ -122,4 +151,3 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
     let failed = a.gates.check(&summary);
     Ok((summary, failed))
 }
-

@@ -1,8 +1,9 @@
-//! mixq-runtime: runs gpt-oss checkpoints (upstream MXFP4, MLX affine or mxfp4, BF16) on the
-//! CPU with weights kept packed in the memory map: forward pass, KV cache, sampling, tokenizer
-//! and chat template.
+//! mixq-runtime: runs gpt-oss checkpoints (upstream MXFP4, MLX affine or mxfp4, BF16) with
+//! weights kept packed: on the CPU straight from the memory map, or on the GPU through wgpu
+//! (Metal, Vulkan, DX12); forward pass, KV cache, sampling, tokenizer and chat template.
 
 pub mod cache;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gpu;
@@ -14,6 +15,7 @@ pub mod sample;
 pub mod text;
 
 pub use cache::KvCache;
+pub use engine::{Backend, Engine};
 pub use error::{Result, RuntimeError};
 pub use generate::{generate, GenerationStats};
 pub use model::Model;

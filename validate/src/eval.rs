@@ -1,6 +1,6 @@
 //! Running a model (and optionally its reference) over sliding windows and scoring every token.
 
-use mixq_runtime::Model;
+use mixq_runtime::Engine;
 use rayon::prelude::*;
 
 use crate::reference::{log_sum_exp, RefToken};
@@ -23,7 +23,7 @@ pub enum Reference<'a> {
     /// Nothing: perplexity only.
     None,
     /// A reference model run on the same windows (exact KL over the whole vocabulary).
-    Model(&'a Model<'a>),
+    Model(&'a Engine<'a>),
     /// Saved top-k reference logits (KL over the top k plus the remaining mass).
     Saved(&'a [RefToken]),
 }
@@ -68,8 +68,17 @@ fn compare_full(m: &[f32], r: &[f32], target: usize) -> TokenStats {
         let lq = (b - lm) as f64;
         kl += lp.exp() * (lp - lq);
     }
-    let (nll, ref_nll) = (-log_softmax_at(m, lm, target), -log_softmax_at(r, lr, target));
-    TokenStats { nll, ref_nll, kl: kl.max(0.0), same_top: argmax(m) == argmax(r), dp: (-nll).exp() - (-ref_nll).exp() }
+    let (nll, ref_nll) = (
+        -log_softmax_at(m, lm, target),
+        -log_softmax_at(r, lr, target),
+    );
+    TokenStats {
+        nll,
+        ref_nll,
+        kl: kl.max(0.0),
+        same_top: argmax(m) == argmax(r),
+        dp: (-nll).exp() - (-ref_nll).exp(),
+    }
 }
 
 /// Compares a model row with a saved top-k reference: KL over the top k, plus the remaining mass
@@ -91,13 +100,19 @@ fn compare_saved(m: &[f32], r: &RefToken) -> TokenStats {
     let nll = -log_softmax_at(m, lm, r.target as usize);
     let ref_nll = -(r.target_logprob as f64);
     let same_top = r.top_ids.first().is_some_and(|&t| t as usize == argmax(m));
-    TokenStats { nll, ref_nll, kl: kl.max(0.0), same_top, dp: (-nll).exp() - (-ref_nll).exp() }
+    TokenStats {
+        nll,
+        ref_nll,
+        kl: kl.max(0.0),
+        same_top,
+        dp: (-nll).exp() - (-ref_nll).exp(),
+    }
 }
 
 /// Scores every target of `tokens` under the sliding-window definition; `progress(scored, total)`
 /// is called as windows finish. Windows run in parallel batches.
 pub fn score(
-    model: &Model<'_>,
+    model: &Engine<'_>,
     tokens: &[u32],
     reference: &Reference<'_>,
     opts: EvalOptions,
@@ -113,7 +128,7 @@ pub fn score(
             )));
         }
     }
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     let mut offsets = Vec::with_capacity(ws.len());
     let mut acc = 0;
     for w in &ws {
@@ -121,59 +136,74 @@ pub fn score(
         acc += w.end - w.score_from;
     }
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let per_window: Vec<(Vec<TokenStats>, Vec<RefToken>)> = ws
-        .par_iter()
-        .zip(offsets)
-        .map(|(w, offset)| -> Result<_, ValidateError> {
-            let input = &tokens[w.begin..w.end];
-            let logits = model.forward(input, &mut model.new_cache(), true).map_err(ValidateError::Runtime)?;
-            let ref_logits = match reference {
-                Reference::Model(r) => Some(r.forward(input, &mut r.new_cache(), true).map_err(ValidateError::Runtime)?),
-                _ => None,
+    let one_window = |(w, offset): (&Window, usize)| -> Result<_, ValidateError> {
+        let input = &tokens[w.begin..w.end];
+        let logits = model.logits(input).map_err(ValidateError::Runtime)?;
+        let ref_logits = match reference {
+            Reference::Model(r) => Some(r.logits(input).map_err(ValidateError::Runtime)?),
+            _ => None,
+        };
+        let mut stats = Vec::with_capacity(w.end - w.score_from);
+        let mut summaries = Vec::with_capacity(w.end - w.score_from);
+        for (k, t) in (w.score_from..w.end).enumerate() {
+            // Logits at input position t-1 predict token t.
+            let row = t - 1 - w.begin;
+            let m = &logits[row * vocab..(row + 1) * vocab];
+            let target = tokens[t];
+            let s = match (reference, &ref_logits) {
+                (Reference::Model(_), Some(rl)) => {
+                    let r = &rl[row * vocab..(row + 1) * vocab];
+                    summaries.push(RefToken::from_logits(r, target, opts.top_k));
+                    compare_full(m, r, target as usize)
+                }
+                (Reference::Saved(saved), _) => {
+                    let r = &saved[offset + k];
+                    if r.target != target {
+                        return Err(ValidateError::Reference(format!(
+                            "the saved reference was computed on other text: token {} differs",
+                            offset + k
+                        )));
+                    }
+                    compare_saved(m, r)
+                }
+                _ => {
+                    summaries.push(RefToken::from_logits(m, target, opts.top_k));
+                    let lm = log_sum_exp(m);
+                    TokenStats {
+                        nll: -log_softmax_at(m, lm, target as usize),
+                        ..Default::default()
+                    }
+                }
             };
-            let mut stats = Vec::with_capacity(w.end - w.score_from);
-            let mut summaries = Vec::with_capacity(w.end - w.score_from);
-            for (k, t) in (w.score_from..w.end).enumerate() {
-                // Logits at input position t-1 predict token t.
-                let row = t - 1 - w.begin;
-                let m = &logits[row * vocab..(row + 1) * vocab];
-                let target = tokens[t];
-                let s = match (reference, &ref_logits) {
-                    (Reference::Model(_), Some(rl)) => {
-                        let r = &rl[row * vocab..(row + 1) * vocab];
-                        summaries.push(RefToken::from_logits(r, target, opts.top_k));
-                        compare_full(m, r, target as usize)
-                    }
-                    (Reference::Saved(saved), _) => {
-                        let r = &saved[offset + k];
-                        if r.target != target {
-                            return Err(ValidateError::Reference(format!(
-                                "the saved reference was computed on other text: token {} differs",
-                                offset + k
-                            )));
-                        }
-                        compare_saved(m, r)
-                    }
-                    _ => {
-                        summaries.push(RefToken::from_logits(m, target, opts.top_k));
-                        let lm = log_sum_exp(m);
-                        TokenStats { nll: -log_softmax_at(m, lm, target as usize), ..Default::default() }
-                    }
-                };
-                stats.push(s);
-            }
-            let n = done.fetch_add(stats.len(), std::sync::atomic::Ordering::Relaxed) + stats.len();
-            progress(n, total);
-            Ok((stats, summaries))
-        })
-        .collect::<Result<_, _>>()?;
+            stats.push(s);
+        }
+        let n = done.fetch_add(stats.len(), std::sync::atomic::Ordering::Relaxed) + stats.len();
+        progress(n, total);
+        Ok((stats, summaries))
+    };
+    // CPU models score windows on parallel threads; a GPU runs one window at a time.
+    let parallel = model.parallel() && !matches!(reference, Reference::Model(r) if !r.parallel());
+    let per_window: Vec<(Vec<TokenStats>, Vec<RefToken>)> = if parallel {
+        ws.par_iter()
+            .zip(offsets)
+            .map(one_window)
+            .collect::<Result<_, _>>()?
+    } else {
+        ws.iter()
+            .zip(offsets)
+            .map(one_window)
+            .collect::<Result<_, _>>()?
+    };
     let mut tokens_out = Vec::with_capacity(total);
     let mut summaries = Vec::new();
     for (s, r) in per_window {
         tokens_out.extend(s);
         summaries.extend(r);
     }
-    Ok(Scored { tokens: tokens_out, summaries })
+    Ok(Scored {
+        tokens: tokens_out,
+        summaries,
+    })
 }
 
 #[cfg(test)]
@@ -193,9 +223,16 @@ mod tests {
     #[test]
     fn top_k_kl_approaches_exact_kl() {
         let r: Vec<f32> = (0..200).map(|i| (i as f32 * 0.37).sin() * 6.0).collect();
-        let m: Vec<f32> = r.iter().enumerate().map(|(i, v)| v + (i as f32 * 1.3).cos() * 0.2).collect();
+        let m: Vec<f32> = r
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + (i as f32 * 1.3).cos() * 0.2)
+            .collect();
         let exact = compare_full(&m, &r, 5).kl;
         let approx = compare_saved(&m, &RefToken::from_logits(&r, 5, 64)).kl;
-        assert!(approx <= exact * 1.0001 && approx > exact * 0.5, "{approx} vs {exact}");
+        assert!(
+            approx <= exact * 1.0001 && approx > exact * 0.5,
+            "{approx} vs {exact}"
+        );
     }
 }

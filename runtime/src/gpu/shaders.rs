@@ -35,7 +35,9 @@ impl WeightFormat {
     /// Whether the kernels support this format.
     pub fn supported(&self) -> bool {
         match *self {
-            WeightFormat::Affine { bits, group } => matches!(bits, 2..=6 | 8) && matches!(group, 32 | 64 | 128),
+            WeightFormat::Affine { bits, group } => {
+                matches!(bits, 2..=6 | 8) && matches!(group, 32 | 64 | 128)
+            }
             _ => true,
         }
     }
@@ -125,7 +127,9 @@ impl Kernel {
 
     /// The complete WGSL source of this kernel.
     pub fn source(&self) -> String {
-        let weights = |f: &WeightFormat, experts: bool, body: &str| format!("{}{STEP}\n{WEIGHTS}\n{body}", f.prelude(experts));
+        let weights = |f: &WeightFormat, experts: bool, body: &str| {
+            format!("{}{STEP}\n{WEIGHTS}\n{body}", f.prelude(experts))
+        };
         let plain = |body: &str| format!("{STEP}\n{body}");
         match self {
             Kernel::Matmul(f) => weights(f, false, include_str!("wgsl/matmul.wgsl")),
