@@ -61,23 +61,14 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     // Child modes, entered when the bench re-executes itself.
     if let Some(i) = args.iter().position(|a| a == GENERATE_FLAG) {
-        let dir = PathBuf::from(
-            args.get(i + 1)
-                .expect("--mixq-bench-generate needs a folder"),
-        );
+        let dir = PathBuf::from(args.get(i + 1).expect("--mixq-bench-generate needs a folder"));
         let shape = mixq_synth::Shape::preset(PRESET).expect("the medium preset exists");
         mixq_synth::write_checkpoint(&dir, &shape).expect("writing the synthetic checkpoint");
         return ExitCode::SUCCESS;
     }
     if let Some(i) = args.iter().position(|a| a == COPY_FLAG) {
-        let from = PathBuf::from(
-            args.get(i + 1)
-                .expect("--mixq-bench-copy needs a source folder"),
-        );
-        let to = PathBuf::from(
-            args.get(i + 2)
-                .expect("--mixq-bench-copy needs a destination folder"),
-        );
+        let from = PathBuf::from(args.get(i + 1).expect("--mixq-bench-copy needs a source folder"));
+        let to = PathBuf::from(args.get(i + 2).expect("--mixq-bench-copy needs a destination folder"));
         copy_files(&from, &to);
         return ExitCode::SUCCESS;
     }
@@ -98,13 +89,8 @@ fn bench() {
     let src_bytes = folder_bytes(&src);
     let warm = Instant::now();
     warm_page_cache(&src);
-    println!(
-        "read the source once to warm the page cache: {:.2} s",
-        warm.elapsed().as_secs_f64()
-    );
-    let src_tensor_bytes = Checkpoint::open(&src)
-        .expect("opening the synthetic checkpoint")
-        .tensor_bytes();
+    println!("read the source once to warm the page cache: {:.2} s", warm.elapsed().as_secs_f64());
+    let src_tensor_bytes = Checkpoint::open(&src).expect("opening the synthetic checkpoint").tensor_bytes();
     println!(
         "source: {} ({:.1} MB in files, {:.1} MB of tensor data), recipe {RECIPE}, {} CPU thread(s), {runs} timed run(s) of copy and mixq, {mlx_runs} of mlx-lm",
         src.display(),
@@ -123,8 +109,7 @@ fn bench() {
         remove_dir(&copy_dir);
         let mut cmd = Command::new(&exe);
         cmd.arg(COPY_FLAG).arg(&src).arg(&copy_dir);
-        let r = run_child(&mut cmd, &data.join("copy.log"))
-            .unwrap_or_else(|e| panic!("plain copy: {e}"));
+        let r = run_child(&mut cmd, &data.join("copy.log")).unwrap_or_else(|e| panic!("plain copy: {e}"));
         remove_dir(&copy_dir);
         r
     });
@@ -133,12 +118,7 @@ fn bench() {
     let mixq_out = data.join(format!("{PRESET}-mixq"));
     let mixq = repeat(runs, "mixq convert", || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixq"));
-        cmd.arg("convert")
-            .arg("--source")
-            .arg(&src)
-            .args(["--recipe", RECIPE])
-            .arg("--out")
-            .arg(&mixq_out);
+        cmd.arg("convert").arg("--source").arg(&src).args(["--recipe", RECIPE]).arg("--out").arg(&mixq_out);
         cmd.args(["--force", "--quiet"]);
         run_child(&mut cmd, &data.join("mixq.log")).unwrap_or_else(|e| panic!("mixq convert: {e}"))
     });
@@ -154,36 +134,19 @@ fn bench() {
     remove_dir(&mlx_out);
 
     // 5. Breakdown, in-process (after the children: it maps and touches the whole source).
-    println!(
-        "\nin-process breakdown of mixq's work ({} threads, no writes):",
-        rayon::current_num_threads()
-    );
+    println!("\nin-process breakdown of mixq's work ({} threads, no writes):", rayon::current_num_threads());
     let breakdown = Breakdown::measure(&src, &mixq_out);
     remove_dir(&mixq_out);
     println!("\nquantize_row micro-benchmark: {MICRO_SIDE}x{MICRO_SIDE} f32 (decoded MXFP4 expert rows), group size {GROUP_SIZE}, one thread:");
     micro_quantize(&src);
 
     // 6. Summary.
-    summary(
-        src_bytes,
-        spawn_floor,
-        &load_at_start,
-        &copy,
-        &mixq,
-        mixq_out_bytes,
-        mlx.as_ref(),
-        mlx_out_bytes,
-        &breakdown,
-    );
+    summary(src_bytes, spawn_floor, &load_at_start, &copy, &mixq, mixq_out_bytes, mlx.as_ref(), mlx_out_bytes, &breakdown);
 }
 
 /// A positive count from the environment variable `name`, or `default`.
 fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
 }
 
 /// Wall time and peak resident set of one finished child process.
@@ -213,11 +176,7 @@ struct RssSplit {
 impl RssSplit {
     /// "anon A MiB, file-backed F MiB".
     fn describe(&self) -> String {
-        format!(
-            "sampled peaks: anon {:.0} MiB, file-backed {:.0} MiB",
-            mib(self.anon_kib),
-            mib(self.file_kib)
-        )
+        format!("sampled peaks: anon {:.0} MiB, file-backed {:.0} MiB", mib(self.anon_kib), mib(self.file_kib))
     }
 }
 
@@ -228,13 +187,7 @@ fn sample_rss(pid: u32, stop: &std::sync::atomic::AtomicBool) -> RssSplit {
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         if let Ok(text) = std::fs::read_to_string(&path) {
             for line in text.lines() {
-                let kib = |rest: &str| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap_or(0)
-                };
+                let kib = |rest: &str| rest.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
                 if let Some(rest) = line.strip_prefix("RssAnon:") {
                     peak.anon_kib = peak.anon_kib.max(kib(rest));
                 } else if let Some(rest) = line.strip_prefix("RssFile:") {
@@ -312,13 +265,10 @@ fn repeat(n: usize, what: &str, mut f: impl FnMut() -> ChildRun) -> Runs {
 fn run_child(cmd: &mut Command, log: &Path) -> Result<ChildRun, String> {
     let err_file = File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
     let out_path = log.with_extension("stdout");
-    let out_file =
-        File::create(&out_path).map_err(|e| format!("creating {}: {e}", out_path.display()))?;
+    let out_file = File::create(&out_path).map_err(|e| format!("creating {}: {e}", out_path.display()))?;
     cmd.stdin(Stdio::null()).stdout(out_file).stderr(err_file);
     let start = Instant::now();
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;
+    let child = cmd.spawn().map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;
     let pid = child.id() as libc::pid_t;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
@@ -352,29 +302,11 @@ fn run_child(cmd: &mut Command, log: &Path) -> Result<ChildRun, String> {
             format!("signal {}", libc::WTERMSIG(status))
         };
         let err = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = err
-            .lines()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        return Err(format!(
-            "{:?} failed ({how}); last lines of {}:\n{}",
-            cmd.get_program(),
-            log.display(),
-            tail.join("\n")
-        ));
+        let tail: Vec<&str> = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        return Err(format!("{:?} failed ({how}); last lines of {}:\n{}", cmd.get_program(), log.display(), tail.join("\n")));
     }
     let cpu = timeval(usage.ru_utime) + timeval(usage.ru_stime);
-    Ok(ChildRun {
-        wall,
-        cpu,
-        max_rss_kib: usage.ru_maxrss as u64,
-        sampled,
-        stdout,
-    })
+    Ok(ChildRun { wall, cpu, max_rss_kib: usage.ru_maxrss as u64, sampled, stdout })
 }
 
 /// A `timeval` as a duration.
@@ -421,18 +353,14 @@ fn ensure_source(src: &Path) {
     if marker.is_file() && src.join(mixq_loader::INDEX_FILE).is_file() {
         return;
     }
-    println!(
-        "generating the {PRESET} synthetic checkpoint in {} (once)...",
-        src.display()
-    );
+    println!("generating the {PRESET} synthetic checkpoint in {} (once)...", src.display());
     let _ = std::fs::remove_file(&marker);
     remove_dir(src);
     let exe = std::env::current_exe().expect("locating the bench executable");
     let mut cmd = Command::new(exe);
     cmd.arg(GENERATE_FLAG).arg(src);
     let log = src.with_extension("log");
-    let r =
-        run_child(&mut cmd, &log).unwrap_or_else(|e| panic!("generating {}: {e}", src.display()));
+    let r = run_child(&mut cmd, &log).unwrap_or_else(|e| panic!("generating {}: {e}", src.display()));
     println!("  generated in {:.1} s", r.wall.as_secs_f64());
     std::fs::write(&marker, "complete\n").expect("writing the completion marker");
 }
@@ -440,17 +368,11 @@ fn ensure_source(src: &Path) {
 /// Reads every file of `dir` once through a small buffer, so that timed runs find it cached.
 fn warm_page_cache(dir: &Path) {
     let mut buf = vec![0u8; 8 << 20];
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
-    {
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display())) {
         let path = entry.expect("reading a folder entry").path();
         if path.is_file() {
-            let mut f =
-                File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-            while f
-                .read(&mut buf)
-                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-                > 0
-            {}
+            let mut f = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            while f.read(&mut buf).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())) > 0 {}
         }
     }
 }
@@ -460,29 +382,22 @@ fn warm_page_cache(dir: &Path) {
 fn copy_files(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("creating {}: {e}", to.display()));
     let mut buf = vec![0u8; 8 << 20];
-    for entry in
-        std::fs::read_dir(from).unwrap_or_else(|e| panic!("listing {}: {e}", from.display()))
-    {
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("listing {}: {e}", from.display())) {
         let path = entry.expect("reading a folder entry").path();
         if !path.is_file() {
             continue;
         }
         let dst = to.join(path.file_name().expect("files have names"));
         let mut r = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-        let mut w =
-            File::create(&dst).unwrap_or_else(|e| panic!("creating {}: {e}", dst.display()));
+        let mut w = File::create(&dst).unwrap_or_else(|e| panic!("creating {}: {e}", dst.display()));
         loop {
-            let n = r
-                .read(&mut buf)
-                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            let n = r.read(&mut buf).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
             if n == 0 {
                 break;
             }
-            w.write_all(&buf[..n])
-                .unwrap_or_else(|e| panic!("writing {}: {e}", dst.display()));
+            w.write_all(&buf[..n]).unwrap_or_else(|e| panic!("writing {}: {e}", dst.display()));
         }
-        w.sync_all()
-            .unwrap_or_else(|e| panic!("syncing {}: {e}", dst.display()));
+        w.sync_all().unwrap_or_else(|e| panic!("syncing {}: {e}", dst.display()));
     }
 }
 
@@ -499,20 +414,13 @@ fn run_mlx(root: &Path, src: &Path, out: &Path, data: &Path, runs: usize) -> Res
             python.display()
         ));
     }
-    println!(
-        "  mlx-lm reference: {} benches/mlx_convert.py",
-        python.display()
-    );
+    println!("  mlx-lm reference: {} benches/mlx_convert.py", python.display());
     let mut all = Vec::new();
     for i in 0..runs {
         remove_dir(out);
         let mut cmd = Command::new(&python);
-        cmd.arg(root.join("benches").join("mlx_convert.py"))
-            .arg(src)
-            .arg(out)
-            .arg(RECIPE);
-        let run = run_child(&mut cmd, &data.join("mlx.log"))
-            .map_err(|e| format!("the reference conversion failed: {e}"))?;
+        cmd.arg(root.join("benches").join("mlx_convert.py")).arg(src).arg(out).arg(RECIPE);
+        let run = run_child(&mut cmd, &data.join("mlx.log")).map_err(|e| format!("the reference conversion failed: {e}"))?;
         let phases = run
             .stdout
             .lines()
@@ -520,12 +428,7 @@ fn run_mlx(root: &Path, src: &Path, out: &Path, data: &Path, runs: usize) -> Res
             .find_map(|l| l.strip_prefix(MLX_JSON_MARKER))
             .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
             .unwrap_or_default();
-        let f = |k: &str| {
-            phases
-                .get(k)
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(f64::NAN)
-        };
+        let f = |k: &str| phases.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
         println!(
             "  mlx-lm run {}/{runs}: {:.2} s ({:.2} s CPU; import {:.2} s, load+dequantize+quantize {:.2} s, save {:.2} s), \
              peak RSS {:.0} MiB ({}; mlx allocator peak {:.0} MiB)",
@@ -561,27 +464,17 @@ fn expert_sources<'a>(ckpt: &'a Checkpoint, alloc: &Allocation) -> Vec<(RowSourc
                 TensorClass::ExpertsDown => ("down_proj", 0, 1, h),
                 _ => return None,
             };
-            let base = format!(
-                "model.layers.{}.mlp.experts.{stem}",
-                p.layer.expect("experts belong to a layer")
-            );
+            let base = format!("model.layers.{}.mlp.experts.{stem}", p.layer.expect("experts belong to a layer"));
             let tensor = |suffix: &str| {
                 let name = format!("{base}_{suffix}");
-                ckpt.tensor(&name)
-                    .unwrap_or_else(|e| panic!("{name}: {e}"))
-                    .data
+                ckpt.tensor(&name).unwrap_or_else(|e| panic!("{name}: {e}")).data
             };
             let cols = p.in_features();
             let src = RowSource::Mxfp4 {
                 blocks: tensor("blocks"),
                 scales: tensor("scales"),
                 cols,
-                map: mixq_loader::RowMap {
-                    per: p.shape[1],
-                    src_per: src_rows,
-                    start,
-                    step,
-                },
+                map: mixq_loader::RowMap { per: p.shape[1], src_per: src_rows, start, step },
             };
             Some((src, p.numel() / cols))
         })
@@ -608,34 +501,20 @@ impl Breakdown {
     fn measure(src: &Path, mixq_out: &Path) -> Breakdown {
         let ckpt = Checkpoint::open(src).expect("opening the synthetic checkpoint");
         let recipe = Recipe::load(RECIPE).expect("the recipe is built in");
-        let alloc = Allocation::resolve(ckpt.config(), &recipe)
-            .expect("the recipe fits the synthetic model");
+        let alloc = Allocation::resolve(ckpt.config(), &recipe).expect("the recipe fits the synthetic model");
         let sources = expert_sources(&ckpt, &alloc);
         let expert_elems: usize = sources.iter().map(|(s, rows)| s.cols() * rows).sum();
-        let expert_bytes: usize = sources
-            .iter()
-            .map(|(s, rows)| s.source_bytes_per_row() * rows)
-            .sum();
+        let expert_bytes: usize = sources.iter().map(|(s, rows)| s.source_bytes_per_row() * rows).sum();
 
         // Touch the mapping once so that neither timed pass pays the page faults alone.
         decode_all(&sources);
         let ((), wall, cpu) = timed(|| decode_all(&sources));
         let decode = (wall, cpu);
-        print_phase(
-            "(a) decode experts MXFP4 -> f32",
-            decode,
-            expert_elems,
-            expert_bytes,
-        );
+        print_phase("(a) decode experts MXFP4 -> f32", decode, expert_elems, expert_bytes);
 
         let ((), wall, cpu) = timed(|| quantize_all(&sources));
         let quantize = (wall, cpu);
-        print_phase(
-            &format!("(b) decode + quantize experts {EXPERT_BITS}-bit gs{GROUP_SIZE}"),
-            quantize,
-            expert_elems,
-            expert_bytes,
-        );
+        print_phase(&format!("(b) decode + quantize experts {EXPERT_BITS}-bit gs{GROUP_SIZE}"), quantize, expert_elems, expert_bytes);
 
         let (hashed, wall, cpu) = timed(|| hash_folder(mixq_out));
         let hash = (wall, cpu);
@@ -647,13 +526,7 @@ impl Breakdown {
             mb(hashed) / wall.as_secs_f64(),
             mb(hashed)
         );
-        Breakdown {
-            decode,
-            quantize,
-            hash,
-            expert_elems,
-            expert_bytes,
-        }
+        Breakdown { decode, quantize, hash, expert_elems, expert_bytes }
     }
 }
 
@@ -689,18 +562,10 @@ fn quantize_all(sources: &[(RowSource<'_>, usize)]) {
         let cols = src.cols();
         let groups = cols / GROUP_SIZE;
         (0..*rows).into_par_iter().for_each_init(
-            || {
-                (
-                    vec![0f32; cols],
-                    vec![0u8; packed_row_bytes(cols, EXPERT_BITS)],
-                    vec![bf16::ZERO; groups],
-                    vec![bf16::ZERO; groups],
-                )
-            },
+            || (vec![0f32; cols], vec![0u8; packed_row_bytes(cols, EXPERT_BITS)], vec![bf16::ZERO; groups], vec![bf16::ZERO; groups]),
             |(row, packed, scales, biases), r| {
                 src.row_f32(r, row);
-                quantize_row(row, EXPERT_BITS, GROUP_SIZE, packed, scales, biases)
-                    .expect("synthetic weights are finite");
+                quantize_row(row, EXPERT_BITS, GROUP_SIZE, packed, scales, biases).expect("synthetic weights are finite");
                 std::hint::black_box((&packed, &scales, &biases));
             },
         );
@@ -716,11 +581,7 @@ fn hash_folder(dir: &Path) -> u64 {
         .collect();
     files
         .par_iter()
-        .map(|p| {
-            mixq_quantizer::manifest::sha256_file(p)
-                .unwrap_or_else(|e| panic!("hashing {}: {e}", p.display()))
-                .1
-        })
+        .map(|p| mixq_quantizer::manifest::sha256_file(p).unwrap_or_else(|e| panic!("hashing {}: {e}", p.display())).1)
         .sum()
 }
 
@@ -730,8 +591,7 @@ fn hash_folder(dir: &Path) -> u64 {
 fn micro_quantize(src: &Path) {
     let ckpt = Checkpoint::open(src).expect("opening the synthetic checkpoint");
     let recipe = Recipe::load(RECIPE).expect("the recipe is built in");
-    let alloc =
-        Allocation::resolve(ckpt.config(), &recipe).expect("the recipe fits the synthetic model");
+    let alloc = Allocation::resolve(ckpt.config(), &recipe).expect("the recipe fits the synthetic model");
     let sources = expert_sources(&ckpt, &alloc);
     let (down, _) = sources
         .iter()
@@ -740,11 +600,7 @@ fn micro_quantize(src: &Path) {
     let n = (MICRO_SIDE * MICRO_SIDE) as f64;
     let report = |what: &str, (best, passes): (Duration, usize)| {
         let s = best.as_secs_f64();
-        println!(
-            "  {what:<22} {:>8.0} Melem/s  ({:.2} ns/elem, best of {passes})",
-            n / 1e6 / s,
-            s * 1e9 / n
-        );
+        println!("  {what:<22} {:>8.0} Melem/s  ({:.2} ns/elem, best of {passes})", n / 1e6 / s, s * 1e9 / n);
     };
 
     let mut matrix = vec![0f32; MICRO_SIDE * MICRO_SIDE];
@@ -763,8 +619,7 @@ fn micro_quantize(src: &Path) {
         let (mut scales, mut biases) = (vec![bf16::ZERO; groups], vec![bf16::ZERO; groups]);
         let timing = best_of(|| {
             for row in matrix.chunks_exact(MICRO_SIDE) {
-                quantize_row(row, bits, GROUP_SIZE, &mut packed, &mut scales, &mut biases)
-                    .expect("finite weights");
+                quantize_row(row, bits, GROUP_SIZE, &mut packed, &mut scales, &mut biases).expect("finite weights");
                 std::hint::black_box((&packed, &scales, &biases));
             }
         });
@@ -806,17 +661,9 @@ fn summary(
         "{:<28} {:>7} {:>7} {:>7} {:>11} {:>13} {:>16} {:>8}",
         "", "wall s", "best s", "CPU s", "source MB/s", "peak RSS MiB", "anon / file MiB", "out MB"
     );
-    let line = |what: &str,
-                wall: Duration,
-                best: Duration,
-                cpu: Duration,
-                rss_kib: u64,
-                split: RssSplit,
-                out: Option<u64>| {
+    let line = |what: &str, wall: Duration, best: Duration, cpu: Duration, rss_kib: u64, split: RssSplit, out: Option<u64>| {
         let s = wall.as_secs_f64();
-        let out = out
-            .map(|o| format!("{:.1}", mb(o)))
-            .unwrap_or_else(|| "-".into());
+        let out = out.map(|o| format!("{:.1}", mb(o))).unwrap_or_else(|| "-".into());
         let split = format!("{:.0} / {:.0}", mib(split.anon_kib), mib(split.file_kib));
         println!(
             "{what:<28} {s:>7.2} {:>7.2} {:>7.2} {:>11.0} {:>13.0} {split:>16} {out:>8}",
@@ -827,37 +674,13 @@ fn summary(
         );
     };
     let copy_label = format!("copy, I/O floor (median/{})", copy.all.len());
-    line(
-        &copy_label,
-        copy.wall(),
-        copy.best(),
-        copy.cpu(),
-        copy.max_rss_kib(),
-        copy.sampled(),
-        Some(src_bytes),
-    );
+    line(&copy_label, copy.wall(), copy.best(), copy.cpu(), copy.max_rss_kib(), copy.sampled(), Some(src_bytes));
     let mixq_label = format!("mixq convert (median/{})", mixq.all.len());
-    line(
-        &mixq_label,
-        mixq.wall(),
-        mixq.best(),
-        mixq.cpu(),
-        mixq.max_rss_kib(),
-        mixq.sampled(),
-        Some(mixq_out_bytes),
-    );
+    line(&mixq_label, mixq.wall(), mixq.best(), mixq.cpu(), mixq.max_rss_kib(), mixq.sampled(), Some(mixq_out_bytes));
     match mlx {
         Ok(runs) => {
             let label = format!("mlx-lm reference (median/{})", runs.all.len());
-            line(
-                &label,
-                runs.wall(),
-                runs.best(),
-                runs.cpu(),
-                runs.max_rss_kib(),
-                runs.sampled(),
-                mlx_out_bytes,
-            )
+            line(&label, runs.wall(), runs.best(), runs.cpu(), runs.max_rss_kib(), runs.sampled(), mlx_out_bytes)
         }
         Err(why) => println!("{:<28} skipped: {why}", "mlx-lm reference"),
     }
@@ -878,10 +701,7 @@ fn summary(
             verdict(speedup >= TARGET_SPEEDUP),
             mlx.best().as_secs_f64() / mixq.best().as_secs_f64()
         );
-        println!(
-            "mixq RSS / mlx-lm RSS:     {rss:>6.3}   (target <= {TARGET_RSS_FRACTION}: {})",
-            verdict(rss <= TARGET_RSS_FRACTION)
-        );
+        println!("mixq RSS / mlx-lm RSS:     {rss:>6.3}   (target <= {TARGET_RSS_FRACTION}: {})", verdict(rss <= TARGET_RSS_FRACTION));
     } else {
         println!(
             "mlx-lm ratios: not available (reference skipped); targets are >= {TARGET_SPEEDUP}x faster and <= {TARGET_RSS_FRACTION} of its peak RSS"
@@ -899,8 +719,7 @@ fn summary(
     );
 
     let pct = |d: Duration| 100.0 * d.as_secs_f64() / mixq_s;
-    let ((decode, decode_cpu), (quant, quant_cpu), (hash, hash_cpu)) =
-        (b.decode, b.quantize, b.hash);
+    let ((decode, decode_cpu), (quant, quant_cpu), (hash, hash_cpu)) = (b.decode, b.quantize, b.hash);
     let q = quant.saturating_sub(decode);
     let rest = mixq.wall().saturating_sub(quant);
     println!(
@@ -910,19 +729,10 @@ fn summary(
         mb(b.expert_bytes as u64)
     );
     let row = |what: &str, wall: Duration, cpu: Duration| {
-        println!(
-            "  {what:<40} {:>6.2} s {:>5.1}%  {:>6.2} s CPU",
-            wall.as_secs_f64(),
-            pct(wall),
-            cpu.as_secs_f64()
-        );
+        println!("  {what:<40} {:>6.2} s {:>5.1}%  {:>6.2} s CPU", wall.as_secs_f64(), pct(wall), cpu.as_secs_f64());
     };
     row("decode experts (a)", decode, decode_cpu);
-    row(
-        "quantize experts ((b) - (a))",
-        q,
-        quant_cpu.saturating_sub(decode_cpu),
-    );
+    row("quantize experts ((b) - (a))", q, quant_cpu.saturating_sub(decode_cpu));
     let rest_cpu = mixq.cpu().saturating_sub(quant_cpu);
     row("remainder: write, fsync, hash, rest (*)", rest, rest_cpu);
     row("  of which sha256 of the output (d)", hash, hash_cpu);

@@ -31,9 +31,7 @@ fn ensure_converted(src: &Path, out: &Path) {
         return;
     }
     let status = Command::new(env!("CARGO_BIN_EXE_mixq"))
-        .args([
-            "convert", "--recipe", RECIPE, "--force", "--quiet", "--source",
-        ])
+        .args(["convert", "--recipe", RECIPE, "--force", "--quiet", "--source"])
         .arg(src)
         .arg("--out")
         .arg(out)
@@ -49,10 +47,7 @@ fn memory_bandwidth() -> f64 {
     let mut best = 0f64;
     for _ in 0..5 {
         let t = Instant::now();
-        let sum: u64 = buf
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-            .reduce(|| 0, u64::wrapping_add);
+        let sum: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add);
         let secs = t.elapsed().as_secs_f64();
         std::hint::black_box(sum);
         best = best.max((words * 8) as f64 / secs);
@@ -68,17 +63,13 @@ fn mixq_speed(dir: &Path) -> (f64, f64, usize) {
     let mut x = 12345u64;
     let prompt: Vec<u32> = (0..PROMPT_TOKENS)
         .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (1 + (x >> 33) % (vocab - 1)) as u32
         })
         .collect();
     // Warm-up.
     let mut cache = model.new_cache();
-    model
-        .forward(&prompt[..8], &mut cache, false)
-        .expect("forward");
+    model.forward(&prompt[..8], &mut cache, false).expect("forward");
     let mut cache = model.new_cache();
     let t = Instant::now();
     let logits = model.forward(&prompt, &mut cache, false).expect("prefill");
@@ -96,14 +87,9 @@ fn mixq_speed(dir: &Path) -> (f64, f64, usize) {
 /// mlx-lm's prefill and decode tokens/s over `prompt` and `decode` tokens, or why it could not
 /// be measured.
 fn mlx_speed(dir: &Path, prompt: usize, decode: usize) -> Result<(f64, f64), String> {
-    let python = std::env::var("MIXQ_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join(".venv/bin/python"));
+    let python = std::env::var("MIXQ_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root().join(".venv/bin/python"));
     if !python.exists() {
-        return Err(format!(
-            "python {} not found (set MIXQ_PYTHON)",
-            python.display()
-        ));
+        return Err(format!("python {} not found (set MIXQ_PYTHON)", python.display()));
     }
     let out = Command::new(&python)
         .arg(root().join("benches/mlx_generate.py"))
@@ -117,10 +103,7 @@ fn mlx_speed(dir: &Path, prompt: usize, decode: usize) -> Result<(f64, f64), Str
         .find_map(|l| l.strip_prefix("MIXQ_BENCH_JSON "))
         .ok_or_else(|| format!("mlx-lm failed: {}", String::from_utf8_lossy(&out.stderr)))?;
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    Ok((
-        v["prefill_tps"].as_f64().unwrap_or(0.0),
-        v["decode_tps"].as_f64().unwrap_or(0.0),
-    ))
+    Ok((v["prefill_tps"].as_f64().unwrap_or(0.0), v["decode_tps"].as_f64().unwrap_or(0.0)))
 }
 
 fn main() {
@@ -135,12 +118,7 @@ fn main() {
     // medium model, so there it is timed over fewer tokens (its rate per token barely depends on
     // the count); the trained model gets the full counts.
     let models = [
-        (
-            "medium synthetic, 3.6-bit",
-            medium_src,
-            data.join("runtime-medium-3.6bit"),
-            (32, 8),
-        ),
+        ("medium synthetic, 3.6-bit", medium_src, data.join("runtime-medium-3.6bit"), (32, 8)),
         (
             "trained tiny, 3.6-bit",
             root().join("models/tiny-gpt-oss-shakespeare"),
@@ -150,20 +128,10 @@ fn main() {
     ];
     let bandwidth = memory_bandwidth();
     println!("== runtime benchmark: prefill {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, CPU, {} threads ==", rayon::current_num_threads());
-    println!(
-        "measured streaming-read bandwidth: {:.2} GB/s\n",
-        bandwidth / 1e9
-    );
+    println!("measured streaming-read bandwidth: {:.2} GB/s\n", bandwidth / 1e9);
     println!(
         "{:<28} {:>14} {:>14} {:>14} {:>14} {:>8} {:>12} {:>8}",
-        "model",
-        "mixq prefill",
-        "mlx prefill",
-        "mixq decode",
-        "mlx decode",
-        "ratio",
-        "weight GB/s",
-        "% of bw"
+        "model", "mixq prefill", "mlx prefill", "mixq decode", "mlx decode", "ratio", "weight GB/s", "% of bw"
     );
     for (name, src, out, (mlx_prompt, mlx_decode)) in models {
         ensure_converted(&src, &out);
@@ -171,11 +139,7 @@ fn main() {
         let mlx = mlx_speed(&out, mlx_prompt, mlx_decode);
         let achieved = bytes_per_token as f64 * decode;
         let (mp, md, ratio) = match &mlx {
-            Ok((p, d)) => (
-                format!("{p:.1}"),
-                format!("{d:.1}"),
-                format!("{:.2}x", decode / d),
-            ),
+            Ok((p, d)) => (format!("{p:.1}"), format!("{d:.1}"), format!("{:.2}x", decode / d)),
             Err(_) => ("-".into(), "-".into(), "-".into()),
         };
         println!(

@@ -20,40 +20,22 @@ fn main() {
     let text = root.join("models/shakespeare-dev.txt");
     let t = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_mixq"))
-        .args([
-            "validate",
-            "--json",
-            "--quiet",
-            "--ctx",
-            &CTX.to_string(),
-            "--max-tokens",
-            &TOKENS.to_string(),
-            "--model",
-        ])
+        .args(["validate", "--json", "--quiet", "--ctx", &CTX.to_string(), "--max-tokens", &TOKENS.to_string(), "--model"])
         .arg(&model)
         .arg("--text")
         .arg(&text)
         .output()
         .expect("mixq runs");
     let secs = t.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let scored = v["tokens"].as_u64().unwrap_or(0) as f64;
     let mixq_tps = scored / secs;
     println!("== validation benchmark: trained tiny model, {TOKENS} tokens of shakespeare-dev.txt, windows of {CTX} ==");
     println!("mixq validate : ppl {:.4}, {scored} tokens in {secs:.2}s (whole process) = {mixq_tps:.0} tokens/s", v["ppl"].as_f64().unwrap_or(0.0));
-    let python = std::env::var("MIXQ_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let python = std::env::var("MIXQ_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
     if !python.exists() {
-        println!(
-            "mlx-lm skipped: python {} not found (set MIXQ_PYTHON)",
-            python.display()
-        );
+        println!("mlx-lm skipped: python {} not found (set MIXQ_PYTHON)", python.display());
         return;
     }
     let out = Command::new(&python)
@@ -64,18 +46,11 @@ fn main() {
         .output()
         .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    match stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("MIXQ_BENCH_JSON "))
-    {
+    match stdout.lines().find_map(|l| l.strip_prefix("MIXQ_BENCH_JSON ")) {
         Some(line) => {
             let m: serde_json::Value = serde_json::from_str(line).expect("JSON");
             let tps = m["tokens_per_second"].as_f64().unwrap_or(0.0);
-            println!(
-                "mlx-lm        : ppl {:.4}, {} tokens = {tps:.0} tokens/s (scoring loop only)",
-                m["ppl"].as_f64().unwrap_or(0.0),
-                m["tokens"]
-            );
+            println!("mlx-lm        : ppl {:.4}, {} tokens = {tps:.0} tokens/s (scoring loop only)", m["ppl"].as_f64().unwrap_or(0.0), m["tokens"]);
             println!("ratio         : {:.2}x (target >= 1.5x)", mixq_tps / tps);
         }
         None => println!("mlx-lm failed: {}", String::from_utf8_lossy(&out.stderr)),

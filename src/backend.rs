@@ -31,10 +31,8 @@ fn upload_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
     (!quiet && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "uploading weights {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-            )
-            .expect("valid template"),
+            indicatif::ProgressStyle::with_template("uploading weights {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+                .expect("valid template"),
         );
         bar
     })
@@ -43,25 +41,13 @@ fn upload_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
 /// Loads a checkpoint on the chosen backend.
 pub fn load<'a>(ckpt: &'a Checkpoint, args: &BackendArgs, quiet: bool) -> Result<Engine<'a>> {
     let bar = upload_bar(quiet);
-    let (engine, choice) = Engine::load(
-        ckpt,
-        args.backend,
-        &GpuOptions::default(),
-        &|done, total| {
-            if let Some(b) = &bar {
-                b.set_length(total);
-                b.set_position(done);
-            }
-        },
-    )
-    .with_context(|| {
-        format!(
-            "loading {} on the {:?} backend",
-            ckpt.dir().display(),
-            args.backend
-        )
-        .to_lowercase()
-    })?;
+    let (engine, choice) = Engine::load(ckpt, args.backend, &GpuOptions::default(), &|done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })
+    .with_context(|| format!("loading {} on the {:?} backend", ckpt.dir().display(), args.backend).to_lowercase())?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -78,10 +64,7 @@ pub fn synthetic(config_path: &Path, recipe: &str, quiet: bool) -> Result<Engine
     let alloc = mixq_quantizer::Allocation::resolve(&config, &recipe)?;
     let quantized = mixq_quantizer::convert::quantized_config(&config, &alloc);
     let config = GptOssConfig::from_json_str(&quantized.to_string(), config_path)?;
-    let ctx = Arc::new(GpuContext::new(&GpuOptions {
-        allow_software: true,
-        ..Default::default()
-    })?);
+    let ctx = Arc::new(GpuContext::new(&GpuOptions { allow_software: true, ..Default::default() })?);
     let bar = upload_bar(quiet);
     let total = alloc.summary().bytes as u64;
     let done = std::sync::atomic::AtomicU64::new(0);

@@ -21,23 +21,15 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
             print!("{text}");
         }
     };
-    let ckpt =
-        Checkpoint::open(model).with_context(|| format!("opening the bundled model {source}"))?;
+    let ckpt = Checkpoint::open(model).with_context(|| format!("opening the bundled model {source}"))?;
     let summary = Allocation::resolve(ckpt.config(), &recipe)?.summary();
     let src_size = source_size(ckpt.config());
-    say(&format!(
-        "== 1. plan ==\n{}",
-        report::plan_text(&source, &recipe, &summary, src_size)
-    ));
+    say(&format!("== 1. plan ==\n{}", report::plan_text(&source, &recipe, &summary, src_size)));
     drop(ckpt);
 
     say("\n== 2. convert ==\n");
     let progress = progress::StderrProgress::new(json);
-    let opts = ConvertOptions {
-        force: true,
-        source_label: "tiny-gpt-oss-shakespeare".into(),
-        ..Default::default()
-    };
+    let opts = ConvertOptions { force: true, source_label: "tiny-gpt-oss-shakespeare".into(), ..Default::default() };
     let start = std::time::Instant::now();
     let rep = mixq_quantizer::convert(model, &recipe, out, &opts, &progress);
     progress.finish();
@@ -47,24 +39,15 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
 
     let name = out.display().to_string();
     let inspection = mixq_quantizer::inspect::inspect(&Checkpoint::open(out)?);
-    say(&format!(
-        "\n== 3. inspect ==\n{}",
-        report::inspect_text(&name, &inspection)
-    ));
+    say(&format!("\n== 3. inspect ==\n{}", report::inspect_text(&name, &inspection)));
     let verified = mixq_quantizer::verify::verify(out);
-    say(&format!(
-        "\n== 4. verify ==\n{}",
-        report::verify_text(&name, &verified)
-    ));
+    say(&format!("\n== 4. verify ==\n{}", report::verify_text(&name, &verified)));
     if !verified.ok() {
         bail!("the converted model failed verification");
     }
     say("\n== 5. generate with the converted model ==\n");
     let sampler = mixq_runtime::SamplerConfig::default();
-    let backend = BackendArgs {
-        backend: mixq_runtime::Backend::Auto,
-        max_context: None,
-    };
+    let backend = BackendArgs { backend: mixq_runtime::Backend::Auto, max_context: None };
     let run = RunArgs {
         source: Source::Checkpoint(out),
         prompt: Some("ROMEO:"),
@@ -90,10 +73,7 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
         g
     })?;
     say("\n== 6. validate against the source ==\n");
-    let text = model
-        .parent()
-        .map(|p| p.join("shakespeare-dev.txt"))
-        .filter(|p| p.is_file());
+    let text = model.parent().map(|p| p.join("shakespeare-dev.txt")).filter(|p| p.is_file());
     let validation = match text {
         Some(text) => {
             let args = ValidateArgs {
@@ -112,11 +92,7 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
                 quiet: json,
             };
             let (v, _) = validate(&args)?;
-            say(&format!(
-                "{}(first 4096 tokens of {}, windows of 256; added to the model card)\n",
-                v.to_text(),
-                text.display()
-            ));
+            say(&format!("{}(first 4096 tokens of {}, windows of 256; added to the model card)\n", v.to_text(), text.display()));
             v.to_json()
         }
         None => {

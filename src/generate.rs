@@ -43,9 +43,7 @@ fn pseudo_random_ids(n: usize, vocab: usize) -> Vec<u32> {
     let mut x = 12345u64;
     (0..n)
         .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (1 + (x >> 33) % (vocab as u64 - 1).max(1)) as u32
         })
         .collect()
@@ -59,10 +57,7 @@ pub fn generate_text(a: &RunArgs<'_>) -> Result<serde_json::Value> {
         Source::Synthetic { .. } => None,
     };
     let (engine, codec) = match (&a.source, &ckpt) {
-        (Source::Checkpoint(dir), Some(ckpt)) => (
-            backend::load(ckpt, &a.backend, !a.stream)?,
-            Some(mixq_runtime::TextCodec::load(dir)?),
-        ),
+        (Source::Checkpoint(dir), Some(ckpt)) => (backend::load(ckpt, &a.backend, !a.stream)?, Some(mixq_runtime::TextCodec::load(dir)?)),
         (Source::Synthetic { config, recipe }, _) => {
             if a.backend.backend == mixq_runtime::Backend::Cpu {
                 bail!("--synthetic-config makes its weights in GPU memory: it needs --backend gpu or auto");
@@ -73,16 +68,9 @@ pub fn generate_text(a: &RunArgs<'_>) -> Result<serde_json::Value> {
     };
     let vocab = engine.config().vocab_size;
     let (ids, shown_prompt) = match (a.prompt_tokens, a.prompt, &codec) {
-        (Some(n), _, _) => (
-            pseudo_random_ids(n, vocab),
-            format!("[{n} pseudo-random prompt tokens]"),
-        ),
+        (Some(n), _, _) => (pseudo_random_ids(n, vocab), format!("[{n} pseudo-random prompt tokens]")),
         (None, Some(p), Some(codec)) => {
-            let text = if a.chat {
-                codec.render_chat(&[("user", p)])?
-            } else {
-                p.to_string()
-            };
+            let text = if a.chat { codec.render_chat(&[("user", p)])? } else { p.to_string() };
             (codec.encode(&text)?, p.to_string())
         }
         (None, Some(_), None) => {
@@ -101,26 +89,19 @@ pub fn generate_text(a: &RunArgs<'_>) -> Result<serde_json::Value> {
     if a.stream {
         print!("{shown_prompt}");
     }
-    let (tokens, stats) = engine.generate(
-        &ids,
-        a.max_tokens,
-        a.sampler,
-        &eos,
-        a.backend.max_context,
-        |id| {
-            generated.push(id);
-            if let (true, Some(codec)) = (a.stream, &codec) {
-                if let Ok(t) = codec.decode(&generated) {
-                    // Print only what is new and complete (a partial UTF-8 sequence decodes to U+FFFD).
-                    if t.len() > shown && !t.ends_with('\u{fffd}') {
-                        print!("{}", &t[shown..]);
-                        let _ = stdout.flush();
-                        shown = t.len();
-                    }
+    let (tokens, stats) = engine.generate(&ids, a.max_tokens, a.sampler, &eos, a.backend.max_context, |id| {
+        generated.push(id);
+        if let (true, Some(codec)) = (a.stream, &codec) {
+            if let Ok(t) = codec.decode(&generated) {
+                // Print only what is new and complete (a partial UTF-8 sequence decodes to U+FFFD).
+                if t.len() > shown && !t.ends_with('\u{fffd}') {
+                    print!("{}", &t[shown..]);
+                    let _ = stdout.flush();
+                    shown = t.len();
                 }
             }
-        },
-    )?;
+        }
+    })?;
     let output = match &codec {
         Some(c) => c.decode(&tokens)?,
         None => String::new(),
@@ -152,11 +133,7 @@ pub fn generate_text(a: &RunArgs<'_>) -> Result<serde_json::Value> {
         }
         println!("\n==========");
         println!("Backend: {}", engine.describe());
-        println!(
-            "Prompt: {} tokens, {:.1} tokens/s",
-            stats.prompt_tokens,
-            stats.prefill_tps()
-        );
+        println!("Prompt: {} tokens, {:.1} tokens/s", stats.prompt_tokens, stats.prefill_tps());
         println!(
             "Generation: {} tokens, {:.1} tokens/s ({:.2} GB/s of weights)",
             stats.generated_tokens,
@@ -166,19 +143,10 @@ pub fn generate_text(a: &RunArgs<'_>) -> Result<serde_json::Value> {
         let gpu = engine.gpu_memory_bytes();
         println!(
             "{}: {:.2} MiB; peak memory: {}{}",
-            if engine.backend() == "gpu" {
-                "KV cache and activations"
-            } else {
-                "KV cache"
-            },
+            if engine.backend() == "gpu" { "KV cache and activations" } else { "KV cache" },
             stats.cache_bytes as f64 / 1048576.0,
-            peak.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
-                .unwrap_or_else(|| "unknown".into()),
-            if gpu > 0 {
-                format!("; GPU memory: {:.1} MiB", gpu as f64 / 1048576.0)
-            } else {
-                String::new()
-            }
+            peak.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into()),
+            if gpu > 0 { format!("; GPU memory: {:.1} MiB", gpu as f64 / 1048576.0) } else { String::new() }
         );
     }
     Ok(figures)

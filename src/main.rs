@@ -18,11 +18,7 @@ use mixq_quantizer::plan::source_size;
 use mixq_quantizer::{Allocation, ConvertOptions, Recipe};
 
 #[derive(Parser)]
-#[command(
-    name = "mixq",
-    version,
-    about = "Mixed-precision MLX conversion of gpt-oss checkpoints"
-)]
+#[command(name = "mixq", version, about = "Mixed-precision MLX conversion of gpt-oss checkpoints")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,11 +84,7 @@ enum Command {
     /// Generate text with a model, streaming it; ends with prefill/decode tokens/s and peak memory.
     Run {
         /// Checkpoint folder (upstream or converted).
-        #[arg(
-            long,
-            required_unless_present = "synthetic_config",
-            conflicts_with = "synthetic_config"
-        )]
+        #[arg(long, required_unless_present = "synthetic_config", conflicts_with = "synthetic_config")]
         model: Option<PathBuf>,
         /// The prompt.
         #[arg(long, required_unless_present = "prompt_tokens")]
@@ -267,25 +259,16 @@ fn main() -> ExitCode {
 }
 
 fn bundled_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("tiny-gpt-oss-shakespeare")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("tiny-gpt-oss-shakespeare")
 }
 
 pub(crate) fn print_json(v: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("JSON values always serialize")
-    );
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values always serialize"));
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Plan {
-            source,
-            recipe,
-            json,
-        } => {
+        Command::Plan { source, recipe, json } => {
             let recipe = Recipe::load(&recipe)?;
             let resolved = resolve_source(&source, Need::Config)?;
             let config = GptOssConfig::from_file(&resolved.config_path())?;
@@ -297,33 +280,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", report::plan_text(&source, &recipe, &summary, src));
             }
         }
-        Command::Convert {
-            source,
-            recipe,
-            out,
-            force,
-            threads,
-            max_shard_bytes,
-            quiet,
-            json,
-        } => {
+        Command::Convert { source, recipe, out, force, threads, max_shard_bytes, quiet, json } => {
             let recipe = Recipe::load(&recipe)?;
             let ResolvedSource::Folder(dir) = resolve_source(&source, Need::Everything)? else {
                 bail!("{source}: converting needs a checkpoint folder, not a bare config file");
             };
-            let opts = ConvertOptions {
-                force,
-                max_shard_bytes,
-                source_label: source.clone(),
-            };
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads.unwrap_or(0))
-                .build()
-                .context("starting worker threads")?;
+            let opts = ConvertOptions { force, max_shard_bytes, source_label: source.clone() };
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
             let progress = progress::StderrProgress::new(quiet || json);
             let start = std::time::Instant::now();
-            let result =
-                pool.install(|| mixq_quantizer::convert(&dir, &recipe, &out, &opts, &progress));
+            let result = pool.install(|| mixq_quantizer::convert(&dir, &recipe, &out, &opts, &progress));
             progress.finish();
             let rep = result?;
             let secs = start.elapsed().as_secs_f64();
@@ -384,17 +350,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             backend,
             json,
         } => {
-            let sampler = mixq_runtime::SamplerConfig {
-                temperature: temp,
-                top_p,
-                top_k,
-                seed,
-            };
+            let sampler = mixq_runtime::SamplerConfig { temperature: temp, top_p, top_k, seed };
             let source = match (&model, &synthetic_config, &recipe) {
                 (Some(m), _, _) => generate::Source::Checkpoint(m),
-                (None, Some(config), Some(recipe)) => {
-                    generate::Source::Synthetic { config, recipe }
-                }
+                (None, Some(config), Some(recipe)) => generate::Source::Synthetic { config, recipe },
                 _ => bail!("give --model DIR, or --synthetic-config CONFIG with --recipe R"),
             };
             let args = generate::RunArgs {
@@ -413,42 +372,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&figures);
             }
         }
-        Command::Logits {
-            model,
-            tokens,
-            out,
-            backend,
-            json,
-        } => {
-            let text = std::fs::read_to_string(&tokens)
-                .with_context(|| format!("reading {}", tokens.display()))?;
-            let ids: Vec<u32> = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{}: expected a JSON list of non-negative token ids",
-                    tokens.display()
-                )
-            })?;
+        Command::Logits { model, tokens, out, backend, json } => {
+            let text = std::fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
+            let ids: Vec<u32> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: expected a JSON list of non-negative token ids", tokens.display()))?;
             let ckpt = Checkpoint::open(&model)?;
             let m = backend::load(&ckpt, &backend, json)?;
             let start = std::time::Instant::now();
             let logits = m.logits(&ids)?;
             let secs = start.elapsed().as_secs_f64();
             let vocab = m.config().vocab_size;
-            std::fs::write(
-                &out,
-                mixq_runtime::npy::npy_f32(&[ids.len(), vocab], &logits),
-            )
-            .with_context(|| format!("writing {}", out.display()))?;
+            std::fs::write(&out, mixq_runtime::npy::npy_f32(&[ids.len(), vocab], &logits))
+                .with_context(|| format!("writing {}", out.display()))?;
             if json {
-                print_json(
-                    &serde_json::json!({"out": out, "tokens": ids.len(), "vocab": vocab, "seconds": secs, "backend": m.backend()}),
-                );
+                print_json(&serde_json::json!({"out": out, "tokens": ids.len(), "vocab": vocab, "seconds": secs, "backend": m.backend()}));
             } else {
-                println!(
-                    "wrote {} ([{}, {vocab}] float32) in {secs:.2}s",
-                    out.display(),
-                    ids.len()
-                );
+                println!("wrote {} ([{}, {vocab}] float32) in {secs:.2}s", out.display(), ids.len());
             }
         }
         Command::Validate {
@@ -479,11 +418,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 stride: stride.unwrap_or(ctx),
                 max_tokens,
                 top_k,
-                gates: mixq_validate::Gates {
-                    max_kl,
-                    max_ppl_ratio,
-                    min_top1,
-                },
+                gates: mixq_validate::Gates { max_kl, max_ppl_ratio, min_top1 },
                 card: card.as_deref(),
                 backend,
                 quiet: quiet || json,
@@ -504,10 +439,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Recipes { json } => {
-            let all: Vec<Recipe> = mixq_quantizer::BUILTIN_RECIPES
-                .iter()
-                .map(|(n, _)| Recipe::load(n))
-                .collect::<Result<_, _>>()?;
+            let all: Vec<Recipe> = mixq_quantizer::BUILTIN_RECIPES.iter().map(|(n, _)| Recipe::load(n)).collect::<Result<_, _>>()?;
             if json {
                 print_json(&serde_json::json!(all
                     .iter()
@@ -519,26 +451,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Demo {
-            out,
-            recipe,
-            model,
-            json,
-        } => demo::demo(&model.unwrap_or_else(bundled_model), &recipe, &out, json)?,
-        Command::Synth {
-            out,
-            preset,
-            layers,
-            hidden,
-            intermediate,
-            experts,
-            seed,
-            no_truncate,
-            json,
-        } => {
-            let mut shape = mixq_synth::Shape::preset(&preset).with_context(|| {
-                format!("unknown preset {preset}; expected tiny, small, wide or medium")
-            })?;
+        Command::Demo { out, recipe, model, json } => demo::demo(&model.unwrap_or_else(bundled_model), &recipe, &out, json)?,
+        Command::Synth { out, preset, layers, hidden, intermediate, experts, seed, no_truncate, json } => {
+            let mut shape = mixq_synth::Shape::preset(&preset)
+                .with_context(|| format!("unknown preset {preset}; expected tiny, small, wide or medium"))?;
             shape.layers = layers.unwrap_or(shape.layers);
             shape.hidden = hidden.unwrap_or(shape.hidden);
             shape.intermediate = intermediate.unwrap_or(shape.intermediate);
@@ -547,9 +463,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             shape.truncate = !no_truncate;
             mixq_synth::write_checkpoint(&out, &shape)?;
             if json {
-                print_json(
-                    &serde_json::json!({"out": out, "preset": preset, "config": shape.config_json()}),
-                );
+                print_json(&serde_json::json!({"out": out, "preset": preset, "config": shape.config_json()}));
             } else {
                 println!("wrote {}", out.display());
             }

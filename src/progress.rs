@@ -61,17 +61,10 @@ impl StderrProgress {
             return;
         }
         *last = Instant::now();
-        let (done, total) = (
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-        );
+        let (done, total) = (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed));
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         let rate = done as f64 / secs;
-        let eta = if rate > 0.0 {
-            (total.saturating_sub(done)) as f64 / rate
-        } else {
-            0.0
-        };
+        let eta = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 };
         eprintln!(
             "convert: {:.1}/{:.1} MiB ({:.0}%), {}/{} tensors, {:.1} MiB/s, ETA {:.0}s",
             done as f64 / 1048576.0,
@@ -106,10 +99,7 @@ impl Progress for StderrProgress {
     fn tensor_done(&self, name: &str) {
         let n = self.tensors.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(bar) = &self.bar {
-            bar.set_message(format!(
-                "{n}/{} {name}",
-                self.total_tensors.load(Ordering::Relaxed)
-            ));
+            bar.set_message(format!("{n}/{} {name}", self.total_tensors.load(Ordering::Relaxed)));
         }
     }
 

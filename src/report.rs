@@ -32,12 +32,7 @@ fn size_json(bytes: usize, params: usize) -> Value {
 }
 
 /// The plan as a JSON object.
-pub fn plan_json(
-    source: &str,
-    recipe: &Recipe,
-    s: &PlanSummary,
-    source_size: (usize, usize),
-) -> Value {
+pub fn plan_json(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (usize, usize)) -> Value {
     let rows: Vec<Value> = s
         .rows
         .iter()
@@ -63,20 +58,9 @@ pub fn plan_json(
 }
 
 /// The plan as a table.
-pub fn plan_text(
-    source: &str,
-    recipe: &Recipe,
-    s: &PlanSummary,
-    source_size: (usize, usize),
-) -> String {
-    let mut out = format!(
-        "plan: {source} ({} layers) with recipe {}\n\n",
-        s.num_layers, recipe.name
-    );
-    out.push_str(&format!(
-        "{:<6} {:>5} {:>17} {:>8} {:>17}  {}\n",
-        "bits", "group", "parameters", "%", "bytes", "covers"
-    ));
+pub fn plan_text(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (usize, usize)) -> String {
+    let mut out = format!("plan: {source} ({} layers) with recipe {}\n\n", s.num_layers, recipe.name);
+    out.push_str(&format!("{:<6} {:>5} {:>17} {:>8} {:>17}  {}\n", "bits", "group", "parameters", "%", "bytes", "covers"));
     for r in &s.rows {
         out.push_str(&format!(
             "{:<6} {:>5} {:>17} {:>7.2}% {:>17}  {}\n",
@@ -151,10 +135,7 @@ pub fn inspect_text(dir: &str, i: &Inspection) -> String {
         i.tensors,
         i.shards
     );
-    out.push_str(&format!(
-        "{:<14} {:>8} {:>17}  {}\n",
-        "class", "tensors", "bytes", "dtypes"
-    ));
+    out.push_str(&format!("{:<14} {:>8} {:>17}  {}\n", "class", "tensors", "bytes", "dtypes"));
     for (c, s) in &i.by_class {
         let dtypes: Vec<&str> = s.dtypes.iter().map(String::as_str).collect();
         out.push_str(&format!(
@@ -196,10 +177,7 @@ pub fn verify_json(dir: &str, r: &VerifyReport) -> Value {
 /// A verification as text.
 pub fn verify_text(dir: &str, r: &VerifyReport) -> String {
     if r.ok() {
-        format!(
-            "{dir}: OK ({} files hashed, {} tensors checked against the config)\n",
-            r.files_checked, r.tensors_checked
-        )
+        format!("{dir}: OK ({} files hashed, {} tensors checked against the config)\n", r.files_checked, r.tensors_checked)
     } else {
         let mut out = format!("{dir}: {} problem(s)\n", r.problems.len());
         for p in &r.problems {

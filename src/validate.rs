@@ -26,15 +26,10 @@ pub struct ValidateArgs<'a> {
 pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<String>)> {
     use mixq_validate::reference::{self, RefHeader};
     if a.ctx < 2 || a.stride == 0 || a.stride > a.ctx {
-        bail!(
-            "--ctx must be at least 2 and --stride between 1 and --ctx (got ctx {}, stride {})",
-            a.ctx,
-            a.stride
-        );
+        bail!("--ctx must be at least 2 and --stride between 1 and --ctx (got ctx {}, stride {})", a.ctx, a.stride);
     }
     let raw = std::fs::read(a.text).with_context(|| format!("reading {}", a.text.display()))?;
-    let text =
-        String::from_utf8(raw).with_context(|| format!("{}: not UTF-8 text", a.text.display()))?;
+    let text = String::from_utf8(raw).with_context(|| format!("{}: not UTF-8 text", a.text.display()))?;
     let ckpt = Checkpoint::open(a.model)?;
     let model = crate::backend::load(&ckpt, &a.backend, a.quiet)?;
     let mut tokens = mixq_runtime::TextCodec::load(a.model)?.encode(&text)?;
@@ -45,23 +40,20 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
         bail!("{}: fewer than 2 tokens to evaluate", a.text.display());
     }
     let tokens_sha = mixq_validate::tokens_sha256(&tokens);
-    let opts = mixq_validate::EvalOptions {
-        ctx: a.ctx,
-        stride: a.stride,
-        top_k: a.top_k,
-    };
+    let opts = mixq_validate::EvalOptions { ctx: a.ctx, stride: a.stride, top_k: a.top_k };
     let ref_ckpt = a.reference.map(Checkpoint::open).transpose()?;
-    let ref_model = ref_ckpt
-        .as_ref()
-        .map(|c| crate::backend::load(c, &a.backend, a.quiet))
-        .transpose()?;
+    let ref_model = ref_ckpt.as_ref().map(|c| crate::backend::load(c, &a.backend, a.quiet)).transpose()?;
     let saved = match a.reference_logits {
         Some(p) => {
             let (h, t) = reference::read(p)?;
             if h.tokens_sha256 != tokens_sha || h.ctx != a.ctx || h.stride != a.stride {
                 bail!(
                     "{}: saved for other text or windows (ctx {}, stride {}); this run has ctx {}, stride {}",
-                    p.display(), h.ctx, h.stride, a.ctx, a.stride
+                    p.display(),
+                    h.ctx,
+                    h.stride,
+                    a.ctx,
+                    a.stride
                 );
             }
             Some(t)
@@ -76,10 +68,8 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
     let bar = (!a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}",
-            )
-            .expect("valid template"),
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
+                .expect("valid template"),
         );
         bar
     });
@@ -94,10 +84,7 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
             if l.elapsed().as_secs_f64() >= 2.0 || done == total {
                 *l = std::time::Instant::now();
                 let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
-                eprintln!(
-                    "validate: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s",
-                    (total - done) as f64 / rate.max(1e-9)
-                );
+                eprintln!("validate: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s", (total - done) as f64 / rate.max(1e-9));
             }
         }
     };
@@ -113,9 +100,7 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
     let summary = mixq_validate::Summary::new(&scored.tokens, method);
     if let Some(p) = a.save_reference {
         if saved.is_some() {
-            bail!(
-                "--save-reference needs --reference DIR (or no reference), not --reference-logits"
-            );
+            bail!("--save-reference needs --reference DIR (or no reference), not --reference-logits");
         }
         let header = RefHeader {
             model: a.reference.unwrap_or(a.model).display().to_string(),
@@ -127,18 +112,9 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
         reference::write(p, &header, &scored.summaries)?;
     }
     if let Some(card) = a.card {
-        let text_sha = mixq_quantizer::manifest::sha256_file(a.text)
-            .map(|(s, _)| s)
-            .unwrap_or_default();
-        let name = a
-            .text
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let reference_name = a
-            .reference
-            .or(a.reference_logits)
-            .map(|p| p.display().to_string());
+        let text_sha = mixq_quantizer::manifest::sha256_file(a.text).map(|(s, _)| s).unwrap_or_default();
+        let name = a.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let reference_name = a.reference.or(a.reference_logits).map(|p| p.display().to_string());
         let ctx = mixq_validate::card::CardContext {
             text_name: &name,
             text_sha256: &text_sha,

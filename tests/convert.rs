@@ -8,16 +8,7 @@ use common::{entries, mixq, synth, text, RawShard};
 use serde_json::Value;
 
 fn convert(src: &Path, recipe: &str, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "convert",
-        "--source",
-        src.to_str().unwrap(),
-        "--recipe",
-        recipe,
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
+    let mut args = vec!["convert", "--source", src.to_str().unwrap(), "--recipe", recipe, "--out", out.to_str().unwrap(), "--quiet"];
     args.extend_from_slice(extra);
     mixq(&args, &[])
 }
@@ -36,59 +27,23 @@ fn converted_checkpoint_has_the_mlx_layout() {
     assert_eq!(
         entries(&out),
         [
-            "README.md",
-            "config.json",
-            "generation_config.json",
-            "mixq-manifest.json",
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "special_tokens_map.json",
-            "tokenizer.json",
-            "tokenizer_config.json"
+            "README.md", "config.json", "generation_config.json", "mixq-manifest.json", "model.safetensors",
+            "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"
         ]
     );
     let cfg = read_json(&out.join("config.json"));
     assert_eq!(cfg["quantization"], cfg["quantization_config"]);
-    assert_eq!(
-        cfg["quantization"]["bits"], 3,
-        "the default is the setting covering most parameters"
-    );
-    assert_eq!(
-        cfg["quantization"]["model.layers.0.mlp.experts.gate_proj"],
-        serde_json::json!({"group_size": 64, "bits": 3, "mode": "affine"})
-    );
-    assert_eq!(
-        cfg["quantization"]["model.layers.1.self_attn.q_proj"]["bits"], 6,
-        "full-attention layer"
-    );
-    assert_eq!(
-        cfg["quantization"]["model.layers.2.self_attn.q_proj"]["bits"], 4,
-        "middle sliding layer"
-    );
-    assert!(
-        cfg["quantization"]
-            .get("model.layers.0.mlp.router")
-            .is_none(),
-        "kept modules have no entry"
-    );
-    assert_eq!(
-        cfg["eos_token_id"],
-        serde_json::json!([0]),
-        "eos ids come from generation_config.json"
-    );
+    assert_eq!(cfg["quantization"]["bits"], 3, "the default is the setting covering most parameters");
+    assert_eq!(cfg["quantization"]["model.layers.0.mlp.experts.gate_proj"], serde_json::json!({"group_size": 64, "bits": 3, "mode": "affine"}));
+    assert_eq!(cfg["quantization"]["model.layers.1.self_attn.q_proj"]["bits"], 6, "full-attention layer");
+    assert_eq!(cfg["quantization"]["model.layers.2.self_attn.q_proj"]["bits"], 4, "middle sliding layer");
+    assert!(cfg["quantization"].get("model.layers.0.mlp.router").is_none(), "kept modules have no entry");
+    assert_eq!(cfg["eos_token_id"], serde_json::json!([0]), "eos ids come from generation_config.json");
     let shard = RawShard::read(&out.join("model.safetensors"));
     assert_eq!(shard.header["__metadata__"]["format"], "mlx");
-    assert_eq!(
-        shard.header["model.layers.0.mlp.experts.gate_proj.weight"]["shape"],
-        serde_json::json!([8, 128, 192 * 3 / 32])
-    );
-    assert_eq!(
-        shard.header["model.layers.0.mlp.experts.up_proj.bias"]["shape"],
-        serde_json::json!([8, 128])
-    );
-    assert!(!shard
-        .header
-        .contains_key("model.layers.0.mlp.router.scales"));
+    assert_eq!(shard.header["model.layers.0.mlp.experts.gate_proj.weight"]["shape"], serde_json::json!([8, 128, 192 * 3 / 32]));
+    assert_eq!(shard.header["model.layers.0.mlp.experts.up_proj.bias"]["shape"], serde_json::json!([8, 128]));
+    assert!(!shard.header.contains_key("model.layers.0.mlp.router.scales"));
     // Every byte is accounted for by a tensor: the safetensors crate accepts the file as it is.
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -99,14 +54,8 @@ fn converted_checkpoint_has_the_mlx_layout() {
     sorted.sort();
     assert_eq!(names, sorted, "weight_map is sorted");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(
-        card.starts_with("---\nlibrary_name: mlx\nbase_model: "),
-        "{card}"
-    );
-    assert!(
-        card.contains("pipeline_tag: text-generation") && card.contains("bits per weight"),
-        "{card}"
-    );
+    assert!(card.starts_with("---\nlibrary_name: mlx\nbase_model: "), "{card}");
+    assert!(card.contains("pipeline_tag: text-generation") && card.contains("bits per weight"), "{card}");
     let manifest = read_json(&out.join("mixq-manifest.json"));
     assert_eq!(manifest["recipe"]["name"], "gpt-oss-120b-3.6bit");
     assert_eq!(manifest["files"].as_array().unwrap().len(), 8);
@@ -124,29 +73,15 @@ fn shards_split_at_the_size_limit_and_index_totals_match() {
     let tmp = tempfile::tempdir().unwrap();
     let src = synth(&tmp.path().join("src"), "wide", |_| {});
     let out = tmp.path().join("out");
-    let o = convert(
-        &src,
-        "mxfp4-experts",
-        &out,
-        &["--max-shard-bytes", "1000000"],
-    );
+    let o = convert(&src, "mxfp4-experts", &out, &["--max-shard-bytes", "1000000"]);
     assert!(o.status.success(), "{}", text(&o).1);
-    let shards: Vec<String> = entries(&out)
-        .into_iter()
-        .filter(|n| n.ends_with(".safetensors"))
-        .collect();
+    let shards: Vec<String> = entries(&out).into_iter().filter(|n| n.ends_with(".safetensors")).collect();
     assert!(shards.len() > 2, "{shards:?}");
-    assert_eq!(
-        shards[0],
-        format!("model-00001-of-{:05}.safetensors", shards.len())
-    );
+    assert_eq!(shards[0], format!("model-00001-of-{:05}.safetensors", shards.len()));
     let mut total = 0;
     for s in &shards {
         let raw = RawShard::read(&out.join(s));
-        assert!(
-            raw.data.len() <= 1_000_000 || raw.header.len() == 2,
-            "{s} exceeds the limit with several tensors"
-        );
+        assert!(raw.data.len() <= 1_000_000 || raw.header.len() == 2, "{s} exceeds the limit with several tensors");
         total += raw.data.len();
     }
     let index = read_json(&out.join("model.safetensors.index.json"));
@@ -172,11 +107,7 @@ fn verify_names_every_kind_of_mismatch() {
     std::fs::write(&shard, &bytes).unwrap();
     let o = mixq(&["verify", out.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o).0.contains("model.safetensors: sha256"),
-        "{}",
-        text(&o).0
-    );
+    assert!(text(&o).0.contains("model.safetensors: sha256"), "{}", text(&o).0);
 
     // A config that no longer matches the tensors.
     let cfg_path = out.join("config.json");
@@ -192,10 +123,7 @@ fn verify_names_every_kind_of_mismatch() {
     // A stray file.
     std::fs::write(out.join("extra.bin"), b"x").unwrap();
     let (stdout, _) = text(&mixq(&["verify", out.to_str().unwrap()], &[]));
-    assert!(
-        stdout.contains("extra.bin: present but not in the manifest"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("extra.bin: present but not in the manifest"), "{stdout}");
 }
 
 #[test]
@@ -207,30 +135,18 @@ fn existing_output_needs_force() {
     std::fs::write(out.join("keep.txt"), b"mine").unwrap();
     let o = convert(&src, "gpt-oss-120b-3.6bit", &out, &[]);
     assert!(!o.status.success());
-    assert!(
-        text(&o).1.contains("not empty; pass --force"),
-        "{}",
-        text(&o).1
-    );
+    assert!(text(&o).1.contains("not empty; pass --force"), "{}", text(&o).1);
     assert_eq!(entries(&out), ["keep.txt"], "nothing was touched");
     let o = convert(&src, "gpt-oss-120b-3.6bit", &out, &["--force"]);
     assert!(o.status.success(), "{}", text(&o).1);
     assert!(!out.join("keep.txt").exists());
-    assert!(mixq(&["verify", out.to_str().unwrap()], &[])
-        .status
-        .success());
+    assert!(mixq(&["verify", out.to_str().unwrap()], &[]).status.success());
     // An empty folder is fine without --force; the source itself never is.
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    assert!(convert(&src, "gpt-oss-120b-3.6bit", &empty, &[])
-        .status
-        .success());
+    assert!(convert(&src, "gpt-oss-120b-3.6bit", &empty, &[]).status.success());
     let o = convert(&src, "gpt-oss-120b-3.6bit", &src, &["--force"]);
-    assert!(
-        text(&o).1.contains("is the source checkpoint"),
-        "{}",
-        text(&o).1
-    );
+    assert!(text(&o).1.contains("is the source checkpoint"), "{}", text(&o).1);
     assert!(src.join("config.json").exists());
 }
 
@@ -243,54 +159,18 @@ fn hub_repo_id_resolves_from_the_offline_cache() {
     std::fs::write(repo.join("refs/main"), "c0ffee").unwrap();
     synth(&repo.join("snapshots/c0ffee"), "tiny", |_| {});
     let out = tmp.path().join("out");
-    let env = [
-        ("HF_HUB_CACHE", cache.to_str().unwrap()),
-        ("HF_HUB_OFFLINE", "1"),
-    ];
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
     let o = mixq(
-        &[
-            "convert",
-            "--source",
-            "openai/gpt-oss-tiny",
-            "--recipe",
-            "mxfp4-experts",
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet",
-        ],
+        &["convert", "--source", "openai/gpt-oss-tiny", "--recipe", "mxfp4-experts", "--out", out.to_str().unwrap(), "--quiet"],
         &env,
     );
     assert!(o.status.success(), "{}", text(&o).1);
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(card.contains("base_model: openai/gpt-oss-tiny"), "{card}");
-    let o = mixq(
-        &[
-            "plan",
-            "--source",
-            "openai/gpt-oss-tiny",
-            "--recipe",
-            "mixed_3_6",
-        ],
-        &env,
-    );
+    let o = mixq(&["plan", "--source", "openai/gpt-oss-tiny", "--recipe", "mixed_3_6"], &env);
     assert!(o.status.success(), "{}", text(&o).1);
-    let o = mixq(
-        &[
-            "plan",
-            "--source",
-            "openai/not-cached",
-            "--recipe",
-            "mixed_3_6",
-        ],
-        &env,
-    );
-    assert!(
-        text(&o)
-            .1
-            .contains("offline (HF_HUB_OFFLINE) and config.json is not in the hub cache"),
-        "{}",
-        text(&o).1
-    );
+    let o = mixq(&["plan", "--source", "openai/not-cached", "--recipe", "mixed_3_6"], &env);
+    assert!(text(&o).1.contains("offline (HF_HUB_OFFLINE) and config.json is not in the hub cache"), "{}", text(&o).1);
 }
 
 #[test]
@@ -298,29 +178,10 @@ fn progress_is_plain_lines_when_stderr_is_not_a_terminal() {
     let tmp = tempfile::tempdir().unwrap();
     let src = synth(&tmp.path().join("src"), "tiny", |_| {});
     let out = tmp.path().join("out");
-    let o = mixq(
-        &[
-            "convert",
-            "--source",
-            src.to_str().unwrap(),
-            "--recipe",
-            "mixed_3_6",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = mixq(&["convert", "--source", src.to_str().unwrap(), "--recipe", "mixed_3_6", "--out", out.to_str().unwrap()], &[]);
     let (stdout, stderr) = text(&o);
-    assert!(
-        stderr
-            .lines()
-            .any(|l| l.starts_with("convert: ") && l.contains("MiB/s") && l.contains("tensors")),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains('\r') && !stderr.contains('\x1b'),
-        "no terminal control codes: {stderr:?}"
-    );
+    assert!(stderr.lines().any(|l| l.starts_with("convert: ") && l.contains("MiB/s") && l.contains("tensors")), "{stderr}");
+    assert!(!stderr.contains('\r') && !stderr.contains('\x1b'), "no terminal control codes: {stderr:?}");
     assert!(stdout.contains("bits per weight"), "{stdout}");
 }
 
@@ -331,17 +192,7 @@ fn demo_runs_on_the_bundled_model() {
     let o = mixq(&["demo", "--out", out.to_str().unwrap()], &[]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
-    for step in [
-        "== 1. plan ==",
-        "== 2. convert ==",
-        "== 3. inspect ==",
-        "== 4. verify ==",
-        ": OK (",
-        "== 5. generate with the converted model ==",
-        "Generation: 48 tokens",
-        "== 6. validate against the source ==",
-        "KL mean",
-    ] {
+    for step in ["== 1. plan ==", "== 2. convert ==", "== 3. inspect ==", "== 4. verify ==", ": OK (", "== 5. generate with the converted model ==", "Generation: 48 tokens", "== 6. validate against the source ==", "KL mean"] {
         assert!(stdout.contains(step), "{step} missing: {stdout}");
     }
 }

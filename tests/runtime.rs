@@ -5,10 +5,7 @@ mod common;
 use common::{mixq, synth, text};
 use serde_json::Value;
 
-const TRAINED: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/tiny-gpt-oss-shakespeare"
-);
+const TRAINED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-shakespeare");
 
 fn run_json(model: &str, extra: &[&str]) -> Value {
     let mut args = vec!["run", "--model", model, "--json"];
@@ -26,79 +23,20 @@ fn greedy_is_deterministic_and_seeded_sampling_repeats() {
     assert_eq!(a["generated_tokens"], 20);
     assert!(a["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
     assert!(a["kv_cache_bytes"].as_u64().unwrap() > 0);
-    let s1 = run_json(
-        TRAINED,
-        &[
-            "--prompt",
-            "ROMEO:",
-            "--max-tokens",
-            "20",
-            "--temp",
-            "0.9",
-            "--top-p",
-            "0.95",
-            "--seed",
-            "5",
-        ],
-    );
-    let s2 = run_json(
-        TRAINED,
-        &[
-            "--prompt",
-            "ROMEO:",
-            "--max-tokens",
-            "20",
-            "--temp",
-            "0.9",
-            "--top-p",
-            "0.95",
-            "--seed",
-            "5",
-        ],
-    );
-    let s3 = run_json(
-        TRAINED,
-        &[
-            "--prompt",
-            "ROMEO:",
-            "--max-tokens",
-            "20",
-            "--temp",
-            "0.9",
-            "--top-p",
-            "0.95",
-            "--seed",
-            "6",
-        ],
-    );
+    let s1 = run_json(TRAINED, &["--prompt", "ROMEO:", "--max-tokens", "20", "--temp", "0.9", "--top-p", "0.95", "--seed", "5"]);
+    let s2 = run_json(TRAINED, &["--prompt", "ROMEO:", "--max-tokens", "20", "--temp", "0.9", "--top-p", "0.95", "--seed", "5"]);
+    let s3 = run_json(TRAINED, &["--prompt", "ROMEO:", "--max-tokens", "20", "--temp", "0.9", "--top-p", "0.95", "--seed", "6"]);
     assert_eq!(s1["tokens"], s2["tokens"]);
     assert_ne!(s1["tokens"], s3["tokens"]);
 }
 
 #[test]
 fn streaming_output_ends_with_figures() {
-    let o = mixq(
-        &[
-            "run",
-            "--model",
-            TRAINED,
-            "--prompt",
-            "KING.",
-            "--max-tokens",
-            "10",
-        ],
-        &[],
-    );
+    let o = mixq(&["run", "--model", TRAINED, "--prompt", "KING.", "--max-tokens", "10"], &[]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
     assert!(stdout.starts_with("KING."), "{stdout}");
-    for needle in [
-        "Prompt: ",
-        "tokens/s",
-        "Generation: 10 tokens",
-        "KV cache: ",
-        "peak memory: ",
-    ] {
+    for needle in ["Prompt: ", "tokens/s", "Generation: 10 tokens", "KV cache: ", "peak memory: "] {
         assert!(stdout.contains(needle), "{needle}: {stdout}");
     }
 }
@@ -109,18 +47,7 @@ fn logits_are_written_as_npy() {
     let toks = tmp.path().join("t.json");
     std::fs::write(&toks, "[1, 2, 3, 4]").unwrap();
     let out = tmp.path().join("l.npy");
-    let o = mixq(
-        &[
-            "logits",
-            "--model",
-            TRAINED,
-            "--tokens",
-            toks.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = mixq(&["logits", "--model", TRAINED, "--tokens", toks.to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
     assert!(o.status.success(), "{}", text(&o).1);
     let bytes = std::fs::read(&out).unwrap();
     assert!(bytes.starts_with(b"\x93NUMPY"));
@@ -136,43 +63,14 @@ fn token_past_the_vocabulary() {
     let toks = tmp.path().join("t.json");
     std::fs::write(&toks, "[1, 2, 5000]").unwrap();
     let out = tmp.path().join("l.npy");
-    let o = mixq(
-        &[
-            "logits",
-            "--model",
-            TRAINED,
-            "--tokens",
-            toks.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = mixq(&["logits", "--model", TRAINED, "--tokens", toks.to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
     let e = text(&o).1;
     assert!(!o.status.success() && !e.contains("panicked"), "{e}");
-    assert!(
-        e.contains("token id 5000 at position 2 is outside the vocabulary of 2048 tokens"),
-        "{e}"
-    );
+    assert!(e.contains("token id 5000 at position 2 is outside the vocabulary of 2048 tokens"), "{e}");
     assert!(!out.exists());
     std::fs::write(&toks, "[1, -2]").unwrap();
-    let e = text(&mixq(
-        &[
-            "logits",
-            "--model",
-            TRAINED,
-            "--tokens",
-            toks.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    ))
-    .1;
-    assert!(
-        e.contains("expected a JSON list of non-negative token ids"),
-        "{e}"
-    );
+    let e = text(&mixq(&["logits", "--model", TRAINED, "--tokens", toks.to_str().unwrap(), "--out", out.to_str().unwrap()], &[])).1;
+    assert!(e.contains("expected a JSON list of non-negative token ids"), "{e}");
 }
 
 #[test]
@@ -180,27 +78,12 @@ fn prompt_longer_than_the_context() {
     let tmp = tempfile::tempdir().unwrap();
     let src = synth(&tmp.path().join("m"), "tiny", |_| {});
     let cfg_path = src.join("config.json");
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["max_position_embeddings"] = 16.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let o = mixq(
-        &[
-            "run",
-            "--model",
-            src.to_str().unwrap(),
-            "--prompt",
-            "a long prompt of many bytes",
-            "--max-tokens",
-            "4",
-        ],
-        &[],
-    );
+    let o = mixq(&["run", "--model", src.to_str().unwrap(), "--prompt", "a long prompt of many bytes", "--max-tokens", "4"], &[]);
     let e = text(&o).1;
-    assert!(
-        !o.status.success() && e.contains("exceed the model's context of 16 tokens"),
-        "{e}"
-    );
+    assert!(!o.status.success() && e.contains("exceed the model's context of 16 tokens"), "{e}");
 }
 
 #[test]
@@ -208,15 +91,9 @@ fn missing_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
     let src = synth(&tmp.path().join("m"), "tiny", |_| {});
     std::fs::remove_file(src.join("tokenizer.json")).unwrap();
-    let o = mixq(
-        &["run", "--model", src.to_str().unwrap(), "--prompt", "hi"],
-        &[],
-    );
+    let o = mixq(&["run", "--model", src.to_str().unwrap(), "--prompt", "hi"], &[]);
     let e = text(&o).1;
-    assert!(
-        !o.status.success() && e.contains("tokenizer.json: missing; the model has no tokenizer"),
-        "{e}"
-    );
+    assert!(!o.status.success() && e.contains("tokenizer.json: missing; the model has no tokenizer"), "{e}");
 }
 
 #[test]
@@ -224,48 +101,21 @@ fn config_and_tensors_that_disagree() {
     let tmp = tempfile::tempdir().unwrap();
     let src = synth(&tmp.path().join("src"), "tiny", |_| {});
     let out = tmp.path().join("out");
-    assert!(mixq(
-        &[
-            "convert",
-            "--source",
-            src.to_str().unwrap(),
-            "--recipe",
-            "mixed_3_6",
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet"
-        ],
-        &[]
-    )
-    .status
-    .success());
+    assert!(mixq(&["convert", "--source", src.to_str().unwrap(), "--recipe", "mixed_3_6", "--out", out.to_str().unwrap(), "--quiet"], &[])
+        .status
+        .success());
     let cfg_path = out.join("config.json");
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["quantization"]["model.layers.1.self_attn.v_proj"]["bits"] = 4.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let o = mixq(
-        &["run", "--model", out.to_str().unwrap(), "--prompt", "hi"],
-        &[],
-    );
+    let o = mixq(&["run", "--model", out.to_str().unwrap(), "--prompt", "hi"], &[]);
     let e = text(&o).1;
     assert!(!o.status.success() && !e.contains("panicked"), "{e}");
-    assert!(
-        e.contains("model.layers.1.self_attn.v_proj.weight")
-            && e.contains("config and tensors disagree"),
-        "{e}"
-    );
+    assert!(e.contains("model.layers.1.self_attn.v_proj.weight") && e.contains("config and tensors disagree"), "{e}");
 }
 
 #[test]
 fn chat_without_a_template_is_a_clear_error() {
-    let o = mixq(
-        &["run", "--model", TRAINED, "--prompt", "hi", "--chat"],
-        &[],
-    );
-    assert!(
-        text(&o).1.contains("the model has no chat template"),
-        "{}",
-        text(&o).1
-    );
+    let o = mixq(&["run", "--model", TRAINED, "--prompt", "hi", "--chat"], &[]);
+    assert!(text(&o).1.contains("the model has no chat template"), "{}", text(&o).1);
 }

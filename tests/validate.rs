@@ -5,10 +5,7 @@ mod common;
 use common::{mixq, text};
 use serde_json::Value;
 
-const TRAINED: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/tiny-gpt-oss-shakespeare"
-);
+const TRAINED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-shakespeare");
 const TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare-dev.txt");
 
 fn validate(args: &[&str]) -> (Option<i32>, Value, String) {
@@ -21,32 +18,13 @@ fn validate(args: &[&str]) -> (Option<i32>, Value, String) {
 }
 
 fn convert(recipe: &str, out: &std::path::Path) {
-    let o = mixq(
-        &[
-            "convert",
-            "--source",
-            TRAINED,
-            "--recipe",
-            recipe,
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet",
-        ],
-        &[],
-    );
+    let o = mixq(&["convert", "--source", TRAINED, "--recipe", recipe, "--out", out.to_str().unwrap(), "--quiet"], &[]);
     assert!(o.status.success(), "{}", text(&o).1);
 }
 
 #[test]
 fn a_model_against_itself_has_zero_kl_and_full_agreement() {
-    let (code, v, e) = validate(&[
-        "--model",
-        TRAINED,
-        "--reference",
-        TRAINED,
-        "--max-tokens",
-        "600",
-    ]);
+    let (code, v, e) = validate(&["--model", TRAINED, "--reference", TRAINED, "--max-tokens", "600"]);
     assert_eq!(code, Some(0), "{e}");
     let r = &v["reference"];
     assert_eq!(r["kl_mean"].as_f64(), Some(0.0));
@@ -54,11 +32,7 @@ fn a_model_against_itself_has_zero_kl_and_full_agreement() {
     assert_eq!(r["top1"].as_f64(), Some(1.0));
     assert_eq!(r["ppl_ratio"].as_f64(), Some(1.0));
     assert_eq!(v["ppl"], r["ppl"]);
-    assert_eq!(
-        v["tokens"],
-        600 - 5,
-        "windows of 128 leave the first token of each unscored"
-    );
+    assert_eq!(v["tokens"], 600 - 5, "windows of 128 leave the first token of each unscored");
 }
 
 #[test]
@@ -71,28 +45,14 @@ fn kl_orders_the_recipes() {
     )
     .unwrap();
     let mut kl = Vec::new();
-    for recipe in [
-        uniform.to_str().unwrap(),
-        "gpt-oss-120b-3.6bit",
-        "mxfp4-experts",
-    ] {
+    for recipe in [uniform.to_str().unwrap(), "gpt-oss-120b-3.6bit", "mxfp4-experts"] {
         let out = tmp.path().join(recipe.replace('/', "_"));
         convert(recipe, &out);
-        let (code, v, e) = validate(&[
-            "--model",
-            out.to_str().unwrap(),
-            "--reference",
-            TRAINED,
-            "--max-tokens",
-            "2048",
-        ]);
+        let (code, v, e) = validate(&["--model", out.to_str().unwrap(), "--reference", TRAINED, "--max-tokens", "2048"]);
         assert_eq!(code, Some(0), "{e}");
         kl.push(v["reference"]["kl_mean"].as_f64().unwrap());
     }
-    assert!(
-        kl[0] > kl[1] && kl[1] > kl[2],
-        "uniform 3-bit > 3.6-bit > mxfp4-experts expected, got {kl:?}"
-    );
+    assert!(kl[0] > kl[1] && kl[1] > kl[2], "uniform 3-bit > 3.6-bit > mxfp4-experts expected, got {kl:?}");
     assert!(kl[2] > 0.0);
 }
 
@@ -102,40 +62,13 @@ fn gates_fail_with_the_measured_value() {
     let out = tmp.path().join("m");
     convert("mixed_3_6", &out);
     let m = out.to_str().unwrap();
-    let (code, v, e) = validate(&[
-        "--model",
-        m,
-        "--reference",
-        TRAINED,
-        "--max-tokens",
-        "400",
-        "--max-kl",
-        "0.000001",
-        "--min-top1",
-        "0.5",
-    ]);
+    let (code, v, e) =
+        validate(&["--model", m, "--reference", TRAINED, "--max-tokens", "400", "--max-kl", "0.000001", "--min-top1", "0.5"]);
     assert_eq!(code, Some(1), "{e}");
-    assert!(
-        e.contains("gate failed: --max-kl 0.000001: mean KL is"),
-        "{e}"
-    );
-    assert!(
-        !e.contains("--min-top1"),
-        "the passing gate is not reported: {e}"
-    );
+    assert!(e.contains("gate failed: --max-kl 0.000001: mean KL is"), "{e}");
+    assert!(!e.contains("--min-top1"), "the passing gate is not reported: {e}");
     assert_eq!(v["gates_failed"].as_array().unwrap().len(), 1);
-    let (code, _, e) = validate(&[
-        "--model",
-        m,
-        "--reference",
-        TRAINED,
-        "--max-tokens",
-        "400",
-        "--max-ppl-ratio",
-        "2",
-        "--min-top1",
-        "0.5",
-    ]);
+    let (code, _, e) = validate(&["--model", m, "--reference", TRAINED, "--max-tokens", "400", "--max-ppl-ratio", "2", "--min-top1", "0.5"]);
     assert_eq!(code, Some(0), "{e}");
     let (code, _, e) = validate(&["--model", m, "--max-tokens", "400", "--max-kl", "1"]);
     assert_eq!(code, Some(1));
@@ -148,61 +81,23 @@ fn saved_reference_logits_are_reused() {
     let out = tmp.path().join("m");
     convert("gpt-oss-120b-3.6bit", &out);
     let saved = tmp.path().join("ref.bin");
-    let (code, _, e) = validate(&[
-        "--model",
-        TRAINED,
-        "--max-tokens",
-        "500",
-        "--save-reference",
-        saved.to_str().unwrap(),
-    ]);
+    let (code, _, e) = validate(&["--model", TRAINED, "--max-tokens", "500", "--save-reference", saved.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{e}");
-    let (_, exact, _) = validate(&[
-        "--model",
-        out.to_str().unwrap(),
-        "--reference",
-        TRAINED,
-        "--max-tokens",
-        "500",
-    ]);
-    let (code, approx, e) = validate(&[
-        "--model",
-        out.to_str().unwrap(),
-        "--reference-logits",
-        saved.to_str().unwrap(),
-        "--max-tokens",
-        "500",
-    ]);
+    let (_, exact, _) = validate(&["--model", out.to_str().unwrap(), "--reference", TRAINED, "--max-tokens", "500"]);
+    let (code, approx, e) =
+        validate(&["--model", out.to_str().unwrap(), "--reference-logits", saved.to_str().unwrap(), "--max-tokens", "500"]);
     assert_eq!(code, Some(0), "{e}");
     let (a, b) = (&exact["reference"], &approx["reference"]);
     assert_eq!(b["kl_method"], "top-k");
-    assert!(
-        (a["ppl"].as_f64().unwrap() - b["ppl"].as_f64().unwrap()).abs() < 1e-3,
-        "{a} {b}"
-    );
+    assert!((a["ppl"].as_f64().unwrap() - b["ppl"].as_f64().unwrap()).abs() < 1e-3, "{a} {b}");
     assert_eq!(a["top1"], b["top1"]);
-    let (ka, kb) = (
-        a["kl_mean"].as_f64().unwrap(),
-        b["kl_mean"].as_f64().unwrap(),
-    );
-    assert!(
-        kb <= ka * 1.001 && kb > ka * 0.8,
-        "top-32 KL {kb} vs exact {ka}"
-    );
+    let (ka, kb) = (a["kl_mean"].as_f64().unwrap(), b["kl_mean"].as_f64().unwrap());
+    assert!(kb <= ka * 1.001 && kb > ka * 0.8, "top-32 KL {kb} vs exact {ka}");
     // The same file against other windows is refused, naming it.
-    let (code, _, e) = validate(&[
-        "--model",
-        out.to_str().unwrap(),
-        "--reference-logits",
-        saved.to_str().unwrap(),
-        "--max-tokens",
-        "400",
-    ]);
+    let (code, _, e) =
+        validate(&["--model", out.to_str().unwrap(), "--reference-logits", saved.to_str().unwrap(), "--max-tokens", "400"]);
     assert_eq!(code, Some(1));
-    assert!(
-        e.contains("ref.bin: saved for other text or windows"),
-        "{e}"
-    );
+    assert!(e.contains("ref.bin: saved for other text or windows"), "{e}");
 }
 
 #[test]
@@ -212,62 +107,22 @@ fn card_gets_a_validation_section() {
     convert("mxfp4-experts", &out);
     let card = out.join("README.md");
     for _ in 0..2 {
-        let (code, _, e) = validate(&[
-            "--model",
-            out.to_str().unwrap(),
-            "--reference",
-            TRAINED,
-            "--max-tokens",
-            "300",
-            "--card",
-            card.to_str().unwrap(),
-        ]);
+        let (code, _, e) =
+            validate(&["--model", out.to_str().unwrap(), "--reference", TRAINED, "--max-tokens", "300", "--card", card.to_str().unwrap()]);
         assert_eq!(code, Some(0), "{e}");
     }
     let md = std::fs::read_to_string(&card).unwrap();
     assert_eq!(md.matches("## Validation").count(), 1, "{md}");
-    assert!(
-        md.contains("shakespeare-dev.txt") && md.contains("| KL mean |") && md.contains("mixq "),
-        "{md}"
-    );
-    assert!(
-        md.contains("## Use with mlx"),
-        "the rest of the card is kept"
-    );
+    assert!(md.contains("shakespeare-dev.txt") && md.contains("| KL mean |") && md.contains("mixq "), "{md}");
+    assert!(md.contains("## Use with mlx"), "the rest of the card is kept");
 }
 
 #[test]
 fn human_table_and_bad_arguments() {
-    let o = mixq(
-        &[
-            "validate",
-            "--model",
-            TRAINED,
-            "--text",
-            TEXT,
-            "--ctx",
-            "64",
-            "--max-tokens",
-            "200",
-            "--quiet",
-        ],
-        &[],
-    );
+    let o = mixq(&["validate", "--model", TRAINED, "--text", TEXT, "--ctx", "64", "--max-tokens", "200", "--quiet"], &[]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
-    assert!(
-        stdout.contains("perplexity") && stdout.contains("±"),
-        "{stdout}"
-    );
-    let o = mixq(
-        &[
-            "validate", "--model", TRAINED, "--text", TEXT, "--ctx", "64", "--stride", "100",
-        ],
-        &[],
-    );
-    assert!(
-        text(&o).1.contains("--stride between 1 and --ctx"),
-        "{}",
-        text(&o).1
-    );
+    assert!(stdout.contains("perplexity") && stdout.contains("±"), "{stdout}");
+    let o = mixq(&["validate", "--model", TRAINED, "--text", TEXT, "--ctx", "64", "--stride", "100"], &[]);
+    assert!(text(&o).1.contains("--stride between 1 and --ctx"), "{}", text(&o).1);
 }

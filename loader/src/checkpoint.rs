@@ -54,21 +54,13 @@ impl TensorRef<'_> {
         if self.info.dtype != dtype {
             return Err(LoaderError::tensor(
                 self.name,
-                format!(
-                    "expected dtype {dtype} for its role, found {} (in {})",
-                    self.info.dtype,
-                    self.shard.display()
-                ),
+                format!("expected dtype {dtype} for its role, found {} (in {})", self.info.dtype, self.shard.display()),
             ));
         }
         if self.info.shape != shape {
             return Err(LoaderError::tensor(
                 self.name,
-                format!(
-                    "expected shape {shape:?}, found {:?} (in {})",
-                    self.info.shape,
-                    self.shard.display()
-                ),
+                format!("expected shape {shape:?}, found {:?} (in {})", self.info.shape, self.shard.display()),
             ));
         }
         Ok(())
@@ -91,14 +83,9 @@ impl Checkpoint {
         let config = GptOssConfig::from_file(&dir.join("config.json"))?;
         let index_path = dir.join(INDEX_FILE);
         let (shard_names, weight_map, index) = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| LoaderError::io(&index_path, e))?;
-            let bad = |message: String| LoaderError::Index {
-                path: index_path.clone(),
-                message,
-            };
-            let index: Value =
-                serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+            let text = std::fs::read_to_string(&index_path).map_err(|e| LoaderError::io(&index_path, e))?;
+            let bad = |message: String| LoaderError::Index { path: index_path.clone(), message };
+            let index: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
             let map = index
                 .get("weight_map")
                 .and_then(Value::as_object)
@@ -106,19 +93,13 @@ impl Checkpoint {
             let mut weight_map = BTreeMap::new();
             let mut names = Vec::new();
             for (tensor, shard) in map {
-                let shard = shard
-                    .as_str()
-                    .ok_or_else(|| bad(format!("weight_map[{tensor}] is not a file name")))?;
+                let shard = shard.as_str().ok_or_else(|| bad(format!("weight_map[{tensor}] is not a file name")))?;
                 if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
-                    return Err(bad(format!(
-                        "weight_map[{tensor}] names \"{shard}\", which is not a plain file name"
-                    )));
+                    return Err(bad(format!("weight_map[{tensor}] names \"{shard}\", which is not a plain file name")));
                 }
                 if !names.iter().any(|n: &String| n == shard) {
                     if !dir.join(shard).is_file() {
-                        return Err(bad(format!(
-                            "weight_map[{tensor}] names shard {shard}, which does not exist"
-                        )));
+                        return Err(bad(format!("weight_map[{tensor}] names shard {shard}, which does not exist")));
                     }
                     names.push(shard.to_string());
                 }
@@ -149,40 +130,21 @@ impl Checkpoint {
             shards.push(shard);
         }
         if let Some(weight_map) = weight_map {
-            let bad = |message: String| LoaderError::Index {
-                path: index_path.clone(),
-                message,
-            };
+            let bad = |message: String| LoaderError::Index { path: index_path.clone(), message };
             for (tensor, shard) in &weight_map {
                 match tensors.get(tensor) {
-                    None => {
-                        return Err(bad(format!(
-                            "tensor {tensor} is listed in {shard} but no shard holds it"
-                        )))
-                    }
+                    None => return Err(bad(format!("tensor {tensor} is listed in {shard} but no shard holds it"))),
                     Some(&i) if shard_names[i] != *shard => {
-                        return Err(bad(format!(
-                            "tensor {tensor} is listed in {shard} but lies in {}",
-                            shard_names[i]
-                        )))
+                        return Err(bad(format!("tensor {tensor} is listed in {shard} but lies in {}", shard_names[i])))
                     }
                     _ => {}
                 }
             }
             if let Some(extra) = tensors.keys().find(|t| !weight_map.contains_key(*t)) {
-                return Err(bad(format!(
-                    "tensor {extra} is in {} but not in the index",
-                    shard_names[tensors[extra]]
-                )));
+                return Err(bad(format!("tensor {extra} is in {} but not in the index", shard_names[tensors[extra]])));
             }
         }
-        Ok(Checkpoint {
-            dir: dir.to_path_buf(),
-            config,
-            shards,
-            tensors,
-            index,
-        })
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, tensors, index })
     }
 
     /// The folder.
@@ -217,20 +179,13 @@ impl Checkpoint {
 
     /// Looks up a tensor, failing with its name when it is missing.
     pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
-        let (key, &i) = self.tensors.get_key_value(name).ok_or_else(|| {
-            LoaderError::tensor(
-                name,
-                format!("missing from the checkpoint in {}", self.dir.display()),
-            )
-        })?;
+        let (key, &i) = self
+            .tensors
+            .get_key_value(name)
+            .ok_or_else(|| LoaderError::tensor(name, format!("missing from the checkpoint in {}", self.dir.display())))?;
         let shard = &self.shards[i];
         let info = &shard.tensors()[name];
-        Ok(TensorRef {
-            name: key,
-            info,
-            data: shard.bytes(info),
-            shard: shard.path(),
-        })
+        Ok(TensorRef { name: key, info, data: shard.bytes(info), shard: shard.path() })
     }
 
     /// Drops resident pages of consumed tensor data (see [`ShardFile::release`]).
@@ -253,10 +208,6 @@ impl Checkpoint {
 
     /// Total bytes of tensor data.
     pub fn tensor_bytes(&self) -> u64 {
-        self.shards
-            .iter()
-            .flat_map(|s| s.tensors().values())
-            .map(|t| (t.end - t.begin) as u64)
-            .sum()
+        self.shards.iter().flat_map(|s| s.tensors().values()).map(|t| (t.end - t.begin) as u64).sum()
     }
 }

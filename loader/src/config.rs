@@ -149,42 +149,30 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, message: String) -> LoaderError {
-        LoaderError::Config {
-            path: self.path.to_path_buf(),
-            message,
-        }
+        LoaderError::Config { path: self.path.to_path_buf(), message }
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
         match self.obj.get(key) {
-            None => Err(self.err(format!(
-                "field `{key}` is missing (expected a positive integer)"
-            ))),
+            None => Err(self.err(format!("field `{key}` is missing (expected a positive integer)"))),
             Some(v) => match v.as_u64() {
                 Some(n) if n > 0 => Ok(n as usize),
-                _ => Err(self.err(format!(
-                    "field `{key}` must be a positive integer, found {v}"
-                ))),
+                _ => Err(self.err(format!("field `{key}` must be a positive integer, found {v}"))),
             },
         }
     }
 
     fn f64_or(&self, key: &str, default: Option<f64>) -> Result<f64> {
         match self.obj.get(key) {
-            None => default
-                .ok_or_else(|| self.err(format!("field `{key}` is missing (expected a number)"))),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.err(format!("field `{key}` must be a number, found {v}"))),
+            None => default.ok_or_else(|| self.err(format!("field `{key}` is missing (expected a number)"))),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(format!("field `{key}` must be a number, found {v}"))),
         }
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(format!("field `{key}` must be true or false, found {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(format!("field `{key}` must be true or false, found {v}"))),
         }
     }
 }
@@ -203,10 +191,7 @@ impl GptOssConfig {
             message: format!("not valid JSON: {e}"),
         })?;
         let Value::Object(obj) = value else {
-            return Err(LoaderError::Config {
-                path: path.to_path_buf(),
-                message: "expected a JSON object".into(),
-            });
+            return Err(LoaderError::Config { path: path.to_path_buf(), message: "expected a JSON object".into() });
         };
         Self::from_map(obj, path)
     }
@@ -215,25 +200,13 @@ impl GptOssConfig {
         let f = Fields { path, obj: &obj };
         match obj.get("model_type").and_then(Value::as_str) {
             Some("gpt_oss") => {}
-            Some(other) => {
-                return Err(f.err(format!(
-                    "field `model_type` must be \"gpt_oss\", found \"{other}\""
-                )))
-            }
-            None => {
-                return Err(f.err("field `model_type` is missing (expected \"gpt_oss\")".into()))
-            }
+            Some(other) => return Err(f.err(format!("field `model_type` must be \"gpt_oss\", found \"{other}\""))),
+            None => return Err(f.err("field `model_type` is missing (expected \"gpt_oss\")".into())),
         }
         let num_hidden_layers = f.usize("num_hidden_layers")?;
         let layer_types = match obj.get("layer_types") {
             None | Some(Value::Null) => (0..num_hidden_layers)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        LayerType::Sliding
-                    } else {
-                        LayerType::Full
-                    }
-                })
+                .map(|i| if i % 2 == 0 { LayerType::Sliding } else { LayerType::Full })
                 .collect(),
             Some(Value::Array(items)) => {
                 let mut types = Vec::with_capacity(items.len());
@@ -267,20 +240,14 @@ impl GptOssConfig {
                     .to_string();
                 Some(RopeScaling {
                     rope_type,
-                    factor: g.f64_or("factor", None).map_err(|_| {
-                        f.err("field `rope_scaling.factor` must be a number".into())
-                    })?,
+                    factor: g.f64_or("factor", None).map_err(|_| f.err("field `rope_scaling.factor` must be a number".into()))?,
                     beta_fast: g.f64_or("beta_fast", Some(32.0))?,
                     beta_slow: g.f64_or("beta_slow", Some(1.0))?,
-                    original_max_position_embeddings: g
-                        .f64_or("original_max_position_embeddings", Some(4096.0))?
-                        as u64,
+                    original_max_position_embeddings: g.f64_or("original_max_position_embeddings", Some(4096.0))? as u64,
                     truncate: g.bool_or("truncate", true)?,
                 })
             }
-            Some(v) => {
-                return Err(f.err(format!("field `rope_scaling` must be an object, found {v}")))
-            }
+            Some(v) => return Err(f.err(format!("field `rope_scaling` must be an object, found {v}"))),
         };
         let quant_method = obj
             .get("quantization_config")
@@ -289,10 +256,7 @@ impl GptOssConfig {
             .map(str::to_string);
         let quantization = match obj.get("quantization") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(
-                parse_quantization_map(v)
-                    .map_err(|m| f.err(format!("field `quantization`: {m}")))?,
-            ),
+            Some(v) => Some(parse_quantization_map(v).map_err(|m| f.err(format!("field `quantization`: {m}")))?),
         };
         let num_attention_heads = f.usize("num_attention_heads")?;
         let num_key_value_heads = f.usize("num_key_value_heads")?;
@@ -339,43 +303,21 @@ impl GptOssConfig {
 }
 
 fn parse_spec(v: &Value) -> std::result::Result<QuantSpec, String> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| format!("expected an object, found {v}"))?;
-    let bits = obj
-        .get("bits")
-        .and_then(Value::as_u64)
-        .ok_or("missing integer `bits`")? as u32;
-    let group_size = obj
-        .get("group_size")
-        .and_then(Value::as_u64)
-        .ok_or("missing integer `group_size`")? as u32;
+    let obj = v.as_object().ok_or_else(|| format!("expected an object, found {v}"))?;
+    let bits = obj.get("bits").and_then(Value::as_u64).ok_or("missing integer `bits`")? as u32;
+    let group_size = obj.get("group_size").and_then(Value::as_u64).ok_or("missing integer `group_size`")? as u32;
     let mode = match obj.get("mode").and_then(Value::as_str).unwrap_or("affine") {
         "affine" => QuantMode::Affine,
         "mxfp4" => QuantMode::Mxfp4,
-        other => {
-            return Err(format!(
-                "unsupported mode \"{other}\" (mixq reads affine and mxfp4)"
-            ))
-        }
+        other => return Err(format!("unsupported mode \"{other}\" (mixq reads affine and mxfp4)")),
     };
-    Ok(QuantSpec {
-        bits,
-        group_size,
-        mode,
-    })
+    Ok(QuantSpec { bits, group_size, mode })
 }
 
 /// Parses an MLX `quantization` object: a default plus per-module entries.
 pub fn parse_quantization_map(v: &Value) -> std::result::Result<QuantizationMap, String> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| format!("expected an object, found {v}"))?;
-    let default = if obj.contains_key("bits") {
-        Some(parse_spec(v)?)
-    } else {
-        None
-    };
+    let obj = v.as_object().ok_or_else(|| format!("expected an object, found {v}"))?;
+    let default = if obj.contains_key("bits") { Some(parse_spec(v)?) } else { None };
     let mut modules = std::collections::BTreeMap::new();
     for (key, value) in obj {
         if matches!(key.as_str(), "bits" | "group_size" | "mode") {
@@ -384,15 +326,11 @@ pub fn parse_quantization_map(v: &Value) -> std::result::Result<QuantizationMap,
         match value {
             Value::Bool(false) => {}
             Value::Bool(true) => {
-                let spec =
-                    default.ok_or_else(|| format!("`{key}: true` needs a top-level default"))?;
+                let spec = default.ok_or_else(|| format!("`{key}: true` needs a top-level default"))?;
                 modules.insert(key.clone(), spec);
             }
             other => {
-                modules.insert(
-                    key.clone(),
-                    parse_spec(other).map_err(|m| format!("`{key}`: {m}"))?,
-                );
+                modules.insert(key.clone(), parse_spec(other).map_err(|m| format!("`{key}`: {m}"))?);
             }
         }
     }
@@ -432,11 +370,7 @@ mod tests {
         let mut v = minimal();
         v["head_dim"] = serde_json::json!("wide");
         let e = GptOssConfig::from_json_str(&v.to_string(), Path::new("c.json")).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("`head_dim` must be a positive integer"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("`head_dim` must be a positive integer"), "{e}");
         let mut v = minimal();
         v["layer_types"] = serde_json::json!(["sliding_attention", "global"]);
         let e = GptOssConfig::from_json_str(&v.to_string(), Path::new("c.json")).unwrap_err();
@@ -452,12 +386,7 @@ mod tests {
         let m = parse_quantization_map(&v).unwrap();
         assert_eq!(m.default.unwrap().bits, 4);
         assert_eq!(m.module("lm_head").unwrap().bits, 6);
-        assert_eq!(
-            m.module("model.layers.0.mlp.experts.gate_proj")
-                .unwrap()
-                .mode,
-            QuantMode::Mxfp4
-        );
+        assert_eq!(m.module("model.layers.0.mlp.experts.gate_proj").unwrap().mode, QuantMode::Mxfp4);
         assert!(m.module("model.layers.0.mlp.router").is_none());
     }
 }

@@ -51,10 +51,7 @@ mod tests {
     #[test]
     fn bf16_round_trips_known_values() {
         let vals = [1.0f32, -2.5, 0.0, 3.140625];
-        let bytes: Vec<u8> = vals
-            .iter()
-            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
         let mut out = [0f32; 4];
         bf16_to_f32(&bytes, &mut out);
         assert_eq!(out, vals);

@@ -58,18 +58,12 @@ pub enum LoaderError {
 impl LoaderError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        LoaderError::Io {
-            path: path.into(),
-            source,
-        }
+        LoaderError::Io { path: path.into(), source }
     }
 
     /// A tensor-level error.
     pub fn tensor(name: impl Into<String>, message: impl Into<String>) -> Self {
-        LoaderError::Tensor {
-            name: name.into(),
-            message: message.into(),
-        }
+        LoaderError::Tensor { name: name.into(), message: message.into() }
     }
 }
 

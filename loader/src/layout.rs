@@ -20,21 +20,12 @@ pub struct ExpectedTensor {
 }
 
 fn t(name: String, dtype: Dtype, shape: &[usize]) -> ExpectedTensor {
-    ExpectedTensor {
-        name,
-        dtype,
-        shape: shape.to_vec(),
-    }
+    ExpectedTensor { name, dtype, shape: shape.to_vec() }
 }
 
 /// Every tensor of the upstream gpt-oss layout for a config, in a stable order.
 pub fn upstream_tensors(c: &GptOssConfig) -> Vec<ExpectedTensor> {
-    let (h, i, e, v) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_local_experts,
-        c.vocab_size,
-    );
+    let (h, i, e, v) = (c.hidden_size, c.intermediate_size, c.num_local_experts, c.vocab_size);
     let q = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;
     let bf = Dtype::BF16;
@@ -59,27 +50,11 @@ pub fn upstream_tensors(c: &GptOssConfig) -> Vec<ExpectedTensor> {
             t(format!("{p}self_attn.sinks"), bf, &[c.num_attention_heads]),
             t(format!("{p}mlp.router.weight"), bf, &[e, h]),
             t(format!("{p}mlp.router.bias"), bf, &[e]),
-            t(
-                format!("{p}mlp.experts.gate_up_proj_blocks"),
-                Dtype::U8,
-                &[e, 2 * i, h / MXFP4_BLOCK, 16],
-            ),
-            t(
-                format!("{p}mlp.experts.gate_up_proj_scales"),
-                Dtype::U8,
-                &[e, 2 * i, h / MXFP4_BLOCK],
-            ),
+            t(format!("{p}mlp.experts.gate_up_proj_blocks"), Dtype::U8, &[e, 2 * i, h / MXFP4_BLOCK, 16]),
+            t(format!("{p}mlp.experts.gate_up_proj_scales"), Dtype::U8, &[e, 2 * i, h / MXFP4_BLOCK]),
             t(format!("{p}mlp.experts.gate_up_proj_bias"), bf, &[e, 2 * i]),
-            t(
-                format!("{p}mlp.experts.down_proj_blocks"),
-                Dtype::U8,
-                &[e, h, i / MXFP4_BLOCK, 16],
-            ),
-            t(
-                format!("{p}mlp.experts.down_proj_scales"),
-                Dtype::U8,
-                &[e, h, i / MXFP4_BLOCK],
-            ),
+            t(format!("{p}mlp.experts.down_proj_blocks"), Dtype::U8, &[e, h, i / MXFP4_BLOCK, 16]),
+            t(format!("{p}mlp.experts.down_proj_scales"), Dtype::U8, &[e, h, i / MXFP4_BLOCK]),
             t(format!("{p}mlp.experts.down_proj_bias"), bf, &[e, h]),
         ]);
     }
@@ -89,16 +64,11 @@ pub fn upstream_tensors(c: &GptOssConfig) -> Vec<ExpectedTensor> {
 /// Checks that an upstream checkpoint holds exactly the tensors its config implies.
 pub fn validate_upstream(ckpt: &Checkpoint) -> Result<()> {
     let c = ckpt.config();
-    for (what, n) in [
-        ("hidden_size", c.hidden_size),
-        ("intermediate_size", c.intermediate_size),
-    ] {
+    for (what, n) in [("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size)] {
         if n % MXFP4_BLOCK != 0 {
             return Err(LoaderError::Config {
                 path: c.path.clone(),
-                message: format!(
-                    "`{what}` ({n}) must be a multiple of {MXFP4_BLOCK} for MXFP4 experts"
-                ),
+                message: format!("`{what}` ({n}) must be a multiple of {MXFP4_BLOCK} for MXFP4 experts"),
             });
         }
     }
@@ -106,14 +76,8 @@ pub fn validate_upstream(ckpt: &Checkpoint) -> Result<()> {
     for e in &expected {
         ckpt.tensor(&e.name)?.expect(e.dtype, &e.shape)?;
     }
-    if let Some(extra) = ckpt
-        .names()
-        .find(|n| !expected.iter().any(|e| e.name == *n))
-    {
-        return Err(LoaderError::tensor(
-            extra,
-            "is not part of the gpt-oss layout for this config",
-        ));
+    if let Some(extra) = ckpt.names().find(|n| !expected.iter().any(|e| e.name == *n)) {
+        return Err(LoaderError::tensor(extra, "is not part of the gpt-oss layout for this config"));
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ pub mod source;
 pub use checkpoint::{Checkpoint, CheckpointFormat, TensorRef, INDEX_FILE};
 pub use config::{GptOssConfig, LayerType, QuantMode, QuantSpec, QuantizationMap, RopeScaling};
 pub use dtype::Dtype;
-pub use error::{LoaderError, Result};
 pub use rowmap::RowMap;
+pub use error::{LoaderError, Result};
 pub use shard::{ShardFile, TensorInfo};
 pub use source::{resolve_source, ResolvedSource};

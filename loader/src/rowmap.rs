@@ -17,12 +17,7 @@ pub struct RowMap {
 impl RowMap {
     /// The identity map.
     pub fn identity(rows: usize) -> Self {
-        RowMap {
-            per: rows.max(1),
-            src_per: rows.max(1),
-            start: 0,
-            step: 1,
-        }
+        RowMap { per: rows.max(1), src_per: rows.max(1), start: 0, step: 1 }
     }
 
     /// The stored row holding logical row `r`.
@@ -38,16 +33,8 @@ mod tests {
 
     #[test]
     fn reads_interleaved_rows() {
-        let m = RowMap {
-            per: 2,
-            src_per: 4,
-            start: 1,
-            step: 2,
-        };
-        assert_eq!(
-            (0..4).map(|r| m.stored(r)).collect::<Vec<_>>(),
-            vec![1, 3, 5, 7]
-        );
+        let m = RowMap { per: 2, src_per: 4, start: 1, step: 2 };
+        assert_eq!((0..4).map(|r| m.stored(r)).collect::<Vec<_>>(), vec![1, 3, 5, 7]);
         assert_eq!(RowMap::identity(3).stored(2), 2);
     }
 }

@@ -48,14 +48,9 @@ impl ShardFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| LoaderError::io(path, e))?;
         let len = file.metadata().map_err(|e| LoaderError::io(path, e))?.len();
-        let bad = |message: String| LoaderError::Shard {
-            path: path.to_path_buf(),
-            message,
-        };
+        let bad = |message: String| LoaderError::Shard { path: path.to_path_buf(), message };
         if len < 8 {
-            return Err(bad(format!(
-                "file is {len} bytes, too short for a safetensors header (truncated?)"
-            )));
+            return Err(bad(format!("file is {len} bytes, too short for a safetensors header (truncated?)")));
         }
         // SAFETY: the map is read-only; mixq never writes to a file it has mapped,
         // and checkpoints are not expected to change while being read.
@@ -83,9 +78,7 @@ impl ShardFile {
                     return Err(bad("__metadata__ must be an object of strings".into()));
                 };
                 for (k, v) in m {
-                    let s = v
-                        .as_str()
-                        .ok_or_else(|| bad(format!("__metadata__.{k} must be a string")))?;
+                    let s = v.as_str().ok_or_else(|| bad(format!("__metadata__.{k} must be a string")))?;
                     metadata.insert(k, s.to_string());
                 }
                 continue;
@@ -99,8 +92,7 @@ impl ShardFile {
             }
             tensors.insert(name, info);
         }
-        let mut spans: Vec<(&String, &TensorInfo)> =
-            tensors.iter().filter(|(_, t)| t.end > t.begin).collect();
+        let mut spans: Vec<(&String, &TensorInfo)> = tensors.iter().filter(|(_, t)| t.end > t.begin).collect();
         spans.sort_by_key(|(_, t)| (t.begin, t.end));
         for pair in spans.windows(2) {
             let ((a, ta), (b, tb)) = (pair[0], pair[1]);
@@ -111,13 +103,7 @@ impl ShardFile {
                 )));
             }
         }
-        Ok(ShardFile {
-            path: path.to_path_buf(),
-            mmap,
-            data_start,
-            tensors,
-            metadata,
-        })
+        Ok(ShardFile { path: path.to_path_buf(), mmap, data_start, tensors, metadata })
     }
 
     /// The file's path.
@@ -157,13 +143,7 @@ impl ShardFile {
             // MADV_DONTNEED only drops page-table entries; any later read of the range refaults the
             // identical file contents. Only whole pages inside the slice are advised.
             #[cfg(unix)]
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    from,
-                    to - from,
-                )
-            };
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from) };
         }
     }
 
@@ -176,16 +156,11 @@ impl ShardFile {
 /// Encodes a safetensors header for tensors laid out back to back in the given order: the 8-byte
 /// length prefix and the JSON, padded with spaces to a multiple of 8. Returns it with each tensor's
 /// offset within the data section.
-pub fn encode_header(
-    metadata: &[(&str, &str)],
-    tensors: &[(&str, Dtype, &[usize])],
-) -> (Vec<u8>, Vec<usize>) {
+pub fn encode_header(metadata: &[(&str, &str)], tensors: &[(&str, Dtype, &[usize])]) -> (Vec<u8>, Vec<usize>) {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        let meta: serde_json::Map<String, Value> = metadata
-            .iter()
-            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
-            .collect();
+        let meta: serde_json::Map<String, Value> =
+            metadata.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
         header.insert("__metadata__".into(), Value::Object(meta));
     }
     let mut offsets = Vec::with_capacity(tensors.len());
@@ -199,8 +174,7 @@ pub fn encode_header(
         offsets.push(pos);
         pos += n;
     }
-    let mut json =
-        serde_json::to_vec(&Value::Object(header)).expect("JSON values always serialize");
+    let mut json = serde_json::to_vec(&Value::Object(header)).expect("JSON values always serialize");
     while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
@@ -211,27 +185,16 @@ pub fn encode_header(
 
 fn parse_entry(entry: &Value) -> std::result::Result<TensorInfo, String> {
     let obj = entry.as_object().ok_or("entry is not an object")?;
-    let dtype_name = obj
-        .get("dtype")
-        .and_then(Value::as_str)
-        .ok_or("missing string `dtype`")?;
-    let dtype =
-        Dtype::parse(dtype_name).ok_or_else(|| format!("unknown dtype \"{dtype_name}\""))?;
+    let dtype_name = obj.get("dtype").and_then(Value::as_str).ok_or("missing string `dtype`")?;
+    let dtype = Dtype::parse(dtype_name).ok_or_else(|| format!("unknown dtype \"{dtype_name}\""))?;
     let shape = obj
         .get("shape")
         .and_then(Value::as_array)
         .ok_or("missing list `shape`")?
         .iter()
-        .map(|d| {
-            d.as_u64()
-                .map(|d| d as usize)
-                .ok_or_else(|| format!("shape entry {d} is not a non-negative integer"))
-        })
+        .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| format!("shape entry {d} is not a non-negative integer")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let offsets = obj
-        .get("data_offsets")
-        .and_then(Value::as_array)
-        .ok_or("missing `data_offsets`")?;
+    let offsets = obj.get("data_offsets").and_then(Value::as_array).ok_or("missing `data_offsets`")?;
     let (begin, end) = match offsets.as_slice() {
         [b, e] => (
             b.as_u64().ok_or("data_offsets must be integers")? as usize,
@@ -240,14 +203,9 @@ fn parse_entry(entry: &Value) -> std::result::Result<TensorInfo, String> {
         _ => return Err("data_offsets must hold two integers".into()),
     };
     if end < begin {
-        return Err(format!(
-            "data_offsets [{begin}, {end}] end before they begin"
-        ));
+        return Err(format!("data_offsets [{begin}, {end}] end before they begin"));
     }
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or("shape overflows")?;
+    let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or("shape overflows")?;
     let expected = numel.checked_mul(dtype.size()).ok_or("shape overflows")?;
     if end - begin != expected {
         return Err(format!(
@@ -255,10 +213,5 @@ fn parse_entry(entry: &Value) -> std::result::Result<TensorInfo, String> {
             end - begin
         ));
     }
-    Ok(TensorInfo {
-        dtype,
-        shape,
-        begin,
-        end,
-    })
+    Ok(TensorInfo { dtype, shape, begin, end })
 }

@@ -56,25 +56,18 @@ pub struct HubSettings {
 impl HubSettings {
     /// Reads `HF_HUB_CACHE`, `HF_HOME` and `HF_HUB_OFFLINE` as huggingface_hub does.
     pub fn from_env() -> Self {
-        let cache_dir = if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty())
-        {
+        let cache_dir = if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
             PathBuf::from(p)
         } else if let Some(p) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
             PathBuf::from(p).join("hub")
         } else {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."));
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
             home.join(".cache").join("huggingface").join("hub")
         };
         let offline = std::env::var("HF_HUB_OFFLINE")
             .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
             .unwrap_or(false);
-        HubSettings {
-            cache_dir,
-            offline,
-            progress: true,
-        }
+        HubSettings { cache_dir, offline, progress: true }
     }
 }
 
@@ -89,12 +82,7 @@ pub fn looks_like_repo_id(source: &str) -> bool {
     let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    let ok = |s: &str| {
-        !s.is_empty()
-            && !s.starts_with('.')
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
+    let ok = |s: &str| !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     ok(owner) && ok(name)
 }
 
@@ -132,10 +120,7 @@ pub fn resolve_source_with(source: &str, need: Need, hub: &HubSettings) -> Resul
 fn resolve_hub(repo_id: &str, need: Need, hub: &HubSettings) -> Result<ResolvedSource> {
     use hf_hub::{Cache, Repo};
     let cache = Cache::new(hub.cache_dir.clone()).repo(Repo::model(repo_id.to_string()));
-    let err = |message: String| LoaderError::Source {
-        source_name: repo_id.into(),
-        message,
-    };
+    let err = |message: String| LoaderError::Source { source_name: repo_id.into(), message };
 
     // Everything already cached resolves with no network at all.
     let cached_config = cache.get("config.json");
@@ -181,21 +166,13 @@ fn missing_weight_files(snapshot: &Path) -> Result<Option<String>> {
 
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| LoaderError::io(index, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoaderError::Index {
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| LoaderError::Index { path: index.to_path_buf(), message: format!("not valid JSON: {e}") })?;
+    let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoaderError::Index {
         path: index.to_path_buf(),
-        message: format!("not valid JSON: {e}"),
+        message: "missing object `weight_map`".into(),
     })?;
-    let map = value
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| LoaderError::Index {
-            path: index.to_path_buf(),
-            message: "missing object `weight_map`".into(),
-        })?;
-    let mut names: Vec<String> = map
-        .values()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
+    let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
     names.sort();
     names.dedup();
     Ok(names)
@@ -203,19 +180,14 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 
 fn download(repo_id: &str, need: Need, hub: &HubSettings) -> Result<ResolvedSource> {
     use hf_hub::api::sync::ApiBuilder;
-    let err = |message: String| LoaderError::Source {
-        source_name: repo_id.into(),
-        message,
-    };
+    let err = |message: String| LoaderError::Source { source_name: repo_id.into(), message };
     let api = ApiBuilder::new()
         .with_cache_dir(hub.cache_dir.clone())
         .with_progress(hub.progress)
         .build()
         .map_err(|e| err(format!("cannot start the hub client: {e}")))?;
     let repo = api.model(repo_id.to_string());
-    let config = repo
-        .get("config.json")
-        .map_err(|e| err(format!("downloading config.json: {e}")))?;
+    let config = repo.get("config.json").map_err(|e| err(format!("downloading config.json: {e}")))?;
     if need == Need::Config {
         return Ok(ResolvedSource::ConfigFile(config));
     }
@@ -225,8 +197,7 @@ fn download(repo_id: &str, need: Need, hub: &HubSettings) -> Result<ResolvedSour
         Err(_) => vec!["model.safetensors".to_string()],
     };
     for shard in &shards {
-        repo.get(shard)
-            .map_err(|e| err(format!("downloading {shard}: {e}")))?;
+        repo.get(shard).map_err(|e| err(format!("downloading {shard}: {e}")))?;
     }
     for side in SIDE_FILES {
         // Side files are optional: a repo without a chat template is still a model.
@@ -246,11 +217,7 @@ mod tests {
         let snap = repo.join("snapshots/0123abcd");
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
-        std::fs::write(
-            snap.join(INDEX_FILE),
-            r#"{"weight_map": {"a": "model-00001-of-00001.safetensors"}}"#,
-        )
-        .unwrap();
+        std::fs::write(snap.join(INDEX_FILE), r#"{"weight_map": {"a": "model-00001-of-00001.safetensors"}}"#).unwrap();
         if with_shard {
             std::fs::write(snap.join("model-00001-of-00001.safetensors"), b"x").unwrap();
         }
@@ -269,11 +236,7 @@ mod tests {
     fn cached_repo_resolves_offline() {
         let tmp = tempfile::tempdir().unwrap();
         let snap = lay_out_cache(tmp.path(), true);
-        let hub = HubSettings {
-            cache_dir: tmp.path().to_path_buf(),
-            offline: true,
-            progress: false,
-        };
+        let hub = HubSettings { cache_dir: tmp.path().to_path_buf(), offline: true, progress: false };
         let got = resolve_source_with("openai/gpt-oss-test", Need::Everything, &hub).unwrap();
         assert_eq!(got, ResolvedSource::Folder(snap.clone()));
         let got = resolve_source_with("openai/gpt-oss-test", Need::Config, &hub).unwrap();
@@ -284,21 +247,10 @@ mod tests {
     fn offline_names_the_missing_file() {
         let tmp = tempfile::tempdir().unwrap();
         lay_out_cache(tmp.path(), false);
-        let hub = HubSettings {
-            cache_dir: tmp.path().to_path_buf(),
-            offline: true,
-            progress: false,
-        };
+        let hub = HubSettings { cache_dir: tmp.path().to_path_buf(), offline: true, progress: false };
         let e = resolve_source_with("openai/gpt-oss-test", Need::Everything, &hub).unwrap_err();
-        assert!(
-            e.to_string().contains("model-00001-of-00001.safetensors"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("model-00001-of-00001.safetensors"), "{e}");
         let e = resolve_source_with("openai/other", Need::Config, &hub).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("config.json is not in the hub cache"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("config.json is not in the hub cache"), "{e}");
     }
 }

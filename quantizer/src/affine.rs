@@ -98,10 +98,7 @@ fn quantize_row_portable(
         .zip(scales.iter_mut().zip(biases.iter_mut()))
         .enumerate()
     {
-        let (scale, bias) = group_params(group, n_bins).map_err(|i| NonFinite {
-            index: g * group_size + i,
-            value: group[i],
-        })?;
+        let (scale, bias) = group_params(group, n_bins).map_err(|i| NonFinite { index: g * group_size + i, value: group[i] })?;
         let codes = &mut codes[..group_size];
         for (c, &w) in codes.iter_mut().zip(group) {
             let q = rint((w - bias) / scale);
@@ -171,14 +168,7 @@ pub fn unpack_code(packed: &[u8], bits: u32, i: usize) -> u32 {
 }
 
 /// Dequantizes one packed row (`scale*q + bias` in f32, as `mx.dequantize`).
-pub fn dequantize_row(
-    packed: &[u8],
-    scales: &[bf16],
-    biases: &[bf16],
-    bits: u32,
-    group_size: usize,
-    out: &mut [f32],
-) {
+pub fn dequantize_row(packed: &[u8], scales: &[bf16], biases: &[bf16], bits: u32, group_size: usize, out: &mut [f32]) {
     for (i, o) in out.iter_mut().enumerate() {
         let g = i / group_size;
         *o = scales[g].to_f32() * unpack_code(packed, bits, i) as f32 + biases[g].to_f32();
@@ -196,18 +186,7 @@ mod tests {
             assert_eq!(rint(x), x.round_ties_even(), "{x}");
             x += 0.125;
         }
-        for x in [
-            0.5f32,
-            1.5,
-            2.5,
-            -0.5,
-            -2.5,
-            1e7,
-            -3e9,
-            4_194_303.5,
-            8_388_607.5,
-            0.49999997,
-        ] {
+        for x in [0.5f32, 1.5, 2.5, -0.5, -2.5, 1e7, -3e9, 4_194_303.5, 8_388_607.5, 0.49999997] {
             assert_eq!(rint(x), x.round_ties_even(), "{x}");
         }
     }
@@ -219,20 +198,14 @@ mod tests {
             let mut out = vec![0u8; packed_row_bytes(64, bits)];
             pack_codes(&codes, bits, &mut out);
             for (i, &c) in codes.iter().enumerate() {
-                assert_eq!(
-                    unpack_code(&out, bits, i),
-                    u32::from(c),
-                    "bits {bits} code {i}"
-                );
+                assert_eq!(unpack_code(&out, bits, i), u32::from(c), "bits {bits} code {i}");
             }
         }
     }
 
     #[test]
     fn quantize_error_is_bounded_and_edges_exact() {
-        let row: Vec<f32> = (0..128)
-            .map(|i| bf16::from_f32(((i as f32) * 0.37).sin() * 0.1).to_f32())
-            .collect();
+        let row: Vec<f32> = (0..128).map(|i| bf16::from_f32(((i as f32) * 0.37).sin() * 0.1).to_f32()).collect();
         for bits in AFFINE_BITS {
             let mut packed = vec![0u8; packed_row_bytes(128, bits)];
             let (mut s, mut b) = (vec![bf16::ZERO; 2], vec![bf16::ZERO; 2]);
@@ -248,17 +221,11 @@ mod tests {
 
     #[test]
     fn dispatched_and_portable_paths_agree() {
-        let row: Vec<f32> = (0..256)
-            .map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) * 0.013).to_f32())
-            .collect();
+        let row: Vec<f32> = (0..256).map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) * 0.013).to_f32()).collect();
         for bits in AFFINE_BITS {
             for gs in [32usize, 64, 128] {
                 let n = 256 / gs;
-                let mut a = (
-                    vec![0u8; packed_row_bytes(256, bits)],
-                    vec![bf16::ZERO; n],
-                    vec![bf16::ZERO; n],
-                );
+                let mut a = (vec![0u8; packed_row_bytes(256, bits)], vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
                 let mut b = a.clone();
                 quantize_row(&row, bits, gs, &mut a.0, &mut a.1, &mut a.2).unwrap();
                 quantize_row_portable(&row, bits, gs, &mut b.0, &mut b.1, &mut b.2).unwrap();
@@ -276,11 +243,6 @@ mod tests {
         let e = quantize_row(&row, 4, 64, &mut packed, &mut s, &mut b).unwrap_err();
         assert_eq!(e.index, 37);
         row[37] = f32::INFINITY;
-        assert_eq!(
-            quantize_row(&row, 4, 64, &mut packed, &mut s, &mut b)
-                .unwrap_err()
-                .index,
-            37
-        );
+        assert_eq!(quantize_row(&row, 4, 64, &mut packed, &mut s, &mut b).unwrap_err().index, 37);
     }
 }

@@ -15,9 +15,7 @@ pub fn gb(bytes: usize) -> f64 {
 
 /// A Hugging Face model card: front matter for the hub, the bit table, and how to load it.
 pub fn model_card(name: &str, base_model: &str, recipe: &Recipe, s: &PlanSummary) -> String {
-    let mut table = String::from(
-        "| bits | group size | parameters | % | bytes | covers |\n|---|---|---|---|---|---|\n",
-    );
+    let mut table = String::from("| bits | group size | parameters | % | bytes | covers |\n|---|---|---|---|---|---|\n");
     for r in &s.rows {
         table.push_str(&format!(
             "| {} | {} | {} | {:.2}% | {} | {} |\n",

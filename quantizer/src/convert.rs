@@ -55,9 +55,7 @@ pub enum ConvertError {
     #[error("{0}: output folder is the source checkpoint or contains it")]
     OutIsSource(PathBuf),
     /// The source is not an upstream checkpoint.
-    #[error(
-        "{path}: convert reads upstream gpt-oss checkpoints (MXFP4 experts); this one is {found}"
-    )]
+    #[error("{path}: convert reads upstream gpt-oss checkpoints (MXFP4 experts); this one is {found}")]
     NotUpstream {
         /// The source folder.
         path: PathBuf,
@@ -75,10 +73,7 @@ pub enum ConvertError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ConvertError + '_ {
-    move |source| ConvertError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ConvertError::Io { path: path.to_path_buf(), source }
 }
 
 /// Progress events of a conversion; every method has a silent default.
@@ -110,11 +105,7 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions {
-            force: false,
-            max_shard_bytes: MAX_SHARD_BYTES,
-            source_label: String::new(),
-        }
+        ConvertOptions { force: false, max_shard_bytes: MAX_SHARD_BYTES, source_label: String::new() }
     }
 }
 
@@ -172,19 +163,13 @@ pub fn convert(
     let ckpt = Checkpoint::open(source)?;
     let format = ckpt.format();
     if format != CheckpointFormat::UpstreamMxfp4 {
-        return Err(ConvertError::NotUpstream {
-            path: source.to_path_buf(),
-            found: format.describe(),
-        });
+        return Err(ConvertError::NotUpstream { path: source.to_path_buf(), found: format.describe() });
     }
     mixq_loader::layout::validate_upstream(&ckpt)?;
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
     check_out_dir(out, source, opts.force)?;
 
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "mlx-model".into());
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlx-model".into());
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -194,23 +179,11 @@ pub fn convert(
         std::fs::remove_dir_all(&tmp_path).map_err(io(&tmp_path))?;
     }
     std::fs::create_dir_all(&tmp_path).map_err(io(&tmp_path))?;
-    let mut partial = PartialDir {
-        path: tmp_path.clone(),
-        done: false,
-    };
+    let mut partial = PartialDir { path: tmp_path.clone(), done: false };
 
-    let sources: Vec<RowSource<'_>> = alloc
-        .assigned
-        .iter()
-        .map(|a| row_source(&ckpt, a))
-        .collect::<Result<_, _>>()?;
+    let sources: Vec<RowSource<'_>> = alloc.assigned.iter().map(|a| row_source(&ckpt, a)).collect::<Result<_, _>>()?;
     let rows_of = |a: &Assigned, s: &RowSource<'_>| a.param.numel() / s.cols();
-    let source_bytes: u64 = alloc
-        .assigned
-        .iter()
-        .zip(&sources)
-        .map(|(a, s)| (rows_of(a, s) * s.source_bytes_per_row()) as u64)
-        .sum();
+    let source_bytes: u64 = alloc.assigned.iter().zip(&sources).map(|(a, s)| (rows_of(a, s) * s.source_bytes_per_row()) as u64).sum();
     progress.begin(source_bytes, alloc.assigned.len());
 
     let layout = ShardLayout::new(&alloc, opts.max_shard_bytes);
@@ -229,10 +202,7 @@ pub fn convert(
     drop(files);
 
     let summary = alloc.summary();
-    write_json(
-        &tmp_path.join(mixq_loader::INDEX_FILE),
-        &layout.index_json(&summary),
-    )?;
+    write_json(&tmp_path.join(mixq_loader::INDEX_FILE), &layout.index_json(&summary))?;
     write_json(&tmp_path.join("config.json"), &mlx_config(&ckpt, &alloc))?;
     for side in mixq_loader::source::SIDE_FILES {
         let from = source.join(side);
@@ -240,11 +210,7 @@ pub fn convert(
             std::fs::copy(&from, tmp_path.join(side)).map_err(io(&from))?;
         }
     }
-    let base_model = if opts.source_label.is_empty() {
-        source.display().to_string()
-    } else {
-        opts.source_label.clone()
-    };
+    let base_model = if opts.source_label.is_empty() { source.display().to_string() } else { opts.source_label.clone() };
     let card = model_card(&name, &base_model, recipe, &summary);
     std::fs::write(tmp_path.join("README.md"), card).map_err(io(&tmp_path))?;
     progress.phase("hashing");
@@ -259,12 +225,7 @@ pub fn convert(
     }
     std::fs::rename(&tmp_path, out).map_err(io(out))?;
     partial.done = true;
-    Ok(ConvertReport {
-        out: out.to_path_buf(),
-        summary,
-        shards: layout.names.clone(),
-        source_bytes,
-    })
+    Ok(ConvertReport { out: out.to_path_buf(), summary, shards: layout.names.clone(), source_bytes })
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), ConvertError> {
@@ -286,9 +247,7 @@ fn row_source<'a>(ckpt: &'a Checkpoint, a: &Assigned) -> Result<RowSource<'a>, C
         TensorClass::ExpertsGate => Some(("gate_up_proj", 0, 2)),
         TensorClass::ExpertsUp => Some(("gate_up_proj", 1, 2)),
         TensorClass::ExpertsDown => Some(("down_proj", 0, 1)),
-        TensorClass::Bias if p.module.ends_with("experts.gate_proj") => {
-            Some(("gate_up_proj", 0, 2))
-        }
+        TensorClass::Bias if p.module.ends_with("experts.gate_proj") => Some(("gate_up_proj", 0, 2)),
         TensorClass::Bias if p.module.ends_with("experts.up_proj") => Some(("gate_up_proj", 1, 2)),
         TensorClass::Bias if p.module.ends_with("experts.down_proj") => Some(("down_proj", 0, 1)),
         _ => None,
@@ -298,39 +257,17 @@ fn row_source<'a>(ckpt: &'a Checkpoint, a: &Assigned) -> Result<RowSource<'a>, C
             let blocks = ckpt.tensor(&format!("{experts}.{stem}_blocks"))?;
             let scales = ckpt.tensor(&format!("{experts}.{stem}_scales"))?;
             let src_per = if stem == "gate_up_proj" { 2 * i } else { h };
-            let map = mixq_loader::RowMap {
-                per: p.shape[1],
-                src_per,
-                start,
-                step,
-            };
-            RowSource::Mxfp4 {
-                blocks: blocks.data,
-                scales: scales.data,
-                cols,
-                map,
-            }
+            let map = mixq_loader::RowMap { per: p.shape[1], src_per, start, step };
+            RowSource::Mxfp4 { blocks: blocks.data, scales: scales.data, cols, map }
         }
         Some((stem, start, step)) => {
             let bias = ckpt.tensor(&format!("{experts}.{stem}_bias"))?;
-            RowSource::Bf16 {
-                data: bias.data,
-                cols,
-                src_cols: cols * step,
-                start,
-                step,
-            }
+            RowSource::Bf16 { data: bias.data, cols, src_cols: cols * step, start, step }
         }
         None => {
             let t = ckpt.tensor(&p.name())?;
             t.expect(mixq_loader::Dtype::BF16, &p.shape)?;
-            RowSource::Bf16 {
-                data: t.data,
-                cols,
-                src_cols: cols,
-                start: 0,
-                step: 1,
-            }
+            RowSource::Bf16 { data: t.data, cols, src_cols: cols, start: 0, step: 1 }
         }
     })
 }
@@ -361,32 +298,21 @@ impl ShardLayout {
                 }
                 current += n;
                 ids.push(shard_tensors.len() - 1);
-                shard_tensors
-                    .last_mut()
-                    .expect("a shard was just pushed")
-                    .push(t);
+                shard_tensors.last_mut().expect("a shard was just pushed").push(t);
             }
             shard_of.push(ids);
         }
         let count = shard_tensors.len();
         let names: Vec<String> = (0..count)
-            .map(|i| {
-                if count == 1 {
-                    "model.safetensors".into()
-                } else {
-                    format!("model-{:05}-of-{count:05}.safetensors", i + 1)
-                }
-            })
+            .map(|i| if count == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) })
             .collect();
         let mut headers = Vec::new();
         let mut sizes = Vec::new();
         let mut offsets: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         let mut weight_map = Vec::new();
         for (s, tensors) in shard_tensors.iter().enumerate() {
-            let entries: Vec<(&str, mixq_loader::Dtype, &[usize])> = tensors
-                .iter()
-                .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
-                .collect();
+            let entries: Vec<(&str, mixq_loader::Dtype, &[usize])> =
+                tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
             let (bytes, rel) = mixq_loader::shard::encode_header(&[("format", "mlx")], &entries);
             let data_start = bytes.len() as u64;
             for (t, off) in tensors.iter().zip(rel) {
@@ -400,22 +326,10 @@ impl ShardLayout {
             .assigned
             .iter()
             .zip(&shard_of)
-            .map(|(a, ids)| {
-                a.outputs()
-                    .iter()
-                    .zip(ids)
-                    .map(|(t, &s)| (s, offsets[&t.name]))
-                    .collect()
-            })
+            .map(|(a, ids)| a.outputs().iter().zip(ids).map(|(t, &s)| (s, offsets[&t.name])).collect())
             .collect();
         weight_map.sort();
-        ShardLayout {
-            names,
-            headers,
-            sizes,
-            placements,
-            weight_map,
-        }
+        ShardLayout { names, headers, sizes, placements, weight_map }
     }
 
     fn create_files(&self, dir: &Path) -> Result<Vec<File>, ConvertError> {
@@ -431,11 +345,8 @@ impl ShardLayout {
     }
 
     fn index_json(&self, summary: &PlanSummary) -> Value {
-        let weight_map: Map<String, Value> = self
-            .weight_map
-            .iter()
-            .map(|(n, s)| (n.clone(), Value::String(self.names[*s].clone())))
-            .collect();
+        let weight_map: Map<String, Value> =
+            self.weight_map.iter().map(|(n, s)| (n.clone(), Value::String(self.names[*s].clone()))).collect();
         json!({
             "metadata": {"total_size": summary.bytes, "total_parameters": summary.params},
             "weight_map": weight_map,
@@ -461,21 +372,12 @@ fn write_param(
     let put = |k: usize, first_row: usize, bytes: &[u8]| -> Result<(), ConvertError> {
         let (s, off) = places[k];
         let at = off + (first_row * row_bytes[k]) as u64;
-        files[s]
-            .write_all_at(bytes, at)
-            .map_err(io(&dir.join(&names[s])))
+        files[s].write_all_at(bytes, at).map_err(io(&dir.join(&names[s])))
     };
     // Chunk buffers are allocated once per parameter and reused, so fresh pages are not
     // faulted in for every chunk.
     let mut bytes_a = vec![0u8; chunk_rows.min(rows) * row_bytes[0]];
-    let mut bytes_b = vec![
-        0u8;
-        if row_bytes.len() > 1 {
-            chunk_rows.min(rows) * row_bytes[1]
-        } else {
-            0
-        }
-    ];
+    let mut bytes_b = vec![0u8; if row_bytes.len() > 1 { chunk_rows.min(rows) * row_bytes[1] } else { 0 }];
     let groups_per_row = match a.action {
         Action::Affine { group_size, .. } => cols / group_size as usize,
         _ => 0,
@@ -488,10 +390,9 @@ fn write_param(
         match a.action {
             Action::Keep => {
                 let buf = &mut bytes_a[..n * row_bytes[0]];
-                buf.par_chunks_mut(row_bytes[0]).enumerate().for_each_init(
-                    || vec![0f32; cols],
-                    |scratch, (i, out)| src.row_bf16(first + i, scratch, out),
-                );
+                buf.par_chunks_mut(row_bytes[0])
+                    .enumerate()
+                    .for_each_init(|| vec![0f32; cols], |scratch, (i, out)| src.row_bf16(first + i, scratch, out));
                 put(0, first, buf)?;
             }
             Action::Affine { bits, group_size } => {
@@ -507,16 +408,10 @@ fn write_param(
                         || vec![0f32; cols],
                         |row, (i, ((p, s), b))| {
                             src.row_f32(first + i, row);
-                            quantize_row(row, bits, group_size as usize, p, s, b)
-                                .map_err(|e| (first + i, e))
+                            quantize_row(row, bits, group_size as usize, p, s, b).map_err(|e| (first + i, e))
                         },
                     )
-                    .map_err(|(row, e)| ConvertError::NonFinite {
-                        tensor: a.param.name(),
-                        row,
-                        col: e.index,
-                        value: e.value,
-                    })?;
+                    .map_err(|(row, e)| ConvertError::NonFinite { tensor: a.param.name(), row, col: e.index, value: e.value })?;
                 put(0, first, packed)?;
                 put(1, first, bytemuck::cast_slice(s))?;
                 put(2, first, bytemuck::cast_slice(b))?;
@@ -525,12 +420,9 @@ fn write_param(
                 let (bb, sb) = (row_bytes[0], row_bytes[1]);
                 let (blocks, block_scales) = (&mut bytes_a[..n * bb], &mut bytes_b[..n * sb]);
                 for i in 0..n {
-                    let (b, s) =
-                        src.row_mxfp4(first + i)
-                            .ok_or_else(|| ConvertError::NotUpstream {
-                                path: dir.to_path_buf(),
-                                found: "not MXFP4 for this tensor",
-                            })?;
+                    let (b, s) = src
+                        .row_mxfp4(first + i)
+                        .ok_or_else(|| ConvertError::NotUpstream { path: dir.to_path_buf(), found: "not MXFP4 for this tensor" })?;
                     blocks[i * bb..(i + 1) * bb].copy_from_slice(b);
                     block_scales[i * sb..(i + 1) * sb].copy_from_slice(s);
                 }
@@ -561,11 +453,7 @@ fn mlx_config(ckpt: &Checkpoint, alloc: &Allocation) -> Value {
 /// The MLX config.json of `config` converted with `alloc`: the upstream fields, with the
 /// per-module quantization map in place of the upstream quantization config.
 pub fn quantized_config(config: &mixq_loader::GptOssConfig, alloc: &Allocation) -> Value {
-    let mut cfg: std::collections::BTreeMap<String, Value> = config
-        .raw
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut cfg: std::collections::BTreeMap<String, Value> = config.raw.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     cfg.remove("quantization_config");
     cfg.remove("_name_or_path");
     if let Some(default) = alloc.default_spec() {

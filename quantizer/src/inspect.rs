@@ -55,9 +55,7 @@ pub fn inspect(ckpt: &Checkpoint) -> Inspection {
     let mut tensors = 0;
     for shard in ckpt.shards() {
         for (name, info) in shard.tensors() {
-            let s = by_class
-                .entry(classify_name(name).map(|(c, _)| c))
-                .or_default();
+            let s = by_class.entry(classify_name(name).map(|(c, _)| c)).or_default();
             s.tensors += 1;
             s.bytes += (info.end - info.begin) as u64;
             s.dtypes.insert(info.dtype.to_string());
@@ -66,19 +64,13 @@ pub fn inspect(ckpt: &Checkpoint) -> Inspection {
     }
     let params = match ckpt.format() {
         CheckpointFormat::UpstreamMxfp4 => source_size(c).1,
-        _ => mlx_params(c)
-            .iter()
-            .filter(|p| p.class != TensorClass::Sinks)
-            .map(|p| p.numel())
-            .sum(),
+        _ => mlx_params(c).iter().filter(|p| p.class != TensorClass::Sinks).map(|p| p.numel()).sum(),
     };
     let mut quantization = BTreeMap::new();
     if let Some(map) = &c.quantization {
         for spec in map.modules.values() {
             let label = match spec.mode {
-                mixq_loader::QuantMode::Affine => {
-                    format!("affine {}-bit gs{}", spec.bits, spec.group_size)
-                }
+                mixq_loader::QuantMode::Affine => format!("affine {}-bit gs{}", spec.bits, spec.group_size),
                 mixq_loader::QuantMode::Mxfp4 => "mxfp4".to_string(),
             };
             *quantization.entry(label).or_default() += 1;

@@ -36,12 +36,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Hashes every file in `dir` (in parallel) and writes the manifest.
-pub fn write_manifest(
-    dir: &Path,
-    source: &str,
-    recipe: &Recipe,
-    summary: &PlanSummary,
-) -> Result<(), ConvertError> {
+pub fn write_manifest(dir: &Path, source: &str, recipe: &Recipe, summary: &PlanSummary) -> Result<(), ConvertError> {
     use rayon::prelude::*;
     let io = |p: &Path| {
         let p = p.to_path_buf();

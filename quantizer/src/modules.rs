@@ -84,18 +84,12 @@ impl TensorClass {
 
     /// Whether MLX can quantize a parameter of this class (a Linear, Embedding or SwitchLinear weight).
     pub fn is_quantizable(self) -> bool {
-        !matches!(
-            self,
-            TensorClass::Norm | TensorClass::Bias | TensorClass::Sinks
-        )
+        !matches!(self, TensorClass::Norm | TensorClass::Bias | TensorClass::Sinks)
     }
 
     /// Whether this is an expert projection (the only classes stored as MXFP4 upstream).
     pub fn is_expert(self) -> bool {
-        matches!(
-            self,
-            TensorClass::ExpertsGate | TensorClass::ExpertsUp | TensorClass::ExpertsDown
-        )
+        matches!(self, TensorClass::ExpertsGate | TensorClass::ExpertsUp | TensorClass::ExpertsDown)
     }
 }
 
@@ -142,12 +136,7 @@ impl Param {
 /// Every parameter of the MLX gpt-oss model for a config, in model order.
 pub fn mlx_params(c: &GptOssConfig) -> Vec<Param> {
     use TensorClass::*;
-    let (h, i, e, v) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_local_experts,
-        c.vocab_size,
-    );
+    let (h, i, e, v) = (c.hidden_size, c.intermediate_size, c.num_local_experts, c.vocab_size);
     let q = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;
     let p = |class, layer: Option<usize>, module: String, leaf, shape: &[usize]| Param {
@@ -158,13 +147,7 @@ pub fn mlx_params(c: &GptOssConfig) -> Vec<Param> {
         leaf,
         shape: shape.to_vec(),
     };
-    let mut out = vec![p(
-        EmbedTokens,
-        None,
-        "model.embed_tokens".into(),
-        "weight",
-        &[v, h],
-    )];
+    let mut out = vec![p(EmbedTokens, None, "model.embed_tokens".into(), "weight", &[v, h])];
     for l in 0..c.num_hidden_layers {
         let m = |s: &str| format!("model.layers.{l}.{s}");
         let at = Some(l);
@@ -182,29 +165,11 @@ pub fn mlx_params(c: &GptOssConfig) -> Vec<Param> {
             p(Sinks, at, m("self_attn"), "sinks", &[c.num_attention_heads]),
             p(Router, at, m("mlp.router"), "weight", &[e, h]),
             p(Bias, at, m("mlp.router"), "bias", &[e]),
-            p(
-                ExpertsGate,
-                at,
-                m("mlp.experts.gate_proj"),
-                "weight",
-                &[e, i, h],
-            ),
+            p(ExpertsGate, at, m("mlp.experts.gate_proj"), "weight", &[e, i, h]),
             p(Bias, at, m("mlp.experts.gate_proj"), "bias", &[e, i]),
-            p(
-                ExpertsUp,
-                at,
-                m("mlp.experts.up_proj"),
-                "weight",
-                &[e, i, h],
-            ),
+            p(ExpertsUp, at, m("mlp.experts.up_proj"), "weight", &[e, i, h]),
             p(Bias, at, m("mlp.experts.up_proj"), "bias", &[e, i]),
-            p(
-                ExpertsDown,
-                at,
-                m("mlp.experts.down_proj"),
-                "weight",
-                &[e, h, i],
-            ),
+            p(ExpertsDown, at, m("mlp.experts.down_proj"), "weight", &[e, h, i]),
             p(Bias, at, m("mlp.experts.down_proj"), "bias", &[e, h]),
         ]);
     }
@@ -267,16 +232,8 @@ mod tests {
         )
         .unwrap();
         for p in mlx_params(&cfg) {
-            assert_eq!(
-                classify_name(&p.name()),
-                Some((p.class, p.layer)),
-                "{}",
-                p.name()
-            );
+            assert_eq!(classify_name(&p.name()), Some((p.class, p.layer)), "{}", p.name());
         }
-        assert_eq!(
-            classify_name("model.layers.1.self_attn.q_proj.scales"),
-            Some((TensorClass::QProj, Some(1)))
-        );
+        assert_eq!(classify_name("model.layers.1.self_attn.q_proj.scales"), Some((TensorClass::QProj, Some(1))));
     }
 }

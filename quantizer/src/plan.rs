@@ -43,11 +43,7 @@ impl Assigned {
         let (outer, last) = p.shape.split_at(p.shape.len() - 1);
         let cols = last[0];
         let with_last = |n: usize| outer.iter().copied().chain([n]).collect::<Vec<_>>();
-        let t = |leaf: &str, dtype, shape| OutTensor {
-            name: format!("{}.{leaf}", p.module),
-            dtype,
-            shape,
-        };
+        let t = |leaf: &str, dtype, shape| OutTensor { name: format!("{}.{leaf}", p.module), dtype, shape };
         match self.action {
             Action::Keep => vec![t(p.leaf, Dtype::BF16, p.shape.clone())],
             Action::Affine { bits, group_size } => vec![
@@ -55,10 +51,7 @@ impl Assigned {
                 t("scales", Dtype::BF16, with_last(cols / group_size as usize)),
                 t("biases", Dtype::BF16, with_last(cols / group_size as usize)),
             ],
-            Action::Mxfp4 => vec![
-                t("weight", Dtype::U32, with_last(cols / 8)),
-                t("scales", Dtype::U8, with_last(cols / 32)),
-            ],
+            Action::Mxfp4 => vec![t("weight", Dtype::U32, with_last(cols / 8)), t("scales", Dtype::U8, with_last(cols / 32))],
         }
     }
 
@@ -66,16 +59,8 @@ impl Assigned {
     pub fn quant_spec(&self) -> Option<QuantSpec> {
         match self.action {
             Action::Keep => None,
-            Action::Affine { bits, group_size } => Some(QuantSpec {
-                bits,
-                group_size,
-                mode: QuantMode::Affine,
-            }),
-            Action::Mxfp4 => Some(QuantSpec {
-                bits: 4,
-                group_size: 32,
-                mode: QuantMode::Mxfp4,
-            }),
+            Action::Affine { bits, group_size } => Some(QuantSpec { bits, group_size, mode: QuantMode::Affine }),
+            Action::Mxfp4 => Some(QuantSpec { bits: 4, group_size: 32, mode: QuantMode::Mxfp4 }),
         }
     }
 
@@ -142,16 +127,9 @@ impl Allocation {
                     ),
                 });
             }
-            assigned.push(Assigned {
-                param,
-                action,
-                rule_line,
-            });
+            assigned.push(Assigned { param, action, rule_line });
         }
-        Ok(Allocation {
-            assigned,
-            num_layers: n,
-        })
+        Ok(Allocation { assigned, num_layers: n })
     }
 
     /// All output tensors, in model order.
@@ -171,20 +149,12 @@ impl Allocation {
             });
             row.params += a.counted_params();
             row.bytes += a.nbytes();
-            row.coverage
-                .entry(a.param.class)
-                .or_default()
-                .push(a.param.layer);
+            row.coverage.entry(a.param.class).or_default().push(a.param.layer);
         }
         let rows: Vec<PlanRow> = rows.into_values().collect();
         let bytes = rows.iter().map(|r| r.bytes).sum();
         let params = rows.iter().map(|r| r.params).sum();
-        PlanSummary {
-            rows,
-            bytes,
-            params,
-            num_layers: self.num_layers,
-        }
+        PlanSummary { rows, bytes, params, num_layers: self.num_layers }
     }
 
     /// The most common affine setting by parameters: the quantization map's top-level default.
@@ -192,22 +162,12 @@ impl Allocation {
         let mut by_spec: BTreeMap<(u32, u32, bool), usize> = BTreeMap::new();
         for a in &self.assigned {
             if let Some(s) = a.quant_spec() {
-                *by_spec
-                    .entry((s.bits, s.group_size, s.mode == QuantMode::Affine))
-                    .or_default() += a.param.numel();
+                *by_spec.entry((s.bits, s.group_size, s.mode == QuantMode::Affine)).or_default() += a.param.numel();
             }
         }
         let best = by_spec.iter().max_by_key(|(k, n)| (k.2, **n))?;
         let (bits, group_size, affine) = *best.0;
-        Some(QuantSpec {
-            bits,
-            group_size,
-            mode: if affine {
-                QuantMode::Affine
-            } else {
-                QuantMode::Mxfp4
-            },
-        })
+        Some(QuantSpec { bits, group_size, mode: if affine { QuantMode::Affine } else { QuantMode::Mxfp4 } })
     }
 }
 
@@ -285,13 +245,7 @@ impl PlanRow {
         }
         groups
             .iter()
-            .map(|(names, w)| {
-                if w.is_empty() {
-                    names.join(", ")
-                } else {
-                    format!("{} ({w})", names.join(", "))
-                }
-            })
+            .map(|(names, w)| if w.is_empty() { names.join(", ") } else { format!("{} ({w})", names.join(", ")) })
             .collect::<Vec<_>>()
             .join("; ")
     }
@@ -306,11 +260,7 @@ pub fn compress_ranges(sorted: &[usize]) -> String {
         while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
             j += 1;
         }
-        parts.push(if i == j {
-            sorted[i].to_string()
-        } else {
-            format!("{}-{}", sorted[i], sorted[j])
-        });
+        parts.push(if i == j { sorted[i].to_string() } else { format!("{}-{}", sorted[i], sorted[j]) });
         i = j + 1;
     }
     parts.join(", ")

@@ -11,15 +11,9 @@ use crate::modules::{Param, TensorClass};
 
 /// Recipes shipped inside the binary, by name.
 pub const BUILTIN_RECIPES: &[(&str, &str)] = &[
-    (
-        "gpt-oss-120b-3.6bit",
-        include_str!("../../recipes/gpt-oss-120b-3.6bit.yaml"),
-    ),
+    ("gpt-oss-120b-3.6bit", include_str!("../../recipes/gpt-oss-120b-3.6bit.yaml")),
     ("mixed_3_6", include_str!("../../recipes/mixed_3_6.yaml")),
-    (
-        "mxfp4-experts",
-        include_str!("../../recipes/mxfp4-experts.yaml"),
-    ),
+    ("mxfp4-experts", include_str!("../../recipes/mxfp4-experts.yaml")),
 ];
 
 /// A recipe that cannot be read or does not fit a model.
@@ -51,11 +45,7 @@ pub enum RecipeError {
 }
 
 fn builtin_names() -> String {
-    BUILTIN_RECIPES
-        .iter()
-        .map(|(n, _)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
+    BUILTIN_RECIPES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
 /// What a rule does with the tensors it matches.
@@ -150,18 +140,12 @@ impl LayerSelector {
             ["first", a] => Amount::parse(a).map(LayerSelector::First).ok_or_else(bad),
             ["last", a] => Amount::parse(a).map(LayerSelector::Last).ok_or_else(bad),
             ["every", rest @ ..] => {
-                let step: usize = rest
-                    .first()
-                    .and_then(|k| k.parse().ok())
-                    .filter(|&k| k > 0)
-                    .ok_or_else(bad)?;
+                let step: usize = rest.first().and_then(|k| k.parse().ok()).filter(|&k| k > 0).ok_or_else(bad)?;
                 let (mut offset, mut from) = (0, Amount::Count(0));
                 let mut it = rest[1..].chunks(2);
                 for pair in &mut it {
                     match pair {
-                        ["offset", r] => {
-                            offset = r.parse().ok().filter(|&r| r < step).ok_or_else(bad)?
-                        }
+                        ["offset", r] => offset = r.parse().ok().filter(|&r| r < step).ok_or_else(bad)?,
                         ["from", a] => from = Amount::parse(a).ok_or_else(bad)?,
                         _ => return Err(bad()),
                     }
@@ -170,8 +154,7 @@ impl LayerSelector {
             }
             [single] => {
                 if let Some((a, b)) = single.split_once('-') {
-                    let (a, b): (usize, usize) =
-                        (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                    let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
                     if a > b {
                         return Err(format!("layer range \"{s}\" ends before it starts"));
                     }
@@ -317,14 +300,10 @@ fn parse_action(v: &serde_yaml::Value) -> Result<Action, String> {
             if k.as_str() != Some("affine") {
                 return Err(format!("unknown action {k:?}; {expected}"));
             }
-            let inner = inner
-                .as_mapping()
-                .ok_or_else(|| format!("affine takes a mapping; {expected}"))?;
+            let inner = inner.as_mapping().ok_or_else(|| format!("affine takes a mapping; {expected}"))?;
             for key in inner.keys() {
                 if !matches!(key.as_str(), Some("bits" | "group_size")) {
-                    return Err(format!(
-                        "unknown key {key:?} in affine; expected bits and group_size"
-                    ));
+                    return Err(format!("unknown key {key:?} in affine; expected bits and group_size"));
                 }
             }
             let get = |key: &str| {
@@ -334,10 +313,7 @@ fn parse_action(v: &serde_yaml::Value) -> Result<Action, String> {
                     .map(|n| n as u32)
                     .ok_or_else(|| format!("affine needs an integer `{key}`"))
             };
-            Ok(Action::Affine {
-                bits: get("bits")?,
-                group_size: get("group_size")?,
-            })
+            Ok(Action::Affine { bits: get("bits")?, group_size: get("group_size")? })
         }
         other => Err(format!("action {other:?} is not valid; {expected}")),
     }
@@ -350,28 +326,20 @@ impl Recipe {
             return Self::parse(text, &format!("recipes/{name}.yaml"));
         }
         let path = Path::new(name_or_path);
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RecipeError::NotFound(name_or_path.into(), e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::NotFound(name_or_path.into(), e))?;
         Self::parse(&text, name_or_path)
     }
 
     /// Parses and statically validates recipe text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, RecipeError> {
-        let invalid = |line: usize, message: String| RecipeError::Invalid {
-            origin: origin.into(),
-            line,
-            message,
-        };
+        let invalid = |line: usize, message: String| RecipeError::Invalid { origin: origin.into(), line, message };
         let raw: RawRecipe = serde_yaml::from_str(text).map_err(|e| {
             let line = e.location().map(|l| l.line()).unwrap_or(0);
             invalid(line, e.to_string())
         })?;
         let lines = rule_lines(text);
         if raw.rules.is_empty() {
-            return Err(invalid(
-                1,
-                "`rules` is empty; a recipe needs at least one rule".into(),
-            ));
+            return Err(invalid(1, "`rules` is empty; a recipe needs at least one rule".into()));
         }
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (k, r) in raw.rules.into_iter().enumerate() {
@@ -380,13 +348,7 @@ impl Recipe {
             for name in r.class.into_vec() {
                 let group = TensorClass::parse_group(&name).ok_or_else(|| {
                     let known: Vec<&str> = TensorClass::ALL.iter().map(|c| c.as_str()).collect();
-                    invalid(
-                        line,
-                        format!(
-                            "unknown class \"{name}\"; expected one of {}, experts, attention",
-                            known.join(", ")
-                        ),
-                    )
+                    invalid(line, format!("unknown class \"{name}\"; expected one of {}, experts, attention", known.join(", ")))
                 })?;
                 classes.extend(group);
             }
@@ -401,9 +363,7 @@ impl Recipe {
                     for item in items {
                         sels.push(match item {
                             LayerItem::Index(i) => LayerSelector::Range(i, i),
-                            LayerItem::Text(s) => {
-                                LayerSelector::parse(&s).map_err(|m| invalid(line, m))?
-                            }
+                            LayerItem::Text(s) => LayerSelector::parse(&s).map_err(|m| invalid(line, m))?,
                         });
                     }
                     Some(sels)
@@ -412,10 +372,7 @@ impl Recipe {
             let layer_type = match r.layer_type {
                 None => None,
                 Some(t) => Some(LayerType::parse(&t).ok_or_else(|| {
-                    invalid(
-                        line,
-                        format!("layer_type \"{t}\" must be sliding_attention or full_attention"),
-                    )
+                    invalid(line, format!("layer_type \"{t}\" must be sliding_attention or full_attention"))
                 })?),
             };
             let action = match parse_action(&r.action).map_err(|m| invalid(line, m))? {
@@ -423,12 +380,7 @@ impl Recipe {
                 Action::Mxfp4 => Action::Mxfp4,
                 Action::Affine { bits, group_size } => {
                     if !AFFINE_BITS.contains(&bits) {
-                        return Err(invalid(
-                            line,
-                            format!(
-                                "bits {bits} is not supported; expected one of {AFFINE_BITS:?}"
-                            ),
-                        ));
+                        return Err(invalid(line, format!("bits {bits} is not supported; expected one of {AFFINE_BITS:?}")));
                     }
                     if !AFFINE_GROUP_SIZES.contains(&group_size) {
                         return Err(invalid(
@@ -441,13 +393,7 @@ impl Recipe {
             };
             if action != Action::Keep {
                 if let Some(c) = classes.iter().find(|c| !c.is_quantizable()) {
-                    return Err(invalid(
-                        line,
-                        format!(
-                            "class {} cannot be quantized; its only action is keep",
-                            c.as_str()
-                        ),
-                    ));
+                    return Err(invalid(line, format!("class {} cannot be quantized; its only action is keep", c.as_str())));
                 }
             }
             if action == Action::Mxfp4 {
@@ -458,21 +404,9 @@ impl Recipe {
                     ));
                 }
             }
-            rules.push(Rule {
-                line,
-                classes,
-                layers,
-                layer_type,
-                action,
-            });
+            rules.push(Rule { line, classes, layers, layer_type, action });
         }
-        Ok(Recipe {
-            name: raw.name,
-            description: raw.description,
-            origin: origin.into(),
-            text: text.into(),
-            rules,
-        })
+        Ok(Recipe { name: raw.name, description: raw.description, origin: origin.into(), text: text.into(), rules })
     }
 
     /// The first rule matching a parameter.
@@ -533,13 +467,7 @@ fn rule_lines(text: &str) -> Vec<usize> {
             }
         }
     }
-    let mut walk = Walk {
-        depth: 0,
-        expect_rules_value: false,
-        in_rules: None,
-        key_turn: true,
-        lines: Vec::new(),
-    };
+    let mut walk = Walk { depth: 0, expect_rules_value: false, in_rules: None, key_turn: true, lines: Vec::new() };
     let mut parser = Parser::new_from_str(text);
     let _ = parser.load(&mut walk, false);
     walk.lines
@@ -563,13 +491,7 @@ mod tests {
         let text = "name: x\nrules:\n  - class: norm\n    action: keep\n\n  - class: [q_proj]\n    action: {affine: {bits: 4, group_size: 64}}\n";
         assert_eq!(rule_lines(text), vec![3, 6]);
         let r = Recipe::parse(text, "t.yaml").unwrap();
-        assert_eq!(
-            r.rules[1].action,
-            Action::Affine {
-                bits: 4,
-                group_size: 64
-            }
-        );
+        assert_eq!(r.rules[1].action, Action::Affine { bits: 4, group_size: 64 });
     }
 
     #[test]
@@ -585,16 +507,10 @@ mod tests {
         assert_eq!(sel(&last, 6), vec![5]);
         // mlx-lm's use_more_bits: i < n//8 or i >= 7n//8 or (i - n//8) % 3 == 2
         for n in [6usize, 24, 36] {
-            let sels = ["first 1/8", "last 1/8", "every 3 offset 2 from 1/8"]
-                .map(|s| LayerSelector::parse(s).unwrap());
+            let sels = ["first 1/8", "last 1/8", "every 3 offset 2 from 1/8"].map(|s| LayerSelector::parse(s).unwrap());
             for i in 0..n {
-                let mlx =
-                    i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64).rem_euclid(3) == 2;
-                assert_eq!(
-                    sels.iter().any(|s| s.contains(i, n)),
-                    mlx,
-                    "n {n} layer {i}"
-                );
+                let mlx = i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64).rem_euclid(3) == 2;
+                assert_eq!(sels.iter().any(|s| s.contains(i, n)), mlx, "n {n} layer {i}");
             }
         }
         assert_eq!(sel(&LayerSelector::parse("2-4").unwrap(), 6), vec![2, 3, 4]);
@@ -610,32 +526,18 @@ mod tests {
     fn errors_name_the_line() {
         let e = err("name: x\nrules:\n  - class: norm\n    action: keep\n  - class: q_proj\n    action: {affine: {bits: 7, group_size: 64}}\n");
         assert!(e.starts_with("r.yaml:5:") && e.contains("bits 7"), "{e}");
-        let e = err(
-            "name: x\nrules:\n  - class: q_proj\n    action: {affine: {bits: 4, group_size: 48}}\n",
-        );
-        assert!(
-            e.starts_with("r.yaml:3:") && e.contains("group_size 48"),
-            "{e}"
-        );
+        let e = err("name: x\nrules:\n  - class: q_proj\n    action: {affine: {bits: 4, group_size: 48}}\n");
+        assert!(e.starts_with("r.yaml:3:") && e.contains("group_size 48"), "{e}");
         let e = err("name: x\nrules:\n  - class: q_proj\n    colour: red\n    action: keep\n");
         assert!(e.contains("r.yaml:") && e.contains("colour"), "{e}");
         let e = err("name: x\nrules:\n  - class: qq_proj\n    action: keep\n");
-        assert!(
-            e.starts_with("r.yaml:3:") && e.contains("unknown class"),
-            "{e}"
-        );
-        let e = err(
-            "name: x\nrules:\n  - class: norm\n    action: {affine: {bits: 4, group_size: 64}}\n",
-        );
+        assert!(e.starts_with("r.yaml:3:") && e.contains("unknown class"), "{e}");
+        let e = err("name: x\nrules:\n  - class: norm\n    action: {affine: {bits: 4, group_size: 64}}\n");
         assert!(e.contains("cannot be quantized"), "{e}");
         let e = err("name: x\nrules:\n  - class: q_proj\n    action: mxfp4\n");
         assert!(e.contains("not an expert"), "{e}");
-        let e =
-            err("name: x\nrules:\n  - class: q_proj\n    layers: [first half]\n    action: keep\n");
-        assert!(
-            e.starts_with("r.yaml:3:") && e.contains("first half"),
-            "{e}"
-        );
+        let e = err("name: x\nrules:\n  - class: q_proj\n    layers: [first half]\n    action: keep\n");
+        assert!(e.starts_with("r.yaml:3:") && e.contains("first half"), "{e}");
         let e = err("name: x\nrules:\n  - class: q_proj\n    action: {affine: {bits: 4}}\n");
         assert!(e.contains("group_size"), "{e}");
     }

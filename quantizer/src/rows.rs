@@ -59,42 +59,25 @@ impl RowSource<'_> {
     }
 
     fn mxfp4_row(&self, r: usize) -> (&[u8], &[u8]) {
-        let RowSource::Mxfp4 {
-            blocks,
-            scales,
-            cols,
-            map,
-        } = *self
-        else {
+        let RowSource::Mxfp4 { blocks, scales, cols, map } = *self else {
             unreachable!("mxfp4_row on a BF16 source")
         };
         let src = map.stored(r);
         let (bb, sb) = (cols / 2, cols / MXFP4_BLOCK);
-        (
-            &blocks[src * bb..(src + 1) * bb],
-            &scales[src * sb..(src + 1) * sb],
-        )
+        (&blocks[src * bb..(src + 1) * bb], &scales[src * sb..(src + 1) * sb])
     }
 
     /// Decodes output row `r` to f32.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         match *self {
-            RowSource::Bf16 {
-                data,
-                cols,
-                src_cols,
-                start,
-                step,
-            } => {
+            RowSource::Bf16 { data, cols, src_cols, start, step } => {
                 let base = r * src_cols + start;
                 if step == 1 {
                     bf16_to_f32(&data[base * 2..(base + cols) * 2], out);
                 } else {
                     for (j, o) in out.iter_mut().enumerate() {
                         let k = (base + j * step) * 2;
-                        *o = f32::from_bits(
-                            u32::from(u16::from_le_bytes([data[k], data[k + 1]])) << 16,
-                        );
+                        *o = f32::from_bits(u32::from(u16::from_le_bytes([data[k], data[k + 1]])) << 16);
                     }
                 }
             }
@@ -107,14 +90,7 @@ impl RowSource<'_> {
 
     /// Writes output row `r` as BF16 bytes (exact: MXFP4 values are representable in bf16).
     pub fn row_bf16(&self, r: usize, scratch: &mut [f32], out: &mut [u8]) {
-        if let RowSource::Bf16 {
-            data,
-            cols,
-            src_cols,
-            start,
-            step: 1,
-        } = *self
-        {
+        if let RowSource::Bf16 { data, cols, src_cols, start, step: 1 } = *self {
             let base = (r * src_cols + start) * 2;
             out.copy_from_slice(&data[base..base + cols * 2]);
             return;

@@ -30,30 +30,17 @@ impl VerifyReport {
 }
 
 /// The tensors an MLX gpt-oss checkpoint must hold, given its config and quantization map.
-pub fn expected_mlx_tensors(
-    config: &GptOssConfig,
-    map: Option<&QuantizationMap>,
-) -> Vec<OutTensor> {
+pub fn expected_mlx_tensors(config: &GptOssConfig, map: Option<&QuantizationMap>) -> Vec<OutTensor> {
     mlx_params(config)
         .into_iter()
         .flat_map(|param| {
-            let spec = map
-                .filter(|_| param.is_quantizable())
-                .and_then(|m| m.module(&param.module));
+            let spec = map.filter(|_| param.is_quantizable()).and_then(|m| m.module(&param.module));
             let action = match spec {
                 None => Action::Keep,
                 Some(s) if s.mode == QuantMode::Mxfp4 => Action::Mxfp4,
-                Some(s) => Action::Affine {
-                    bits: s.bits,
-                    group_size: s.group_size,
-                },
+                Some(s) => Action::Affine { bits: s.bits, group_size: s.group_size },
             };
-            Assigned {
-                param,
-                action,
-                rule_line: 0,
-            }
-            .outputs()
+            Assigned { param, action, rule_line: 0 }.outputs()
         })
         .collect()
 }
@@ -72,16 +59,11 @@ pub fn verify(dir: &Path) -> VerifyReport {
     };
     for shard in ckpt.shards() {
         if shard.metadata().get("format").map(String::as_str) != Some("mlx") {
-            r.problems.push(format!(
-                "{}: metadata format is not \"mlx\"",
-                shard.path().display()
-            ));
+            r.problems.push(format!("{}: metadata format is not \"mlx\"", shard.path().display()));
         }
     }
     if let Some(index) = ckpt.index() {
-        let total = index
-            .pointer("/metadata/total_size")
-            .and_then(Value::as_u64);
+        let total = index.pointer("/metadata/total_size").and_then(Value::as_u64);
         if total != Some(ckpt.tensor_bytes()) {
             r.problems.push(format!(
                 "{}: metadata.total_size is {total:?} but the shards hold {} bytes of tensors",
@@ -94,10 +76,7 @@ pub fn verify(dir: &Path) -> VerifyReport {
     for t in &expected {
         r.tensors_checked += 1;
         match ckpt.tensor(&t.name) {
-            Err(_) => r.problems.push(format!(
-                "tensor {}: missing (the config implies {} {:?})",
-                t.name, t.dtype, t.shape
-            )),
+            Err(_) => r.problems.push(format!("tensor {}: missing (the config implies {} {:?})", t.name, t.dtype, t.shape)),
             Ok(got) => {
                 if got.info.dtype != t.dtype || got.info.shape != t.shape {
                     r.problems.push(format!(
@@ -110,8 +89,7 @@ pub fn verify(dir: &Path) -> VerifyReport {
     }
     for name in ckpt.names() {
         if !expected.iter().any(|t| t.name == name) {
-            r.problems
-                .push(format!("tensor {name}: not implied by the config"));
+            r.problems.push(format!("tensor {name}: not implied by the config"));
         }
     }
     r
@@ -121,44 +99,30 @@ fn check_manifest(dir: &Path, r: &mut VerifyReport) {
     let path = dir.join(MANIFEST_FILE);
     let manifest: Value = match std::fs::read_to_string(&path).map(|t| serde_json::from_str(&t)) {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            return r
-                .problems
-                .push(format!("{}: not valid JSON: {e}", path.display()))
-        }
+        Ok(Err(e)) => return r.problems.push(format!("{}: not valid JSON: {e}", path.display())),
         Err(e) => return r.problems.push(format!("{}: {e}", path.display())),
     };
     let Some(files) = manifest.get("files").and_then(Value::as_array) else {
-        return r
-            .problems
-            .push(format!("{}: no `files` list", path.display()));
+        return r.problems.push(format!("{}: no `files` list", path.display()));
     };
     let mut listed = BTreeMap::new();
     for f in files {
-        let (Some(name), Some(size), Some(sha)) = (
-            f.get("name").and_then(Value::as_str),
-            f.get("size").and_then(Value::as_u64),
-            f.get("sha256").and_then(Value::as_str),
-        ) else {
-            r.problems
-                .push(format!("{}: malformed entry {f}", path.display()));
+        let (Some(name), Some(size), Some(sha)) =
+            (f.get("name").and_then(Value::as_str), f.get("size").and_then(Value::as_u64), f.get("sha256").and_then(Value::as_str))
+        else {
+            r.problems.push(format!("{}: malformed entry {f}", path.display()));
             continue;
         };
         listed.insert(name.to_string(), ());
         let file = dir.join(name);
         match sha256_file(&file) {
-            Err(e) => r.problems.push(format!(
-                "{name}: listed in the manifest but unreadable: {e}"
-            )),
+            Err(e) => r.problems.push(format!("{name}: listed in the manifest but unreadable: {e}")),
             Ok((got_sha, got_size)) => {
                 r.files_checked += 1;
                 if got_size != size {
-                    r.problems.push(format!(
-                        "{name}: size {got_size} bytes, manifest says {size}"
-                    ));
+                    r.problems.push(format!("{name}: size {got_size} bytes, manifest says {size}"));
                 } else if got_sha != sha {
-                    r.problems
-                        .push(format!("{name}: sha256 {got_sha}, manifest says {sha}"));
+                    r.problems.push(format!("{name}: sha256 {got_sha}, manifest says {sha}"));
                 }
             }
         }
@@ -172,8 +136,7 @@ fn check_manifest(dir: &Path, r: &mut VerifyReport) {
             .collect();
         extra.sort();
         for n in extra {
-            r.problems
-                .push(format!("{n}: present but not in the manifest"));
+            r.problems.push(format!("{n}: present but not in the manifest"));
         }
     }
 }

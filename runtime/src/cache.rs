@@ -15,12 +15,7 @@ impl LayerCache {
     /// An empty cache; a ring of `capacity` tokens when given.
     pub fn new(width: usize, capacity: Option<usize>) -> Self {
         let reserve = capacity.unwrap_or(0) * width;
-        LayerCache {
-            keys: Vec::with_capacity(reserve),
-            values: Vec::with_capacity(reserve),
-            capacity,
-            width,
-        }
+        LayerCache { keys: Vec::with_capacity(reserve), values: Vec::with_capacity(reserve), capacity, width }
     }
 
     fn slot(&self, pos: usize) -> usize {
@@ -35,10 +30,7 @@ impl LayerCache {
         let n = keys.len() / self.width;
         for t in 0..n {
             let slot = self.slot(first + t);
-            let (src_k, src_v) = (
-                &keys[t * self.width..(t + 1) * self.width],
-                &values[t * self.width..(t + 1) * self.width],
-            );
+            let (src_k, src_v) = (&keys[t * self.width..(t + 1) * self.width], &values[t * self.width..(t + 1) * self.width]);
             let at = slot * self.width;
             if at == self.keys.len() {
                 self.keys.extend_from_slice(src_k);
@@ -53,10 +45,7 @@ impl LayerCache {
     /// The key and value vectors stored for position `pos`.
     pub fn at(&self, pos: usize) -> (&[f32], &[f32]) {
         let at = self.slot(pos) * self.width;
-        (
-            &self.keys[at..at + self.width],
-            &self.values[at..at + self.width],
-        )
+        (&self.keys[at..at + self.width], &self.values[at..at + self.width])
     }
 
     /// Bytes held.

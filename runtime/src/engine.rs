@@ -64,32 +64,14 @@ pub struct Choice {
 impl<'a> Engine<'a> {
     /// Loads `ckpt` on `backend`; for the GPU the weights are uploaded, calling
     /// `progress(bytes_done, bytes_total)`.
-    pub fn load(
-        ckpt: &'a Checkpoint,
-        backend: Backend,
-        opts: &GpuOptions,
-        progress: &dyn Fn(u64, u64),
-    ) -> Result<(Self, Choice)> {
+    pub fn load(ckpt: &'a Checkpoint, backend: Backend, opts: &GpuOptions, progress: &dyn Fn(u64, u64)) -> Result<(Self, Choice)> {
         let cpu = Model::load(ckpt)?;
         let ctx = match backend {
             Backend::Cpu => return Ok((Engine::Cpu(cpu), Choice { fallback: None })),
-            Backend::Gpu => GpuContext::new(&GpuOptions {
-                allow_software: true,
-                ..opts.clone()
-            })?,
-            Backend::Auto => match GpuContext::new(&GpuOptions {
-                allow_software: false,
-                ..opts.clone()
-            }) {
+            Backend::Gpu => GpuContext::new(&GpuOptions { allow_software: true, ..opts.clone() })?,
+            Backend::Auto => match GpuContext::new(&GpuOptions { allow_software: false, ..opts.clone() }) {
                 Ok(c) => c,
-                Err(e) => {
-                    return Ok((
-                        Engine::Cpu(cpu),
-                        Choice {
-                            fallback: Some(e.to_string()),
-                        },
-                    ))
-                }
+                Err(e) => return Ok((Engine::Cpu(cpu), Choice { fallback: Some(e.to_string()) })),
             },
         };
         let total = cpu.weight_bytes();
@@ -98,21 +80,12 @@ impl<'a> Engine<'a> {
             let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
             progress(d, total);
         })?;
-        Ok((
-            Engine::Gpu {
-                model,
-                session: Mutex::new(None),
-            },
-            Choice { fallback: None },
-        ))
+        Ok((Engine::Gpu { model, session: Mutex::new(None) }, Choice { fallback: None }))
     }
 
     /// A GPU engine over an already uploaded (or synthetic) model.
     pub fn from_gpu(model: Arc<GpuModel>) -> Self {
-        Engine::Gpu {
-            model,
-            session: Mutex::new(None),
-        }
+        Engine::Gpu { model, session: Mutex::new(None) }
     }
 
     /// The model's config.
@@ -191,14 +164,9 @@ impl<'a> Engine<'a> {
             Engine::Cpu(m) => m.forward(tokens, &mut m.new_cache(), true),
             Engine::Gpu { model, session } => {
                 if tokens.len() > model.max_context() {
-                    return Err(RuntimeError::ContextExceeded {
-                        tokens: tokens.len(),
-                        context: model.max_context(),
-                    });
+                    return Err(RuntimeError::ContextExceeded { tokens: tokens.len(), context: model.max_context() });
                 }
-                self.with_session(model, session, tokens.len().max(1), |s| {
-                    s.forward(tokens, true)
-                })
+                self.with_session(model, session, tokens.len().max(1), |s| s.forward(tokens, true))
             }
         }
     }
@@ -216,34 +184,18 @@ impl<'a> Engine<'a> {
         on_token: impl FnMut(u32),
     ) -> Result<(Vec<u32>, GenerationStats)> {
         let (model, slot) = match self {
-            Engine::Cpu(m) => {
-                return crate::generate::generate(
-                    m,
-                    prompt,
-                    max_tokens,
-                    &mut Sampler::new(sampler),
-                    eos_ids,
-                    on_token,
-                )
-            }
+            Engine::Cpu(m) => return crate::generate::generate(m, prompt, max_tokens, &mut Sampler::new(sampler), eos_ids, on_token),
             Engine::Gpu { model, session } => (model, session),
         };
         if prompt.is_empty() {
-            return Err(RuntimeError::Text(
-                "the prompt is empty: gpt-oss has no BOS token to start from".into(),
-            ));
+            return Err(RuntimeError::Text("the prompt is empty: gpt-oss has no BOS token to start from".into()));
         }
         let needed = prompt.len() + max_tokens;
         let capacity = max_context.unwrap_or(needed);
         if needed > capacity || capacity > model.max_context() {
-            return Err(RuntimeError::ContextExceeded {
-                tokens: needed,
-                context: capacity.min(model.max_context()),
-            });
+            return Err(RuntimeError::ContextExceeded { tokens: needed, context: capacity.min(model.max_context()) });
         }
-        self.with_session(model, slot, capacity, |s| {
-            gpu_generate(s, prompt, max_tokens, sampler, eos_ids, on_token)
-        })
+        self.with_session(model, slot, capacity, |s| gpu_generate(s, prompt, max_tokens, sampler, eos_ids, on_token))
     }
 }
 
@@ -256,10 +208,7 @@ fn gpu_generate(
     mut on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, GenerationStats)> {
     let on_device = sampler.top_k == 0 && sampler.top_p >= 1.0;
-    let sampling = GpuSampling {
-        temperature: sampler.temperature.max(0.0),
-        seed: sampler.seed,
-    };
+    let sampling = GpuSampling { temperature: sampler.temperature.max(0.0), seed: sampler.seed };
     let mut cpu_sampler = Sampler::new(sampler);
     let mut step = |s: &mut GpuSession, tokens: &[u32]| -> Result<u32> {
         if on_device {
@@ -268,10 +217,7 @@ fn gpu_generate(
             Ok(cpu_sampler.sample(&s.forward(tokens, false)?))
         }
     };
-    let mut stats = GenerationStats {
-        prompt_tokens: prompt.len(),
-        ..Default::default()
-    };
+    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let mut out = Vec::new();
     let start = Instant::now();
     if max_tokens > 0 {

@@ -45,20 +45,12 @@ pub fn generate(
     mut on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, GenerationStats)> {
     if prompt.is_empty() {
-        return Err(RuntimeError::Text(
-            "the prompt is empty: gpt-oss has no BOS token to start from".into(),
-        ));
+        return Err(RuntimeError::Text("the prompt is empty: gpt-oss has no BOS token to start from".into()));
     }
     if prompt.len() + max_tokens > model.max_context() {
-        return Err(RuntimeError::ContextExceeded {
-            tokens: prompt.len() + max_tokens,
-            context: model.max_context(),
-        });
+        return Err(RuntimeError::ContextExceeded { tokens: prompt.len() + max_tokens, context: model.max_context() });
     }
-    let mut stats = GenerationStats {
-        prompt_tokens: prompt.len(),
-        ..Default::default()
-    };
+    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let mut cache = model.new_cache();
     let start = Instant::now();
     let mut out = Vec::new();

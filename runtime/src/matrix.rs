@@ -62,9 +62,7 @@ impl<'a> Matrix<'a> {
     pub fn row_bytes(&self) -> usize {
         match self.codes {
             Codes::Bf16 { .. } => self.cols * 2,
-            Codes::Affine {
-                bits, group_size, ..
-            } => self.cols * bits as usize / 8 + 4 * self.cols / group_size,
+            Codes::Affine { bits, group_size, .. } => self.cols * bits as usize / 8 + 4 * self.cols / group_size,
             Codes::Mxfp4 { .. } => self.cols / 2 + self.cols / 32,
         }
     }
@@ -73,12 +71,7 @@ impl<'a> Matrix<'a> {
     pub fn stored_bytes(&self) -> usize {
         match self.codes {
             Codes::Bf16 { data } => data.len(),
-            Codes::Affine {
-                weight,
-                scales,
-                biases,
-                ..
-            } => weight.len() + scales.len() + biases.len(),
+            Codes::Affine { weight, scales, biases, .. } => weight.len() + scales.len() + biases.len(),
             Codes::Mxfp4 { blocks, scales } => blocks.len() + scales.len(),
         }
     }
@@ -92,19 +85,9 @@ impl<'a> Matrix<'a> {
             Codes::Bf16 { data } => bf16_to_f32(&data[s * c * 2..(s + 1) * c * 2], out),
             Codes::Mxfp4 { blocks, scales } => {
                 let (bb, sb) = (c / 2, c / 32);
-                mxfp4_row_to_f32(
-                    &blocks[s * bb..(s + 1) * bb],
-                    &scales[s * sb..(s + 1) * sb],
-                    out,
-                )
+                mxfp4_row_to_f32(&blocks[s * bb..(s + 1) * bb], &scales[s * sb..(s + 1) * sb], out)
             }
-            Codes::Affine {
-                weight,
-                scales,
-                biases,
-                bits,
-                group_size,
-            } => {
+            Codes::Affine { weight, scales, biases, bits, group_size } => {
                 let row_bytes = c * bits as usize / 8;
                 let groups = c / group_size;
                 let packed = &weight[s * row_bytes..(s + 1) * row_bytes];
@@ -167,26 +150,12 @@ impl<'a> Matrix<'a> {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn rows_times_avx2(
-        &self,
-        r0: usize,
-        r1: usize,
-        xs: &[f32],
-        row: &mut [f32],
-        tile: &mut [f32],
-    ) {
+    unsafe fn rows_times_avx2(&self, r0: usize, r1: usize, xs: &[f32], row: &mut [f32], tile: &mut [f32]) {
         self.rows_times_portable(r0, r1, xs, row, tile)
     }
 
     #[inline(always)]
-    fn rows_times_portable(
-        &self,
-        r0: usize,
-        r1: usize,
-        xs: &[f32],
-        row: &mut [f32],
-        tile: &mut [f32],
-    ) {
+    fn rows_times_portable(&self, r0: usize, r1: usize, xs: &[f32], row: &mut [f32], tile: &mut [f32]) {
         let n = xs.len() / self.cols;
         for r in r0..r1 {
             self.decode_row(r, row);
@@ -219,20 +188,10 @@ const LANE_SHIFTS: [[u32; 8]; 9] = {
 
 /// Decodes one affine row of `B`-bit codes: every 8 codes occupy `B` bytes of the bit stream.
 #[inline(always)]
-fn decode_affine<const B: usize>(
-    packed: &[u8],
-    scales: &[u8],
-    biases: &[u8],
-    group_size: usize,
-    out: &mut [f32],
-) {
+fn decode_affine<const B: usize>(packed: &[u8], scales: &[u8], biases: &[u8], group_size: usize, out: &mut [f32]) {
     let mask = (1u32 << B) - 1;
     let group_bytes = group_size * B / 8;
-    for (g, (src, dst)) in packed
-        .chunks_exact(group_bytes)
-        .zip(out.chunks_exact_mut(group_size))
-        .enumerate()
-    {
+    for (g, (src, dst)) in packed.chunks_exact(group_bytes).zip(out.chunks_exact_mut(group_size)).enumerate() {
         let scale = bf16_at(scales, g);
         let bias = bf16_at(biases, g);
         for (eight, o) in src.chunks_exact(B).zip(dst.chunks_exact_mut(8)) {
@@ -278,23 +237,13 @@ mod tests {
         let codes: Vec<u8> = (0..32).map(|i| (i % 8) as u8).collect();
         let mut packed = vec![0u8; 12];
         for (eight, dst) in codes.chunks(8).zip(packed.chunks_mut(3)) {
-            let w: u64 = eight
-                .iter()
-                .enumerate()
-                .map(|(k, &c)| u64::from(c) << (3 * k))
-                .sum();
+            let w: u64 = eight.iter().enumerate().map(|(k, &c)| u64::from(c) << (3 * k)).sum();
             dst.copy_from_slice(&w.to_le_bytes()[..3]);
         }
         let scales = bf16::from_f32(0.5).to_bits().to_le_bytes();
         let biases = bf16::from_f32(-1.0).to_bits().to_le_bytes();
         let m = Matrix {
-            codes: Codes::Affine {
-                weight: &packed,
-                scales: &scales,
-                biases: &biases,
-                bits: 3,
-                group_size: 32,
-            },
+            codes: Codes::Affine { weight: &packed, scales: &scales, biases: &biases, bits: 3, group_size: 32 },
             rows: 1,
             cols: 32,
             map: RowMap::identity(1),
@@ -312,15 +261,8 @@ mod tests {
 
     #[test]
     fn matmul_of_several_tokens_matches_one_by_one() {
-        let data: Vec<u8> = (0..6 * 32)
-            .flat_map(|i| bf16::from_f32((i % 7) as f32 - 3.0).to_bits().to_le_bytes())
-            .collect();
-        let m = Matrix {
-            codes: Codes::Bf16 { data: &data },
-            rows: 6,
-            cols: 32,
-            map: RowMap::identity(6),
-        };
+        let data: Vec<u8> = (0..6 * 32).flat_map(|i| bf16::from_f32((i % 7) as f32 - 3.0).to_bits().to_le_bytes()).collect();
+        let m = Matrix { codes: Codes::Bf16 { data: &data }, rows: 6, cols: 32, map: RowMap::identity(6) };
         let xs: Vec<f32> = (0..3 * 32).map(|i| (i as f32).sin()).collect();
         let mut all = vec![0f32; 18];
         m.matmul(&xs, &mut all);

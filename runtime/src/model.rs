@@ -83,57 +83,32 @@ impl<'a> Loader<'a, '_> {
     /// A BF16 vector (norm, bias, sinks) as f32, checked against the config's shape.
     fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.ckpt.tensor(name)?;
-        t.expect(Dtype::BF16, shape)
-            .map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
+        t.expect(Dtype::BF16, shape).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
         let mut out = vec![0f32; t.info.numel()];
         mixq_loader::decode::bf16_to_f32(t.data, &mut out);
         Ok(out)
     }
 
     /// The weight of an MLX module (`[..outer, rows, cols]`), quantized as the config's map says.
-    fn mlx_matrix(
-        &self,
-        module: &str,
-        outer: &[usize],
-        rows: usize,
-        cols: usize,
-    ) -> Result<Matrix<'a>> {
-        let spec = self
-            .config
-            .quantization
-            .as_ref()
-            .and_then(|q| q.module(module));
-        let shape = |last: usize| {
-            outer
-                .iter()
-                .copied()
-                .chain([rows, last])
-                .collect::<Vec<_>>()
-        };
+    fn mlx_matrix(&self, module: &str, outer: &[usize], rows: usize, cols: usize) -> Result<Matrix<'a>> {
+        let spec = self.config.quantization.as_ref().and_then(|q| q.module(module));
+        let shape = |last: usize| outer.iter().copied().chain([rows, last]).collect::<Vec<_>>();
         let total_rows = outer.iter().product::<usize>() * rows;
         let fetch = |leaf: &str, dtype: Dtype, last: usize| -> Result<&'a [u8]> {
             let name = format!("{module}.{leaf}");
             let t = self.ckpt.tensor(&name)?;
-            t.expect(dtype, &shape(last)).map_err(|e| {
-                RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)"))
-            })?;
+            t.expect(dtype, &shape(last)).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
             Ok(t.data)
         };
         let codes = match spec {
-            None => Codes::Bf16 {
-                data: fetch("weight", Dtype::BF16, cols)?,
-            },
-            Some(s) if s.mode == QuantMode::Mxfp4 => Codes::Mxfp4 {
-                blocks: fetch("weight", Dtype::U32, cols / 8)?,
-                scales: fetch("scales", Dtype::U8, cols / 32)?,
-            },
+            None => Codes::Bf16 { data: fetch("weight", Dtype::BF16, cols)? },
+            Some(s) if s.mode == QuantMode::Mxfp4 => {
+                Codes::Mxfp4 { blocks: fetch("weight", Dtype::U32, cols / 8)?, scales: fetch("scales", Dtype::U8, cols / 32)? }
+            }
             Some(s) => {
                 let gs = s.group_size as usize;
                 if !cols.is_multiple_of(gs) || !matches!(s.bits, 2..=6 | 8) {
-                    return Err(Self::err(
-                        module,
-                        format!("unsupported quantization {} bits, group size {gs}", s.bits),
-                    ));
+                    return Err(Self::err(module, format!("unsupported quantization {} bits, group size {gs}", s.bits)));
                 }
                 Codes::Affine {
                     weight: fetch("weight", Dtype::U32, cols * s.bits as usize / 32)?,
@@ -144,22 +119,13 @@ impl<'a> Loader<'a, '_> {
                 }
             }
         };
-        Ok(Matrix {
-            codes,
-            rows: total_rows,
-            cols,
-            map: RowMap::identity(total_rows),
-        })
+        Ok(Matrix { codes, rows: total_rows, cols, map: RowMap::identity(total_rows) })
     }
 
     fn linear(&self, module: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear<'a>> {
         Ok(Linear {
             w: self.mlx_matrix(module, &[], rows, cols)?,
-            b: if bias {
-                self.vector(&format!("{module}.bias"), &[rows])?
-            } else {
-                Vec::new()
-            },
+            b: if bias { self.vector(&format!("{module}.bias"), &[rows])? } else { Vec::new() },
         })
     }
 
@@ -170,56 +136,26 @@ impl<'a> Loader<'a, '_> {
         let p = format!("model.layers.{l}.mlp.experts");
         let tensor = |name: String, dtype: Dtype, shape: &[usize]| -> Result<&'a [u8]> {
             let t = self.ckpt.tensor(&name)?;
-            t.expect(dtype, shape).map_err(|e| {
-                RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)"))
-            })?;
+            t.expect(dtype, shape).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
             Ok(t.data)
         };
-        let gu_blocks = tensor(
-            format!("{p}.gate_up_proj_blocks"),
-            Dtype::U8,
-            &[e, 2 * i, h / 32, 16],
-        )?;
-        let gu_scales = tensor(
-            format!("{p}.gate_up_proj_scales"),
-            Dtype::U8,
-            &[e, 2 * i, h / 32],
-        )?;
+        let gu_blocks = tensor(format!("{p}.gate_up_proj_blocks"), Dtype::U8, &[e, 2 * i, h / 32, 16])?;
+        let gu_scales = tensor(format!("{p}.gate_up_proj_scales"), Dtype::U8, &[e, 2 * i, h / 32])?;
         let gu_bias = self.vector(&format!("{p}.gate_up_proj_bias"), &[e, 2 * i])?;
-        let d_blocks = tensor(
-            format!("{p}.down_proj_blocks"),
-            Dtype::U8,
-            &[e, h, i / 32, 16],
-        )?;
+        let d_blocks = tensor(format!("{p}.down_proj_blocks"), Dtype::U8, &[e, h, i / 32, 16])?;
         let d_scales = tensor(format!("{p}.down_proj_scales"), Dtype::U8, &[e, h, i / 32])?;
         let d_bias = self.vector(&format!("{p}.down_proj_bias"), &[e, h])?;
         let half = |start: usize| Linear {
             w: Matrix {
-                codes: Codes::Mxfp4 {
-                    blocks: gu_blocks,
-                    scales: gu_scales,
-                },
+                codes: Codes::Mxfp4 { blocks: gu_blocks, scales: gu_scales },
                 rows: e * i,
                 cols: h,
-                map: RowMap {
-                    per: i,
-                    src_per: 2 * i,
-                    start,
-                    step: 2,
-                },
+                map: RowMap { per: i, src_per: 2 * i, start, step: 2 },
             },
             b: gu_bias.iter().skip(start).step_by(2).copied().collect(),
         };
         let down = Linear {
-            w: Matrix {
-                codes: Codes::Mxfp4 {
-                    blocks: d_blocks,
-                    scales: d_scales,
-                },
-                rows: e * h,
-                cols: i,
-                map: RowMap::identity(e * h),
-            },
+            w: Matrix { codes: Codes::Mxfp4 { blocks: d_blocks, scales: d_scales }, rows: e * h, cols: i, map: RowMap::identity(e * h) },
             b: d_bias,
         };
         Ok((half(0), half(1), down))
@@ -231,16 +167,9 @@ impl<'a> Loader<'a, '_> {
         let p = format!("model.layers.{l}.mlp.experts");
         let lin = |name: &str, rows: usize, cols: usize| -> Result<Linear<'a>> {
             let module = format!("{p}.{name}");
-            Ok(Linear {
-                w: self.mlx_matrix(&module, &[e], rows, cols)?,
-                b: self.vector(&format!("{module}.bias"), &[e, rows])?,
-            })
+            Ok(Linear { w: self.mlx_matrix(&module, &[e], rows, cols)?, b: self.vector(&format!("{module}.bias"), &[e, rows])? })
         };
-        Ok((
-            lin("gate_proj", i, h)?,
-            lin("up_proj", i, h)?,
-            lin("down_proj", h, i)?,
-        ))
+        Ok((lin("gate_proj", i, h)?, lin("up_proj", i, h)?, lin("down_proj", h, i)?))
     }
 }
 
@@ -251,19 +180,11 @@ impl<'a> Model<'a> {
         let c = &config;
         let format = ckpt.format();
         let ld = Loader { ckpt, config: c };
-        let (h, q, kv) = (
-            c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
+        let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let (gate, up, down) = if format == CheckpointFormat::UpstreamMxfp4 {
-                ld.upstream_experts(l)?
-            } else {
-                ld.mlx_experts(l)?
-            };
+            let (gate, up, down) = if format == CheckpointFormat::UpstreamMxfp4 { ld.upstream_experts(l)? } else { ld.mlx_experts(l)? };
             layers.push(Layer {
                 input_norm: ld.vector(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
@@ -297,25 +218,14 @@ impl<'a> Model<'a> {
 
     /// Longest context the model supports.
     pub fn max_context(&self) -> usize {
-        self.config
-            .raw
-            .get("max_position_embeddings")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(131072) as usize
+        self.config.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072) as usize
     }
 
     /// An empty KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
         let width = self.config.num_key_value_heads * self.config.head_dim;
         let ring = self.config.sliding_window + PREFILL_CHUNK;
-        KvCache {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| LayerCache::new(width, l.sliding.then_some(ring)))
-                .collect(),
-            len: 0,
-        }
+        KvCache { layers: self.layers.iter().map(|l| LayerCache::new(width, l.sliding.then_some(ring))).collect(), len: 0 }
     }
 
     /// Packed weight bytes of the whole model (what the GPU backend uploads).
@@ -323,13 +233,9 @@ impl<'a> Model<'a> {
         let m = |x: &Matrix<'_>| x.stored_bytes() as u64;
         let mut total = m(&self.embed) + m(&self.lm_head);
         for l in &self.layers {
-            total += [&l.q, &l.k, &l.v, &l.o, &l.router]
-                .iter()
-                .map(|x| m(&x.w))
-                .sum::<u64>();
+            total += [&l.q, &l.k, &l.v, &l.o, &l.router].iter().map(|x| m(&x.w)).sum::<u64>();
             // Upstream gate and up views share one stored tensor.
-            total +=
-                m(&l.gate.w) + m(&l.down.w) + if l.up.w.map.step == 2 { 0 } else { m(&l.up.w) };
+            total += m(&l.gate.w) + m(&l.down.w) + if l.up.w.map.step == 2 { 0 } else { m(&l.up.w) };
         }
         total
     }
@@ -351,27 +257,15 @@ impl<'a> Model<'a> {
 
     /// Runs `tokens` through the model after what `cache` holds; returns logits for every
     /// position (`[n, vocab]`) or only the last (`[vocab]`).
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        all_logits: bool,
-    ) -> Result<Vec<f32>> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
         let c = &self.config;
         for (i, &t) in tokens.iter().enumerate() {
             if t as usize >= c.vocab_size {
-                return Err(RuntimeError::TokenOutOfRange {
-                    id: t,
-                    position: cache.len + i,
-                    vocab: c.vocab_size,
-                });
+                return Err(RuntimeError::TokenOutOfRange { id: t, position: cache.len + i, vocab: c.vocab_size });
             }
         }
         if cache.len + tokens.len() > self.max_context() {
-            return Err(RuntimeError::ContextExceeded {
-                tokens: cache.len + tokens.len(),
-                context: self.max_context(),
-            });
+            return Err(RuntimeError::ContextExceeded { tokens: cache.len + tokens.len(), context: self.max_context() });
         }
         let mut logits = Vec::new();
         for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
@@ -399,8 +293,7 @@ impl<'a> Model<'a> {
         let first = cache.len;
         let mut x = vec![0f32; n * h];
         for (t, &id) in tokens.iter().enumerate() {
-            self.embed
-                .decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
+            self.embed.decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
         }
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let normed = rms_norm(&x, &layer.input_norm, c.rms_norm_eps as f32);
@@ -415,13 +308,7 @@ impl<'a> Model<'a> {
         rms_norm(&x, &self.norm, c.rms_norm_eps as f32)
     }
 
-    fn attention(
-        &self,
-        layer: &Layer<'_>,
-        lc: &mut LayerCache,
-        xs: &[f32],
-        first: usize,
-    ) -> Vec<f32> {
+    fn attention(&self, layer: &Layer<'_>, lc: &mut LayerCache, xs: &[f32], first: usize) -> Vec<f32> {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let n = xs.len() / c.hidden_size;
@@ -442,41 +329,34 @@ impl<'a> Model<'a> {
         let group = nh / nkv;
         let window = c.sliding_window;
         let mut out = vec![0f32; n * nh * hd];
-        out.par_chunks_mut(hd).enumerate().for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, (idx, o)| {
-                let (t, head) = (idx / nh, idx % nh);
-                let pos = first + t;
-                let lo = if layer.sliding {
-                    (pos + 1).saturating_sub(window)
-                } else {
-                    0
-                };
-                let qv = &q[(t * nh + head) * hd..(t * nh + head + 1) * hd];
-                let kvh = head / group;
-                scores.clear();
-                let mut max = layer.sinks[head];
-                for p in lo..=pos {
-                    let key = &lc.at(p).0[kvh * hd..(kvh + 1) * hd];
-                    let s = dot(qv, key) * scale;
-                    max = max.max(s);
-                    scores.push(s);
+        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+            let (t, head) = (idx / nh, idx % nh);
+            let pos = first + t;
+            let lo = if layer.sliding { (pos + 1).saturating_sub(window) } else { 0 };
+            let qv = &q[(t * nh + head) * hd..(t * nh + head + 1) * hd];
+            let kvh = head / group;
+            scores.clear();
+            let mut max = layer.sinks[head];
+            for p in lo..=pos {
+                let key = &lc.at(p).0[kvh * hd..(kvh + 1) * hd];
+                let s = dot(qv, key) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut denom = (layer.sinks[head] - max).exp();
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                denom += *s;
+            }
+            o.fill(0.0);
+            for (p, &w) in (lo..=pos).zip(scores.iter()) {
+                let val = &lc.at(p).1[kvh * hd..(kvh + 1) * hd];
+                let w = w / denom;
+                for (a, b) in o.iter_mut().zip(val) {
+                    *a += w * b;
                 }
-                let mut denom = (layer.sinks[head] - max).exp();
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    denom += *s;
-                }
-                o.fill(0.0);
-                for (p, &w) in (lo..=pos).zip(scores.iter()) {
-                    let val = &lc.at(p).1[kvh * hd..(kvh + 1) * hd];
-                    let w = w / denom;
-                    for (a, b) in o.iter_mut().zip(val) {
-                        *a += w * b;
-                    }
-                }
-            },
-        );
+            }
+        });
         out
     }
 
@@ -510,10 +390,7 @@ impl<'a> Model<'a> {
             let mut up = vec![0f32; m * i];
             layer.gate.w.matmul_rows(e * i, i, &x_e, &mut gate);
             layer.up.w.matmul_rows(e * i, i, &x_e, &mut up);
-            let (gb, ub) = (
-                &layer.gate.b[e * i..(e + 1) * i],
-                &layer.up.b[e * i..(e + 1) * i],
-            );
+            let (gb, ub) = (&layer.gate.b[e * i..(e + 1) * i], &layer.up.b[e * i..(e + 1) * i]);
             for (g_row, u_row) in gate.chunks_exact_mut(i).zip(up.chunks_exact(i)) {
                 for (((g, u), bg), bu) in g_row.iter_mut().zip(u_row).zip(gb).zip(ub) {
                     let gv = (*g + bg).min(limit);

@@ -5,11 +5,7 @@ use std::io::Write;
 /// Encodes a C-order little-endian float32 array of `shape` as `.npy` bytes.
 pub fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Magic (6) + version (2) + header length (2) + header + newline, padded to 64 bytes.
     while (10 + header.len() + 1) % 64 != 0 {
@@ -21,8 +17,7 @@ pub fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     for v in data {
-        out.write_all(&v.to_le_bytes())
-            .expect("writing to a Vec cannot fail");
+        out.write_all(&v.to_le_bytes()).expect("writing to a Vec cannot fail");
     }
     out
 }

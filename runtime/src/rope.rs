@@ -27,20 +27,12 @@ impl Rope {
     pub fn new(dims: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
         let half = dims / 2;
         // base^(2i/dims) in f32, as mlx computes `base ** (arange(0, dims, 2) / dims)`.
-        let freq_extra: Vec<f32> = (0..half)
-            .map(|i| (theta as f32).powf((2 * i) as f32 / dims as f32))
-            .collect();
+        let freq_extra: Vec<f32> = (0..half).map(|i| (theta as f32).powf((2 * i) as f32 / dims as f32)).collect();
         let Some(s) = scaling.filter(|s| s.rope_type == "yarn") else {
-            return Rope {
-                inv_freq: freq_extra.iter().map(|f| 1.0 / f).collect(),
-                mscale: 1.0,
-            };
+            return Rope { inv_freq: freq_extra.iter().map(|f| 1.0 / f).collect(), mscale: 1.0 };
         };
         let correction_dim = |rotations: f64| {
-            dims as f64
-                * (s.original_max_position_embeddings as f64
-                    / (rotations * 2.0 * std::f64::consts::PI))
-                    .ln()
+            dims as f64 * (s.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
                 / (2.0 * theta.ln())
         };
         let (mut low, mut high) = (correction_dim(s.beta_fast), correction_dim(s.beta_slow));
@@ -63,10 +55,7 @@ impl Rope {
                 (inter * extrapolate + extra * (1.0 - extrapolate)) / (inter * extra)
             })
             .collect();
-        Rope {
-            inv_freq,
-            mscale: (yarn_mscale(s.factor, 1.0) / yarn_mscale(s.factor, 0.0)) as f32,
-        }
+        Rope { inv_freq, mscale: (yarn_mscale(s.factor, 1.0) / yarn_mscale(s.factor, 0.0)) as f32 }
     }
 
     /// Rotates one head vector in place at position `pos` (non-traditional: pairs `i`, `i + d/2`),
@@ -101,9 +90,7 @@ mod tests {
 
     /// The published YaRN formula, written out independently in f64.
     fn published(dims: usize, base: f64, s: &RopeScaling) -> Vec<f64> {
-        let find = |r: f64| {
-            (dims as f64 * (4096.0 / (r * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
-        };
+        let find = |r: f64| (dims as f64 * (4096.0 / (r * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
         let (mut lo, mut hi) = (find(s.beta_fast), find(s.beta_slow));
         if s.truncate {
             lo = lo.floor();
@@ -127,22 +114,13 @@ mod tests {
             let s = gpt_oss(truncate);
             let r = Rope::new(64, 150000.0, Some(&s));
             for (got, want) in r.inv_freq.iter().zip(published(64, 150000.0, &s)) {
-                assert!(
-                    ((*got as f64) - want).abs() <= want * 1e-5,
-                    "truncate {truncate}: {got} vs {want}"
-                );
+                assert!(((*got as f64) - want).abs() <= want * 1e-5, "truncate {truncate}: {got} vs {want}");
             }
             assert!((r.mscale - (0.1 * 32f32.ln() + 1.0)).abs() < 1e-6);
         }
         let t = Rope::new(64, 150000.0, Some(&gpt_oss(true)));
         let n = Rope::new(64, 150000.0, Some(&gpt_oss(false)));
-        assert!(
-            t.inv_freq
-                .iter()
-                .zip(&n.inv_freq)
-                .any(|(a, b)| (a - b).abs() > a * 1e-3),
-            "truncation changes frequencies"
-        );
+        assert!(t.inv_freq.iter().zip(&n.inv_freq).any(|(a, b)| (a - b).abs() > a * 1e-3), "truncation changes frequencies");
     }
 
     #[test]

@@ -15,12 +15,7 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        }
+        SamplerConfig { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
     }
 }
 
@@ -34,10 +29,7 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler seeded from its config.
     pub fn new(cfg: SamplerConfig) -> Self {
-        Sampler {
-            cfg,
-            state: cfg.seed ^ 0x853c_49e6_748f_ea9b,
-        }
+        Sampler { cfg, state: cfg.seed ^ 0x853c_49e6_748f_ea9b }
     }
 
     fn uniform(&mut self) -> f64 {
@@ -55,20 +47,13 @@ impl Sampler {
             return argmax(logits);
         }
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
         if self.cfg.top_k > 0 {
             order.truncate(self.cfg.top_k);
         }
         let t = self.cfg.temperature as f64;
         let max = logits[order[0] as usize] as f64;
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| ((logits[i as usize] as f64 - max) / t).exp())
-            .collect();
+        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] as f64 - max) / t).exp()).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.cfg.top_p < 1.0 {
@@ -120,39 +105,20 @@ mod tests {
     #[test]
     fn seeded_sampling_is_deterministic_and_respects_top_k() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let cfg = SamplerConfig {
-            temperature: 0.8,
-            top_p: 0.9,
-            top_k: 5,
-            seed: 42,
-        };
-        let a: Vec<u32> = {
-            let mut s = Sampler::new(cfg);
-            (0..20).map(|_| s.sample(&logits)).collect()
-        };
-        let b: Vec<u32> = {
-            let mut s = Sampler::new(cfg);
-            (0..20).map(|_| s.sample(&logits)).collect()
-        };
+        let cfg = SamplerConfig { temperature: 0.8, top_p: 0.9, top_k: 5, seed: 42 };
+        let a: Vec<u32> = { let mut s = Sampler::new(cfg); (0..20).map(|_| s.sample(&logits)).collect() };
+        let b: Vec<u32> = { let mut s = Sampler::new(cfg); (0..20).map(|_| s.sample(&logits)).collect() };
         assert_eq!(a, b);
         let mut top5: Vec<u32> = (0..50).collect();
         top5.sort_by(|&x, &y| logits[y as usize].total_cmp(&logits[x as usize]));
         assert!(a.iter().all(|t| top5[..5].contains(t)));
-        let c: Vec<u32> = {
-            let mut s = Sampler::new(SamplerConfig { seed: 7, ..cfg });
-            (0..20).map(|_| s.sample(&logits)).collect()
-        };
+        let c: Vec<u32> = { let mut s = Sampler::new(SamplerConfig { seed: 7, ..cfg }); (0..20).map(|_| s.sample(&logits)).collect() };
         assert_ne!(a, c);
     }
 
     #[test]
     fn top_p_keeps_only_the_head() {
-        let mut s = Sampler::new(SamplerConfig {
-            temperature: 1.0,
-            top_p: 0.5,
-            top_k: 0,
-            seed: 1,
-        });
+        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 1 });
         let logits = [10.0, 0.0, 0.0, 0.0];
         assert!((0..100).all(|_| s.sample(&logits) == 0));
     }

@@ -21,11 +21,7 @@ pub struct TextCodec {
 fn token_text(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Object(o)) => o
-            .get("content")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or_default().to_string(),
         _ => String::new(),
     }
 }
@@ -33,18 +29,13 @@ fn token_text(v: Option<&Value>) -> String {
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|n| n as u32))
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
         _ => Vec::new(),
     }
 }
 
 fn read_json(path: &Path) -> Option<Value> {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
+    std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str(&t).ok())
 }
 
 impl TextCodec {
@@ -52,14 +43,10 @@ impl TextCodec {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(RuntimeError::Text(format!(
-                "{}: missing; the model has no tokenizer",
-                path.display()
-            )));
+            return Err(RuntimeError::Text(format!("{}: missing; the model has no tokenizer", path.display())));
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
-            RuntimeError::Text(format!("{}: not a valid tokenizer: {e}", path.display()))
-        })?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| RuntimeError::Text(format!("{}: not a valid tokenizer: {e}", path.display())))?;
         let tok_cfg = read_json(&dir.join("tokenizer_config.json")).unwrap_or(Value::Null);
         let chat_template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
             Ok(t) => Some(t),
@@ -73,41 +60,26 @@ impl TextCodec {
                 _ => None,
             },
         };
-        let mut eos_ids = ids(read_json(&dir.join("generation_config.json"))
-            .as_ref()
-            .and_then(|g| g.get("eos_token_id")));
+        let mut eos_ids = ids(read_json(&dir.join("generation_config.json")).as_ref().and_then(|g| g.get("eos_token_id")));
         if eos_ids.is_empty() {
-            eos_ids = ids(read_json(&dir.join("config.json"))
-                .as_ref()
-                .and_then(|c| c.get("eos_token_id")));
+            eos_ids = ids(read_json(&dir.join("config.json")).as_ref().and_then(|c| c.get("eos_token_id")));
         }
         let eos_token = token_text(tok_cfg.get("eos_token"));
         if eos_ids.is_empty() {
             eos_ids.extend(tokenizer.token_to_id(&eos_token));
         }
-        Ok(TextCodec {
-            tokenizer,
-            chat_template,
-            bos_token: token_text(tok_cfg.get("bos_token")),
-            eos_token,
-            eos_ids,
-        })
+        Ok(TextCodec { tokenizer, chat_template, bos_token: token_text(tok_cfg.get("bos_token")), eos_token, eos_ids })
     }
 
     /// Token ids of a text (special tokens written in the text are recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| RuntimeError::Text(format!("tokenizing: {e}")))?;
+        let enc = self.tokenizer.encode(text, true).map_err(|e| RuntimeError::Text(format!("tokenizing: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of token ids.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, false)
-            .map_err(|e| RuntimeError::Text(format!("detokenizing: {e}")))
+        self.tokenizer.decode(ids, false).map_err(|e| RuntimeError::Text(format!("detokenizing: {e}")))
     }
 
     /// Whether the checkpoint has a chat template.
@@ -117,39 +89,25 @@ impl TextCodec {
 
     /// Renders `(role, content)` messages with the chat template, ending with the assistant prompt.
     pub fn render_chat(&self, messages: &[(&str, &str)]) -> Result<String> {
-        let template = self.chat_template.as_deref().ok_or_else(|| {
-            RuntimeError::Text(
-                "the model has no chat template (chat_template.jinja or tokenizer_config.json)"
-                    .into(),
-            )
-        })?;
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| RuntimeError::Text("the model has no chat template (chat_template.jinja or tokenizer_config.json)".into()))?;
         render_template(template, messages, &self.bos_token, &self.eos_token)
     }
 }
 
 /// Renders a Hugging Face chat template with minijinja, configured as transformers configures Jinja.
-pub fn render_template(
-    template: &str,
-    messages: &[(&str, &str)],
-    bos: &str,
-    eos: &str,
-) -> Result<String> {
+pub fn render_template(template: &str, messages: &[(&str, &str)], bos: &str, eos: &str) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
     env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
-    env.add_template("chat", template)
-        .map_err(|e| RuntimeError::Text(format!("chat template: {e}")))?;
+    env.add_template("chat", template).map_err(|e| RuntimeError::Text(format!("chat template: {e}")))?;
     let msgs: Vec<minijinja::Value> = messages
         .iter()
         .map(|(role, content)| minijinja::context! { role => *role, content => *content })
@@ -167,29 +125,14 @@ pub fn render_template(
 
 /// The current UTC date and time formatted with the strftime codes chat templates use.
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     format_time(secs, fmt)
 }
 
 /// Formats seconds since the epoch (UTC) with `%Y %m %d %H %M %S %B %b %%`.
 pub fn format_time(secs: u64, fmt: &str) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -244,8 +187,7 @@ mod tests {
         let t = "{% for m in messages %}\n<|start|>{{ m.role }}<|message|>{{ m.content.strip() }}<|end|>\n{% endfor %}\n{% if add_generation_prompt %}<|start|>assistant{% endif %}";
         let out = render_template(t, &[("user", "  hi  ")], "", "").unwrap();
         assert_eq!(out, "<|start|>user<|message|>hi<|end|>\n<|start|>assistant");
-        let e =
-            render_template("{{ raise_exception('no system role') }}", &[], "", "").unwrap_err();
+        let e = render_template("{{ raise_exception('no system role') }}", &[], "", "").unwrap_err();
         assert!(e.to_string().contains("no system role"), "{e}");
     }
 }

@@ -77,62 +77,17 @@ impl Shape {
         };
         Some(match name {
             "tiny" => base,
-            "small" => Shape {
-                layers: 4,
-                hidden: 192,
-                intermediate: 128,
-                experts: 8,
-                top_k: 4,
-                heads: 4,
-                kv_heads: 2,
-                vocab: 512,
-                sliding_window: 16,
-                seed: 2,
-                ..base
-            },
-            "wide" => Shape {
-                layers: 6,
-                hidden: 256,
-                intermediate: 320,
-                experts: 6,
-                top_k: 2,
-                heads: 8,
-                kv_heads: 2,
-                vocab: 1000,
-                sliding_window: 16,
-                shards: 3,
-                seed: 3,
-                ..base
-            },
-            "medium" => Shape {
-                layers: 8,
-                hidden: 1024,
-                intermediate: 2048,
-                experts: 32,
-                top_k: 4,
-                heads: 16,
-                kv_heads: 4,
-                vocab: 8192,
-                sliding_window: 128,
-                shards: 4,
-                seed: 4,
-                ..base
-            },
+            "small" => Shape { layers: 4, hidden: 192, intermediate: 128, experts: 8, top_k: 4, heads: 4, kv_heads: 2, vocab: 512, sliding_window: 16, seed: 2, ..base },
+            "wide" => Shape { layers: 6, hidden: 256, intermediate: 320, experts: 6, top_k: 2, heads: 8, kv_heads: 2, vocab: 1000, sliding_window: 16, shards: 3, seed: 3, ..base },
+            "medium" => Shape { layers: 8, hidden: 1024, intermediate: 2048, experts: 32, top_k: 4, heads: 16, kv_heads: 4, vocab: 8192, sliding_window: 128, shards: 4, seed: 4, ..base },
             _ => return None,
         })
     }
 
     /// The config.json this shape implies.
     pub fn config_json(&self) -> Value {
-        let layer_types: Vec<&str> = (0..self.layers)
-            .map(|i| {
-                if i % 2 == 0 {
-                    "sliding_attention"
-                } else {
-                    "full_attention"
-                }
-            })
-            .collect();
+        let layer_types: Vec<&str> =
+            (0..self.layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
         json!({
             "architectures": ["GptOssForCausalLM"],
             "attention_bias": true,
@@ -205,9 +160,7 @@ impl Rng {
 }
 
 fn name_seed(seed: u64, name: &str) -> u64 {
-    name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
+    name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// The bytes of one generated tensor.
@@ -221,8 +174,7 @@ fn tensor_bytes(t: &ExpectedTensor, seed: u64) -> Vec<u8> {
         // 2^-9 .. 2^-7: expert weights of a few hundredths, as in gpt-oss.
         return (0..n).map(|_| 118 + (rng.next_u64() % 3) as u8).collect();
     }
-    let (center, spread) = if t.name.ends_with("layernorm.weight") || t.name == "model.norm.weight"
-    {
+    let (center, spread) = if t.name.ends_with("layernorm.weight") || t.name == "model.norm.weight" {
         (1.0, 0.1)
     } else if t.name.ends_with(".sinks") {
         (0.0, 0.5)
@@ -241,10 +193,7 @@ fn tensor_bytes(t: &ExpectedTensor, seed: u64) -> Vec<u8> {
 
 /// GPT-2's byte-to-unicode map used by byte-level BPE vocabularies.
 fn byte_level_alphabet() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut chars = vec!['\0'; 256];
     let mut extra = 0;
     for b in 0..256u32 {
@@ -284,10 +233,7 @@ pub fn tokenizer_json() -> Value {
 
 fn write_json(path: &Path, v: &Value) -> Result<(), SynthError> {
     let text = serde_json::to_string_pretty(v).expect("JSON values always serialize");
-    std::fs::write(path, text + "\n").map_err(|source| SynthError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::write(path, text + "\n").map_err(|source| SynthError::Io { path: path.to_path_buf(), source })
 }
 
 /// Writes a generated upstream-layout checkpoint into `dir` (created if needed).
@@ -297,19 +243,14 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
         move |source| SynthError::Io { path: p, source }
     };
     if !shape.hidden.is_multiple_of(32) || !shape.intermediate.is_multiple_of(32) {
-        return Err(SynthError::Shape(
-            "hidden and intermediate must be multiples of 32 (MXFP4 blocks)".into(),
-        ));
+        return Err(SynthError::Shape("hidden and intermediate must be multiples of 32 (MXFP4 blocks)".into()));
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let config_value = shape.config_json();
     let config = GptOssConfig::from_json_str(&config_value.to_string(), Path::new("config.json"))
         .map_err(|e| SynthError::Shape(e.to_string()))?;
     write_json(&dir.join("config.json"), &config_value)?;
-    write_json(
-        &dir.join("generation_config.json"),
-        &json!({"eos_token_id": [0], "pad_token_id": 0, "do_sample": true}),
-    )?;
+    write_json(&dir.join("generation_config.json"), &json!({"eos_token_id": [0], "pad_token_id": 0, "do_sample": true}))?;
     write_json(&dir.join("tokenizer.json"), &tokenizer_json())?;
     write_json(
         &dir.join("tokenizer_config.json"),
@@ -317,16 +258,10 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
                 "pad_token": "<|endoftext|>", "unk_token": null, "clean_up_tokenization_spaces": false,
                 "model_max_length": 131072}),
     )?;
-    write_json(
-        &dir.join("special_tokens_map.json"),
-        &json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}),
-    )?;
+    write_json(&dir.join("special_tokens_map.json"), &json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))?;
 
     let tensors = upstream_tensors(&config);
-    let total: usize = tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>() * t.dtype.size())
-        .sum();
+    let total: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();
     let per_shard = total.div_ceil(shape.shards.max(1));
     let mut groups: Vec<Vec<&ExpectedTensor>> = vec![Vec::new()];
     let mut filled = 0;
@@ -342,15 +277,9 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
     let count = groups.len();
     let mut weight_map = serde_json::Map::new();
     for (i, group) in groups.iter().enumerate() {
-        let name = if count == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
-        };
-        let entries: Vec<(&str, mixq_loader::Dtype, &[usize])> = group
-            .iter()
-            .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
-            .collect();
+        let name = if count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) };
+        let entries: Vec<(&str, mixq_loader::Dtype, &[usize])> =
+            group.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
         let (header, _) = mixq_loader::shard::encode_header(&[("format", "pt")], &entries);
         for t in group {
             weight_map.insert(t.name.clone(), json!(name));
@@ -359,8 +288,7 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
         let mut w = BufWriter::with_capacity(8 << 20, File::create(&path).map_err(io(&path))?);
         w.write_all(&header).map_err(io(&path))?;
         for t in group {
-            w.write_all(&tensor_bytes(t, shape.seed))
-                .map_err(io(&path))?;
+            w.write_all(&tensor_bytes(t, shape.seed)).map_err(io(&path))?;
         }
         w.flush().map_err(io(&path))?;
     }
@@ -388,10 +316,7 @@ mod tests {
         // Deterministic: the same shape gives the same bytes.
         let a = std::fs::read(tmp.join("model-00001-of-00002.safetensors")).unwrap();
         write_checkpoint(&tmp, &shape).unwrap();
-        assert_eq!(
-            a,
-            std::fs::read(tmp.join("model-00001-of-00002.safetensors")).unwrap()
-        );
+        assert_eq!(a, std::fs::read(tmp.join("model-00001-of-00002.safetensors")).unwrap());
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 

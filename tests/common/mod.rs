@@ -19,10 +19,7 @@ pub fn mixq(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Stdout and stderr of a run as text.
 pub fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 /// Writes a synthetic checkpoint of a preset shape, optionally overriding some dimensions.
@@ -47,10 +44,7 @@ impl RawShard {
         let bytes = std::fs::read(path).expect("shard readable");
         let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
         let header = serde_json::from_slice::<Value>(&bytes[8..8 + n]).expect("valid header");
-        RawShard {
-            header: header.as_object().expect("object").clone(),
-            data: bytes[8 + n..].to_vec(),
-        }
+        RawShard { header: header.as_object().expect("object").clone(), data: bytes[8 + n..].to_vec() }
     }
 
     /// Writes it back (the header re-serialized, data unchanged).
@@ -64,34 +58,22 @@ impl RawShard {
 
     /// Byte range of a tensor in the data section.
     pub fn range(&self, name: &str) -> std::ops::Range<usize> {
-        let o = self.header[name]["data_offsets"]
-            .as_array()
-            .expect("offsets");
+        let o = self.header[name]["data_offsets"].as_array().expect("offsets");
         o[0].as_u64().expect("int") as usize..o[1].as_u64().expect("int") as usize
     }
 }
 
 /// The shard file holding a tensor, from the index.
 pub fn shard_of(dir: &Path, tensor: &str) -> PathBuf {
-    let index: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("model.safetensors.index.json")).expect("index"),
-    )
-    .expect("json");
-    dir.join(
-        index["weight_map"][tensor]
-            .as_str()
-            .expect("tensor in index"),
-    )
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).expect("index")).expect("json");
+    dir.join(index["weight_map"][tensor].as_str().expect("tensor in index"))
 }
 
 /// Names of the entries of a folder, sorted.
 pub fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|it| {
-            it.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+        .map(|it| it.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     v.sort();
     v

@@ -38,25 +38,12 @@ pub fn section(s: &Summary, ctx: &CardContext<'_>) -> String {
 /// Adds the section to a model card, replacing an earlier "## Validation" section up to the next
 /// second-level heading.
 pub fn update_card(path: &Path, section_md: &str) -> Result<(), ValidateError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ValidateError::Io(path.to_path_buf(), e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ValidateError::Io(path.to_path_buf(), e))?;
     let out = match text.find("\n## Validation\n") {
         Some(start) => {
             let after = &text[start + 1..];
-            let end = after[3..]
-                .find("\n## ")
-                .map(|i| start + 1 + 3 + i + 1)
-                .unwrap_or(text.len());
-            format!(
-                "{}\n{}{}",
-                &text[..start],
-                section_md,
-                if end < text.len() {
-                    format!("\n{}", &text[end..])
-                } else {
-                    String::new()
-                }
-            )
+            let end = after[3..].find("\n## ").map(|i| start + 1 + 3 + i + 1).unwrap_or(text.len());
+            format!("{}\n{}{}", &text[..start], section_md, if end < text.len() { format!("\n{}", &text[end..]) } else { String::new() })
         }
         None => format!("{}\n\n{}", text.trim_end(), section_md),
     };
@@ -76,16 +63,10 @@ mod tests {
         update_card(&p, "## Validation\n\nsecond\n").unwrap();
         let t = std::fs::read_to_string(&p).unwrap();
         assert_eq!(t.matches("## Validation").count(), 1, "{t}");
-        assert!(
-            t.contains("second") && !t.contains("first") && t.contains("## Use with mlx"),
-            "{t}"
-        );
+        assert!(t.contains("second") && !t.contains("first") && t.contains("## Use with mlx"), "{t}");
         std::fs::write(&p, "# m\n\n## Validation\n\nold\n\n## Use\n\nx\n").unwrap();
         update_card(&p, "## Validation\n\nnew\n").unwrap();
         let t = std::fs::read_to_string(&p).unwrap();
-        assert!(
-            t.contains("new") && !t.contains("old") && t.contains("## Use\n\nx"),
-            "{t}"
-        );
+        assert!(t.contains("new") && !t.contains("old") && t.contains("## Use\n\nx"), "{t}");
     }
 }

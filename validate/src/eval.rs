@@ -68,17 +68,8 @@ fn compare_full(m: &[f32], r: &[f32], target: usize) -> TokenStats {
         let lq = (b - lm) as f64;
         kl += lp.exp() * (lp - lq);
     }
-    let (nll, ref_nll) = (
-        -log_softmax_at(m, lm, target),
-        -log_softmax_at(r, lr, target),
-    );
-    TokenStats {
-        nll,
-        ref_nll,
-        kl: kl.max(0.0),
-        same_top: argmax(m) == argmax(r),
-        dp: (-nll).exp() - (-ref_nll).exp(),
-    }
+    let (nll, ref_nll) = (-log_softmax_at(m, lm, target), -log_softmax_at(r, lr, target));
+    TokenStats { nll, ref_nll, kl: kl.max(0.0), same_top: argmax(m) == argmax(r), dp: (-nll).exp() - (-ref_nll).exp() }
 }
 
 /// Compares a model row with a saved top-k reference: KL over the top k, plus the remaining mass
@@ -100,13 +91,7 @@ fn compare_saved(m: &[f32], r: &RefToken) -> TokenStats {
     let nll = -log_softmax_at(m, lm, r.target as usize);
     let ref_nll = -(r.target_logprob as f64);
     let same_top = r.top_ids.first().is_some_and(|&t| t as usize == argmax(m));
-    TokenStats {
-        nll,
-        ref_nll,
-        kl: kl.max(0.0),
-        same_top,
-        dp: (-nll).exp() - (-ref_nll).exp(),
-    }
+    TokenStats { nll, ref_nll, kl: kl.max(0.0), same_top, dp: (-nll).exp() - (-ref_nll).exp() }
 }
 
 /// Scores every target of `tokens` under the sliding-window definition; `progress(scored, total)`
@@ -169,10 +154,7 @@ pub fn score(
                 _ => {
                     summaries.push(RefToken::from_logits(m, target, opts.top_k));
                     let lm = log_sum_exp(m);
-                    TokenStats {
-                        nll: -log_softmax_at(m, lm, target as usize),
-                        ..Default::default()
-                    }
+                    TokenStats { nll: -log_softmax_at(m, lm, target as usize), ..Default::default() }
                 }
             };
             stats.push(s);
@@ -184,15 +166,9 @@ pub fn score(
     // CPU models score windows on parallel threads; a GPU runs one window at a time.
     let parallel = model.parallel() && !matches!(reference, Reference::Model(r) if !r.parallel());
     let per_window: Vec<(Vec<TokenStats>, Vec<RefToken>)> = if parallel {
-        ws.par_iter()
-            .zip(offsets)
-            .map(one_window)
-            .collect::<Result<_, _>>()?
+        ws.par_iter().zip(offsets).map(one_window).collect::<Result<_, _>>()?
     } else {
-        ws.iter()
-            .zip(offsets)
-            .map(one_window)
-            .collect::<Result<_, _>>()?
+        ws.iter().zip(offsets).map(one_window).collect::<Result<_, _>>()?
     };
     let mut tokens_out = Vec::with_capacity(total);
     let mut summaries = Vec::new();
@@ -200,10 +176,7 @@ pub fn score(
         tokens_out.extend(s);
         summaries.extend(r);
     }
-    Ok(Scored {
-        tokens: tokens_out,
-        summaries,
-    })
+    Ok(Scored { tokens: tokens_out, summaries })
 }
 
 #[cfg(test)]
@@ -223,16 +196,9 @@ mod tests {
     #[test]
     fn top_k_kl_approaches_exact_kl() {
         let r: Vec<f32> = (0..200).map(|i| (i as f32 * 0.37).sin() * 6.0).collect();
-        let m: Vec<f32> = r
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v + (i as f32 * 1.3).cos() * 0.2)
-            .collect();
+        let m: Vec<f32> = r.iter().enumerate().map(|(i, v)| v + (i as f32 * 1.3).cos() * 0.2).collect();
         let exact = compare_full(&m, &r, 5).kl;
         let approx = compare_saved(&m, &RefToken::from_logits(&r, 5, 64)).kl;
-        assert!(
-            approx <= exact * 1.0001 && approx > exact * 0.5,
-            "{approx} vs {exact}"
-        );
+        assert!(approx <= exact * 1.0001 && approx > exact * 0.5, "{approx} vs {exact}");
     }
 }

@@ -31,15 +31,9 @@ impl RefToken {
         let lse = log_sum_exp(logits);
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let k = k.min(idx.len());
-        idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize])
-        });
+        idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         idx.truncate(k);
-        idx.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
+        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
         RefToken {
             target,
             target_logprob: logits[target as usize] - lse,
@@ -82,24 +76,15 @@ pub fn write(path: &Path, header: &RefHeader, tokens: &[RefToken]) -> Result<(),
     .to_string();
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     f.write_all(MAGIC).map_err(io)?;
-    f.write_all(&(meta.len() as u32).to_le_bytes())
-        .map_err(io)?;
+    f.write_all(&(meta.len() as u32).to_le_bytes()).map_err(io)?;
     f.write_all(meta.as_bytes()).map_err(io)?;
     for t in tokens {
         f.write_all(&t.target.to_le_bytes()).map_err(io)?;
         f.write_all(&t.target_logprob.to_le_bytes()).map_err(io)?;
         f.write_all(&t.lse.to_le_bytes()).map_err(io)?;
         for k in 0..header.top_k {
-            f.write_all(&t.top_ids.get(k).copied().unwrap_or(u32::MAX).to_le_bytes())
-                .map_err(io)?;
-            f.write_all(
-                &t.top_logits
-                    .get(k)
-                    .copied()
-                    .unwrap_or(f32::NEG_INFINITY)
-                    .to_le_bytes(),
-            )
-            .map_err(io)?;
+            f.write_all(&t.top_ids.get(k).copied().unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
+            f.write_all(&t.top_logits.get(k).copied().unwrap_or(f32::NEG_INFINITY).to_le_bytes()).map_err(io)?;
         }
     }
     f.flush().map_err(io)
@@ -109,9 +94,7 @@ pub fn write(path: &Path, header: &RefHeader, tokens: &[RefToken]) -> Result<(),
 pub fn read(path: &Path) -> Result<(RefHeader, Vec<RefToken>), ValidateError> {
     let bad = |m: String| ValidateError::Reference(format!("{}: {m}", path.display()));
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| ValidateError::Io(path.to_path_buf(), e))?;
+    std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| ValidateError::Io(path.to_path_buf(), e))?;
     if bytes.len() < 12 || &bytes[..8] != MAGIC {
         return Err(bad("not a mixq reference-logits file".into()));
     }
@@ -120,23 +103,10 @@ pub fn read(path: &Path) -> Result<(RefHeader, Vec<RefToken>), ValidateError> {
         .get(12..12 + n)
         .and_then(|m| serde_json::from_slice(m).ok())
         .ok_or_else(|| bad("header is truncated or not JSON".into()))?;
-    let field = |k: &str| {
-        meta.get(k)
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| bad(format!("header lacks `{k}`")))
-    };
+    let field = |k: &str| meta.get(k).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| bad(format!("header lacks `{k}`")));
     let header = RefHeader {
-        model: meta
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        tokens_sha256: meta
-            .get("tokens_sha256")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        model: meta.get("model").and_then(Value::as_str).unwrap_or_default().to_string(),
+        tokens_sha256: meta.get("tokens_sha256").and_then(Value::as_str).unwrap_or_default().to_string(),
         ctx: field("ctx")?,
         stride: field("stride")?,
         top_k: field("top_k")?,
@@ -145,10 +115,7 @@ pub fn read(path: &Path) -> Result<(RefHeader, Vec<RefToken>), ValidateError> {
     let rec = 12 + 8 * header.top_k;
     let body = &bytes[12 + n..];
     if body.len() != count * rec {
-        return Err(bad(format!(
-            "expected {count} records of {rec} bytes, found {} bytes (truncated?)",
-            body.len()
-        )));
+        return Err(bad(format!("expected {count} records of {rec} bytes, found {} bytes (truncated?)", body.len())));
     }
     let f32_at = |b: &[u8], i: usize| f32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
     let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
@@ -164,13 +131,7 @@ pub fn read(path: &Path) -> Result<(RefHeader, Vec<RefToken>), ValidateError> {
                     top_logits.push(f32_at(r, 16 + 8 * k));
                 }
             }
-            RefToken {
-                target: u32_at(r, 0),
-                target_logprob: f32_at(r, 4),
-                lse: f32_at(r, 8),
-                top_ids,
-                top_logits,
-            }
+            RefToken { target: u32_at(r, 0), target_logprob: f32_at(r, 4), lse: f32_at(r, 8), top_ids, top_logits }
         })
         .collect();
     Ok((header, tokens))
@@ -188,13 +149,7 @@ mod tests {
         assert!(t.top_logits.windows(2).all(|w| w[0] >= w[1]));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.bin");
-        let h = RefHeader {
-            model: "m".into(),
-            tokens_sha256: "x".into(),
-            ctx: 8,
-            stride: 8,
-            top_k: 5,
-        };
+        let h = RefHeader { model: "m".into(), tokens_sha256: "x".into(), ctx: 8, stride: 8, top_k: 5 };
         write(&p, &h, &[t.clone(), t.clone()]).unwrap();
         let (h2, ts) = read(&p).unwrap();
         assert_eq!(h2, h);

@@ -102,13 +102,7 @@ impl Summary {
                 kl_method,
             }
         });
-        Summary {
-            tokens: tokens.len(),
-            ppl,
-            ppl_se: ppl * nll_se,
-            nll_mean,
-            comparison,
-        }
+        Summary { tokens: tokens.len(), ppl, ppl_se: ppl * nll_se, nll_mean, comparison }
     }
 
     /// The figures as JSON.
@@ -127,10 +121,7 @@ impl Summary {
 
     /// Human-readable lines.
     pub fn to_text(&self) -> String {
-        let mut s = format!(
-            "scored tokens        {}\nperplexity           {:.4} ± {:.4}\n",
-            self.tokens, self.ppl, self.ppl_se
-        );
+        let mut s = format!("scored tokens        {}\nperplexity           {:.4} ± {:.4}\n", self.tokens, self.ppl, self.ppl_se);
         if let Some(c) = &self.comparison {
             s.push_str(&format!(
                 "reference perplexity {:.4} ± {:.4}\nPPL ratio            {:.5} ± {:.5}\nKL mean              {:.6} ± {:.6} ({})\nKL median            {:.6}\nKL p90 / p99 / p99.9 {:.6} / {:.6} / {:.6}\nKL max               {:.6}\nsame top token       {:.3}%\nΔp(correct) mean     {:+.5}\nΔp(correct) RMS      {:.5}\n",
@@ -159,8 +150,7 @@ impl Gates {
         let mut failed = Vec::new();
         let Some(c) = &s.comparison else {
             if self.max_kl.is_some() || self.max_ppl_ratio.is_some() || self.min_top1.is_some() {
-                failed
-                    .push("gates need a reference (--reference or --reference-logits)".to_string());
+                failed.push("gates need a reference (--reference or --reference-logits)".to_string());
             }
             return failed;
         };
@@ -168,10 +158,7 @@ impl Gates {
             failed.push(format!("--max-kl {x}: mean KL is {:.6}", c.kl_mean));
         }
         if let Some(x) = self.max_ppl_ratio.filter(|&x| c.ppl_ratio > x) {
-            failed.push(format!(
-                "--max-ppl-ratio {x}: PPL ratio is {:.5}",
-                c.ppl_ratio
-            ));
+            failed.push(format!("--max-ppl-ratio {x}: PPL ratio is {:.5}", c.ppl_ratio));
         }
         if let Some(x) = self.min_top1.filter(|&x| c.top1 < x) {
             failed.push(format!("--min-top1 {x}: top-1 agreement is {:.5}", c.top1));
@@ -186,23 +173,13 @@ mod tests {
 
     #[test]
     fn perplexity_and_gates() {
-        let t = |nll: f64, kl: f64, same: bool| TokenStats {
-            nll,
-            ref_nll: 1.0,
-            kl,
-            same_top: same,
-            dp: 0.0,
-        };
+        let t = |nll: f64, kl: f64, same: bool| TokenStats { nll, ref_nll: 1.0, kl, same_top: same, dp: 0.0 };
         let s = Summary::new(&[t(1.0, 0.0, true), t(1.0, 0.2, false)], Some("exact"));
         assert!((s.ppl - 1f64.exp()).abs() < 1e-12);
         let c = s.comparison.as_ref().unwrap();
         assert!((c.kl_mean - 0.1).abs() < 1e-12 && (c.top1 - 0.5).abs() < 1e-12);
         assert!((c.ppl_ratio - 1.0).abs() < 1e-12);
-        let g = Gates {
-            max_kl: Some(0.05),
-            max_ppl_ratio: Some(1.1),
-            min_top1: Some(0.9),
-        };
+        let g = Gates { max_kl: Some(0.05), max_ppl_ratio: Some(1.1), min_top1: Some(0.9) };
         let failed = g.check(&s);
         assert_eq!(failed.len(), 2, "{failed:?}");
         assert!(failed[0].contains("--max-kl 0.05: mean KL is 0.100000"));

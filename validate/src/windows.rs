@@ -23,11 +23,7 @@ pub fn windows(n: usize, ctx: usize, stride: usize) -> Vec<Window> {
         let end = (begin + ctx).min(n);
         let score_from = prev_end.max(begin + 1);
         if score_from < end {
-            out.push(Window {
-                begin,
-                end,
-                score_from,
-            });
+            out.push(Window { begin, end, score_from });
         }
         prev_end = end;
         if end == n {
@@ -45,26 +41,11 @@ mod tests {
     #[test]
     fn non_overlapping_windows_skip_each_first_token() {
         let w = windows(10, 4, 4);
-        assert_eq!(
-            w,
-            vec![
-                Window {
-                    begin: 0,
-                    end: 4,
-                    score_from: 1
-                },
-                Window {
-                    begin: 4,
-                    end: 8,
-                    score_from: 5
-                },
-                Window {
-                    begin: 8,
-                    end: 10,
-                    score_from: 9
-                },
-            ]
-        );
+        assert_eq!(w, vec![
+            Window { begin: 0, end: 4, score_from: 1 },
+            Window { begin: 4, end: 8, score_from: 5 },
+            Window { begin: 8, end: 10, score_from: 9 },
+        ]);
     }
 
     #[test]

@@ -40,9 +40,7 @@ fn summary(info: &wgpu::AdapterInfo) -> AdapterSummary {
     AdapterSummary {
         name: info.name.clone(),
         backend: format!("{:?}", info.backend),
-        driver: format!("{} {}", info.driver, info.driver_info)
-            .trim()
-            .to_string(),
+        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
         software: info.device_type == wgpu::DeviceType::Cpu,
     }
 }
@@ -99,9 +97,7 @@ pub struct GpuContext {
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuContext")
-            .field("adapter", &self.adapter)
-            .finish_non_exhaustive()
+        f.debug_struct("GpuContext").field("adapter", &self.adapter).finish_non_exhaustive()
     }
 }
 
@@ -111,23 +107,14 @@ impl GpuContext {
         let inst = instance();
         let mut all = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::PRIMARY));
         all.sort_by_key(|a| rank(&a.get_info()));
-        let found: Vec<String> = all
-            .iter()
-            .map(|a| summary(&a.get_info()).to_string())
-            .collect();
-        let Some(adapter) = all
-            .into_iter()
-            .find(|a| opts.allow_software || a.get_info().device_type != wgpu::DeviceType::Cpu)
-        else {
+        let found: Vec<String> = all.iter().map(|a| summary(&a.get_info()).to_string()).collect();
+        let Some(adapter) = all.into_iter().find(|a| opts.allow_software || a.get_info().device_type != wgpu::DeviceType::Cpu) else {
             return Err(RuntimeError::NoGpu(if found.is_empty() {
                 "no GPU adapter found: the GPU backend needs Vulkan (Linux: install libvulkan1 and a driver, \
                  e.g. mesa-vulkan-drivers), Metal (macOS) or DX12 (Windows)"
                     .into()
             } else {
-                format!(
-                    "only software adapters found ({}); use --backend gpu to run on them anyway",
-                    found.join(", ")
-                )
+                format!("only software adapters found ({}); use --backend gpu to run on them anyway", found.join(", "))
             }));
         };
         let info = adapter.get_info();
@@ -144,12 +131,9 @@ impl GpuContext {
         let errors = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            sink.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(e.to_string());
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
         }));
-        let max_binding =
-            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let max_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
         let max_binding = max_binding & !3;
         let split_binding = opts.max_binding.map_or(max_binding, |m| m.min(max_binding)) & !3;
         Ok(GpuContext {
@@ -197,12 +181,10 @@ impl GpuContext {
             return Ok(p.clone());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&kernel.name()),
-                source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&kernel.name()),
+            source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
+        });
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
             .bindings()
             .iter()
@@ -222,34 +204,22 @@ impl GpuContext {
                 count: None,
             })
             .collect();
-        let layout = self
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: None,
-                entries: &entries,
-            });
-        let pl = self
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: None,
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&kernel.name()),
-                layout: Some(&pl),
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: wgpu::PipelineCompilationOptions::default(),
-                cache: None,
-            });
+        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: None, entries: &entries });
+        let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: None,
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&kernel.name()),
+            layout: Some(&pl),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions::default(),
+            cache: None,
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(RuntimeError::Gpu(format!(
-                "building kernel {}: {e}",
-                kernel.name()
-            )));
+            return Err(RuntimeError::Gpu(format!("building kernel {}: {e}", kernel.name())));
         }
         let p = Arc::new(Pipeline { pipeline, layout });
         cache.insert(kernel, p.clone());
@@ -259,11 +229,7 @@ impl GpuContext {
     /// A storage buffer of `size` bytes (rounded up to 4), or a clear error when it cannot exist.
     pub fn buffer(&self, what: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         let size = size.max(4).div_ceil(4) * 4;
-        let binding_limit = if usage.contains(wgpu::BufferUsages::STORAGE) {
-            self.max_binding
-        } else {
-            self.limits.max_buffer_size
-        };
+        let binding_limit = if usage.contains(wgpu::BufferUsages::STORAGE) { self.max_binding } else { self.limits.max_buffer_size };
         if size > binding_limit {
             return Err(RuntimeError::GpuMemory(format!(
                 "{what} needs one buffer of {size} bytes but {} allows at most {binding_limit} bytes per buffer",
@@ -271,12 +237,7 @@ impl GpuContext {
             )));
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(what),
-            size,
-            usage,
-            mapped_at_creation: false,
-        });
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(what), size, usage, mapped_at_creation: false });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(RuntimeError::GpuMemory(format!(
                 "{what}: allocating {size} bytes failed on {} with {} bytes already allocated: {e}",
@@ -290,11 +251,7 @@ impl GpuContext {
 
     /// A read-only storage buffer holding `data` (padded to 4 bytes).
     pub fn upload(&self, what: &str, data: &[u8]) -> Result<wgpu::Buffer> {
-        let buf = self.buffer(
-            what,
-            data.len() as u64,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        )?;
+        let buf = self.buffer(what, data.len() as u64, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)?;
         self.write(&buf, 0, data);
         Ok(buf)
     }
@@ -323,11 +280,7 @@ impl GpuContext {
     /// Copies `size` bytes from the start of `src` back to the host (through `staging`, a
     /// MAP_READ buffer at least that large), after the work already submitted.
     pub fn read(&self, src: &wgpu::Buffer, staging: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("read back"),
-            });
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read back") });
         enc.copy_buffer_to_buffer(src, 0, staging, 0, size);
         self.queue.submit([enc.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -338,10 +291,7 @@ impl GpuContext {
         rx.recv()
             .map_err(|_| RuntimeError::Gpu("the GPU dropped a read-back".into()))?
             .map_err(|e| RuntimeError::Gpu(format!("reading back from the GPU: {e}")))?;
-        let out = staging
-            .get_mapped_range(0..size)
-            .map_err(|e| RuntimeError::Gpu(format!("reading back from the GPU: {e}")))?
-            .to_vec();
+        let out = staging.get_mapped_range(0..size).map_err(|e| RuntimeError::Gpu(format!("reading back from the GPU: {e}")))?.to_vec();
         staging.unmap();
         self.check("running the model")?;
         Ok(out)

@@ -48,10 +48,7 @@ pub struct GpuModel {
 
 impl std::fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuModel")
-            .field("adapter", &self.ctx.adapter)
-            .field("weight_bytes", &self.weight_bytes)
-            .finish_non_exhaustive()
+        f.debug_struct("GpuModel").field("adapter", &self.ctx.adapter).field("weight_bytes", &self.weight_bytes).finish_non_exhaustive()
     }
 }
 
@@ -81,71 +78,48 @@ impl Uploader<'_, '_> {
                 s
             }
         };
-        let bias = if bias.is_empty() {
-            None
-        } else {
-            Some(self.ctx.upload(&format!("{what}.bias"), &f32_bytes(bias))?)
-        };
-        Ok(GpuMatrix {
-            storage,
-            rows: m.map.per.min(m.rows),
-            map: m.map,
-            bias,
-        })
+        let bias = if bias.is_empty() { None } else { Some(self.ctx.upload(&format!("{what}.bias"), &f32_bytes(bias))?) };
+        Ok(GpuMatrix { storage, rows: m.map.per.min(m.rows), map: m.map, bias })
     }
 }
 
 /// Quantization of one MLX module from the config's map, as the kernels name it.
 fn module_format(config: &GptOssConfig, module: &str) -> Result<WeightFormat> {
-    Ok(
-        match config.quantization.as_ref().and_then(|q| q.module(module)) {
-            None => WeightFormat::Bf16,
-            Some(s) if s.mode == QuantMode::Mxfp4 => WeightFormat::Mxfp4,
-            Some(s) => {
-                let f = WeightFormat::Affine {
-                    bits: s.bits,
-                    group: s.group_size,
-                };
-                if !f.supported() {
-                    return Err(RuntimeError::Checkpoint(format!(
-                        "{module}: unsupported quantization {} bits, group size {}",
-                        s.bits, s.group_size
-                    )));
-                }
-                f
+    Ok(match config.quantization.as_ref().and_then(|q| q.module(module)) {
+        None => WeightFormat::Bf16,
+        Some(s) if s.mode == QuantMode::Mxfp4 => WeightFormat::Mxfp4,
+        Some(s) => {
+            let f = WeightFormat::Affine { bits: s.bits, group: s.group_size };
+            if !f.supported() {
+                return Err(RuntimeError::Checkpoint(format!(
+                    "{module}: unsupported quantization {} bits, group size {}",
+                    s.bits, s.group_size
+                )));
             }
-        },
-    )
+            f
+        }
+    })
 }
 
 impl GpuModel {
     /// Uploads a loaded model's weights (read from its memory map) to the GPU; `progress(bytes)`
     /// is called as they go (the total is [`Model::weight_bytes`]).
-    pub fn upload(
-        model: &Model<'_>,
-        ctx: Arc<GpuContext>,
-        progress: &dyn Fn(u64),
-    ) -> Result<Arc<Self>> {
+    pub fn upload(model: &Model<'_>, ctx: Arc<GpuContext>, progress: &dyn Fn(u64)) -> Result<Arc<Self>> {
         let c = model.config.clone();
-        let mut up = Uploader {
-            ctx: &ctx,
-            shared: HashMap::new(),
-            progress,
-        };
+        let mut up = Uploader { ctx: &ctx, shared: HashMap::new(), progress };
         let vec = |what: &str, v: &[f32]| ctx.upload(what, &f32_bytes(v));
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (l, w) in model.layers.iter().enumerate() {
             let p = format!("layer {l}");
-            let mut experts =
-                |name: &str, lin: &crate::model::Linear<'_>, per: usize| -> Result<GpuMatrix> {
-                    let mut m = up.matrix(&format!("{p}.{name}"), &lin.w, &lin.b)?;
-                    // Expert matrices are addressed per expert: logical rows = rows of one expert.
-                    m.rows = per;
-                    if m.map.per == lin.w.rows {
-                        m.map = RowMap::identity(per);
-                    }
-                    Ok(m)
-                };
+            let mut experts = |name: &str, lin: &crate::model::Linear<'_>, per: usize| -> Result<GpuMatrix> {
+                let mut m = up.matrix(&format!("{p}.{name}"), &lin.w, &lin.b)?;
+                // Expert matrices are addressed per expert: logical rows = rows of one expert.
+                m.rows = per;
+                if m.map.per == lin.w.rows {
+                    m.map = RowMap::identity(per);
+                }
+                Ok(m)
+            };
             let gate = experts("gate", &w.gate, c.intermediate_size)?;
             let upm = experts("up", &w.up, c.intermediate_size)?;
             let down = experts("down", &w.down, c.hidden_size)?;
@@ -172,64 +146,28 @@ impl GpuModel {
         ctx.wait()?;
         ctx.check("uploading the weights")?;
         let weight_bytes = ctx.allocated();
-        Ok(Arc::new(GpuModel {
-            config: c.clone(),
-            embed,
-            norm,
-            lm_head,
-            layers,
-            rope: model.rope.clone(),
-            dummy,
-            weight_bytes,
-            ctx,
-        }))
+        Ok(Arc::new(GpuModel { config: c.clone(), embed, norm, lm_head, layers, rope: model.rope.clone(), dummy, weight_bytes, ctx }))
     }
 
     /// A model of `config`'s shape and quantization map with random weights made in GPU memory,
     /// for timing shapes whose checkpoints are not at hand (no file is read or written).
-    pub fn synthetic(
-        config: &GptOssConfig,
-        ctx: Arc<GpuContext>,
-        progress: &dyn Fn(u64),
-    ) -> Result<Arc<Self>> {
+    pub fn synthetic(config: &GptOssConfig, ctx: Arc<GpuContext>, progress: &dyn Fn(u64)) -> Result<Arc<Self>> {
         let c = config.clone();
         let (h, i, e) = (c.hidden_size, c.intermediate_size, c.num_local_experts);
-        let (qd, kvd) = (
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
+        let (qd, kvd) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         let mut seed = 1u32;
-        let mut matrix = |module: &str,
-                          experts: usize,
-                          rows: usize,
-                          cols: usize,
-                          bias: bool|
-         -> Result<GpuMatrix> {
+        let mut matrix = |module: &str, experts: usize, rows: usize, cols: usize, bias: bool| -> Result<GpuMatrix> {
             seed = seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
             let format = module_format(&c, module)?;
-            let storage = Arc::new(Storage::synthetic(
-                &ctx,
-                module,
-                format,
-                cols,
-                experts * rows,
-                seed,
-            )?);
+            let storage = Arc::new(Storage::synthetic(&ctx, module, format, cols, experts * rows, seed)?);
             progress((storage.row_bytes() * storage.stored_rows) as u64);
             let bias = if bias {
-                let v: Vec<f32> = (0..experts * rows)
-                    .map(|k| ((k as f32 * 0.618).fract() - 0.5) * 0.02)
-                    .collect();
+                let v: Vec<f32> = (0..experts * rows).map(|k| ((k as f32 * 0.618).fract() - 0.5) * 0.02).collect();
                 Some(ctx.upload(&format!("{module}.bias"), &f32_bytes(&v))?)
             } else {
                 None
             };
-            Ok(GpuMatrix {
-                storage,
-                rows,
-                map: RowMap::identity(rows),
-                bias,
-            })
+            Ok(GpuMatrix { storage, rows, map: RowMap::identity(rows), bias })
         };
         let ones = |n: usize| f32_bytes(&vec![1.0f32; n]);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -258,17 +196,7 @@ impl GpuModel {
         ctx.check("making synthetic weights")?;
         let weight_bytes = ctx.allocated();
         let rope = Rope::new(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
-        Ok(Arc::new(GpuModel {
-            config: c,
-            embed,
-            norm,
-            lm_head,
-            layers,
-            rope,
-            dummy,
-            weight_bytes,
-            ctx,
-        }))
+        Ok(Arc::new(GpuModel { config: c, embed, norm, lm_head, layers, rope, dummy, weight_bytes, ctx }))
     }
 
     /// The most parts any weight tensor was split into (1 when every tensor fits one binding).
@@ -287,11 +215,7 @@ impl GpuModel {
 
     /// Longest context the model supports.
     pub fn max_context(&self) -> usize {
-        self.config
-            .raw
-            .get("max_position_embeddings")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(131072) as usize
+        self.config.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072) as usize
     }
 
     /// Packed weight bytes read to decode one token (dense weights plus the routed experts).
@@ -304,9 +228,7 @@ impl GpuModel {
             for m in [&l.q, &l.k, &l.v, &l.o, &l.router] {
                 bytes += rows(m, m.rows);
             }
-            bytes += rows(&l.gate, k * l.gate.rows)
-                + rows(&l.up, k * l.up.rows)
-                + rows(&l.down, k * l.down.rows);
+            bytes += rows(&l.gate, k * l.gate.rows) + rows(&l.up, k * l.up.rows) + rows(&l.down, k * l.down.rows);
         }
         bytes
     }
@@ -332,14 +254,7 @@ enum Grid {
 impl Grid {
     fn size(&self, t: u32) -> (u32, u32) {
         match *self {
-            Grid::Rows { rows, last_only } => (
-                rows.div_ceil(MATMUL_ROWS),
-                if last_only {
-                    1
-                } else {
-                    t.div_ceil(MATMUL_TILE)
-                },
-            ),
+            Grid::Rows { rows, last_only } => (rows.div_ceil(MATMUL_ROWS), if last_only { 1 } else { t.div_ceil(MATMUL_TILE) }),
             Grid::ExpertRows { rows, slots } => (rows.div_ceil(MATMUL_ROWS), t * slots),
             Grid::Tokens => (t, 1),
             Grid::Elements { per_token } => ((t * per_token).div_ceil(WORKGROUP), 1),
@@ -413,8 +328,7 @@ impl ParamBlocks {
     fn push(&mut self, words: &[u32]) -> (u64, u64) {
         let at = self.bytes.len().div_ceil(self.align) * self.align;
         self.bytes.resize(at, 0);
-        self.bytes
-            .extend(words.iter().flat_map(|w| w.to_le_bytes()));
+        self.bytes.extend(words.iter().flat_map(|w| w.to_le_bytes()));
         let size = (words.len() * 4).div_ceil(16) * 16;
         self.bytes.resize(at + size, 0);
         (at as u64, size as u64)
@@ -440,25 +354,12 @@ fn matmul_ops<'b>(
         set(&mut w);
         let experts = w[14] > 0;
         let dense_identity = !experts && m.map == RowMap::identity(m.rows);
-        let (base, rows) = if dense_identity {
-            (part.first as u32, part.rows as u32)
-        } else {
-            (0, m.rows as u32)
-        };
+        let (base, rows) = if dense_identity { (part.first as u32, part.rows as u32) } else { (0, m.rows as u32) };
         w[10] = base;
         let (kernel, grid) = if experts {
-            (
-                Kernel::ExpertMatmul(m.storage.format),
-                Grid::ExpertRows { rows, slots: w[14] },
-            )
+            (Kernel::ExpertMatmul(m.storage.format), Grid::ExpertRows { rows, slots: w[14] })
         } else {
-            (
-                Kernel::Matmul(m.storage.format),
-                Grid::Rows {
-                    rows,
-                    last_only: w[17] == 1,
-                },
-            )
+            (Kernel::Matmul(m.storage.format), Grid::Rows { rows, last_only: w[17] == 1 })
         };
         ops.push(PendingOp {
             kernel,
@@ -486,12 +387,7 @@ fn norm_op<'b>(
 ) -> PendingOp<'b> {
     PendingOp {
         kernel: Kernel::Norm,
-        params: blocks.push(&[
-            c.hidden_size as u32,
-            (c.rms_norm_eps as f32).to_bits(),
-            0,
-            0,
-        ]),
+        params: blocks.push(&[c.hidden_size as u32, (c.rms_norm_eps as f32).to_bits(), 0, 0]),
         buffers: vec![weight, x, y],
         grid: Grid::Tokens,
     }
@@ -510,10 +406,7 @@ impl GpuModel {
     pub fn session(self: &Arc<Self>, max_context: usize) -> Result<GpuSession> {
         let c = &self.config;
         if max_context == 0 || max_context > self.max_context() {
-            return Err(RuntimeError::ContextExceeded {
-                tokens: max_context,
-                context: self.max_context(),
-            });
+            return Err(RuntimeError::ContextExceeded { tokens: max_context, context: self.max_context() });
         }
         let before = self.ctx.allocated();
         let ctx = &*self.ctx;
@@ -533,9 +426,7 @@ impl GpuModel {
                 "the GPU kernels need an even head_dim of at most 256, heads divisible by kv heads and at most 32 experts per token (got head_dim {hd}, {nh}/{nkv} heads, {k} experts per token)"
             )));
         }
-        let rw = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC;
+        let rw = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
         let f = |what: &str, n: u64| ctx.buffer(what, n * 4, rw);
         let half = c.head_dim / 2;
         let mut table = Vec::with_capacity(max_context * half * 2);
@@ -547,22 +438,14 @@ impl GpuModel {
         }
         let mut caches = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
-            let cap = if layer.sliding {
-                (c.sliding_window + PREFILL_CHUNK).min(max_context)
-            } else {
-                max_context
-            };
+            let cap = if layer.sliding { (c.sliding_window + PREFILL_CHUNK).min(max_context) } else { max_context };
             let n = cap as u64 * nkv * hd;
             let kc = f(&format!("layer {l} key cache ({cap} tokens)"), n)?;
             let vc = f(&format!("layer {l} value cache ({cap} tokens)"), n)?;
             caches.push((kc, vc, cap as u32));
         }
         let acts = Activations {
-            step: ctx.buffer(
-                "step",
-                32,
-                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            )?,
+            step: ctx.buffer("step", 32, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?,
             tokens: ctx.buffer("tokens", t * 4, rw)?,
             x: f("residual", t * h)?,
             normed: f("normed", t * h)?,
@@ -580,21 +463,10 @@ impl GpuModel {
             next: ctx.buffer("next token", 4, rw)?,
             rope_table: ctx.upload("rope table", &f32_bytes(&table))?,
             caches,
-            logits_staging: ctx.buffer(
-                "logits read-back",
-                t * vocab * 4,
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            )?,
-            next_staging: ctx.buffer(
-                "token read-back",
-                4,
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            )?,
+            logits_staging: ctx.buffer("logits read-back", t * vocab * 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
+            next_staging: ctx.buffer("token read-back", 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
         };
-        let mut blocks = ParamBlocks {
-            bytes: Vec::new(),
-            align: ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize,
-        };
+        let mut blocks = ParamBlocks { bytes: Vec::new(), align: ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize };
         let a = &acts;
         let mut body: Vec<PendingOp<'_>> = Vec::new();
         let dummy = &self.dummy;
@@ -610,84 +482,31 @@ impl GpuModel {
                     &a.tokens,
                     &a.x,
                 ],
-                grid: Grid::Elements {
-                    per_token: h as u32,
-                },
+                grid: Grid::Elements { per_token: h as u32 },
             });
         }
         let scale = 1.0 / (hd as f32).sqrt();
         for (layer, (kc, vc, cap)) in self.layers.iter().zip(&a.caches) {
             body.push(norm_op(&mut blocks, c, &layer.input_norm, &a.x, &a.normed));
             for (m, y) in [(&layer.q, &a.q), (&layer.k, &a.k), (&layer.v, &a.v)] {
-                matmul_ops(
-                    &mut blocks,
-                    &mut body,
-                    m,
-                    &a.normed,
-                    y,
-                    &a.ids,
-                    dummy,
-                    &|_| {},
-                );
+                matmul_ops(&mut blocks, &mut body, m, &a.normed, y, &a.ids, dummy, &|_| {});
             }
             body.push(PendingOp {
                 kernel: Kernel::Rope,
-                params: blocks.push(&[
-                    nh as u32,
-                    nkv as u32,
-                    hd as u32,
-                    *cap,
-                    self.rope.mscale.to_bits(),
-                    0,
-                    0,
-                    0,
-                ]),
+                params: blocks.push(&[nh as u32, nkv as u32, hd as u32, *cap, self.rope.mscale.to_bits(), 0, 0, 0]),
                 buffers: vec![&a.rope_table, &a.q, &a.k, &a.v, kc, vc],
-                grid: Grid::Elements {
-                    per_token: ((nh + nkv) * hd / 2) as u32,
-                },
+                grid: Grid::Elements { per_token: ((nh + nkv) * hd / 2) as u32 },
             });
-            let window = if layer.sliding {
-                c.sliding_window as u32
-            } else {
-                0
-            };
+            let window = if layer.sliding { c.sliding_window as u32 } else { 0 };
             body.push(PendingOp {
                 kernel: Kernel::Attention,
-                params: blocks.push(&[
-                    nh as u32,
-                    nkv as u32,
-                    hd as u32,
-                    *cap,
-                    window,
-                    scale.to_bits(),
-                    0,
-                    0,
-                ]),
+                params: blocks.push(&[nh as u32, nkv as u32, hd as u32, *cap, window, scale.to_bits(), 0, 0]),
                 buffers: vec![&a.q, kc, vc, &layer.sinks, &a.attn],
                 grid: Grid::Heads { heads: nh as u32 },
             });
-            matmul_ops(
-                &mut blocks,
-                &mut body,
-                &layer.o,
-                &a.attn,
-                &a.x,
-                &a.ids,
-                dummy,
-                &|w| w[13] = 1,
-            );
+            matmul_ops(&mut blocks, &mut body, &layer.o, &a.attn, &a.x, &a.ids, dummy, &|w| w[13] = 1);
             body.push(norm_op(&mut blocks, c, &layer.post_norm, &a.x, &a.normed));
-            matmul_ops(
-                &mut blocks,
-                &mut body,
-                &layer.router,
-                &a.normed,
-                &a.router,
-                &a.ids,
-                dummy,
-                &|_| {},
-            );
+            matmul_ops(&mut blocks, &mut body, &layer.router, &a.normed, &a.router, &a.ids, dummy, &|_| {});
             body.push(PendingOp {
                 kernel: Kernel::Router,
                 params: blocks.push(&[e as u32, k as u32, 0, 0]),
@@ -695,119 +514,53 @@ impl GpuModel {
                 grid: Grid::Elements { per_token: 1 },
             });
             for (m, y) in [(&layer.gate, &a.gate), (&layer.up, &a.up)] {
-                matmul_ops(
-                    &mut blocks,
-                    &mut body,
-                    m,
-                    &a.normed,
-                    y,
-                    &a.ids,
-                    dummy,
-                    &|w| w[14] = k as u32,
-                );
+                matmul_ops(&mut blocks, &mut body, m, &a.normed, y, &a.ids, dummy, &|w| w[14] = k as u32);
             }
             body.push(PendingOp {
                 kernel: Kernel::Swiglu,
-                params: blocks.push(&[
-                    i as u32,
-                    k as u32,
-                    (c.swiglu_limit as f32).to_bits(),
-                    SWIGLU_ALPHA.to_bits(),
-                ]),
+                params: blocks.push(&[i as u32, k as u32, (c.swiglu_limit as f32).to_bits(), SWIGLU_ALPHA.to_bits()]),
                 buffers: vec![&a.gate, &a.up],
-                grid: Grid::Elements {
-                    per_token: (k * i) as u32,
-                },
+                grid: Grid::Elements { per_token: (k * i) as u32 },
             });
-            matmul_ops(
-                &mut blocks,
-                &mut body,
-                &layer.down,
-                &a.gate,
-                &a.down,
-                &a.ids,
-                dummy,
-                &|w| {
-                    w[14] = k as u32;
-                    w[15] = 1;
-                },
-            );
+            matmul_ops(&mut blocks, &mut body, &layer.down, &a.gate, &a.down, &a.ids, dummy, &|w| {
+                w[14] = k as u32;
+                w[15] = 1;
+            });
             body.push(PendingOp {
                 kernel: Kernel::Combine,
                 params: blocks.push(&[h as u32, k as u32, 0, 0]),
                 buffers: vec![&a.ids, &a.weights, &a.down, &a.x],
-                grid: Grid::Elements {
-                    per_token: h as u32,
-                },
+                grid: Grid::Elements { per_token: h as u32 },
             });
         }
         body.push(norm_op(&mut blocks, c, &self.norm, &a.x, &a.normed));
         let mut head_all = Vec::new();
-        matmul_ops(
-            &mut blocks,
-            &mut head_all,
-            &self.lm_head,
-            &a.normed,
-            &a.logits,
-            &a.ids,
-            dummy,
-            &|_| {},
-        );
+        matmul_ops(&mut blocks, &mut head_all, &self.lm_head, &a.normed, &a.logits, &a.ids, dummy, &|_| {});
         let mut head_last = Vec::new();
-        matmul_ops(
-            &mut blocks,
-            &mut head_last,
-            &self.lm_head,
-            &a.normed,
-            &a.logits,
-            &a.ids,
-            dummy,
-            &|w| w[17] = 1,
-        );
+        matmul_ops(&mut blocks, &mut head_last, &self.lm_head, &a.normed, &a.logits, &a.ids, dummy, &|w| w[17] = 1);
         let sample = PendingOp {
             kernel: Kernel::Sample,
             params: blocks.push(&[vocab as u32, 0, 0, 0]),
             buffers: vec![&a.logits, &a.next],
             grid: Grid::One,
         };
-        let params = ctx.buffer(
-            "kernel parameters",
-            blocks.bytes.len() as u64,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        )?;
+        let params =
+            ctx.buffer("kernel parameters", blocks.bytes.len() as u64, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
         ctx.write(&params, 0, &blocks.bytes);
-        let bind = |ops: Vec<PendingOp<'_>>| -> Result<Vec<Op>> {
-            ops.into_iter()
-                .map(|p| self.bind(&a.step, &params, p))
-                .collect()
-        };
+        let bind = |ops: Vec<PendingOp<'_>>| -> Result<Vec<Op>> { ops.into_iter().map(|p| self.bind(&a.step, &params, p)).collect() };
         let body = bind(body)?;
         let head_all = bind(head_all)?;
         let head_last = bind(head_last)?;
         let sample = self.bind(&a.step, &params, sample)?;
         ctx.check("preparing the forward pass")?;
         let memory = ctx.allocated() - before;
-        Ok(GpuSession {
-            model: self.clone(),
-            acts,
-            body,
-            head_all,
-            head_last,
-            sample,
-            len: 0,
-            capacity: max_context,
-            counter: 0,
-            memory,
-        })
+        Ok(GpuSession { model: self.clone(), acts, body, head_all, head_last, sample, len: 0, capacity: max_context, counter: 0, memory })
     }
 
     fn bind(&self, step: &wgpu::Buffer, params: &wgpu::Buffer, p: PendingOp<'_>) -> Result<Op> {
         let pipeline = self.ctx.pipeline(p.kernel)?;
         let mut entries = vec![
-            wgpu::BindGroupEntry {
-                binding: 0,
-                resource: step.as_entire_binding(),
-            },
+            wgpu::BindGroupEntry { binding: 0, resource: step.as_entire_binding() },
             wgpu::BindGroupEntry {
                 binding: 1,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -818,24 +571,11 @@ impl GpuModel {
             },
         ];
         for (n, b) in p.buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: n as u32 + 2,
-                resource: b.as_entire_binding(),
-            });
+            entries.push(wgpu::BindGroupEntry { binding: n as u32 + 2, resource: b.as_entire_binding() });
         }
-        let bind_group = self
-            .ctx
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &pipeline.layout,
-                entries: &entries,
-            });
-        Ok(Op {
-            pipeline,
-            bind_group,
-            grid: p.grid,
-        })
+        let bind_group =
+            self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.layout, entries: &entries });
+        Ok(Op { pipeline, bind_group, grid: p.grid })
     }
 }
 
@@ -859,18 +599,11 @@ impl GpuSession {
         let vocab = self.model.config.vocab_size;
         for (i, &t) in tokens.iter().enumerate() {
             if t as usize >= vocab {
-                return Err(RuntimeError::TokenOutOfRange {
-                    id: t,
-                    position: self.len + i,
-                    vocab,
-                });
+                return Err(RuntimeError::TokenOutOfRange { id: t, position: self.len + i, vocab });
             }
         }
         if self.len + tokens.len() > self.capacity {
-            return Err(RuntimeError::ContextExceeded {
-                tokens: self.len + tokens.len(),
-                context: self.capacity,
-            });
+            return Err(RuntimeError::ContextExceeded { tokens: self.len + tokens.len(), context: self.capacity });
         }
         Ok(())
     }
@@ -880,52 +613,18 @@ impl GpuSession {
         let ctx = &self.model.ctx;
         let n = chunk.len() as u32;
         let seed = (sampling.seed ^ (sampling.seed >> 32)) as u32;
-        let step = [
-            n,
-            self.len as u32,
-            seed,
-            self.counter,
-            sampling.temperature.to_bits(),
-            0,
-            0,
-            0,
-        ];
-        ctx.queue.write_buffer(
-            &self.acts.step,
-            0,
-            &step
-                .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .collect::<Vec<_>>(),
-        );
-        ctx.queue.write_buffer(
-            &self.acts.tokens,
-            0,
-            &chunk
-                .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .collect::<Vec<_>>(),
-        );
+        let step = [n, self.len as u32, seed, self.counter, sampling.temperature.to_bits(), 0, 0, 0];
+        ctx.queue.write_buffer(&self.acts.step, 0, &step.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<_>>());
+        ctx.queue.write_buffer(&self.acts.tokens, 0, &chunk.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<_>>());
         let tail: Vec<&Op> = match tail {
             Tail::Nothing => Vec::new(),
             Tail::AllLogits => self.head_all.iter().collect(),
             Tail::LastLogits => self.head_last.iter().collect(),
-            Tail::Sample => self
-                .head_last
-                .iter()
-                .chain(std::iter::once(&self.sample))
-                .collect(),
+            Tail::Sample => self.head_last.iter().chain(std::iter::once(&self.sample)).collect(),
         };
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("forward"),
-            });
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward"),
-                timestamp_writes: None,
-            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
             for op in self.body.iter().chain(tail) {
                 let (x, y) = op.grid.size(n);
                 pass.set_pipeline(&op.pipeline.pipeline);
@@ -940,14 +639,8 @@ impl GpuSession {
 
     fn read_logits(&self, rows: usize) -> Result<Vec<f32>> {
         let bytes = (rows * self.model.config.vocab_size * 4) as u64;
-        let raw = self
-            .model
-            .ctx
-            .read(&self.acts.logits, &self.acts.logits_staging, bytes)?;
-        Ok(raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        let raw = self.model.ctx.read(&self.acts.logits, &self.acts.logits_staging, bytes)?;
+        Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     /// Runs `tokens` after what the cache holds; returns logits for every position (`[n, vocab]`)
@@ -979,20 +672,9 @@ impl GpuSession {
         }
         let chunks: Vec<&[u32]> = tokens.chunks(PREFILL_CHUNK).collect();
         for (ci, chunk) in chunks.iter().enumerate() {
-            self.run_chunk(
-                chunk,
-                if ci + 1 == chunks.len() {
-                    Tail::Sample
-                } else {
-                    Tail::Nothing
-                },
-                sampling,
-            );
+            self.run_chunk(chunk, if ci + 1 == chunks.len() { Tail::Sample } else { Tail::Nothing }, sampling);
         }
-        let raw = self
-            .model
-            .ctx
-            .read(&self.acts.next, &self.acts.next_staging, 4)?;
+        let raw = self.model.ctx.read(&self.acts.next, &self.acts.next_staging, 4)?;
         Ok(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
     }
 }

@@ -35,9 +35,7 @@ impl WeightFormat {
     /// Whether the kernels support this format.
     pub fn supported(&self) -> bool {
         match *self {
-            WeightFormat::Affine { bits, group } => {
-                matches!(bits, 2..=6 | 8) && matches!(group, 32 | 64 | 128)
-            }
+            WeightFormat::Affine { bits, group } => matches!(bits, 2..=6 | 8) && matches!(group, 32 | 64 | 128),
             _ => true,
         }
     }
@@ -48,9 +46,7 @@ impl WeightFormat {
             WeightFormat::Affine { bits, group } => (1, bits, group),
             WeightFormat::Mxfp4 => (2, 4, 32),
         };
-        format!(
-            "const FORMAT: u32 = {format}u;\nconst BITS: u32 = {bits}u;\nconst GROUP: u32 = {group}u;\nconst EXPERTS: bool = {experts};\n\n"
-        )
+        format!("const FORMAT: u32 = {format}u;\nconst BITS: u32 = {bits}u;\nconst GROUP: u32 = {group}u;\nconst EXPERTS: bool = {experts};\n\n")
     }
 }
 
@@ -127,9 +123,7 @@ impl Kernel {
 
     /// The complete WGSL source of this kernel.
     pub fn source(&self) -> String {
-        let weights = |f: &WeightFormat, experts: bool, body: &str| {
-            format!("{}{STEP}\n{WEIGHTS}\n{body}", f.prelude(experts))
-        };
+        let weights = |f: &WeightFormat, experts: bool, body: &str| format!("{}{STEP}\n{WEIGHTS}\n{body}", f.prelude(experts));
         let plain = |body: &str| format!("{STEP}\n{body}");
         match self {
             Kernel::Matmul(f) => weights(f, false, include_str!("wgsl/matmul.wgsl")),

@@ -44,11 +44,7 @@ pub struct Storage {
 pub fn row_layout(format: WeightFormat, cols: usize) -> (usize, usize, usize) {
     match format {
         WeightFormat::Bf16 => (cols * 2, 0, 0),
-        WeightFormat::Affine { bits, group } => (
-            cols * bits as usize / 8,
-            cols / group as usize * 2,
-            cols / group as usize * 2,
-        ),
+        WeightFormat::Affine { bits, group } => (cols * bits as usize / 8, cols / group as usize * 2, cols / group as usize * 2),
         WeightFormat::Mxfp4 => (cols / 2, cols / 32, 0),
     }
 }
@@ -57,12 +53,7 @@ pub fn row_layout(format: WeightFormat, cols: usize) -> (usize, usize, usize) {
 pub fn format_of(codes: &Codes<'_>) -> WeightFormat {
     match *codes {
         Codes::Bf16 { .. } => WeightFormat::Bf16,
-        Codes::Affine {
-            bits, group_size, ..
-        } => WeightFormat::Affine {
-            bits,
-            group: group_size as u32,
-        },
+        Codes::Affine { bits, group_size, .. } => WeightFormat::Affine { bits, group: group_size as u32 },
         Codes::Mxfp4 { .. } => WeightFormat::Mxfp4,
     }
 }
@@ -75,13 +66,7 @@ impl Storage {
     }
 
     /// Row ranges that keep each buffer within the largest storage binding.
-    fn split(
-        ctx: &GpuContext,
-        what: &str,
-        format: WeightFormat,
-        cols: usize,
-        stored_rows: usize,
-    ) -> Result<Vec<(usize, usize)>> {
+    fn split(ctx: &GpuContext, what: &str, format: WeightFormat, cols: usize, stored_rows: usize) -> Result<Vec<(usize, usize)>> {
         if !cols.is_multiple_of(32) || !format.supported() {
             return Err(RuntimeError::Checkpoint(format!(
                 "{what}: the GPU kernels need {format:?} weights with a multiple of 32 columns (got {cols})"
@@ -96,29 +81,16 @@ impl Storage {
                 ctx.split_binding()
             )));
         }
-        Ok((0..stored_rows)
-            .step_by(per_part)
-            .map(|first| (first, per_part.min(stored_rows - first)))
-            .collect())
+        Ok((0..stored_rows).step_by(per_part).map(|first| (first, per_part.min(stored_rows - first))).collect())
     }
 
     /// Uploads a CPU matrix's stored bytes, calling `progress(bytes)` after each chunk.
-    pub fn upload(
-        ctx: &GpuContext,
-        what: &str,
-        m: &Matrix<'_>,
-        progress: &dyn Fn(u64),
-    ) -> Result<Storage> {
+    pub fn upload(ctx: &GpuContext, what: &str, m: &Matrix<'_>, progress: &dyn Fn(u64)) -> Result<Storage> {
         let format = format_of(&m.codes);
         let (c, s, b) = row_layout(format, m.cols);
         let (codes, scales, biases): (&[u8], &[u8], &[u8]) = match m.codes {
             Codes::Bf16 { data } => (data, &[], &[]),
-            Codes::Affine {
-                weight,
-                scales,
-                biases,
-                ..
-            } => (weight, scales, biases),
+            Codes::Affine { weight, scales, biases, .. } => (weight, scales, biases),
             Codes::Mxfp4 { blocks, scales } => (blocks, scales, &[]),
         };
         let stored_rows = codes.len() / c;
@@ -143,42 +115,21 @@ impl Storage {
                     return Ok(None);
                 }
                 let bytes = &data[first * per..(first + rows) * per];
-                let buf = ctx.buffer(
-                    &format!("{what}.{leaf}"),
-                    bytes.len() as u64,
-                    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                )?;
+                let buf =
+                    ctx.buffer(&format!("{what}.{leaf}"), bytes.len() as u64, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)?;
                 send(&buf, bytes)?;
                 Ok(Some(buf))
             };
             let codes = piece(c, codes, "weight")?.expect("codes have bytes in every format");
             let scales = piece(s, scales, "scales")?;
             let biases = piece(b, biases, "biases")?;
-            parts.push(Part {
-                first,
-                rows,
-                codes,
-                scales,
-                biases,
-            });
+            parts.push(Part { first, rows, codes, scales, biases });
         }
-        Ok(Storage {
-            format,
-            cols: m.cols,
-            stored_rows,
-            parts,
-        })
+        Ok(Storage { format, cols: m.cols, stored_rows, parts })
     }
 
     /// Random weights of the given shape made directly in GPU memory.
-    pub fn synthetic(
-        ctx: &GpuContext,
-        what: &str,
-        format: WeightFormat,
-        cols: usize,
-        stored_rows: usize,
-        seed: u32,
-    ) -> Result<Storage> {
+    pub fn synthetic(ctx: &GpuContext, what: &str, format: WeightFormat, cols: usize, stored_rows: usize, seed: u32) -> Result<Storage> {
         let (c, s, b) = row_layout(format, cols);
         let fill = ctx.pipeline(Kernel::Fill)?;
         let mut parts = Vec::new();
@@ -187,61 +138,28 @@ impl Storage {
                 if per == 0 {
                     return Ok(None);
                 }
-                let buf = ctx.buffer(
-                    &format!("{what}.{leaf}"),
-                    (rows * per) as u64,
-                    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                )?;
-                fill_buffer(
-                    ctx,
-                    &fill,
-                    &buf,
-                    kind,
-                    seed.wrapping_add(kind * 7919 + first as u32),
-                )?;
+                let buf =
+                    ctx.buffer(&format!("{what}.{leaf}"), (rows * per) as u64, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)?;
+                fill_buffer(ctx, &fill, &buf, kind, seed.wrapping_add(kind * 7919 + first as u32))?;
                 Ok(Some(buf))
             };
             let code_kind = if format == WeightFormat::Bf16 { 4 } else { 0 };
             let scale_kind = if format == WeightFormat::Mxfp4 { 3 } else { 1 };
             let codes = make(c, code_kind, "weight")?.expect("codes have bytes in every format");
-            parts.push(Part {
-                first,
-                rows,
-                codes,
-                scales: make(s, scale_kind, "scales")?,
-                biases: make(b, 2, "biases")?,
-            });
+            parts.push(Part { first, rows, codes, scales: make(s, scale_kind, "scales")?, biases: make(b, 2, "biases")? });
         }
-        Ok(Storage {
-            format,
-            cols,
-            stored_rows,
-            parts,
-        })
+        Ok(Storage { format, cols, stored_rows, parts })
     }
 }
 
-fn fill_buffer(
-    ctx: &GpuContext,
-    fill: &crate::gpu::context::Pipeline,
-    buf: &wgpu::Buffer,
-    kind: u32,
-    seed: u32,
-) -> Result<()> {
+fn fill_buffer(ctx: &GpuContext, fill: &crate::gpu::context::Pipeline, buf: &wgpu::Buffer, kind: u32, seed: u32) -> Result<()> {
     let words = (buf.size() / 4) as u32;
     let per_dispatch = 65535 * WORKGROUP;
-    let step = ctx.upload("fill step", &[0u8; 32])?;
-    let mut enc = ctx
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("fill"),
-        });
+    let step = ctx.buffer("fill step", 32, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
+    let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fill") });
     let mut keep = Vec::new();
     for offset in (0..words).step_by(per_dispatch as usize) {
-        let params: Vec<u8> = [words, kind, seed, offset]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
+        let params: Vec<u8> = [words, kind, seed, offset].iter().flat_map(|w| w.to_le_bytes()).collect();
         let pbuf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("fill params"),
             size: 16,
@@ -253,25 +171,13 @@ fn fill_buffer(
             label: None,
             layout: &fill.layout,
             entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: step.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: pbuf.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 2,
-                    resource: buf.as_entire_binding(),
-                },
+                wgpu::BindGroupEntry { binding: 0, resource: step.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: pbuf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: buf.as_entire_binding() },
             ],
         });
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
-            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
             pass.set_pipeline(&fill.pipeline);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups((words - offset).min(per_dispatch).div_ceil(WORKGROUP), 1, 1);
