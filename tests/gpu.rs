@@ -191,7 +191,7 @@ fn split_tensors_give_the_same_logits() {
         let ckpt = Checkpoint::open(&dir).unwrap();
         let cpu = Model::load(&ckpt).unwrap();
         let gpu = GpuModel::upload(&cpu, ctx.clone(), &|_| {}).unwrap();
-        assert!(gpu.max_parts() > 4, "a 16 KiB part limit should split the large tensors");
+        assert!(gpu.max_parts() > 1, "a 16 KiB part limit should split the large tensors");
         let ids = tokens(70, cpu.config.vocab_size, 3);
         let want = cpu.forward(&ids, &mut cpu.new_cache(), true).unwrap();
         let got = gpu.session(70).unwrap().forward(&ids, true).unwrap();
