@@ -194,6 +194,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the GPU adapters the GPU backend can use, best first (what `--backend auto` picks from).
+    Adapters {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the built-in recipes.
     Recipes {
         /// Print one JSON object.
@@ -436,6 +442,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     eprintln!("gate failed: {f}");
                 }
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Adapters { json } => {
+            let all = mixq_runtime::gpu::adapters();
+            if json {
+                print_json(&serde_json::json!(all
+                    .iter()
+                    .map(|a| serde_json::json!({"name": a.name, "backend": a.backend, "driver": a.driver, "software": a.software}))
+                    .collect::<Vec<_>>()));
+            } else if all.is_empty() {
+                println!("no GPU adapters (the GPU backend needs Vulkan, Metal or DX12)");
+            } else {
+                for a in all {
+                    println!("{a}{}", if a.software { "  [software: used by --backend gpu, not by auto]" } else { "" });
+                }
             }
         }
         Command::Recipes { json } => {

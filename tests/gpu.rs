@@ -382,3 +382,16 @@ fn synthetic_models_run_on_the_gpu() {
     );
     assert!(text(&o).1.contains("needs --backend gpu"), "{}", text(&o).1);
 }
+
+/// `mixq adapters` lists what the GPU backend can pick from.
+#[test]
+fn adapters_are_listed() {
+    if gpu(None).is_none() {
+        return;
+    }
+    let o = mixq(&["adapters", "--json"], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let v: serde_json::Value = serde_json::from_str(&text(&o).0).unwrap();
+    let list = v.as_array().unwrap();
+    assert!(!list.is_empty() && list.iter().all(|a| a["name"].is_string() && a["software"].is_boolean()), "{v}");
+}

@@ -133,7 +133,7 @@ impl GpuContext {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
         }));
-        let max_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = max_binding & !3;
         let split_binding = opts.max_binding.map_or(max_binding, |m| m.min(max_binding)) & !3;
         Ok(GpuContext {
