@@ -178,6 +178,11 @@ impl Fields<'_> {
 }
 
 impl GptOssConfig {
+    /// Longest context the model supports (`max_position_embeddings`, 131072 when absent).
+    pub fn max_context(&self) -> usize {
+        self.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072) as usize
+    }
+
     /// Reads and validates a config.json file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| LoaderError::io(path, e))?;

@@ -2,12 +2,11 @@
 //! work the same on both.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use mixq_loader::{Checkpoint, GptOssConfig};
 
 use crate::error::{Result, RuntimeError};
-use crate::generate::GenerationStats;
+use crate::generate::{decode_loop, require_prompt, GenerationStats};
 use crate::gpu::{GpuContext, GpuModel, GpuOptions, GpuSampling, GpuSession};
 use crate::model::Model;
 use crate::sample::{Sampler, SamplerConfig};
@@ -114,10 +113,7 @@ impl<'a> Engine<'a> {
 
     /// Longest context the model supports.
     pub fn max_context(&self) -> usize {
-        match self {
-            Engine::Cpu(m) => m.max_context(),
-            Engine::Gpu { model, .. } => model.max_context(),
-        }
+        self.config().max_context()
     }
 
     /// Packed weight bytes read per decoded token.
@@ -141,33 +137,11 @@ impl<'a> Engine<'a> {
         matches!(self, Engine::Cpu(_))
     }
 
-    fn with_session<T>(
-        &self,
-        model: &Arc<GpuModel>,
-        slot: &Mutex<Option<GpuSession>>,
-        tokens: usize,
-        f: impl FnOnce(&mut GpuSession) -> Result<T>,
-    ) -> Result<T> {
-        let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().is_none_or(|s| s.capacity() < tokens) {
-            *guard = None;
-            *guard = Some(model.session(tokens)?);
-        }
-        let s = guard.as_mut().expect("a session was just made");
-        s.reset();
-        f(s)
-    }
-
     /// Logits of every position of `tokens` from an empty context (`[n, vocab]`).
     pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         match self {
             Engine::Cpu(m) => m.forward(tokens, &mut m.new_cache(), true),
-            Engine::Gpu { model, session } => {
-                if tokens.len() > model.max_context() {
-                    return Err(RuntimeError::ContextExceeded { tokens: tokens.len(), context: model.max_context() });
-                }
-                self.with_session(model, session, tokens.len().max(1), |s| s.forward(tokens, true))
-            }
+            Engine::Gpu { model, session } => with_session(model, session, tokens.len().max(1), |s| s.forward(tokens, true)),
         }
     }
 
@@ -187,16 +161,32 @@ impl<'a> Engine<'a> {
             Engine::Cpu(m) => return crate::generate::generate(m, prompt, max_tokens, &mut Sampler::new(sampler), eos_ids, on_token),
             Engine::Gpu { model, session } => (model, session),
         };
-        if prompt.is_empty() {
-            return Err(RuntimeError::Text("the prompt is empty: gpt-oss has no BOS token to start from".into()));
-        }
+        require_prompt(prompt)?;
         let needed = prompt.len() + max_tokens;
         let capacity = max_context.unwrap_or(needed);
         if needed > capacity || capacity > model.max_context() {
             return Err(RuntimeError::ContextExceeded { tokens: needed, context: capacity.min(model.max_context()) });
         }
-        self.with_session(model, slot, capacity, |s| gpu_generate(s, prompt, max_tokens, sampler, eos_ids, on_token))
+        with_session(model, slot, capacity, |s| gpu_generate(s, prompt, max_tokens, sampler, eos_ids, on_token))
     }
+}
+
+/// Runs `f` on a session from its start, reusing the kept one while its KV cache holds `tokens`
+/// (opening a session checks `tokens` against the model's context).
+fn with_session<T>(
+    model: &Arc<GpuModel>,
+    slot: &Mutex<Option<GpuSession>>,
+    tokens: usize,
+    f: impl FnOnce(&mut GpuSession) -> Result<T>,
+) -> Result<T> {
+    let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.as_ref().is_none_or(|s| s.capacity() < tokens) {
+        *guard = None;
+        *guard = Some(model.session(tokens)?);
+    }
+    let s = guard.as_mut().expect("a session was just made");
+    s.reset();
+    f(s)
 }
 
 fn gpu_generate(
@@ -205,40 +195,18 @@ fn gpu_generate(
     max_tokens: usize,
     sampler: SamplerConfig,
     eos_ids: &[u32],
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, GenerationStats)> {
     let on_device = sampler.top_k == 0 && sampler.top_p >= 1.0;
     let sampling = GpuSampling { temperature: sampler.temperature.max(0.0), seed: sampler.seed };
     let mut cpu_sampler = Sampler::new(sampler);
-    let mut step = |s: &mut GpuSession, tokens: &[u32]| -> Result<u32> {
+    let (out, mut stats) = decode_loop(prompt, max_tokens, eos_ids, on_token, |tokens| {
         if on_device {
             s.next_token(tokens, sampling)
         } else {
             Ok(cpu_sampler.sample(&s.forward(tokens, false)?))
         }
-    };
-    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
-    let mut out = Vec::new();
-    let start = Instant::now();
-    if max_tokens > 0 {
-        let mut next = step(s, prompt)?;
-        stats.prefill_seconds = start.elapsed().as_secs_f64();
-        let decode_start = Instant::now();
-        loop {
-            out.push(next);
-            on_token(next);
-            if eos_ids.contains(&next) {
-                stats.stopped_at_eos = true;
-                break;
-            }
-            if out.len() >= max_tokens {
-                break;
-            }
-            next = step(s, &[next])?;
-        }
-        stats.decode_seconds = decode_start.elapsed().as_secs_f64();
-    }
-    stats.generated_tokens = out.len();
+    })?;
     stats.cache_bytes = s.memory_bytes() as usize;
     Ok((out, stats))
 }

@@ -35,28 +35,29 @@ impl GenerationStats {
     }
 }
 
-/// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new id.
-pub fn generate(
-    model: &Model<'_>,
-    prompt: &[u32],
-    max_tokens: usize,
-    sampler: &mut Sampler,
-    eos_ids: &[u32],
-    mut on_token: impl FnMut(u32),
-) -> Result<(Vec<u32>, GenerationStats)> {
+/// The error for an empty prompt: generation needs at least one token to start from.
+pub(crate) fn require_prompt(prompt: &[u32]) -> Result<()> {
     if prompt.is_empty() {
         return Err(RuntimeError::Text("the prompt is empty: gpt-oss has no BOS token to start from".into()));
     }
-    if prompt.len() + max_tokens > model.max_context() {
-        return Err(RuntimeError::ContextExceeded { tokens: prompt.len() + max_tokens, context: model.max_context() });
-    }
+    Ok(())
+}
+
+/// Prefill, then decode one token at a time until eos or `max_tokens`, on any backend:
+/// `step(tokens)` runs `tokens` after the context so far and returns the next token. Fills every
+/// figure of the stats except `cache_bytes`.
+pub(crate) fn decode_loop(
+    prompt: &[u32],
+    max_tokens: usize,
+    eos_ids: &[u32],
+    mut on_token: impl FnMut(u32),
+    mut step: impl FnMut(&[u32]) -> Result<u32>,
+) -> Result<(Vec<u32>, GenerationStats)> {
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
-    let mut cache = model.new_cache();
-    let start = Instant::now();
     let mut out = Vec::new();
+    let start = Instant::now();
     if max_tokens > 0 {
-        let logits = model.forward(prompt, &mut cache, false)?;
-        let mut next = sampler.sample(&logits);
+        let mut next = step(prompt)?;
         stats.prefill_seconds = start.elapsed().as_secs_f64();
         let decode_start = Instant::now();
         loop {
@@ -69,12 +70,30 @@ pub fn generate(
             if out.len() >= max_tokens {
                 break;
             }
-            let logits = model.forward(&[next], &mut cache, false)?;
-            next = sampler.sample(&logits);
+            next = step(&[next])?;
         }
         stats.decode_seconds = decode_start.elapsed().as_secs_f64();
     }
     stats.generated_tokens = out.len();
+    Ok((out, stats))
+}
+
+/// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new id.
+pub fn generate(
+    model: &Model<'_>,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    eos_ids: &[u32],
+    on_token: impl FnMut(u32),
+) -> Result<(Vec<u32>, GenerationStats)> {
+    require_prompt(prompt)?;
+    if prompt.len() + max_tokens > model.max_context() {
+        return Err(RuntimeError::ContextExceeded { tokens: prompt.len() + max_tokens, context: model.max_context() });
+    }
+    let mut cache = model.new_cache();
+    let (out, mut stats) =
+        decode_loop(prompt, max_tokens, eos_ids, on_token, |tokens| Ok(sampler.sample(&model.forward(tokens, &mut cache, false)?)))?;
     stats.cache_bytes = cache.bytes();
     Ok((out, stats))
 }

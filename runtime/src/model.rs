@@ -218,7 +218,7 @@ impl<'a> Model<'a> {
 
     /// Longest context the model supports.
     pub fn max_context(&self) -> usize {
-        self.config.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072) as usize
+        self.config.max_context()
     }
 
     /// An empty KV cache for this model.
