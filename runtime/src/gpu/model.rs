@@ -64,7 +64,9 @@ struct Uploader<'c, 'p> {
 }
 
 impl Uploader<'_, '_> {
-    fn matrix(&mut self, what: &str, m: &Matrix<'_>, bias: &[f32]) -> Result<GpuMatrix> {
+    /// A view of `m` whose logical rows are `rows` per block (all rows for dense matrices, one
+    /// expert's for expert matrices), sharing storage already uploaded for the same bytes.
+    fn matrix(&mut self, what: &str, m: &Matrix<'_>, bias: &[f32], rows: usize) -> Result<GpuMatrix> {
         let key = match m.codes {
             crate::matrix::Codes::Bf16 { data } => (data.as_ptr() as usize, data.len()),
             crate::matrix::Codes::Affine { weight, .. } => (weight.as_ptr() as usize, weight.len()),
@@ -79,7 +81,7 @@ impl Uploader<'_, '_> {
             }
         };
         let bias = if bias.is_empty() { None } else { Some(self.ctx.upload(&format!("{what}.bias"), &f32_bytes(bias))?) };
-        Ok(GpuMatrix { storage, rows: m.map.per.min(m.rows), map: m.map, bias })
+        Ok(GpuMatrix { storage, rows, map: m.map, bias })
     }
 }
 
@@ -111,42 +113,40 @@ impl GpuModel {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (l, w) in model.layers.iter().enumerate() {
             let p = format!("layer {l}");
-            let mut experts = |name: &str, lin: &crate::model::Linear<'_>, per: usize| -> Result<GpuMatrix> {
-                let mut m = up.matrix(&format!("{p}.{name}"), &lin.w, &lin.b)?;
-                // Expert matrices are addressed per expert: logical rows = rows of one expert.
-                m.rows = per;
-                if m.map.per == lin.w.rows {
-                    m.map = RowMap::identity(per);
-                }
-                Ok(m)
-            };
-            let gate = experts("gate", &w.gate, c.intermediate_size)?;
-            let upm = experts("up", &w.up, c.intermediate_size)?;
-            let down = experts("down", &w.down, c.hidden_size)?;
+            let mut linear = |name: &str, lin: &crate::model::Linear<'_>, rows: usize| up.matrix(&format!("{p}.{name}"), &lin.w, &lin.b, rows);
+            // Expert matrices are addressed per expert: their logical rows are one expert's.
+            let gate = linear("gate", &w.gate, c.intermediate_size)?;
+            let upm = linear("up", &w.up, c.intermediate_size)?;
+            let down = linear("down", &w.down, c.hidden_size)?;
+            let q = linear("q_proj", &w.q, w.q.w.rows)?;
+            let k = linear("k_proj", &w.k, w.k.w.rows)?;
+            let v = linear("v_proj", &w.v, w.v.w.rows)?;
+            let o = linear("o_proj", &w.o, w.o.w.rows)?;
+            let router = linear("router", &w.router, w.router.w.rows)?;
             layers.push(GpuLayer {
                 input_norm: vec(&format!("{p}.input_layernorm"), &w.input_norm)?,
                 post_norm: vec(&format!("{p}.post_attention_layernorm"), &w.post_norm)?,
-                q: up.matrix(&format!("{p}.q_proj"), &w.q.w, &w.q.b)?,
-                k: up.matrix(&format!("{p}.k_proj"), &w.k.w, &w.k.b)?,
-                v: up.matrix(&format!("{p}.v_proj"), &w.v.w, &w.v.b)?,
-                o: up.matrix(&format!("{p}.o_proj"), &w.o.w, &w.o.b)?,
+                q,
+                k,
+                v,
+                o,
                 sinks: vec(&format!("{p}.sinks"), &w.sinks)?,
-                router: up.matrix(&format!("{p}.router"), &w.router.w, &w.router.b)?,
+                router,
                 gate,
                 up: upm,
                 down,
                 sliding: w.sliding,
             });
         }
-        let embed = up.matrix("embed_tokens", &model.embed, &[])?;
-        let lm_head = up.matrix("lm_head", &model.lm_head, &[])?;
+        let embed = up.matrix("embed_tokens", &model.embed, &[], model.embed.rows)?;
+        let lm_head = up.matrix("lm_head", &model.lm_head, &[], model.lm_head.rows)?;
         let norm = vec("norm", &model.norm)?;
         let dummy = ctx.upload("unused binding", &[0u8; 16])?;
         ctx.queue.submit([]);
         ctx.wait()?;
         ctx.check("uploading the weights")?;
         let weight_bytes = ctx.allocated();
-        Ok(Arc::new(GpuModel { config: c.clone(), embed, norm, lm_head, layers, rope: model.rope.clone(), dummy, weight_bytes, ctx }))
+        Ok(Arc::new(GpuModel { config: c, embed, norm, lm_head, layers, rope: model.rope.clone(), dummy, weight_bytes, ctx }))
     }
 
     /// A model of `config`'s shape and quantization map with random weights made in GPU memory,
@@ -215,7 +215,7 @@ impl GpuModel {
 
     /// Longest context the model supports.
     pub fn max_context(&self) -> usize {
-        self.config.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072) as usize
+        self.config.max_context()
     }
 
     /// Packed weight bytes read to decode one token (dense weights plus the routed experts).
