@@ -90,6 +90,7 @@ pub enum Binding {
 
 const STEP: &str = include_str!("wgsl/step.wgsl");
 const WEIGHTS: &str = include_str!("wgsl/weights.wgsl");
+const HASH: &str = include_str!("wgsl/hash.wgsl");
 
 impl Kernel {
     /// Every kernel variant the backend can build.
@@ -135,8 +136,8 @@ impl Kernel {
             Kernel::Router => plain(include_str!("wgsl/router.wgsl")),
             Kernel::Swiglu => plain(include_str!("wgsl/swiglu.wgsl")),
             Kernel::Combine => plain(include_str!("wgsl/combine.wgsl")),
-            Kernel::Sample => plain(include_str!("wgsl/sample.wgsl")),
-            Kernel::Fill => plain(include_str!("wgsl/fill.wgsl")),
+            Kernel::Sample => format!("{HASH}\n{}", plain(include_str!("wgsl/sample.wgsl"))),
+            Kernel::Fill => format!("{HASH}\n{}", plain(include_str!("wgsl/fill.wgsl"))),
         }
     }
 

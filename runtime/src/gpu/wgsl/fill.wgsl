@@ -11,16 +11,6 @@ struct FillParams {
 @group(0) @binding(1) var<uniform> fp: FillParams;
 @group(0) @binding(2) var<storage, read_write> data: array<u32>;
 
-fn hash(a: u32) -> u32 {
-    var x = a;
-    x = x ^ (x >> 16u);
-    x = x * 0x7feb352du;
-    x = x ^ (x >> 15u);
-    x = x * 0x846ca68bu;
-    x = x ^ (x >> 16u);
-    return x;
-}
-
 fn small_bf16(h: u32, lo: f32, hi: f32) -> u32 {
     let u = f32(h & 0xffffu) / 65535.0;
     return bitcast<u32>(lo + (hi - lo) * u) >> 16u;

@@ -15,16 +15,6 @@ struct SampleParams {
 var<workgroup> best_v: array<f32, 256>;
 var<workgroup> best_i: array<u32, 256>;
 
-fn hash(a: u32) -> u32 {
-    var x = a;
-    x = x ^ (x >> 16u);
-    x = x * 0x7feb352du;
-    x = x ^ (x >> 15u);
-    x = x * 0x846ca68bu;
-    x = x ^ (x >> 16u);
-    return x;
-}
-
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) li: u32) {
     let base = sp.row * sp.vocab;
