@@ -343,43 +343,18 @@ fn synthetic_models_run_on_the_gpu() {
         return;
     }
     let config = Path::new(TRAINED).join("config.json");
-    let o = mixq(
-        &[
-            "run",
-            "--synthetic-config",
-            config.to_str().unwrap(),
-            "--recipe",
-            "gpt-oss-120b-3.6bit",
-            "--prompt-tokens",
-            "70",
-            "--max-tokens",
-            "5",
-            "--ignore-eos",
-            "--backend",
-            "gpu",
-            "--json",
-        ],
-        &[],
-    );
+    let synthetic = |extra: &[&str]| {
+        let mut args = vec!["run", "--synthetic-config", config.to_str().unwrap(), "--recipe", "gpt-oss-120b-3.6bit"];
+        args.extend_from_slice(extra);
+        mixq(&args, &[])
+    };
+    let o = synthetic(&["--prompt-tokens", "70", "--max-tokens", "5", "--ignore-eos", "--backend", "gpu", "--json"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["generated_tokens"], 5);
     assert!(v["weight_bytes_per_token"].as_u64().unwrap() > 0 && v["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
-    let o = mixq(
-        &[
-            "run",
-            "--synthetic-config",
-            config.to_str().unwrap(),
-            "--recipe",
-            "gpt-oss-120b-3.6bit",
-            "--prompt-tokens",
-            "4",
-            "--backend",
-            "cpu",
-        ],
-        &[],
-    );
+    let o = synthetic(&["--prompt-tokens", "4", "--backend", "cpu"]);
     assert!(text(&o).1.contains("needs --backend gpu"), "{}", text(&o).1);
 }
 
