@@ -1,6 +1,7 @@
 //! mixq-loader: finds a gpt-oss checkpoint (local folder or hub repo id), validates and
 //! memory-maps its shards, and decodes MXFP4 and BF16 tensors.
 
+pub mod calibration;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;
@@ -11,6 +12,7 @@ pub mod rowmap;
 pub mod shard;
 pub mod source;
 
+pub use calibration::{Calibration, ModelFingerprint, StatTensor};
 pub use checkpoint::{Checkpoint, CheckpointFormat, TensorRef, INDEX_FILE};
 pub use config::{GptOssConfig, LayerType, QuantMode, QuantSpec, QuantizationMap, RopeScaling};
 pub use dtype::Dtype;

@@ -1,0 +1,266 @@
+//! Calibration statistics: per-input-channel mean of x² for every linear input a recipe can
+//! quantize, recorded by `mixq calibrate` and read by `mixq convert --calibration`.
+//!
+//! Stored as safetensors (all F32): `{module}.input_sq_mean` is `[in]` for a dense linear and
+//! `[experts, in]` for an expert projection (each expert's mean over the tokens routed to it), and
+//! `model.layers.N.mlp.experts.token_count` is `[experts]`. The metadata names the format, the
+//! model (architecture and weights fingerprints), the text's sha256 and the token count.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::Dtype;
+use crate::error::{LoaderError, Result};
+use crate::shard::{encode_header, ShardFile};
+
+/// Value of the `format` metadata key.
+pub const CALIBRATION_FORMAT: &str = "mixq-calibration/1";
+/// Tensor-name suffix of a module's per-channel mean of x².
+pub const INPUT_SQ_MEAN: &str = "input_sq_mean";
+/// Tensor-name suffix of a layer's per-expert routed-token count.
+pub const TOKEN_COUNT: &str = "token_count";
+
+/// Config fields that define the architecture; their canonical JSON is hashed.
+const ARCHITECTURE_KEYS: &[&str] = &[
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "sliding_window",
+    "layer_types",
+    "rope_theta",
+    "rope_scaling",
+    "swiglu_limit",
+    "rms_norm_eps",
+];
+
+/// Which model a statistics file belongs to, stable across its conversions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFingerprint {
+    /// sha256 of the architecture fields of config.json (canonical JSON).
+    pub config_sha256: String,
+    /// sha256 of every RMSNorm weight (BF16 in the upstream checkpoint and in every conversion).
+    pub weights_sha256: String,
+}
+
+impl ModelFingerprint {
+    /// The fingerprint of an open checkpoint (upstream or converted).
+    pub fn of(ckpt: &Checkpoint) -> Result<Self> {
+        let c = ckpt.config();
+        let arch: BTreeMap<&str, &serde_json::Value> =
+            ARCHITECTURE_KEYS.iter().filter_map(|k| c.raw.get(*k).map(|v| (*k, v))).collect();
+        let config_sha256 = format!("{:x}", Sha256::digest(serde_json::to_vec(&arch).expect("JSON values always serialize")));
+        let mut h = Sha256::new();
+        let mut names = vec!["model.norm.weight".to_string()];
+        for l in 0..c.num_hidden_layers {
+            names.push(format!("model.layers.{l}.input_layernorm.weight"));
+            names.push(format!("model.layers.{l}.post_attention_layernorm.weight"));
+        }
+        for name in names {
+            let t = ckpt.tensor(&name)?;
+            t.expect(Dtype::BF16, &[c.hidden_size])?;
+            h.update(t.data);
+        }
+        Ok(ModelFingerprint { config_sha256, weights_sha256: format!("{:x}", h.finalize()) })
+    }
+}
+
+/// One statistics tensor: shape and f32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatTensor {
+    /// `[in]`, `[experts, in]` or `[experts]`.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// The contents of a calibration statistics file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// The model the statistics were measured on.
+    pub model: ModelFingerprint,
+    /// How the model was named when calibrating (folder or repo id).
+    pub model_label: String,
+    /// sha256 of the calibration text file.
+    pub text_sha256: String,
+    /// Tokens the model was run over.
+    pub tokens: u64,
+    /// Window length used.
+    pub ctx: usize,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, StatTensor>,
+}
+
+impl Calibration {
+    /// The per-channel mean of x² at `module`'s input, if recorded.
+    pub fn input_sq_mean(&self, module: &str) -> Option<&StatTensor> {
+        self.tensors.get(&format!("{module}.{INPUT_SQ_MEAN}"))
+    }
+
+    /// Tokens routed to each expert of layer `layer`, if recorded.
+    pub fn expert_tokens(&self, layer: usize) -> Option<&[f32]> {
+        self.tensors.get(&format!("model.layers.{layer}.mlp.experts.{TOKEN_COUNT}")).map(|t| t.data.as_slice())
+    }
+
+    /// Refuses statistics measured on another model, naming both fingerprints.
+    pub fn check_model(&self, path: &Path, model: &ModelFingerprint) -> Result<()> {
+        let bad = |what: &str, file: &str, here: &str| LoaderError::Shard {
+            path: path.to_path_buf(),
+            message: format!(
+                "calibration statistics are for another model: {what} {file} in the file, {here} for this model; run mixq calibrate on this model"
+            ),
+        };
+        if self.model.config_sha256 != model.config_sha256 {
+            return Err(bad("architecture sha256", &self.model.config_sha256, &model.config_sha256));
+        }
+        if self.model.weights_sha256 != model.weights_sha256 {
+            return Err(bad("weights sha256", &self.model.weights_sha256, &model.weights_sha256));
+        }
+        Ok(())
+    }
+
+    /// Writes the file (to a temporary sibling, renamed into place when complete).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tokens = self.tokens.to_string();
+        let ctx = self.ctx.to_string();
+        let meta = [
+            ("format", CALIBRATION_FORMAT),
+            ("config_sha256", self.model.config_sha256.as_str()),
+            ("weights_sha256", self.model.weights_sha256.as_str()),
+            ("model", self.model_label.as_str()),
+            ("text_sha256", self.text_sha256.as_str()),
+            ("tokens", tokens.as_str()),
+            ("ctx", ctx.as_str()),
+        ];
+        let entries: Vec<(&str, Dtype, &[usize])> =
+            self.tensors.iter().map(|(n, t)| (n.as_str(), Dtype::F32, t.shape.as_slice())).collect();
+        let (mut bytes, _) = encode_header(&meta, &entries);
+        for t in self.tensors.values() {
+            for v in &t.data {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "stats".into());
+        let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+        std::fs::write(&tmp, &bytes).map_err(|e| LoaderError::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            LoaderError::io(path, e)
+        })
+    }
+
+    /// Reads and validates a statistics file: format, metadata, F32 tensors of known kinds,
+    /// finite non-negative values.
+    pub fn read(path: &Path) -> Result<Self> {
+        let shard = ShardFile::open(path)?;
+        let bad = |message: String| LoaderError::Shard { path: path.to_path_buf(), message };
+        let meta = shard.metadata();
+        let get = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("metadata `{k}` is missing; not a mixq calibration file")));
+        let format = get("format")?;
+        if format != CALIBRATION_FORMAT {
+            return Err(bad(format!(
+                "format is \"{format}\", expected \"{CALIBRATION_FORMAT}\": not a mixq calibration file (mixq calibrate writes them)"
+            )));
+        }
+        let number = |k: &str| -> Result<u64> {
+            let v = get(k)?;
+            v.parse().map_err(|_| bad(format!("metadata `{k}` is \"{v}\", expected a non-negative integer")))
+        };
+        let mut tensors = BTreeMap::new();
+        for (name, info) in shard.tensors() {
+            if info.dtype != Dtype::F32 {
+                return Err(bad(format!("tensor {name}: dtype {}, expected F32", info.dtype)));
+            }
+            let rank_ok = if name.ends_with(&format!(".{INPUT_SQ_MEAN}")) {
+                matches!(info.shape.len(), 1 | 2)
+            } else if name.ends_with(&format!(".{TOKEN_COUNT}")) {
+                info.shape.len() == 1
+            } else {
+                return Err(bad(format!("tensor {name}: not a statistics tensor (*.{INPUT_SQ_MEAN} or *.{TOKEN_COUNT})")));
+            };
+            if !rank_ok {
+                return Err(bad(format!("tensor {name}: shape {:?} has the wrong rank", info.shape)));
+            }
+            let data: Vec<f32> =
+                shard.bytes(info).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
+                return Err(bad(format!("tensor {name}: element {i} is {v}; statistics are finite and non-negative")));
+            }
+            tensors.insert(name.clone(), StatTensor { shape: info.shape.clone(), data });
+        }
+        Ok(Calibration {
+            model: ModelFingerprint { config_sha256: get("config_sha256")?, weights_sha256: get("weights_sha256")? },
+            model_label: meta.get("model").cloned().unwrap_or_default(),
+            text_sha256: get("text_sha256")?,
+            tokens: number("tokens")?,
+            ctx: number("ctx")? as usize,
+            tensors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Calibration {
+        let mut tensors = BTreeMap::new();
+        tensors.insert("lm_head.input_sq_mean".into(), StatTensor { shape: vec![4], data: vec![1.0, 0.5, 0.0, 2.0] });
+        tensors.insert(
+            "model.layers.0.mlp.experts.token_count".into(),
+            StatTensor { shape: vec![2], data: vec![3.0, 0.0] },
+        );
+        Calibration {
+            model: ModelFingerprint { config_sha256: "a".into(), weights_sha256: "b".into() },
+            model_label: "m".into(),
+            text_sha256: "c".into(),
+            tokens: 12,
+            ctx: 8,
+            tensors,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.safetensors");
+        let c = sample();
+        c.write(&p).unwrap();
+        assert_eq!(Calibration::read(&p).unwrap(), c);
+        assert_eq!(c.expert_tokens(0), Some(&[3.0, 0.0][..]));
+        assert_eq!(c.input_sq_mean("lm_head").unwrap().data[3], 2.0);
+    }
+
+    #[test]
+    fn rejects_negative_values_and_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.safetensors");
+        let mut c = sample();
+        c.tensors.get_mut("lm_head.input_sq_mean").unwrap().data[1] = -1.0;
+        c.write(&p).unwrap();
+        let e = Calibration::read(&p).unwrap_err().to_string();
+        assert!(e.contains("lm_head.input_sq_mean") && e.contains("element 1"), "{e}");
+        let (bytes, _) = encode_header(&[("format", "mlx")], &[]);
+        std::fs::write(&p, bytes).unwrap();
+        let e = Calibration::read(&p).unwrap_err().to_string();
+        assert!(e.contains("format is \"mlx\""), "{e}");
+    }
+
+    #[test]
+    fn another_model_is_refused() {
+        let c = sample();
+        let other = ModelFingerprint { config_sha256: "a".into(), weights_sha256: "x".into() };
+        let e = c.check_model(Path::new("s"), &other).unwrap_err().to_string();
+        assert!(e.contains("another model") && e.contains("weights"), "{e}");
+        assert!(c.check_model(Path::new("s"), &c.model).is_ok());
+    }
+}
