@@ -40,7 +40,7 @@ fn gpu(max_binding: Option<u64>) -> Option<Arc<GpuContext>> {
 
 fn convert(src: &Path, recipe: &str, out: &Path) -> PathBuf {
     let r = mixq_quantizer::Recipe::load(recipe).expect("built-in recipe");
-    let opts = mixq_quantizer::ConvertOptions { force: true, max_shard_bytes: 1 << 30, source_label: "test".into() };
+    let opts = mixq_quantizer::ConvertOptions { force: true, max_shard_bytes: 1 << 30, source_label: "test".into(), ..Default::default() };
     mixq_quantizer::convert(src, &r, out, &opts, &mixq_quantizer::NoProgress).expect("conversion succeeds");
     out.to_path_buf()
 }

@@ -26,7 +26,7 @@ pub struct NonFinite {
 /// Round to nearest, ties to even, as C's `rint` in the default rounding mode; written so that
 /// it vectorises on baseline x86-64 (no SSE4.1 `roundps`).
 #[inline(always)]
-fn rint(x: f32) -> f32 {
+pub(crate) fn rint(x: f32) -> f32 {
     const TWO_23: f32 = 8_388_608.0;
     let a = x.abs();
     // In [2^23, 2^24) f32 spacing is 1, so the sum rounds |x| to an integer, ties to even.
@@ -100,14 +100,7 @@ fn quantize_row_portable(
     {
         let (scale, bias) = group_params(group, n_bins).map_err(|i| NonFinite { index: g * group_size + i, value: group[i] })?;
         let codes = &mut codes[..group_size];
-        for (c, &w) in codes.iter_mut().zip(group) {
-            let q = rint((w - bias) / scale);
-            let q = if q < 0.0 { 0.0 } else { q };
-            let q = if n_bins < q { n_bins } else { q };
-            // q is an integer in [0, 255]: adding 2^23 puts it in the low mantissa bits, which
-            // vectorises where a float-to-int cast does not.
-            *c = (q + 8_388_608.0).to_bits() as u8;
-        }
+        group_codes(group, scale, bias, n_bins, codes);
         pack_codes(codes, bits, out);
         *s = bf16::from_f32(scale);
         *b = bf16::from_f32(bias);
@@ -115,9 +108,22 @@ fn quantize_row_portable(
     Ok(())
 }
 
+/// The codes of one group under (scale, bias): `clamp(rint((w - bias)/scale), 0, n_bins)`, as mlx.
+#[inline(always)]
+pub(crate) fn group_codes(group: &[f32], scale: f32, bias: f32, n_bins: f32, codes: &mut [u8]) {
+    for (c, &w) in codes.iter_mut().zip(group) {
+        let q = rint((w - bias) / scale);
+        let q = if q < 0.0 { 0.0 } else { q };
+        let q = if n_bins < q { n_bins } else { q };
+        // q is an integer in [0, 255]: adding 2^23 puts it in the low mantissa bits, which
+        // vectorises where a float-to-int cast does not.
+        *c = (q + 8_388_608.0).to_bits() as u8;
+    }
+}
+
 /// The (scale, bias) of one group, in f32 before rounding to bf16; `Err(i)` names a non-finite element.
 #[inline(always)]
-fn group_params(group: &[f32], n_bins: f32) -> Result<(f32, f32), usize> {
+pub(crate) fn group_params(group: &[f32], n_bins: f32) -> Result<(f32, f32), usize> {
     let mut w_min = f32::INFINITY;
     let mut w_max = f32::NEG_INFINITY;
     let mut poison = 0.0f32;

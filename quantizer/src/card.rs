@@ -1,6 +1,7 @@
 //! The model card (README.md) written beside a converted checkpoint.
 
 use crate::plan::PlanSummary;
+use crate::provenance::Provenance;
 use crate::recipe::Recipe;
 
 /// Bytes as GiB.
@@ -14,7 +15,7 @@ pub fn gb(bytes: usize) -> f64 {
 }
 
 /// A Hugging Face model card: front matter for the hub, the bit table, and how to load it.
-pub fn model_card(name: &str, base_model: &str, recipe: &Recipe, s: &PlanSummary) -> String {
+pub fn model_card(name: &str, base_model: &str, recipe: &Recipe, s: &PlanSummary, provenance: &Provenance) -> String {
     let mut table = String::from("| bits | group size | parameters | % | bytes | covers |\n|---|---|---|---|---|---|\n");
     for r in &s.rows {
         table.push_str(&format!(
@@ -34,7 +35,7 @@ This model was converted to MLX format from `{base_model}` by mixq {version} wit
 `{recipe_name}`: {description}\n\n\
 ## Quantization\n\n{table}\n\
 **{bpw:.3} bits per weight**, {bytes} bytes ({gib:.2} GiB, {gb:.2} GB) over {params} parameters \
-(counted as mlx-lm counts them).\n\n\
+(counted as mlx-lm counts them).\n\n{method}\n\n\
 ## Use with mlx\n\n```bash\npip install mlx-lm\n```\n\n```python\nfrom mlx_lm import load, generate\n\n\
 model, tokenizer = load(\"{name}\")\nprint(generate(model, tokenizer, prompt=\"hello\", verbose=True))\n```\n",
         version = env!("CARGO_PKG_VERSION"),
@@ -45,5 +46,6 @@ model, tokenizer = load(\"{name}\")\nprint(generate(model, tokenizer, prompt=\"h
         gib = gib(s.bytes),
         gb = gb(s.bytes),
         params = s.params,
+        method = provenance.card_text(),
     )
 }

@@ -10,71 +10,27 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
-use mixq_loader::{Checkpoint, CheckpointFormat, LoaderError};
+use mixq_loader::{Checkpoint, CheckpointFormat};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use crate::affine::{packed_row_bytes, quantize_row};
+use crate::importance::{CalibrationUse, Importance};
 use crate::card::model_card;
+use crate::error::{io, ConvertError};
+use crate::provenance::Provenance;
 use crate::manifest::write_manifest;
 use crate::modules::TensorClass;
 use crate::plan::{Allocation, Assigned, OutTensor, PlanSummary};
-use crate::recipe::{Action, Recipe, RecipeError};
+use crate::recipe::{Action, Recipe};
 use crate::rows::RowSource;
+use crate::search::{quantize_row_mse, QuantMethod};
 
 /// mlx-lm's shard limit: 5 GiB.
 pub const MAX_SHARD_BYTES: u64 = 5 << 30;
 /// Output bytes produced per chunk of rows.
 const CHUNK_BYTES: usize = 8 << 20;
 
-/// Anything that stops a conversion.
-#[derive(Debug, thiserror::Error)]
-pub enum ConvertError {
-    /// The source could not be read.
-    #[error(transparent)]
-    Loader(#[from] LoaderError),
-    /// The recipe does not fit the model.
-    #[error(transparent)]
-    Recipe(#[from] RecipeError),
-    /// A weight holds NaN or Inf.
-    #[error("tensor {tensor}: non-finite value {value} at row {row}, column {col}; refusing to quantize it")]
-    NonFinite {
-        /// Source tensor name.
-        tensor: String,
-        /// Output row.
-        row: usize,
-        /// Column within the row.
-        col: usize,
-        /// The value.
-        value: f32,
-    },
-    /// The output folder exists and is not empty.
-    #[error("{0}: output folder exists and is not empty; pass --force to replace it")]
-    OutExists(PathBuf),
-    /// The output would replace the source.
-    #[error("{0}: output folder is the source checkpoint or contains it")]
-    OutIsSource(PathBuf),
-    /// The source is not an upstream checkpoint.
-    #[error("{path}: convert reads upstream gpt-oss checkpoints (MXFP4 experts); this one is {found}")]
-    NotUpstream {
-        /// The source folder.
-        path: PathBuf,
-        /// What it is.
-        found: &'static str,
-    },
-    /// A write failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file or folder.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ConvertError + '_ {
-    move |source| ConvertError::Io { path: path.to_path_buf(), source }
-}
 
 /// Progress events of a conversion; every method has a silent default.
 pub trait Progress: Sync {
@@ -101,11 +57,21 @@ pub struct ConvertOptions {
     pub max_shard_bytes: u64,
     /// How the source is named in the model card and manifest (repo id or folder).
     pub source_label: String,
+    /// How affine groups get their scale and bias, where the recipe's rule does not say.
+    pub quantizer: QuantMethod,
+    /// Calibration statistics (`mixq calibrate`) weighting the `mse` search.
+    pub calibration: Option<PathBuf>,
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { force: false, max_shard_bytes: MAX_SHARD_BYTES, source_label: String::new() }
+        ConvertOptions {
+            force: false,
+            max_shard_bytes: MAX_SHARD_BYTES,
+            source_label: String::new(),
+            quantizer: QuantMethod::Mse,
+            calibration: None,
+        }
     }
 }
 
@@ -167,6 +133,7 @@ pub fn convert(
     }
     mixq_loader::layout::validate_upstream(&ckpt)?;
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
+    let calibration = opts.calibration.as_deref().map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
     check_out_dir(out, source, opts.force)?;
 
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlx-model".into());
@@ -189,7 +156,13 @@ pub fn convert(
     let layout = ShardLayout::new(&alloc, opts.max_shard_bytes);
     let files = layout.create_files(&tmp_path)?;
     for ((a, src), places) in alloc.assigned.iter().zip(&sources).zip(&layout.placements) {
-        write_param(a, src, places, &files, &layout.names, &tmp_path, progress)?;
+        let method = a.quantizer.unwrap_or(opts.quantizer);
+        let importance = match (&calibration, method, a.action) {
+            (Some(c), QuantMethod::Mse, Action::Affine { .. }) => c.importance(&a.param)?,
+            _ => None,
+        };
+        let job = ParamJob { method, importance: importance.as_ref() };
+        write_param(a, src, &job, places, &files, &layout.names, &tmp_path, progress)?;
         for slice in src.slices() {
             ckpt.release(slice);
         }
@@ -211,10 +184,11 @@ pub fn convert(
         }
     }
     let base_model = if opts.source_label.is_empty() { source.display().to_string() } else { opts.source_label.clone() };
-    let card = model_card(&name, &base_model, recipe, &summary);
+    let provenance = Provenance::of(&alloc, opts.quantizer, calibration.as_ref());
+    let card = model_card(&name, &base_model, recipe, &summary, &provenance);
     std::fs::write(tmp_path.join("README.md"), card).map_err(io(&tmp_path))?;
     progress.phase("hashing");
-    write_manifest(&tmp_path, &base_model, recipe, &summary)?;
+    write_manifest(&tmp_path, &base_model, recipe, &summary, &provenance)?;
 
     if out.exists() {
         if out.is_dir() {
@@ -354,10 +328,18 @@ impl ShardLayout {
     }
 }
 
+/// How one parameter's affine groups are chosen.
+struct ParamJob<'a> {
+    method: QuantMethod,
+    importance: Option<&'a Importance>,
+}
+
 /// Produces and writes every output tensor of one parameter, a chunk of rows at a time.
+#[allow(clippy::too_many_arguments)]
 fn write_param(
     a: &Assigned,
     src: &RowSource<'_>,
+    job: &ParamJob<'_>,
     places: &[(usize, u64)],
     files: &[File],
     names: &[String],
@@ -407,8 +389,16 @@ fn write_param(
                     .try_for_each_init(
                         || vec![0f32; cols],
                         |row, (i, ((p, s), b))| {
-                            src.row_f32(first + i, row);
-                            quantize_row(row, bits, group_size as usize, p, s, b).map_err(|e| (first + i, e))
+                            let r = first + i;
+                            src.row_f32(r, row);
+                            match job.method {
+                                QuantMethod::MinMax => quantize_row(row, bits, group_size as usize, p, s, b),
+                                QuantMethod::Mse => {
+                                    let imp = job.importance.and_then(|m| m.row(r));
+                                    quantize_row_mse(row, imp, bits, group_size as usize, p, s, b)
+                                }
+                            }
+                            .map_err(|e| (r, e))
                         },
                     )
                     .map_err(|(row, e)| ConvertError::NonFinite { tensor: a.param.name(), row, col: e.index, value: e.value })?;

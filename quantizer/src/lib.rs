@@ -5,15 +5,21 @@
 pub mod affine;
 pub mod card;
 pub mod convert;
+pub mod error;
+pub mod importance;
 pub mod inspect;
 pub mod manifest;
 pub mod modules;
 pub mod plan;
+pub mod provenance;
 pub mod recipe;
 pub mod rows;
+pub mod search;
 pub mod verify;
 
-pub use convert::{convert, ConvertError, ConvertOptions, ConvertReport, NoProgress, Progress};
+pub use error::ConvertError;
+pub use convert::{convert, ConvertOptions, ConvertReport, NoProgress, Progress};
 pub use modules::TensorClass;
 pub use plan::{Allocation, PlanSummary};
 pub use recipe::{Action, Recipe, RecipeError, BUILTIN_RECIPES};
+pub use search::QuantMethod;

@@ -6,8 +6,9 @@ use std::path::Path;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::convert::ConvertError;
+use crate::error::ConvertError;
 use crate::plan::PlanSummary;
+use crate::provenance::Provenance;
 use crate::recipe::Recipe;
 
 /// File name of the manifest.
@@ -36,7 +37,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Hashes every file in `dir` (in parallel) and writes the manifest.
-pub fn write_manifest(dir: &Path, source: &str, recipe: &Recipe, summary: &PlanSummary) -> Result<(), ConvertError> {
+pub fn write_manifest(
+    dir: &Path,
+    source: &str,
+    recipe: &Recipe,
+    summary: &PlanSummary,
+    provenance: &Provenance,
+) -> Result<(), ConvertError> {
     use rayon::prelude::*;
     let io = |p: &Path| {
         let p = p.to_path_buf();
@@ -68,6 +75,7 @@ pub fn write_manifest(dir: &Path, source: &str, recipe: &Recipe, summary: &PlanS
             "sha256": sha256_hex(recipe.text.as_bytes()),
             "text": recipe.text,
         },
+        "quantizer": provenance.to_json(),
         "total_bytes": summary.bytes,
         "total_parameters": summary.params,
         "bits_per_weight": summary.bits_per_weight(),

@@ -6,6 +6,7 @@ use mixq_loader::{Dtype, GptOssConfig, QuantMode, QuantSpec};
 
 use crate::modules::{mlx_params, Param, TensorClass};
 use crate::recipe::{Action, Recipe, RecipeError};
+use crate::search::QuantMethod;
 
 /// One output tensor: name, dtype and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +35,8 @@ pub struct Assigned {
     pub action: Action,
     /// YAML line of the deciding rule (0: kept by default, no rule matched).
     pub rule_line: usize,
+    /// The quantizer the deciding rule asks for (`None`: the conversion's default).
+    pub quantizer: Option<QuantMethod>,
 }
 
 impl Assigned {
@@ -95,8 +98,8 @@ impl Allocation {
         let n = config.num_hidden_layers;
         let mut assigned = Vec::new();
         for param in mlx_params(config) {
-            let (action, rule_line) = match recipe.rule_for(&param, n) {
-                Some(rule) => (rule.action, rule.line),
+            let (action, rule_line, quantizer) = match recipe.rule_for(&param, n) {
+                Some(rule) => (rule.action, rule.line, rule.quantizer),
                 None if param.is_quantizable() => {
                     return Err(RecipeError::Tensor {
                         origin: recipe.origin.clone(),
@@ -109,7 +112,7 @@ impl Allocation {
                         ),
                     })
                 }
-                None => (Action::Keep, 0),
+                None => (Action::Keep, 0, None),
             };
             let cols = param.in_features();
             let divisor = match action {
@@ -127,7 +130,7 @@ impl Allocation {
                     ),
                 });
             }
-            assigned.push(Assigned { param, action, rule_line });
+            assigned.push(Assigned { param, action, rule_line, quantizer });
         }
         Ok(Allocation { assigned, num_layers: n })
     }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::affine::{AFFINE_BITS, AFFINE_GROUP_SIZES};
 use crate::modules::{Param, TensorClass};
+use crate::search::QuantMethod;
 
 /// Recipes shipped inside the binary, by name.
 pub const BUILTIN_RECIPES: &[(&str, &str)] = &[
@@ -202,6 +203,8 @@ pub struct Rule {
     pub layer_type: Option<LayerType>,
     /// What it does.
     pub action: Action,
+    /// The quantizer its affine action asks for (`None`: the conversion's default).
+    pub quantizer: Option<QuantMethod>,
 }
 
 impl Rule {
@@ -288,13 +291,13 @@ struct RawRule {
     action: serde_yaml::Value,
 }
 
-/// Reads `keep`, `mxfp4` or `{affine: {bits: B, group_size: G}}`.
-fn parse_action(v: &serde_yaml::Value) -> Result<Action, String> {
+/// Reads `keep`, `mxfp4` or `{affine: {bits: B, group_size: G[, quantizer: minmax|mse]}}`.
+fn parse_action(v: &serde_yaml::Value) -> Result<(Action, Option<QuantMethod>), String> {
     use serde_yaml::Value as Y;
     let expected = "expected `keep`, `mxfp4` or `{affine: {bits: B, group_size: G}}`";
     match v {
-        Y::String(s) if s == "keep" => Ok(Action::Keep),
-        Y::String(s) if s == "mxfp4" => Ok(Action::Mxfp4),
+        Y::String(s) if s == "keep" => Ok((Action::Keep, None)),
+        Y::String(s) if s == "mxfp4" => Ok((Action::Mxfp4, None)),
         Y::Mapping(m) if m.len() == 1 => {
             let (k, inner) = m.iter().next().expect("one entry");
             if k.as_str() != Some("affine") {
@@ -302,10 +305,18 @@ fn parse_action(v: &serde_yaml::Value) -> Result<Action, String> {
             }
             let inner = inner.as_mapping().ok_or_else(|| format!("affine takes a mapping; {expected}"))?;
             for key in inner.keys() {
-                if !matches!(key.as_str(), Some("bits" | "group_size")) {
-                    return Err(format!("unknown key {key:?} in affine; expected bits and group_size"));
+                if !matches!(key.as_str(), Some("bits" | "group_size" | "quantizer")) {
+                    return Err(format!("unknown key {key:?} in affine; expected bits, group_size and optionally quantizer"));
                 }
             }
+            let quantizer = match inner.get("quantizer") {
+                None => None,
+                Some(q) => {
+                    let names: Vec<&str> = QuantMethod::ALL.iter().map(|m| m.as_str()).collect();
+                    let bad = || format!("quantizer {q:?} is not one of {}", names.join(", "));
+                    Some(q.as_str().and_then(QuantMethod::parse).ok_or_else(bad)?)
+                }
+            };
             let get = |key: &str| {
                 inner
                     .get(key)
@@ -313,7 +324,7 @@ fn parse_action(v: &serde_yaml::Value) -> Result<Action, String> {
                     .map(|n| n as u32)
                     .ok_or_else(|| format!("affine needs an integer `{key}`"))
             };
-            Ok(Action::Affine { bits: get("bits")?, group_size: get("group_size")? })
+            Ok((Action::Affine { bits: get("bits")?, group_size: get("group_size")? }, quantizer))
         }
         other => Err(format!("action {other:?} is not valid; {expected}")),
     }
@@ -375,7 +386,8 @@ impl Recipe {
                     invalid(line, format!("layer_type \"{t}\" must be sliding_attention or full_attention"))
                 })?),
             };
-            let action = match parse_action(&r.action).map_err(|m| invalid(line, m))? {
+            let (action, quantizer) = parse_action(&r.action).map_err(|m| invalid(line, m))?;
+            let action = match action {
                 Action::Keep => Action::Keep,
                 Action::Mxfp4 => Action::Mxfp4,
                 Action::Affine { bits, group_size } => {
@@ -404,7 +416,7 @@ impl Recipe {
                     ));
                 }
             }
-            rules.push(Rule { line, classes, layers, layer_type, action });
+            rules.push(Rule { line, classes, layers, layer_type, action, quantizer });
         }
         Ok(Recipe { name: raw.name, description: raw.description, origin: origin.into(), text: text.into(), rules })
     }
@@ -492,6 +504,17 @@ mod tests {
         assert_eq!(rule_lines(text), vec![3, 6]);
         let r = Recipe::parse(text, "t.yaml").unwrap();
         assert_eq!(r.rules[1].action, Action::Affine { bits: 4, group_size: 64 });
+        assert_eq!(r.rules[1].quantizer, None);
+    }
+
+    #[test]
+    fn rules_may_choose_the_quantizer() {
+        let text = "name: x\nrules:\n  - class: q_proj\n    action: {affine: {bits: 3, group_size: 64, quantizer: minmax}}\n  - class: k_proj\n    action: {affine: {bits: 3, group_size: 64, quantizer: mse}}\n";
+        let r = Recipe::parse(text, "t.yaml").unwrap();
+        assert_eq!(r.rules[0].quantizer, Some(QuantMethod::MinMax));
+        assert_eq!(r.rules[1].quantizer, Some(QuantMethod::Mse));
+        let e = err("name: x\nrules:\n  - class: q_proj\n    action: {affine: {bits: 3, group_size: 64, quantizer: gptq}}\n");
+        assert!(e.starts_with("r.yaml:3:") && e.contains("gptq") && e.contains("minmax, mse"), "{e}");
     }
 
     #[test]

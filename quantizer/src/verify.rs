@@ -40,7 +40,7 @@ pub fn expected_mlx_tensors(config: &GptOssConfig, map: Option<&QuantizationMap>
                 Some(s) if s.mode == QuantMode::Mxfp4 => Action::Mxfp4,
                 Some(s) => Action::Affine { bits: s.bits, group_size: s.group_size },
             };
-            Assigned { param, action, rule_line: 0 }.outputs()
+            Assigned { param, action, rule_line: 0, quantizer: None }.outputs()
         })
         .collect()
 }
