@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use mixq_loader::source::{resolve_source, Need, ResolvedSource};
 use mixq_loader::{Checkpoint, GptOssConfig};
 use mixq_quantizer::plan::source_size;
-use mixq_quantizer::{Allocation, ConvertOptions, Recipe};
+use mixq_quantizer::{Allocation, ConvertOptions, QuantMethod, Recipe};
 
 #[derive(Parser)]
 #[command(name = "mixq", version, about = "Mixed-precision MLX conversion of gpt-oss checkpoints")]
@@ -58,6 +58,45 @@ enum Command {
         /// Largest shard in bytes (default 5 GiB, as mlx-lm).
         #[arg(long, default_value_t = mixq_quantizer::convert::MAX_SHARD_BYTES)]
         max_shard_bytes: u64,
+        /// How affine groups get their scale and bias where the recipe does not say: `mse`
+        /// searches for the least (calibration-weighted) error; `minmax` is byte-identical to
+        /// `mx.quantize`.
+        #[arg(long, default_value = "mse", value_parser = parse_quantizer)]
+        quantizer: QuantMethod,
+        /// Calibration statistics from `mixq calibrate` on this source, weighting the `mse` search.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// No progress output.
+        #[arg(long)]
+        quiet: bool,
+        /// Print one JSON object when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a model over calibration text and record the mean x² of every quantizable linear
+    /// layer's input channels (per expert for experts), for `convert --calibration`.
+    Calibrate {
+        /// The source checkpoint (upstream, as given to convert) or a conversion of it.
+        #[arg(long)]
+        model: PathBuf,
+        /// A UTF-8 text file, tokenized with the model's tokenizer.
+        #[arg(long)]
+        text: PathBuf,
+        /// Use at most this many tokens of the text.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Window length in tokens.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// The statistics file to write (safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing statistics file.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
         /// No progress output.
         #[arg(long)]
         quiet: bool,
@@ -264,6 +303,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_quantizer(s: &str) -> Result<QuantMethod, String> {
+    QuantMethod::parse(s).ok_or_else(|| format!("expected minmax or mse, not {s:?}"))
+}
+
 fn bundled_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("tiny-gpt-oss-shakespeare")
 }
@@ -286,12 +329,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", report::plan_text(&source, &recipe, &summary, src));
             }
         }
-        Command::Convert { source, recipe, out, force, threads, max_shard_bytes, quiet, json } => {
+        Command::Convert { source, recipe, out, force, threads, max_shard_bytes, quantizer, calibration, quiet, json } => {
             let recipe = Recipe::load(&recipe)?;
             let ResolvedSource::Folder(dir) = resolve_source(&source, Need::Everything)? else {
                 bail!("{source}: converting needs a checkpoint folder, not a bare config file");
             };
-            let opts = ConvertOptions { force, max_shard_bytes, source_label: source.clone() };
+            let opts = ConvertOptions { force, max_shard_bytes, source_label: source.clone(), quantizer, calibration };
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
             let progress = progress::StderrProgress::new(quiet || json);
             let start = std::time::Instant::now();
@@ -302,7 +345,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let s = &rep.summary;
             if json {
                 print_json(&serde_json::json!({
-                    "out": rep.out, "recipe": recipe.name, "shards": rep.shards, "seconds": secs,
+                    "out": rep.out, "recipe": recipe.name, "quantizer": quantizer.as_str(), "shards": rep.shards, "seconds": secs,
                     "source_bytes": rep.source_bytes, "bytes": s.bytes, "parameters": s.params,
                     "bits_per_weight": s.bits_per_weight(),
                 }));
@@ -315,6 +358,44 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     s.bits_per_weight(),
                     secs,
                     rep.source_bytes as f64 / 1048576.0 / secs.max(1e-9)
+                );
+            }
+        }
+        Command::Calibrate { model, text, max_tokens, ctx, out, force, threads, quiet, json } => {
+            if out.exists() && !force {
+                bail!("{}: exists; pass --force to replace it", out.display());
+            }
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
+            let progress = progress::TokenProgress::new("calibrate", quiet || json);
+            let opts = mixq_validate::CalibrateOptions { ctx, max_tokens };
+            let label = model.display().to_string();
+            let run = pool.install(|| mixq_validate::calibrate(&model, &label, &text, opts, &|d, t| progress.update(d, t)));
+            progress.finish();
+            let run = run?;
+            run.stats.write(&out)?;
+            let s = &run.stats;
+            let reached: Vec<(usize, usize)> = (0..)
+                .map_while(|l| s.expert_tokens(l))
+                .map(|c| (c.iter().filter(|&&n| n > 0.0).count(), c.len()))
+                .collect();
+            let (hit, all) = reached.iter().fold((0, 0), |(a, b), (h, n)| (a + h, b + n));
+            let rate = s.tokens as f64 / run.seconds.max(1e-9);
+            if json {
+                print_json(&serde_json::json!({
+                    "out": out, "model": label, "text_sha256": s.text_sha256, "tokens": s.tokens, "ctx": s.ctx,
+                    "windows": run.windows, "seconds": run.seconds, "tokens_per_second": rate,
+                    "tensors": s.tensors.len(), "experts_reached": hit, "experts": all,
+                    "config_sha256": s.model.config_sha256, "weights_sha256": s.model.weights_sha256,
+                }));
+            } else {
+                println!(
+                    "wrote {} ({} tensors) from {} tokens in {} windows of {} in {:.2}s ({rate:.0} tokens/s); {hit} of {all} experts reached",
+                    out.display(),
+                    s.tensors.len(),
+                    s.tokens,
+                    run.windows,
+                    s.ctx,
+                    run.seconds
                 );
             }
         }

@@ -112,3 +112,50 @@ impl Progress for StderrProgress {
         }
     }
 }
+
+/// Progress over tokens (validate, calibrate): a bar on a terminal, else a line every 2 s.
+pub struct TokenProgress {
+    what: &'static str,
+    quiet: bool,
+    bar: Option<indicatif::ProgressBar>,
+    start: std::time::Instant,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl TokenProgress {
+    /// A reporter for the job named `what`; `quiet` silences it.
+    pub fn new(what: &'static str, quiet: bool) -> Self {
+        let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
+                    .expect("valid template"),
+            );
+            bar
+        });
+        let now = std::time::Instant::now();
+        TokenProgress { what, quiet, bar, start: now, last: std::sync::Mutex::new(now) }
+    }
+
+    /// `done` of `total` tokens are processed.
+    pub fn update(&self, done: usize, total: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        } else if !self.quiet {
+            let mut l = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if l.elapsed().as_secs_f64() >= 2.0 || done == total {
+                *l = std::time::Instant::now();
+                let rate = done as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+                eprintln!("{}: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s", self.what, (total - done) as f64 / rate.max(1e-9));
+            }
+        }
+    }
+
+    /// Clears the bar.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -65,33 +65,9 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
         (None, Some(t)) => mixq_validate::Reference::Saved(t),
         _ => mixq_validate::Reference::None,
     };
-    let bar = (!a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
-                .expect("valid template"),
-        );
-        bar
-    });
-    let start = std::time::Instant::now();
-    let last = std::sync::Mutex::new(std::time::Instant::now());
-    let progress = |done: usize, total: usize| {
-        if let Some(bar) = &bar {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        } else if !a.quiet {
-            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-            if l.elapsed().as_secs_f64() >= 2.0 || done == total {
-                *l = std::time::Instant::now();
-                let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
-                eprintln!("validate: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s", (total - done) as f64 / rate.max(1e-9));
-            }
-        }
-    };
-    let scored = mixq_validate::score(&model, &tokens, &reference, opts, &progress)?;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    let progress = crate::progress::TokenProgress::new("validate", a.quiet);
+    let scored = mixq_validate::score(&model, &tokens, &reference, opts, &|done, total| progress.update(done, total))?;
+    progress.finish();
     let method = match reference {
         mixq_validate::Reference::Model(_) => Some("exact"),
         mixq_validate::Reference::Saved(_) => Some("top-k"),

@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod matrix;
 pub mod model;
 pub mod npy;
+pub mod observe;
 pub mod rope;
 pub mod sample;
 pub mod text;
@@ -19,6 +20,7 @@ pub use engine::{Backend, Engine};
 pub use error::{Result, RuntimeError};
 pub use generate::{generate, GenerationStats};
 pub use model::Model;
+pub use observe::{ActivationObserver, DenseSite, ExpertSite};
 pub use sample::{Sampler, SamplerConfig};
 pub use text::TextCodec;
 

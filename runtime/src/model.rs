@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use crate::cache::{KvCache, LayerCache};
 use crate::error::{Result, RuntimeError};
 use crate::matrix::{dot, Codes, Matrix, RowMap};
+use crate::observe::{ActivationObserver, DenseSite, ExpertSite};
 use crate::rope::Rope;
 
 /// Tokens processed together during prefill.
@@ -258,6 +259,17 @@ impl<'a> Model<'a> {
     /// Runs `tokens` through the model after what `cache` holds; returns logits for every
     /// position (`[n, vocab]`) or only the last (`[vocab]`).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
+        self.forward_observed(tokens, cache, all_logits, None)
+    }
+
+    /// [`Model::forward`], handing every linear layer's input to `observer` when given.
+    pub fn forward_observed<'o>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        all_logits: bool,
+        mut observer: Option<&mut (dyn ActivationObserver + 'o)>,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         for (i, &t) in tokens.iter().enumerate() {
             if t as usize >= c.vocab_size {
@@ -270,7 +282,10 @@ impl<'a> Model<'a> {
         let mut logits = Vec::new();
         for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             let last_chunk = (ci + 1) * PREFILL_CHUNK >= tokens.len();
-            let hidden = self.hidden_states(chunk, cache);
+            let hidden = self.hidden_states(chunk, cache, observer.as_deref_mut());
+            if let Some(obs) = observer.as_deref_mut() {
+                obs.dense(None, DenseSite::LmHead, &hidden);
+            }
             let rows: &[f32] = if all_logits {
                 &hidden
             } else if last_chunk {
@@ -286,7 +301,12 @@ impl<'a> Model<'a> {
     }
 
     /// Final-norm hidden states of a chunk of tokens, advancing the cache.
-    fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+    fn hidden_states<'o>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mut obs: Option<&mut (dyn ActivationObserver + 'o)>,
+    ) -> Vec<f32> {
         let c = &self.config;
         let h = c.hidden_size;
         let n = tokens.len();
@@ -295,13 +315,20 @@ impl<'a> Model<'a> {
         for (t, &id) in tokens.iter().enumerate() {
             self.embed.decode_row(id as usize, &mut x[t * h..(t + 1) * h]);
         }
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (l, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let normed = rms_norm(&x, &layer.input_norm, c.rms_norm_eps as f32);
             let attn = self.attention(layer, lc, &normed, first);
+            if let Some(o) = obs.as_deref_mut() {
+                o.dense(Some(l), DenseSite::Qkv, &normed);
+                o.dense(Some(l), DenseSite::AttentionOut, &attn);
+            }
             let o = layer.o.forward(&attn);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let normed = rms_norm(&x, &layer.post_norm, c.rms_norm_eps as f32);
-            let moe = self.experts(layer, &normed);
+            if let Some(o) = obs.as_deref_mut() {
+                o.dense(Some(l), DenseSite::Router, &normed);
+            }
+            let moe = self.experts(layer, &normed, obs.as_deref_mut().map(|o| (l, o)));
             x.iter_mut().zip(&moe).for_each(|(a, b)| *a += b);
         }
         cache.len += n;
@@ -360,7 +387,7 @@ impl<'a> Model<'a> {
         out
     }
 
-    fn experts(&self, layer: &Layer<'_>, xs: &[f32]) -> Vec<f32> {
+    fn experts<'o>(&self, layer: &Layer<'_>, xs: &[f32], mut obs: Option<(usize, &mut (dyn ActivationObserver + 'o))>) -> Vec<f32> {
         let c = &self.config;
         let (h, i, k) = (c.hidden_size, c.intermediate_size, c.num_experts_per_tok);
         let n = xs.len() / h;
@@ -386,6 +413,9 @@ impl<'a> Model<'a> {
             for &(t, _) in users {
                 x_e.extend_from_slice(&xs[t * h..(t + 1) * h]);
             }
+            if let Some((l, o)) = obs.as_mut() {
+                o.expert(*l, ExpertSite::GateUp, e, &x_e);
+            }
             let mut gate = vec![0f32; m * i];
             let mut up = vec![0f32; m * i];
             layer.gate.w.matmul_rows(e * i, i, &x_e, &mut gate);
@@ -397,6 +427,9 @@ impl<'a> Model<'a> {
                     let uv = (u + bu).clamp(-limit, limit);
                     *g = (uv + 1.0) * (gv / (1.0 + (-SWIGLU_ALPHA * gv).exp()));
                 }
+            }
+            if let Some((l, o)) = obs.as_mut() {
+                o.expert(*l, ExpertSite::Down, e, &gate);
             }
             let mut down = vec![0f32; m * h];
             layer.down.w.matmul_rows(e * h, h, &gate, &mut down);

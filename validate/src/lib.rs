@@ -2,6 +2,7 @@
 //! agreement, perplexity ratio and Δp against a reference model or its saved logits; publish gates
 //! and the model-card section that records them.
 
+pub mod calibrate;
 pub mod card;
 pub mod eval;
 pub mod reference;
@@ -10,6 +11,7 @@ pub mod windows;
 
 use std::path::PathBuf;
 
+pub use calibrate::{calibrate, CalibrateOptions, CalibrationRun};
 pub use eval::{score, EvalOptions, Reference};
 pub use stats::{Gates, Summary};
 
@@ -25,6 +27,12 @@ pub enum ValidateError {
     /// A saved reference is unusable.
     #[error("{0}")]
     Reference(String),
+    /// A checkpoint could not be read.
+    #[error(transparent)]
+    Loader(#[from] mixq_loader::LoaderError),
+    /// An argument or input file is unusable.
+    #[error("{0}")]
+    Input(String),
     /// A file could not be read or written.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
