@@ -4,11 +4,12 @@
 //! Not a test: it prints figures. Steps:
 //! 1. generate (once, cached in `target/bench-data/medium-src`) the `medium` synthetic checkpoint;
 //! 2. time a plain copy of its files (read, write, fsync), the floor any converter sits on;
-//! 3. run the `mixq` CLI on it (recipe `gpt-oss-120b-3.6bit`): wall time and peak RSS;
+//! 3. run the `mixq` CLI on it (recipe `gpt-oss-120b-3.6bit`) with `--quantizer mse` and with
+//!    `--quantizer minmax`: wall time and peak RSS, and the ratio of the two;
 //! 4. run the mlx-lm reference conversion (`benches/mlx_convert.py`) with the venv python from
 //!    `MIXQ_PYTHON` (default `.venv/bin/python`): wall time and peak RSS;
 //! 5. break down mixq's time in-process: MXFP4 decode alone, decode + 3-bit quantize, output
-//!    hashing, and a single-thread `quantize_row` micro-benchmark for every bit width.
+//!    hashing, and a single-thread micro-benchmark of both quantizers for every bit width.
 //!
 //! Copy, mixq and mlx-lm run as child processes. Their peak RSS is `ru_maxrss` from `wait4`;
 //! a thread also samples `/proc/PID/status` to split it into anonymous and file-backed (mapped
@@ -33,6 +34,7 @@ use mixq_loader::Checkpoint;
 use mixq_quantizer::affine::{packed_row_bytes, quantize_row, AFFINE_BITS};
 use mixq_quantizer::plan::Allocation;
 use mixq_quantizer::rows::RowSource;
+use mixq_quantizer::search::quantize_row_mse;
 use mixq_quantizer::{Recipe, TensorClass};
 use rayon::prelude::*;
 
@@ -46,6 +48,8 @@ const EXPERT_BITS: u32 = 3;
 const GROUP_SIZE: usize = 64;
 /// Target: mixq at least this many times faster than mlx-lm.
 const TARGET_SPEEDUP: f64 = 5.0;
+/// Target: the `mse` quantizer's conversion at most this many times slower than `minmax`'s.
+const TARGET_MSE_SLOWDOWN: f64 = 3.0;
 /// Target: mixq's peak RSS at most this fraction of mlx-lm's.
 const TARGET_RSS_FRACTION: f64 = 0.25;
 /// Side of the square matrix of the quantize micro-benchmark.
@@ -114,14 +118,18 @@ fn bench() {
         r
     });
 
-    // 3. mixq.
+    // 3. mixq, with mlx's own quantizer (minmax) and with the error-minimising search (mse).
     let mixq_out = data.join(format!("{PRESET}-mixq"));
-    let mixq = repeat(runs, "mixq convert", || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixq"));
-        cmd.arg("convert").arg("--source").arg(&src).args(["--recipe", RECIPE]).arg("--out").arg(&mixq_out);
-        cmd.args(["--force", "--quiet"]);
-        run_child(&mut cmd, &data.join("mixq.log")).unwrap_or_else(|e| panic!("mixq convert: {e}"))
-    });
+    let convert_with = |quantizer: &str| {
+        repeat(runs, &format!("mixq convert --quantizer {quantizer}"), || {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixq"));
+            cmd.arg("convert").arg("--source").arg(&src).args(["--recipe", RECIPE]).arg("--out").arg(&mixq_out);
+            cmd.args(["--force", "--quiet", "--quantizer", quantizer]);
+            run_child(&mut cmd, &data.join("mixq.log")).unwrap_or_else(|e| panic!("mixq convert: {e}"))
+        })
+    };
+    let mse = convert_with("mse");
+    let mixq = convert_with("minmax");
     let mixq_out_bytes = folder_bytes(&mixq_out);
 
     // 4. mlx-lm.
@@ -141,7 +149,7 @@ fn bench() {
     micro_quantize(&src);
 
     // 6. Summary.
-    summary(src_bytes, spawn_floor, &load_at_start, &copy, &mixq, mixq_out_bytes, mlx.as_ref(), mlx_out_bytes, &breakdown);
+    summary(src_bytes, spawn_floor, &load_at_start, &copy, &mixq, &mse, mixq_out_bytes, mlx.as_ref(), mlx_out_bytes, &breakdown);
 }
 
 /// A positive count from the environment variable `name`, or `default`.
@@ -624,6 +632,13 @@ fn micro_quantize(src: &Path) {
             }
         });
         report(&format!("{bits}-bit gs{GROUP_SIZE}"), timing);
+        let timing = best_of(|| {
+            for row in matrix.chunks_exact(MICRO_SIDE) {
+                quantize_row_mse(row, None, bits, GROUP_SIZE, &mut packed, &mut scales, &mut biases).expect("finite weights");
+                std::hint::black_box((&packed, &scales, &biases));
+            }
+        });
+        report(&format!("{bits}-bit gs{GROUP_SIZE} mse"), timing);
     }
 }
 
@@ -650,6 +665,7 @@ fn summary(
     load_at_start: &str,
     copy: &Runs,
     mixq: &Runs,
+    mse: &Runs,
     mixq_out_bytes: u64,
     mlx: Result<&Runs, &String>,
     mlx_out_bytes: Option<u64>,
@@ -675,8 +691,10 @@ fn summary(
     };
     let copy_label = format!("copy, I/O floor (median/{})", copy.all.len());
     line(&copy_label, copy.wall(), copy.best(), copy.cpu(), copy.max_rss_kib(), copy.sampled(), Some(src_bytes));
-    let mixq_label = format!("mixq convert (median/{})", mixq.all.len());
+    let mixq_label = format!("mixq, minmax (median/{})", mixq.all.len());
     line(&mixq_label, mixq.wall(), mixq.best(), mixq.cpu(), mixq.max_rss_kib(), mixq.sampled(), Some(mixq_out_bytes));
+    let mse_label = format!("mixq, mse (median/{})", mse.all.len());
+    line(&mse_label, mse.wall(), mse.best(), mse.cpu(), mse.max_rss_kib(), mse.sampled(), Some(mixq_out_bytes));
     match mlx {
         Ok(runs) => {
             let label = format!("mlx-lm reference (median/{})", runs.all.len());
@@ -690,6 +708,13 @@ fn summary(
         "mixq time / copy time:     {:>6.2}x  (how far mixq is from the I/O floor; best runs {:.2}x)",
         mixq_s / copy.wall().as_secs_f64(),
         mixq.best().as_secs_f64() / copy.best().as_secs_f64()
+    );
+    let mse_ratio = mse.wall().as_secs_f64() / mixq_s;
+    println!(
+        "mse time / minmax time:    {mse_ratio:>6.2}x  (target <= {TARGET_MSE_SLOWDOWN}x: {}; best runs {:.2}x; in CPU seconds {:.2}x)",
+        if mse_ratio <= TARGET_MSE_SLOWDOWN { "met" } else { "MISSED" },
+        mse.best().as_secs_f64() / mixq.best().as_secs_f64(),
+        mse.cpu().as_secs_f64() / mixq.cpu().as_secs_f64().max(1e-9)
     );
     if let Ok(mlx) = mlx {
         let speedup = mlx.wall().as_secs_f64() / mixq_s;

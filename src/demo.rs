@@ -12,7 +12,7 @@ use crate::generate::{generate_text, RunArgs, Source};
 use crate::validate::{validate, ValidateArgs};
 use crate::{print_json, progress, report};
 
-/// Runs plan, convert, inspect, verify, generate and validate on `model`, writing to `out`.
+/// Runs plan, calibrate, convert, inspect, verify, generate and validate on `model`, writing to `out`.
 pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<()> {
     let recipe = Recipe::load(recipe_name)?;
     let source = model.display().to_string();
@@ -27,9 +27,47 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
     say(&format!("== 1. plan ==\n{}", report::plan_text(&source, &recipe, &summary, src_size)));
     drop(ckpt);
 
-    say("\n== 2. convert ==\n");
+    // Calibration reads the second half of the held-out text; validation scores the first half.
+    let text = model.parent().map(|p| p.join("shakespeare-dev.txt")).filter(|p| p.is_file());
+    let calibration = match &text {
+        Some(text) => {
+            say("\n== 2. calibrate on the second half of the held-out text ==\n");
+            let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+            let mut cut = body.len() / 2;
+            while !body.is_char_boundary(cut) {
+                cut += 1;
+            }
+            let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            let calib_text = parent.join("calibration.txt");
+            std::fs::write(&calib_text, &body[cut..]).with_context(|| format!("writing {}", calib_text.display()))?;
+            let progress = progress::TokenProgress::new("calibrate", json);
+            let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192) };
+            let run = mixq_validate::calibrate(model, &source, &calib_text, opts, &|d, t| progress.update(d, t));
+            progress.finish();
+            let run = run?;
+            let stats = parent.join("calibration.safetensors");
+            run.stats.write(&stats)?;
+            say(&format!(
+                "wrote {} from {} tokens in {:.2}s ({:.0} tokens/s)\n",
+                stats.display(),
+                run.stats.tokens,
+                run.seconds,
+                run.stats.tokens as f64 / run.seconds.max(1e-9)
+            ));
+            Some(stats)
+        }
+        None => None,
+    };
+
+    say("\n== 3. convert (quantizer mse, calibrated) ==\n");
     let progress = progress::StderrProgress::new(json);
-    let opts = ConvertOptions { force: true, source_label: "tiny-gpt-oss-shakespeare".into(), ..Default::default() };
+    let opts = ConvertOptions {
+        force: true,
+        source_label: "tiny-gpt-oss-shakespeare".into(),
+        calibration: calibration.clone(),
+        ..Default::default()
+    };
     let start = std::time::Instant::now();
     let rep = mixq_quantizer::convert(model, &recipe, out, &opts, &progress);
     progress.finish();
@@ -39,13 +77,13 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
 
     let name = out.display().to_string();
     let inspection = mixq_quantizer::inspect::inspect(&Checkpoint::open(out)?);
-    say(&format!("\n== 3. inspect ==\n{}", report::inspect_text(&name, &inspection)));
+    say(&format!("\n== 4. inspect ==\n{}", report::inspect_text(&name, &inspection)));
     let verified = mixq_quantizer::verify::verify(out);
-    say(&format!("\n== 4. verify ==\n{}", report::verify_text(&name, &verified)));
+    say(&format!("\n== 5. verify ==\n{}", report::verify_text(&name, &verified)));
     if !verified.ok() {
         bail!("the converted model failed verification");
     }
-    say("\n== 5. generate with the converted model ==\n");
+    say("\n== 6. generate with the converted model ==\n");
     let sampler = mixq_runtime::SamplerConfig::default();
     let backend = BackendArgs { backend: mixq_runtime::Backend::Auto, max_context: None };
     let run = RunArgs {
@@ -72,8 +110,7 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
         ));
         g
     })?;
-    say("\n== 6. validate against the source ==\n");
-    let text = model.parent().map(|p| p.join("shakespeare-dev.txt")).filter(|p| p.is_file());
+    say("\n== 7. validate against the source (first half of the held-out text) ==\n");
     let validation = match text {
         Some(text) => {
             let args = ValidateArgs {
@@ -104,7 +141,8 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
         print_json(&serde_json::json!({
             "validate": validation,
             "plan": report::plan_json(&source, &recipe, &summary, src_size),
-            "convert": {"out": rep.out, "seconds": secs, "shards": rep.shards},
+            "calibration": calibration,
+            "convert": {"out": rep.out, "seconds": secs, "shards": rep.shards, "quantizer": opts.quantizer.as_str()},
             "inspect": report::inspect_json(&name, &inspection),
             "verify": report::verify_json(&name, &verified),
             "generate": generated,

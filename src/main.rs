@@ -245,7 +245,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The pipeline on the bundled tiny model: plan, convert, inspect, verify, generate, validate.
+    /// The pipeline on the bundled tiny model: plan, calibrate, convert, inspect, verify, generate, validate.
     Demo {
         /// Where to write the converted model.
         #[arg(long, default_value = "target/demo/tiny-gpt-oss-shakespeare-3.6bit")]

@@ -44,38 +44,41 @@ pub fn packed_row_bytes(cols: usize, bits: u32) -> usize {
     cols * bits as usize / 8
 }
 
-/// Quantizes one row into `packed` (`cols*bits/8` bytes), `scales` and `biases` (`cols/group_size` each).
-pub fn quantize_row(
-    row: &[f32],
-    bits: u32,
-    group_size: usize,
-    packed: &mut [u8],
-    scales: &mut [bf16],
-    biases: &mut [bf16],
-) -> Result<(), NonFinite> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { quantize_row_avx2(row, bits, group_size, packed, scales, biases) };
+/// Defines a public function that runs an `#[inline(always)]` portable body, compiled a second
+/// time for AVX2 (8-lane division and rounding) and used where the CPU has it. No FMA is enabled,
+/// and Rust never contracts `a * b + c` on its own, so results are bit-identical to the portable
+/// build.
+macro_rules! avx2_dispatch {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty => $portable:ident;) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $portable($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
         }
-    }
-    quantize_row_portable(row, bits, group_size, packed, scales, biases)
+    };
 }
+pub(crate) use avx2_dispatch;
 
-/// The same code compiled for AVX2 (8-lane division and rounding). No FMA is enabled, and Rust
-/// never contracts `a * b + c` on its own, so results stay bit-identical to the portable path.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(
-    row: &[f32],
-    bits: u32,
-    group_size: usize,
-    packed: &mut [u8],
-    scales: &mut [bf16],
-    biases: &mut [bf16],
-) -> Result<(), NonFinite> {
-    quantize_row_portable(row, bits, group_size, packed, scales, biases)
+avx2_dispatch! {
+    /// Quantizes one row into `packed` (`cols*bits/8` bytes), `scales` and `biases` (`cols/group_size` each).
+    pub fn quantize_row(
+        row: &[f32],
+        bits: u32,
+        group_size: usize,
+        packed: &mut [u8],
+        scales: &mut [bf16],
+        biases: &mut [bf16],
+    ) -> Result<(), NonFinite> => quantize_row_portable;
 }
 
 #[inline(always)]
@@ -124,6 +127,13 @@ pub(crate) fn group_codes(group: &[f32], scale: f32, bias: f32, n_bins: f32, cod
 /// The (scale, bias) of one group, in f32 before rounding to bf16; `Err(i)` names a non-finite element.
 #[inline(always)]
 pub(crate) fn group_params(group: &[f32], n_bins: f32) -> Result<(f32, f32), usize> {
+    let (w_min, w_max) = group_range(group)?;
+    Ok(range_params(w_min, w_max, n_bins))
+}
+
+/// The (min, max) of one group; `Err(i)` names a non-finite element.
+#[inline(always)]
+fn group_range(group: &[f32]) -> Result<(f32, f32), usize> {
     let mut w_min = f32::INFINITY;
     let mut w_max = f32::NEG_INFINITY;
     let mut poison = 0.0f32;
@@ -135,6 +145,12 @@ pub(crate) fn group_params(group: &[f32], n_bins: f32) -> Result<(f32, f32), usi
     if poison.is_nan() {
         return Err(group.iter().position(|w| !w.is_finite()).unwrap_or(0));
     }
+    Ok((w_min, w_max))
+}
+
+/// mlx's (scale, bias) for a group ranging over `[w_min, w_max]`, in f32.
+#[inline(always)]
+pub(crate) fn range_params(w_min: f32, w_max: f32, n_bins: f32) -> (f32, f32) {
     let mask = w_min.abs() > w_max.abs();
     let mut scale = (w_max - w_min) / n_bins;
     scale = if scale < 1e-7 { 1e-7 } else { scale };
@@ -146,7 +162,7 @@ pub(crate) fn group_params(group: &[f32], n_bins: f32) -> Result<(f32, f32), usi
         scale = edge / q0;
         bias = edge;
     }
-    Ok((scale, bias))
+    (scale, bias)
 }
 
 /// Packs codes (each < 2^bits) as a little-endian bit stream; `codes.len()` is a multiple of 8.

@@ -9,18 +9,16 @@
 //!    to that bias and rounded to bf16; each scored by the weighted error of its codes under those
 //!    stored values (computed from sums, no second pass);
 //! 2. mlx's min-max choice (as stored) is a candidate too;
-//! 3. the best is polished: the nearest codes for its stored values, a least-squares refit, and
-//!    the refit's neighbouring bf16 scales and biases;
-//! 4. the result is compared with mlx's own output for the group (its codes, computed from f32
-//!    parameters, under the bf16 scale and bias it stores), in f32 sums when they differ by more
-//!    than their rounding and in f64 otherwise: a group never ends up with a larger weighted error
-//!    than `mx.quantize` gives it.
+//! 3. the best candidate gets the nearest codes for its stored values and is compared with mlx's
+//!    own output for the group (its codes, computed from f32 parameters, under the bf16 scale and
+//!    bias it stores), in f32 sums when they differ by more than their rounding and in f64
+//!    otherwise: a group never ends up with a larger weighted error than `mx.quantize` gives it.
 
 use std::fmt;
 
 use half::bf16;
 
-use crate::affine::{group_codes, group_params, pack_codes, packed_row_bytes, NonFinite};
+use crate::affine::{avx2_dispatch, group_codes, pack_codes, packed_row_bytes, range_params, NonFinite};
 
 /// How the scale and bias of each affine group are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,44 +56,20 @@ impl fmt::Display for QuantMethod {
 /// Fractions of the range clipped off the top or the bottom of a group (a heavy tail is usually
 /// on one side); chosen by measuring the error of the trained model's 3-bit experts.
 const CLIPS: [f32; 2] = [0.05, 0.12];
-/// Rounds of alternating codes / least squares on the best candidate (more rounds gain < 0.2%).
-const POLISH_ROUNDS: usize = 1;
 
-/// Quantizes one row choosing each group's (scale, bias) to minimise the squared error weighted
-/// by `importance` (one non-negative weight per column; `None`: uniform). Same outputs as
-/// [`crate::affine::quantize_row`].
-pub fn quantize_row_mse(
-    row: &[f32],
-    importance: Option<&[f32]>,
-    bits: u32,
-    group_size: usize,
-    packed: &mut [u8],
-    scales: &mut [bf16],
-    biases: &mut [bf16],
-) -> Result<(), NonFinite> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { quantize_row_mse_avx2(row, importance, bits, group_size, packed, scales, biases) };
-        }
-    }
-    quantize_row_mse_portable(row, importance, bits, group_size, packed, scales, biases)
-}
-
-/// The same code compiled for AVX2 (no FMA, so every product and sum rounds as in the portable path).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_row_mse_avx2(
-    row: &[f32],
-    importance: Option<&[f32]>,
-    bits: u32,
-    group_size: usize,
-    packed: &mut [u8],
-    scales: &mut [bf16],
-    biases: &mut [bf16],
-) -> Result<(), NonFinite> {
-    quantize_row_mse_portable(row, importance, bits, group_size, packed, scales, biases)
+avx2_dispatch! {
+    /// Quantizes one row choosing each group's (scale, bias) to minimise the squared error
+    /// weighted by `importance` (one non-negative weight per column; `None`: uniform). Same
+    /// outputs as [`crate::affine::quantize_row`].
+    pub fn quantize_row_mse(
+        row: &[f32],
+        importance: Option<&[f32]>,
+        bits: u32,
+        group_size: usize,
+        packed: &mut [u8],
+        scales: &mut [bf16],
+        biases: &mut [bf16],
+    ) -> Result<(), NonFinite> => quantize_row_mse_portable;
 }
 
 #[inline(always)]
@@ -144,8 +118,8 @@ fn quantize_groups<const G: usize>(
             Some(imp) => imp[g * G..(g + 1) * G].try_into().expect("a slice of G elements"),
             None => &ones,
         };
-        let (scale, bias) = group_params(group, n_bins).map_err(|i| NonFinite { index: g * G + i, value: group[i] })?;
-        let (scale, bias) = search_group(group, a, n_bins, (scale, bias), &mut codes);
+        let sums = GroupSums::of(group, a).map_err(|i| NonFinite { index: g * G + i, value: group[i] })?;
+        let (scale, bias) = search_group(group, a, n_bins, &sums, &mut codes);
         pack_codes(&codes, bits, out);
         *s = scale;
         *b = bias;
@@ -161,22 +135,6 @@ fn to_bf16(x: f32) -> f32 {
     }
     let b = x.to_bits();
     f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
-}
-
-/// The neighbouring bf16 value of `x` (a bf16 value) towards +inf (`up`) or -inf; `x` itself
-/// where that would leave the finite numbers.
-#[inline(always)]
-fn bf16_step(x: f32, up: bool) -> f32 {
-    let bits = x.to_bits() >> 16;
-    let next = if x == 0.0 {
-        if up { 0x0001 } else { 0x8001 }
-    } else if up == (x > 0.0) {
-        bits + 1
-    } else {
-        bits - 1
-    };
-    let out = f32::from_bits(next << 16);
-    if out.is_finite() { out } else { x }
 }
 
 /// Lanes of the partial sums: sums are kept per lane (and added up at the end) so that the loops
@@ -219,26 +177,39 @@ struct CodeSums {
     lw: f64,
 }
 
-/// Weighted sums that do not depend on the codes: Σa, Σa·w, Σa·w².
+/// What a group's search needs before any codes: its range and the weighted sums Σa, Σa·w, Σa·w².
 #[derive(Debug, Clone, Copy)]
 struct GroupSums {
+    lo: f32,
+    hi: f32,
     a: f64,
     w: f64,
     ww: f64,
 }
 
 impl GroupSums {
+    /// One pass over the group; `Err(i)` names a non-finite element.
     #[inline(always)]
-    fn of<const G: usize>(w: &[f32; G], a: &[f32; G]) -> Self {
+    fn of<const G: usize>(w: &[f32; G], a: &[f32; G]) -> Result<Self, usize> {
+        let (mut lo, mut hi, mut poison) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES], [0f32; LANES]);
         let (mut sa, mut sw, mut sww) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
         for (wc, ac) in w.chunks_exact(LANES).zip(a.chunks_exact(LANES)) {
             for k in 0..LANES {
+                let x = wc[k];
+                lo[k] = if x < lo[k] { x } else { lo[k] };
+                hi[k] = if hi[k] < x { x } else { hi[k] };
+                poison[k] += x * 0.0;
                 sa[k] += ac[k];
-                sw[k] += ac[k] * wc[k];
-                sww[k] += ac[k] * wc[k] * wc[k];
+                sw[k] += ac[k] * x;
+                sww[k] += ac[k] * x * x;
             }
         }
-        GroupSums { a: lane_sum(sa), w: lane_sum(sw), ww: lane_sum(sww) }
+        if lane_sum(poison).is_nan() {
+            return Err(w.iter().position(|x| !x.is_finite()).unwrap_or(0));
+        }
+        let lo = lo.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+        let hi = hi.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        Ok(GroupSums { lo, hi, a: lane_sum(sa), w: lane_sum(sw), ww: lane_sum(sww) })
     }
 
     /// Σa·(scale·l + bias − w)² for the codes summed in `c`.
@@ -278,68 +249,44 @@ fn code_sums<const G: usize>(w: &[f32; G], a: &[f32; G], lo: f32, inv_step: f32,
     CodeSums { l: lane_sum(sl), ll: lane_sum(sll), lw: lane_sum(slw) }
 }
 
-/// The stored (scale, bias) candidates one bf16 step from `(s, b)` in scale or in bias.
+/// Chooses the stored (scale, bias) of one group and writes its codes.
 #[inline(always)]
-fn neighbours(s: f32, b: f32) -> [(f32, f32); 4] {
-    [(bf16_step(s, false), b), (bf16_step(s, true), b), (s, bf16_step(b, false)), (s, bf16_step(b, true))]
-}
-
-/// Chooses the stored (scale, bias) of one group and writes its codes; `minmax` is mlx's f32 choice.
-#[inline(always)]
-fn search_group<const G: usize>(w: &[f32; G], a: &[f32; G], n_bins: f32, minmax: (f32, f32), codes: &mut [u8; G]) -> (bf16, bf16) {
+fn search_group<const G: usize>(w: &[f32; G], a: &[f32; G], n_bins: f32, g: &GroupSums, codes: &mut [u8; G]) -> (bf16, bf16) {
+    let (lo, hi) = (g.lo, g.hi);
+    let minmax = range_params(lo, hi, n_bins);
     let mm = (bf16::from_f32(minmax.0), bf16::from_f32(minmax.1));
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &x in w {
-        lo = if x < lo { x } else { lo };
-        hi = if hi < x { x } else { hi };
-    }
+    let (s_mm, b_mm) = (mm.0.to_f32(), mm.1.to_f32());
     let range = hi - lo;
-    let g = GroupSums::of(w, a);
     if !(range > 0.0 && range.is_finite() && g.a > 0.0 && g.ww.is_finite()) {
         group_codes(w, minmax.0, minmax.1, n_bins, codes);
         return mm;
     }
 
     // Candidate clipping ranges, each scored by the error of its own codes under the fitted
-    // stored values (an upper bound of the error with the best codes for those values).
-    let (s_mm, b_mm) = (mm.0.to_f32(), mm.1.to_f32());
-    let mut best = (s_mm, b_mm);
-    let mut best_err = if s_mm != 0.0 { g.error(&code_sums(w, a, b_mm, 1.0 / s_mm, n_bins), s_mm, b_mm) } else { f64::INFINITY };
+    // stored values (an upper bound of the error with the nearest codes for those values).
     let mut ranges = [(lo, hi); 1 + 2 * CLIPS.len()];
     for (k, &f) in CLIPS.iter().enumerate() {
         ranges[1 + 2 * k] = (lo, hi - f * range);
         ranges[2 + 2 * k] = (lo + f * range, hi);
     }
+    let mut best = None;
+    let mut best_err = f64::INFINITY;
     for (l, h) in ranges {
         let c = code_sums(w, a, l, n_bins / (h - l), n_bins);
         if let Some((s, b)) = g.fit(&c) {
             let e = g.error(&c, s, b);
             if e < best_err {
-                (best, best_err) = ((s, b), e);
+                (best, best_err) = (Some((s, b)), e);
             }
         }
     }
-    // Polish: the best codes for the current values, a refit and its neighbouring bf16 values.
-    for _ in 0..POLISH_ROUNDS {
-        let c = code_sums(w, a, best.1, 1.0 / best.0, n_bins);
-        let current = g.error(&c, best.0, best.1);
-        let Some(refit) = g.fit(&c) else { break };
-        let mut next = (refit, g.error(&c, refit.0, refit.1));
-        for cand in neighbours(refit.0, refit.1).into_iter().filter(|c| c.0 != 0.0) {
-            let e = g.error(&c, cand.0, cand.1);
-            if e < next.1 {
-                next = (cand, e);
-            }
-        }
-        if !(next.1 < current * (1.0 - 1e-6)) {
-            break;
-        }
-        best = next.0;
-    }
-
+    let Some(best) = best else {
+        group_codes(w, minmax.0, minmax.1, n_bins, codes);
+        return mm;
+    };
     // Against mlx's min-max result (its own codes, computed from f32 parameters): f32 sums decide
     // unless the two are within their rounding, then f64 sums do.
-    group_codes(w, best.0, best.1, n_bins, codes);
+    nearest_codes(w, best.0, best.1, n_bins, codes);
     let e_best = stored_error(w, a, best.0, best.1, codes);
     let mut mm_codes = [0u8; G];
     group_codes(w, minmax.0, minmax.1, n_bins, &mut mm_codes);
@@ -357,6 +304,16 @@ fn search_group<const G: usize>(w: &[f32; G], a: &[f32; G], n_bins: f32, minmax:
     } else {
         *codes = mm_codes;
         mm
+    }
+}
+
+/// The nearest codes of a group under (scale, bias), by multiplication with `1/scale`.
+#[inline(always)]
+fn nearest_codes<const G: usize>(w: &[f32; G], scale: f32, bias: f32, n_bins: f32, codes: &mut [u8; G]) {
+    let inv = 1.0 / scale;
+    for (c, &x) in codes.iter_mut().zip(w) {
+        // An integer in [0, 255]: adding 2^23 puts it in the low mantissa bits.
+        *c = (code((x - bias) * inv, n_bins) + 8_388_608.0).to_bits() as u8;
     }
 }
 
@@ -424,7 +381,7 @@ mod tests {
             let row: Vec<f32> = (0..cols)
                 .map(|j| {
                     let r = u();
-                    let gauss = (r * 6.283).cos() * (-2.0 * (u().max(1e-7)).ln()).sqrt();
+                    let gauss = (r * std::f32::consts::TAU).cos() * (-2.0 * (u().max(1e-7)).ln()).sqrt();
                     bf16_exact(match kind {
                         0 => 0.0,
                         1 => -0.75,
@@ -480,7 +437,7 @@ mod tests {
         let mut u = uniform(11);
         let cols = 4096;
         let row: Vec<f32> = (0..cols)
-            .map(|_| bf16_exact((u() * 6.283).cos() * (-2.0 * u().max(1e-7).ln()).sqrt() * 0.02))
+            .map(|_| bf16_exact((u() * std::f32::consts::TAU).cos() * (-2.0 * u().max(1e-7).ln()).sqrt() * 0.02))
             .collect();
         let ones = vec![1.0; cols];
         for bits in [2, 3, 4] {
@@ -520,12 +477,22 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_is_reported_with_position() {
+        let mut row = vec![0.5f32; 128];
+        row[77] = f32::NEG_INFINITY;
+        let mut packed = vec![0u8; 48];
+        let (mut s, mut b) = ([bf16::ZERO; 2], [bf16::ZERO; 2]);
+        let e = quantize_row_mse(&row, None, 3, 64, &mut packed, &mut s, &mut b).unwrap_err();
+        assert_eq!((e.index, e.value), (77, f32::NEG_INFINITY));
+    }
+
+    #[test]
     fn methods_parse() {
         assert_eq!(QuantMethod::parse("mse"), Some(QuantMethod::Mse));
         assert_eq!(QuantMethod::parse("minmax"), Some(QuantMethod::MinMax));
         assert_eq!(QuantMethod::parse("gptq"), None);
-        assert_eq!(bf16_step(1.0, true), 1.0078125);
-        assert_eq!(bf16_step(1.0, false), 0.99609375);
-        assert_eq!(bf16_step(-1.0, true), -0.99609375);
+        for x in [1.0f32, 1.00390625, -2.5e-3, 3.3e9, 0.0] {
+            assert_eq!(to_bf16(x), bf16::from_f32(x).to_f32(), "{x}");
+        }
     }
 }

@@ -53,7 +53,7 @@ def reference_logits(model_dir, tokens):
 def converted(workdir, src, name, recipe):
     out = workdir / f"rt-{name}-{recipe}"
     if not out.exists():
-        mixq("convert", "--source", src, "--recipe", recipe, "--out", out, "--quiet")
+        mixq("convert", "--source", src, "--recipe", recipe, "--out", out, "--quiet", "--quantizer", "minmax")
     return out
 
 

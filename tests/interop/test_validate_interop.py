@@ -40,7 +40,7 @@ def test_perplexity_matches_mlx(workdir, form, ctx, stride):
     if form != "upstream":
         model_dir = workdir / f"val-{form}"
         if not model_dir.exists():
-            mixq("convert", "--source", TRAINED, "--recipe", form, "--out", model_dir, "--quiet")
+            mixq("convert", "--source", TRAINED, "--recipe", form, "--out", model_dir, "--quiet", "--quantizer", "minmax")
     model, tokenizer = float32_model(model_dir)
     tokens = tokenizer.encode(TEXT.read_text())[:1024]
     want, count = mlx_perplexity(model, tokens, ctx, stride)
