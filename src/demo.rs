@@ -41,7 +41,7 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
             let calib_text = parent.join("calibration.txt");
             std::fs::write(&calib_text, &body[cut..]).with_context(|| format!("writing {}", calib_text.display()))?;
-            let progress = progress::TokenProgress::new("calibrate", json);
+            let progress = progress::CountProgress::new("calibrate", "tokens", json);
             let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192) };
             let run = mixq_validate::calibrate(model, &source, &calib_text, opts, &|d, t| progress.update(d, t));
             progress.finish();

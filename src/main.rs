@@ -1,5 +1,6 @@
 //! mixq: turn gpt-oss checkpoints into mixed-precision MLX models and prove they are still good.
 
+mod authoring;
 mod backend;
 mod demo;
 mod generate;
@@ -103,6 +104,61 @@ enum Command {
         /// Print one JSON object when done.
         #[arg(long)]
         json: bool,
+    },
+    /// For every unit a recipe can address (class x layer), the cost of quantizing it alone at
+    /// each bits x group size, and its size: the input of `mixq recipe search`.
+    Sensitivity {
+        /// The upstream source checkpoint.
+        #[arg(long, required_unless_present = "synthetic_config", conflicts_with = "synthetic_config")]
+        model: Option<PathBuf>,
+        /// A config.json alone: deterministic synthetic rows stand in for the weights (proxy costs).
+        #[arg(long)]
+        synthetic_config: Option<PathBuf>,
+        /// Text to measure KL on (without it the costs are the weight-error proxy).
+        #[arg(long, requires = "model")]
+        text: Option<PathBuf>,
+        /// Calibration statistics (`mixq calibrate`) weighting the proxy and the mse quantizer.
+        #[arg(long, requires = "model")]
+        calibration: Option<PathBuf>,
+        /// Bit widths to measure.
+        #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,8")]
+        bits: Vec<u32>,
+        /// Group sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
+        group_sizes: Vec<u32>,
+        /// Tokens of the text the KL is measured on.
+        #[arg(long, default_value_t = 2048)]
+        tokens: usize,
+        /// Window length in tokens.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// The quantizer the settings are made with.
+        #[arg(long, default_value = "mse", value_parser = parse_quantizer)]
+        quantizer: QuantMethod,
+        /// The settings (BITS,GROUP_SIZE[,BITS,GROUP_SIZE]) whose KL is measured for every unit:
+        /// the first ranks the units, the second fixes how KL scales with the weight error.
+        #[arg(long = "measure", value_delimiter = ',', default_value = "3,64,5,64")]
+        reference_setting: Vec<u32>,
+        /// The sensitivity file to write (JSON).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// No progress output.
+        #[arg(long)]
+        quiet: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recipe authoring.
+    Recipe {
+        #[command(subcommand)]
+        command: RecipeCommand,
     },
     /// What a checkpoint (upstream or MLX) holds: format, tensors by class, quantization, size, BPW.
     Inspect {
@@ -292,6 +348,47 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// The recipe with the least predicted KL under a size budget, from a sensitivity file.
+    Search {
+        /// The sensitivity file (`mixq sensitivity`).
+        #[arg(long)]
+        sensitivity: PathBuf,
+        /// The model (folder, repo id or config.json) the recipe is for.
+        #[arg(long)]
+        source: String,
+        /// Size budget in bits per weight.
+        #[arg(long, conflicts_with = "target_size", required_unless_present = "target_size")]
+        target_bpw: Option<f64>,
+        /// Size budget: 48GiB, 51.9GB or a byte count.
+        #[arg(long)]
+        target_size: Option<String>,
+        /// The recipe to write (YAML).
+        #[arg(long)]
+        out: PathBuf,
+        /// Smallest affine bit width allowed.
+        #[arg(long, default_value_t = 3)]
+        min_bits: u32,
+        /// Classes kept in bf16.
+        #[arg(long, value_delimiter = ',', default_value = "norm,router,bias,sinks")]
+        keep_bf16: Vec<String>,
+        /// The recipe's name (default: the file's stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Also print the predicted size/KL frontier from 3 to 5 bits per weight and plot it as
+        /// SVG next to the recipe.
+        #[arg(long)]
+        frontier: bool,
+        /// Replace an existing recipe file.
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -366,7 +463,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("{}: exists; pass --force to replace it", out.display());
             }
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
-            let progress = progress::TokenProgress::new("calibrate", quiet || json);
+            let progress = progress::CountProgress::new("calibrate", "tokens", quiet || json);
             let opts = mixq_validate::CalibrateOptions { ctx, max_tokens };
             let label = model.display().to_string();
             let run = pool.install(|| mixq_validate::calibrate(&model, &label, &text, opts, &|d, t| progress.update(d, t)));
@@ -399,6 +496,70 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
+        Command::Sensitivity {
+            model,
+            synthetic_config,
+            text,
+            calibration,
+            bits,
+            group_sizes,
+            tokens,
+            ctx,
+            quantizer,
+            reference_setting,
+            out,
+            force,
+            threads,
+            quiet,
+            json,
+        } => {
+            let args = authoring::SensitivityArgs {
+                model,
+                synthetic_config,
+                text,
+                calibration,
+                bits,
+                group_sizes,
+                tokens,
+                ctx,
+                quantizer,
+                reference_setting,
+                out,
+                force,
+                quiet,
+                json,
+            };
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
+            pool.install(|| authoring::run_sensitivity(&args))?;
+        }
+        Command::Recipe {
+            command:
+                RecipeCommand::Search {
+                    sensitivity,
+                    source,
+                    target_bpw,
+                    target_size,
+                    out,
+                    min_bits,
+                    keep_bf16,
+                    name,
+                    frontier,
+                    force,
+                    json,
+                },
+        } => authoring::run_search(&authoring::SearchArgs {
+            sensitivity,
+            source,
+            target_bpw,
+            target_size,
+            out,
+            min_bits,
+            keep_bf16,
+            name,
+            frontier,
+            force,
+            json,
+        })?,
         Command::Inspect { dir, json } => {
             let ckpt = Checkpoint::open(&dir)?;
             let i = mixq_quantizer::inspect::inspect(&ckpt);

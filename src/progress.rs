@@ -113,31 +113,33 @@ impl Progress for StderrProgress {
     }
 }
 
-/// Progress over tokens (validate, calibrate): a bar on a terminal, else a line every 2 s.
-pub struct TokenProgress {
+/// Progress over a count (tokens of validate and calibrate, units of sensitivity): a bar on a
+/// terminal, else a line every 2 s.
+pub struct CountProgress {
     what: &'static str,
+    unit: &'static str,
     quiet: bool,
     bar: Option<indicatif::ProgressBar>,
     start: std::time::Instant,
     last: std::sync::Mutex<std::time::Instant>,
 }
 
-impl TokenProgress {
-    /// A reporter for the job named `what`; `quiet` silences it.
-    pub fn new(what: &'static str, quiet: bool) -> Self {
+impl CountProgress {
+    /// A reporter for the job named `what` counting `unit`s; `quiet` silences it.
+    pub fn new(what: &'static str, unit: &'static str, quiet: bool) -> Self {
         let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
+                indicatif::ProgressStyle::with_template(&format!("{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}"))
                     .expect("valid template"),
             );
             bar
         });
         let now = std::time::Instant::now();
-        TokenProgress { what, quiet, bar, start: now, last: std::sync::Mutex::new(now) }
+        CountProgress { what, unit, quiet, bar, start: now, last: std::sync::Mutex::new(now) }
     }
 
-    /// `done` of `total` tokens are processed.
+    /// `done` of `total` are processed.
     pub fn update(&self, done: usize, total: usize) {
         if let Some(bar) = &self.bar {
             bar.set_length(total as u64);
@@ -147,7 +149,7 @@ impl TokenProgress {
             if l.elapsed().as_secs_f64() >= 2.0 || done == total {
                 *l = std::time::Instant::now();
                 let rate = done as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
-                eprintln!("{}: {done}/{total} tokens, {rate:.0} tokens/s, ETA {:.0}s", self.what, (total - done) as f64 / rate.max(1e-9));
+                eprintln!("{}: {done}/{total} {u}, {rate:.1} {u}/s, ETA {:.0}s", self.what, (total - done) as f64 / rate.max(1e-9), u = self.unit);
             }
         }
     }

@@ -65,7 +65,7 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
         (None, Some(t)) => mixq_validate::Reference::Saved(t),
         _ => mixq_validate::Reference::None,
     };
-    let progress = crate::progress::TokenProgress::new("validate", a.quiet);
+    let progress = crate::progress::CountProgress::new("validate", "tokens", a.quiet);
     let scored = mixq_validate::score(&model, &tokens, &reference, opts, &|done, total| progress.update(done, total))?;
     progress.finish();
     let method = match reference {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{mixq, text};
 use serde_json::Value;
@@ -11,18 +11,6 @@ use serde_json::Value;
 const TRAINED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-shakespeare");
 const TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare-dev.txt");
 
-/// The dev text split in two halves (calibration, held out), written into `dir`.
-fn halves(dir: &Path) -> (PathBuf, PathBuf) {
-    let t = std::fs::read_to_string(TEXT).unwrap();
-    let mut cut = t.len() / 2;
-    while !t.is_char_boundary(cut) {
-        cut += 1;
-    }
-    let (a, b) = (dir.join("calibration.txt"), dir.join("held-out.txt"));
-    std::fs::write(&a, &t[..cut]).unwrap();
-    std::fs::write(&b, &t[cut..]).unwrap();
-    (a, b)
-}
 
 fn run_json(args: &[&str]) -> Value {
     let o = mixq(args, &[]);
@@ -53,7 +41,7 @@ fn kl(model: &Path, held_out: &Path) -> f64 {
 #[test]
 fn mse_beats_minmax_on_held_out_text() {
     let tmp = tempfile::tempdir().unwrap();
-    let (calib_text, held_out) = halves(tmp.path());
+    let (calib_text, held_out) = common::dev_text_halves(tmp.path(), "calibration.txt", "held-out.txt");
     let stats = tmp.path().join("stats.safetensors");
     let summary = calibrate(&calib_text, &stats, "16384");
     assert_eq!(summary["tokens"], 16384);
@@ -96,7 +84,7 @@ fn mixq_quantizer_sha(path: &Path) -> String {
 #[test]
 fn statistics_of_another_model_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let (calib_text, _) = halves(tmp.path());
+    let (calib_text, _) = common::dev_text_halves(tmp.path(), "calibration.txt", "held-out.txt");
     let stats = tmp.path().join("stats.safetensors");
     calibrate(&calib_text, &stats, "256");
 

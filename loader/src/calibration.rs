@@ -12,6 +12,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpoint;
+use crate::config::GptOssConfig;
 use crate::dtype::Dtype;
 use crate::error::{LoaderError, Result};
 use crate::shard::{encode_header, ShardFile};
@@ -56,9 +57,7 @@ impl ModelFingerprint {
     /// The fingerprint of an open checkpoint (upstream or converted).
     pub fn of(ckpt: &Checkpoint) -> Result<Self> {
         let c = ckpt.config();
-        let arch: BTreeMap<&str, &serde_json::Value> =
-            ARCHITECTURE_KEYS.iter().filter_map(|k| c.raw.get(*k).map(|v| (*k, v))).collect();
-        let config_sha256 = format!("{:x}", Sha256::digest(serde_json::to_vec(&arch).expect("JSON values always serialize")));
+        let config_sha256 = Self::architecture_sha256(c);
         let mut h = Sha256::new();
         let mut names = vec!["model.norm.weight".to_string()];
         for l in 0..c.num_hidden_layers {
@@ -71,6 +70,15 @@ impl ModelFingerprint {
             h.update(t.data);
         }
         Ok(ModelFingerprint { config_sha256, weights_sha256: format!("{:x}", h.finalize()) })
+    }
+}
+
+impl ModelFingerprint {
+    /// sha256 of the architecture fields of a config (canonical JSON).
+    pub fn architecture_sha256(c: &GptOssConfig) -> String {
+        let arch: BTreeMap<&str, &serde_json::Value> =
+            ARCHITECTURE_KEYS.iter().filter_map(|k| c.raw.get(*k).map(|v| (*k, v))).collect();
+        format!("{:x}", Sha256::digest(serde_json::to_vec(&arch).expect("JSON values always serialize")))
     }
 }
 

@@ -20,7 +20,6 @@ use crate::card::model_card;
 use crate::error::{io, ConvertError};
 use crate::provenance::Provenance;
 use crate::manifest::write_manifest;
-use crate::modules::TensorClass;
 use crate::plan::{Allocation, Assigned, OutTensor, PlanSummary};
 use crate::recipe::{Action, Recipe};
 use crate::rows::RowSource;
@@ -148,7 +147,7 @@ pub fn convert(
     std::fs::create_dir_all(&tmp_path).map_err(io(&tmp_path))?;
     let mut partial = PartialDir { path: tmp_path.clone(), done: false };
 
-    let sources: Vec<RowSource<'_>> = alloc.assigned.iter().map(|a| row_source(&ckpt, a)).collect::<Result<_, _>>()?;
+    let sources: Vec<RowSource<'_>> = alloc.assigned.iter().map(|a| RowSource::for_param(&ckpt, &a.param)).collect::<Result<_, _>>()?;
     let rows_of = |a: &Assigned, s: &RowSource<'_>| a.param.numel() / s.cols();
     let source_bytes: u64 = alloc.assigned.iter().zip(&sources).map(|(a, s)| (rows_of(a, s) * s.source_bytes_per_row()) as u64).sum();
     progress.begin(source_bytes, alloc.assigned.len());
@@ -206,44 +205,6 @@ fn write_json(path: &Path, value: &Value) -> Result<(), ConvertError> {
     let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialize");
     text.push('\n');
     std::fs::write(path, text).map_err(io(path))
-}
-
-/// The row source of a parameter in an upstream checkpoint.
-fn row_source<'a>(ckpt: &'a Checkpoint, a: &Assigned) -> Result<RowSource<'a>, ConvertError> {
-    let c = ckpt.config();
-    let p = &a.param;
-    let cols = p.in_features();
-    let (i, h) = (c.intermediate_size, c.hidden_size);
-    let layer = p.layer.unwrap_or(0);
-    let experts = format!("model.layers.{layer}.mlp.experts");
-    // (source stem, start, step) for expert tensors: gate rows are even, up rows odd.
-    let expert = match p.class {
-        TensorClass::ExpertsGate => Some(("gate_up_proj", 0, 2)),
-        TensorClass::ExpertsUp => Some(("gate_up_proj", 1, 2)),
-        TensorClass::ExpertsDown => Some(("down_proj", 0, 1)),
-        TensorClass::Bias if p.module.ends_with("experts.gate_proj") => Some(("gate_up_proj", 0, 2)),
-        TensorClass::Bias if p.module.ends_with("experts.up_proj") => Some(("gate_up_proj", 1, 2)),
-        TensorClass::Bias if p.module.ends_with("experts.down_proj") => Some(("down_proj", 0, 1)),
-        _ => None,
-    };
-    Ok(match expert {
-        Some((stem, start, step)) if p.leaf == "weight" => {
-            let blocks = ckpt.tensor(&format!("{experts}.{stem}_blocks"))?;
-            let scales = ckpt.tensor(&format!("{experts}.{stem}_scales"))?;
-            let src_per = if stem == "gate_up_proj" { 2 * i } else { h };
-            let map = mixq_loader::RowMap { per: p.shape[1], src_per, start, step };
-            RowSource::Mxfp4 { blocks: blocks.data, scales: scales.data, cols, map }
-        }
-        Some((stem, start, step)) => {
-            let bias = ckpt.tensor(&format!("{experts}.{stem}_bias"))?;
-            RowSource::Bf16 { data: bias.data, cols, src_cols: cols * step, start, step }
-        }
-        None => {
-            let t = ckpt.tensor(&p.name())?;
-            t.expect(mixq_loader::Dtype::BF16, &p.shape)?;
-            RowSource::Bf16 { data: t.data, cols, src_cols: cols, start: 0, step: 1 }
-        }
-    })
 }
 
 /// Where each output tensor goes: shard and absolute file offset.

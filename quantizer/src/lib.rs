@@ -13,8 +13,11 @@ pub mod modules;
 pub mod plan;
 pub mod provenance;
 pub mod recipe;
+pub mod recipe_search;
 pub mod rows;
 pub mod search;
+pub mod sensitivity;
+pub mod unit;
 pub mod verify;
 
 pub use error::ConvertError;

@@ -491,7 +491,7 @@ mod tests {
         assert_eq!(QuantMethod::parse("mse"), Some(QuantMethod::Mse));
         assert_eq!(QuantMethod::parse("minmax"), Some(QuantMethod::MinMax));
         assert_eq!(QuantMethod::parse("gptq"), None);
-        for x in [1.0f32, 1.00390625, -2.5e-3, 3.3e9, 0.0] {
+        for x in [1.0f32, 1.0 + 1.0 / 256.0, -2.5e-3, 3.3e9, 0.0] {
             assert_eq!(to_bf16(x), bf16::from_f32(x).to_f32(), "{x}");
         }
     }

@@ -59,7 +59,7 @@ pub(crate) struct Layer<'a> {
 }
 
 /// A gpt-oss model whose weights stay packed in the checkpoint's memory map.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Model<'a> {
     /// The config.
     pub config: GptOssConfig,
@@ -210,6 +210,40 @@ impl<'a> Model<'a> {
             format,
             config,
         })
+    }
+
+    /// A copy of the model whose weight of `module` (an MLX module path: `lm_head`,
+    /// `model.embed_tokens`, `model.layers.N.self_attn.q_proj`, `model.layers.N.mlp.router`,
+    /// `model.layers.N.mlp.experts.gate_proj`, ...) is stored as `codes` (rows in the MLX module's
+    /// order, experts stacked); for measuring what quantizing one module does.
+    pub fn with_weight<'b>(&self, module: &str, codes: Codes<'b>) -> Result<Model<'b>>
+    where
+        'a: 'b,
+    {
+        let mut m: Model<'b> = self.clone();
+        let unknown = || RuntimeError::Checkpoint(format!("{module}: not a weight module of this model"));
+        let slot: &mut Matrix<'b> = match module {
+            "lm_head" => &mut m.lm_head,
+            "model.embed_tokens" => &mut m.embed,
+            _ => {
+                let rest = module.strip_prefix("model.layers.").ok_or_else(unknown)?;
+                let (l, leaf) = rest.split_once('.').ok_or_else(unknown)?;
+                let layer = l.parse::<usize>().ok().and_then(|l| m.layers.get_mut(l)).ok_or_else(unknown)?;
+                match leaf {
+                    "self_attn.q_proj" => &mut layer.q.w,
+                    "self_attn.k_proj" => &mut layer.k.w,
+                    "self_attn.v_proj" => &mut layer.v.w,
+                    "self_attn.o_proj" => &mut layer.o.w,
+                    "mlp.router" => &mut layer.router.w,
+                    "mlp.experts.gate_proj" => &mut layer.gate.w,
+                    "mlp.experts.up_proj" => &mut layer.up.w,
+                    "mlp.experts.down_proj" => &mut layer.down.w,
+                    _ => return Err(unknown()),
+                }
+            }
+        };
+        *slot = Matrix { codes, rows: slot.rows, cols: slot.cols, map: RowMap::identity(slot.rows) };
+        Ok(m)
     }
 
     /// The checkpoint format the model was loaded from.

@@ -78,3 +78,17 @@ pub fn entries(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The bundled dev text cut in two halves at a character boundary, written into `dir` as
+/// (`first`, `second`).
+pub fn dev_text_halves(dir: &Path, first: &str, second: &str) -> (PathBuf, PathBuf) {
+    let t = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare-dev.txt")).expect("dev text");
+    let mut cut = t.len() / 2;
+    while !t.is_char_boundary(cut) {
+        cut += 1;
+    }
+    let (a, b) = (dir.join(first), dir.join(second));
+    std::fs::write(&a, &t[..cut]).expect("writable");
+    std::fs::write(&b, &t[cut..]).expect("writable");
+    (a, b)
+}

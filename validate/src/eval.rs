@@ -60,7 +60,7 @@ fn argmax(x: &[f32]) -> usize {
 }
 
 /// Compares a model row with a full reference row.
-fn compare_full(m: &[f32], r: &[f32], target: usize) -> TokenStats {
+pub(crate) fn compare_full(m: &[f32], r: &[f32], target: usize) -> TokenStats {
     let (lm, lr) = (log_sum_exp(m), log_sum_exp(r));
     let mut kl = 0.0;
     for (&a, &b) in r.iter().zip(m) {

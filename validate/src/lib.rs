@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod card;
 pub mod eval;
 pub mod reference;
+pub mod sensitivity;
 pub mod stats;
 pub mod windows;
 
