@@ -77,9 +77,9 @@ enum Command {
     /// Run a model over calibration text and record the mean x² of every quantizable linear
     /// layer's input channels (per expert for experts), for `convert --calibration`.
     Calibrate {
-        /// The source checkpoint (upstream, as given to convert) or a conversion of it.
+        /// The source checkpoint (folder or hub repo id, as given to convert) or a conversion of it.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// A UTF-8 text file, tokenized with the model's tokenizer.
         #[arg(long)]
         text: PathBuf,
@@ -464,9 +464,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
             let progress = progress::CountProgress::new("calibrate", "tokens", quiet || json);
+            let ResolvedSource::Folder(dir) = resolve_source(&model, Need::Everything)? else {
+                bail!("{model}: calibrating needs a checkpoint folder, not a bare config file");
+            };
             let opts = mixq_validate::CalibrateOptions { ctx, max_tokens };
-            let label = model.display().to_string();
-            let run = pool.install(|| mixq_validate::calibrate(&model, &label, &text, opts, &|d, t| progress.update(d, t)));
+            let label = model.clone();
+            let run = pool.install(|| mixq_validate::calibrate(&dir, &label, &text, opts, &|d, t| progress.update(d, t)));
             progress.finish();
             let run = run?;
             run.stats.write(&out)?;
