@@ -85,17 +85,20 @@ fn quantize_row_mse_portable(
     debug_assert_eq!(row.len() % group_size, 0);
     debug_assert_eq!(packed.len(), packed_row_bytes(row.len(), bits));
     match group_size {
-        32 => quantize_groups::<32>(row, importance, bits, packed, scales, biases),
-        64 => quantize_groups::<64>(row, importance, bits, packed, scales, biases),
-        128 => quantize_groups::<128>(row, importance, bits, packed, scales, biases),
+        32 if importance.is_some() => quantize_groups::<32, true>(row, importance, bits, packed, scales, biases),
+        64 if importance.is_some() => quantize_groups::<64, true>(row, importance, bits, packed, scales, biases),
+        128 if importance.is_some() => quantize_groups::<128, true>(row, importance, bits, packed, scales, biases),
+        32 => quantize_groups::<32, false>(row, importance, bits, packed, scales, biases),
+        64 => quantize_groups::<64, false>(row, importance, bits, packed, scales, biases),
+        128 => quantize_groups::<128, false>(row, importance, bits, packed, scales, biases),
         other => unreachable!("group size {other} is rejected when recipes are parsed"),
     }
 }
 
 /// The row loop for one group size, known at compile time so that every group loop has a fixed
-/// trip count and vectorises.
+/// trip count and vectorises; `W` says whether the importances are real (else all 1, folded away).
 #[inline(always)]
-fn quantize_groups<const G: usize>(
+fn quantize_groups<const G: usize, const W: bool>(
     row: &[f32],
     importance: Option<&[f32]>,
     bits: u32,
@@ -118,8 +121,8 @@ fn quantize_groups<const G: usize>(
             Some(imp) => imp[g * G..(g + 1) * G].try_into().expect("a slice of G elements"),
             None => &ones,
         };
-        let sums = GroupSums::of(group, a).map_err(|i| NonFinite { index: g * G + i, value: group[i] })?;
-        let (scale, bias) = search_group(group, a, n_bins, &sums, &mut codes);
+        let sums = GroupSums::of::<G, W>(group, a).map_err(|i| NonFinite { index: g * G + i, value: group[i] })?;
+        let (scale, bias) = search_group::<G, W>(group, a, n_bins, &sums, &mut codes);
         pack_codes(&codes, bits, out);
         *s = scale;
         *b = bias;
@@ -141,6 +144,16 @@ fn to_bf16(x: f32) -> f32 {
 /// vectorise, which a single running f32 sum would forbid.
 const LANES: usize = 8;
 
+/// An importance, or 1 when the group is unweighted (`W` false: the multiplications fold away).
+#[inline(always)]
+fn weight<const W: bool>(a: f32) -> f32 {
+    if W {
+        a
+    } else {
+        1.0
+    }
+}
+
 /// The sum of the lanes, pairwise.
 #[inline(always)]
 fn lane_sum(x: [f32; LANES]) -> f64 {
@@ -158,12 +171,12 @@ fn code(x: f32, n_bins: f32) -> f32 {
 
 /// The same error in f64, dequantizing as mlx does (`scale*q + bias` in f32), for given codes.
 #[inline(always)]
-fn exact_error<const G: usize>(w: &[f32; G], a: &[f32; G], scale: f32, bias: f32, codes: &[u8; G]) -> f64 {
+fn exact_error<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G], scale: f32, bias: f32, codes: &[u8; G]) -> f64 {
     let mut acc = [0f64; LANES];
     for ((wc, ac), cc) in w.chunks_exact(LANES).zip(a.chunks_exact(LANES)).zip(codes.chunks_exact(LANES)) {
         for k in 0..LANES {
             let d = f64::from(scale * f32::from(cc[k]) + bias) - f64::from(wc[k]);
-            acc[k] += f64::from(ac[k]) * d * d;
+            acc[k] += f64::from(weight::<W>(ac[k])) * d * d;
         }
     }
     acc.iter().sum()
@@ -190,7 +203,7 @@ struct GroupSums {
 impl GroupSums {
     /// One pass over the group; `Err(i)` names a non-finite element.
     #[inline(always)]
-    fn of<const G: usize>(w: &[f32; G], a: &[f32; G]) -> Result<Self, usize> {
+    fn of<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G]) -> Result<Self, usize> {
         let (mut lo, mut hi, mut poison) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES], [0f32; LANES]);
         let (mut sa, mut sw, mut sww) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
         for (wc, ac) in w.chunks_exact(LANES).zip(a.chunks_exact(LANES)) {
@@ -199,9 +212,10 @@ impl GroupSums {
                 lo[k] = if x < lo[k] { x } else { lo[k] };
                 hi[k] = if hi[k] < x { x } else { hi[k] };
                 poison[k] += x * 0.0;
-                sa[k] += ac[k];
-                sw[k] += ac[k] * x;
-                sww[k] += ac[k] * x * x;
+                let a = weight::<W>(ac[k]);
+                sa[k] += a;
+                sw[k] += a * x;
+                sww[k] += a * x * x;
             }
         }
         if lane_sum(poison).is_nan() {
@@ -235,12 +249,12 @@ impl GroupSums {
 
 /// Code sums of the assignment `clamp(rint((w - lo) * inv_step), 0, n_bins)`.
 #[inline(always)]
-fn code_sums<const G: usize>(w: &[f32; G], a: &[f32; G], lo: f32, inv_step: f32, n_bins: f32) -> CodeSums {
+fn code_sums<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G], lo: f32, inv_step: f32, n_bins: f32) -> CodeSums {
     let (mut sl, mut sll, mut slw) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
     for (wc, ac) in w.chunks_exact(LANES).zip(a.chunks_exact(LANES)) {
         for k in 0..LANES {
             let l = code((wc[k] - lo) * inv_step, n_bins);
-            let al = ac[k] * l;
+            let al = weight::<W>(ac[k]) * l;
             sl[k] += al;
             sll[k] += al * l;
             slw[k] += al * wc[k];
@@ -251,7 +265,7 @@ fn code_sums<const G: usize>(w: &[f32; G], a: &[f32; G], lo: f32, inv_step: f32,
 
 /// Chooses the stored (scale, bias) of one group and writes its codes.
 #[inline(always)]
-fn search_group<const G: usize>(w: &[f32; G], a: &[f32; G], n_bins: f32, g: &GroupSums, codes: &mut [u8; G]) -> (bf16, bf16) {
+fn search_group<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G], n_bins: f32, g: &GroupSums, codes: &mut [u8; G]) -> (bf16, bf16) {
     let (lo, hi) = (g.lo, g.hi);
     let minmax = range_params(lo, hi, n_bins);
     let mm = (bf16::from_f32(minmax.0), bf16::from_f32(minmax.1));
@@ -272,7 +286,7 @@ fn search_group<const G: usize>(w: &[f32; G], a: &[f32; G], n_bins: f32, g: &Gro
     let mut best = None;
     let mut best_err = f64::INFINITY;
     for (l, h) in ranges {
-        let c = code_sums(w, a, l, n_bins / (h - l), n_bins);
+        let c = code_sums::<G, W>(w, a, l, n_bins / (h - l), n_bins);
         if let Some((s, b)) = g.fit(&c) {
             let e = g.error(&c, s, b);
             if e < best_err {
@@ -287,17 +301,17 @@ fn search_group<const G: usize>(w: &[f32; G], a: &[f32; G], n_bins: f32, g: &Gro
     // Against mlx's min-max result (its own codes, computed from f32 parameters): f32 sums decide
     // unless the two are within their rounding, then f64 sums do.
     nearest_codes(w, best.0, best.1, n_bins, codes);
-    let e_best = stored_error(w, a, best.0, best.1, codes);
+    let e_best = stored_error::<G, W>(w, a, best.0, best.1, codes);
     let mut mm_codes = [0u8; G];
     group_codes(w, minmax.0, minmax.1, n_bins, &mut mm_codes);
-    let e_mm = stored_error(w, a, s_mm, b_mm, &mm_codes);
+    let e_mm = stored_error::<G, W>(w, a, s_mm, b_mm, &mm_codes);
     const MARGIN: f32 = 1e-4;
     let best_wins = if e_mm > 1e-30 && e_best < e_mm * (1.0 - MARGIN) {
         true
     } else if e_best > 1e-30 && e_mm < e_best * (1.0 - MARGIN) {
         false
     } else {
-        exact_error(w, a, best.0, best.1, codes) < exact_error(w, a, s_mm, b_mm, &mm_codes)
+        exact_error::<G, W>(w, a, best.0, best.1, codes) < exact_error::<G, W>(w, a, s_mm, b_mm, &mm_codes)
     };
     if best_wins {
         (bf16::from_f32(best.0), bf16::from_f32(best.1))
@@ -319,12 +333,12 @@ fn nearest_codes<const G: usize>(w: &[f32; G], scale: f32, bias: f32, n_bins: f3
 
 /// Weighted squared error of given codes under (scale, bias), summed in f32 lanes.
 #[inline(always)]
-fn stored_error<const G: usize>(w: &[f32; G], a: &[f32; G], scale: f32, bias: f32, codes: &[u8; G]) -> f32 {
+fn stored_error<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G], scale: f32, bias: f32, codes: &[u8; G]) -> f32 {
     let mut acc = [0f32; LANES];
     for ((wc, ac), cc) in w.chunks_exact(LANES).zip(a.chunks_exact(LANES)).zip(codes.chunks_exact(LANES)) {
         for k in 0..LANES {
             let d = scale * f32::from(cc[k]) + bias - wc[k];
-            acc[k] += ac[k] * d * d;
+            acc[k] += weight::<W>(ac[k]) * d * d;
         }
     }
     lane_sum(acc) as f32
