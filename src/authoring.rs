@@ -82,7 +82,7 @@ pub fn run_sensitivity(a: &SensitivityArgs) -> Result<()> {
             "out": a.out, "units": s.units.len(), "cost": s.cost_kind, "tokens": s.tokens, "seconds": s.seconds,
             "rank_correlation": s.rank_correlation,
             "ranked": ranked(&s).iter().map(|u| json!({"module": u.module, "class": u.class, "layer": u.layer, "measured_kl": u.measured_kl,
-                "cost": u.settings.iter().find(|x| (x.bits, x.group_size) == s.reference_setting).map(|x| x.cost)})).collect::<Vec<_>>(),
+                "cost": u.setting(s.reference_setting).map(|x| x.cost)})).collect::<Vec<_>>(),
         }));
         return Ok(());
     }
@@ -90,7 +90,7 @@ pub fn run_sensitivity(a: &SensitivityArgs) -> Result<()> {
     println!("units by sensitivity (cost of quantizing the unit alone at {rb}-bit gs{rg}; {}):", s.cost_kind);
     println!("{:>4}  {:<16} {:>5} {:>12} {:>14} {:>12}", "rank", "class", "layer", "params", "cost", "bytes");
     for (i, u) in ranked(&s).iter().enumerate() {
-        let at = u.settings.iter().find(|x| (x.bits, x.group_size) == s.reference_setting);
+        let at = u.setting(s.reference_setting);
         println!(
             "{:>4}  {:<16} {:>5} {:>12} {:>14.6e} {:>12}",
             i + 1,

@@ -26,7 +26,7 @@ pub struct NonFinite {
 /// Round to nearest, ties to even, as C's `rint` in the default rounding mode; written so that
 /// it vectorises on baseline x86-64 (no SSE4.1 `roundps`).
 #[inline(always)]
-pub(crate) fn rint(x: f32) -> f32 {
+fn rint(x: f32) -> f32 {
     const TWO_23: f32 = 8_388_608.0;
     let a = x.abs();
     // In [2^23, 2^24) f32 spacing is 1, so the sum rounds |x| to an integer, ties to even.

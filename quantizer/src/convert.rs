@@ -14,7 +14,7 @@ use mixq_loader::{Checkpoint, CheckpointFormat};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
-use crate::affine::{packed_row_bytes, quantize_row};
+use crate::affine::packed_row_bytes;
 use crate::importance::{CalibrationUse, Importance};
 use crate::card::model_card;
 use crate::error::{io, ConvertError};
@@ -23,7 +23,7 @@ use crate::manifest::write_manifest;
 use crate::plan::{Allocation, Assigned, OutTensor, PlanSummary};
 use crate::recipe::{Action, Recipe};
 use crate::rows::RowSource;
-use crate::search::{quantize_row_mse, QuantMethod};
+use crate::search::QuantMethod;
 
 /// mlx-lm's shard limit: 5 GiB.
 pub const MAX_SHARD_BYTES: u64 = 5 << 30;
@@ -352,14 +352,8 @@ fn write_param(
                         |row, (i, ((p, s), b))| {
                             let r = first + i;
                             src.row_f32(r, row);
-                            match job.method {
-                                QuantMethod::MinMax => quantize_row(row, bits, group_size as usize, p, s, b),
-                                QuantMethod::Mse => {
-                                    let imp = job.importance.and_then(|m| m.row(r));
-                                    quantize_row_mse(row, imp, bits, group_size as usize, p, s, b)
-                                }
-                            }
-                            .map_err(|e| (r, e))
+                            let imp = job.importance.and_then(|m| m.row(r));
+                            job.method.quantize_row(row, imp, bits, group_size as usize, p, s, b).map_err(|e| (r, e))
                         },
                     )
                     .map_err(|(row, e)| ConvertError::NonFinite { tensor: a.param.name(), row, col: e.index, value: e.value })?;

@@ -29,7 +29,6 @@ pub struct CalibrationUse {
 #[derive(Debug, Clone)]
 pub struct Importance {
     rows_per_block: usize,
-    cols: usize,
     blocks: Vec<Option<Vec<f32>>>,
 }
 
@@ -53,12 +52,7 @@ impl Importance {
                 })
             })
             .collect();
-        Importance { rows_per_block, cols, blocks }
-    }
-
-    /// Row length the weights cover.
-    pub fn cols(&self) -> usize {
-        self.cols
+        Importance { rows_per_block, blocks }
     }
 }
 

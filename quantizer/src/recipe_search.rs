@@ -161,7 +161,8 @@ impl<'s> Problem<'s> {
         }
         // Bisect λ (in log space) to the smallest multiplier whose allocation fits.
         let (mut lo, mut hi) = (1e-30f64, 1e30f64);
-        let mut fit = if self.total(&self.lagrangian(hi)).bytes <= target { self.lagrangian(hi) } else { smallest.choices.clone() };
+        let at_hi = self.lagrangian(hi);
+        let mut fit = if self.total(&at_hi).bytes <= target { at_hi } else { smallest.choices.clone() };
         for _ in 0..200 {
             let mid = (lo.ln() * 0.5 + hi.ln() * 0.5).exp();
             let c = self.lagrangian(mid);

@@ -8,8 +8,7 @@
 //!    least-squares (scale, bias) for those codes, the bias rounded to bf16 and the scale refitted
 //!    to that bias and rounded to bf16; each scored by the weighted error of its codes under those
 //!    stored values (computed from sums, no second pass);
-//! 2. mlx's min-max choice (as stored) is a candidate too;
-//! 3. the best candidate gets the nearest codes for its stored values and is compared with mlx's
+//! 2. the best candidate gets the nearest codes for its stored values and is compared with mlx's
 //!    own output for the group (its codes, computed from f32 parameters, under the bf16 scale and
 //!    bias it stores), in f32 sums when they differ by more than their rounding and in f64
 //!    otherwise: a group never ends up with a larger weighted error than `mx.quantize` gives it.
@@ -18,7 +17,7 @@ use std::fmt;
 
 use half::bf16;
 
-use crate::affine::{avx2_dispatch, group_codes, pack_codes, packed_row_bytes, range_params, NonFinite};
+use crate::affine::{avx2_dispatch, group_codes, pack_codes, packed_row_bytes, quantize_row, range_params, NonFinite};
 
 /// How the scale and bias of each affine group are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,6 +43,25 @@ impl QuantMethod {
     /// Parses `minmax` or `mse`.
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
+    /// Quantizes one row with this method; `importance` weights the `mse` search (`minmax`
+    /// ignores it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize_row(
+        self,
+        row: &[f32],
+        importance: Option<&[f32]>,
+        bits: u32,
+        group_size: usize,
+        packed: &mut [u8],
+        scales: &mut [bf16],
+        biases: &mut [bf16],
+    ) -> Result<(), NonFinite> {
+        match self {
+            QuantMethod::MinMax => quantize_row(row, bits, group_size, packed, scales, biases),
+            QuantMethod::Mse => quantize_row_mse(row, importance, bits, group_size, packed, scales, biases),
+        }
     }
 }
 
@@ -347,7 +365,7 @@ fn stored_error<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G], scale
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affine::{dequantize_row, quantize_row, AFFINE_BITS, AFFINE_GROUP_SIZES};
+    use crate::affine::{dequantize_row, AFFINE_BITS, AFFINE_GROUP_SIZES};
 
     /// Weighted squared error per group of a quantized row, in f64.
     fn group_errors(row: &[f32], imp: &[f32], q: &(Vec<u8>, Vec<bf16>, Vec<bf16>), bits: u32, gs: usize) -> Vec<f64> {

@@ -49,6 +49,11 @@ pub struct UnitCost {
 }
 
 impl UnitCost {
+    /// The unit's setting `(bits, group_size)`, if it was measured.
+    pub fn setting(&self, (bits, group_size): (u32, u32)) -> Option<&SettingCost> {
+        self.settings.iter().find(|s| (s.bits, s.group_size) == (bits, group_size))
+    }
+
     /// The unit of parameter `p` with the given settings, nothing measured yet.
     pub fn new(p: &Param, settings: Vec<SettingCost>) -> Self {
         UnitCost {

@@ -5,12 +5,12 @@ use half::bf16;
 use mixq_loader::Checkpoint;
 use rayon::prelude::*;
 
-use crate::affine::{dequantize_row, packed_row_bytes, quantize_row};
+use crate::affine::{dequantize_row, packed_row_bytes, NonFinite};
 use crate::error::ConvertError;
 use crate::importance::Importance;
 use crate::modules::Param;
 use crate::rows::RowSource;
-use crate::search::{quantize_row_mse, QuantMethod};
+use crate::search::QuantMethod;
 
 /// A weight quantized to MLX affine bytes, rows in the MLX module's order.
 #[derive(Debug, Clone)]
@@ -25,6 +25,31 @@ pub struct QuantizedUnit {
     pub error: f64,
     /// The same sum of `a_j w_j²`: the output energy the error is relative to.
     pub signal: f64,
+}
+
+/// Quantizes one row into `packed`/`scales`/`biases`, dequantizes it into `back`, and returns
+/// (Σ_j a_j (ŵ_j − w_j)², Σ_j a_j w_j²) with `a` the importance, or 1.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_measured(
+    row: &[f32],
+    importance: Option<&[f32]>,
+    bits: u32,
+    group_size: usize,
+    method: QuantMethod,
+    packed: &mut [u8],
+    scales: &mut [bf16],
+    biases: &mut [bf16],
+    back: &mut [f32],
+) -> Result<(f64, f64), NonFinite> {
+    method.quantize_row(row, importance, bits, group_size, packed, scales, biases)?;
+    dequantize_row(packed, scales, biases, bits, group_size, back);
+    let (mut error, mut signal) = (0.0, 0.0);
+    for (j, (w, q)) in row.iter().zip(back.iter()).enumerate() {
+        let a = importance.map_or(1.0, |a| f64::from(a[j]));
+        error += a * f64::from(q - w).powi(2);
+        signal += a * f64::from(*w).powi(2);
+    }
+    Ok((error, signal))
 }
 
 /// Quantizes `param` of the upstream checkpoint `ckpt` with `bits`/`group_size` and `method`;
@@ -55,18 +80,8 @@ pub fn quantize_unit(
             |(row, back), (r, ((p, s), b))| -> Result<(f64, f64), ConvertError> {
                 src.row_f32(r, row);
                 let imp = importance.and_then(|m| m.row(r));
-                match method {
-                    QuantMethod::MinMax => quantize_row(row, bits, group_size, p, s, b),
-                    QuantMethod::Mse => quantize_row_mse(row, imp, bits, group_size, p, s, b),
-                }
-                .map_err(|e| ConvertError::NonFinite { tensor: param.name(), row: r, col: e.index, value: e.value })?;
-                dequantize_row(p, s, b, bits, group_size, back);
-                let (mut e, mut sig) = (0.0, 0.0);
-                for (j, (w, q)) in row.iter().zip(back.iter()).enumerate() {
-                    let a = imp.map_or(1.0, |a| f64::from(a[j]));
-                    e += a * f64::from(q - w).powi(2);
-                    sig += a * f64::from(*w).powi(2);
-                }
+                let (e, sig) = quantize_measured(row, imp, bits, group_size, method, p, s, b, back)
+                    .map_err(|e| ConvertError::NonFinite { tensor: param.name(), row: r, col: e.index, value: e.value })?;
                 Ok((e * row_weight(r), sig * row_weight(r)))
             },
         )

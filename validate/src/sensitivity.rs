@@ -194,7 +194,7 @@ fn measured(
             settings.push(SettingCost { bits, group_size: gs, bytes: affine_bytes(p, bits, gs), proxy, cost: proxy });
         }
         let mut u = UnitCost::new(p, settings);
-        let proxy_at = |u: &UnitCost, s: (u32, u32)| u.settings.iter().find(|x| (x.bits, x.group_size) == s).map_or(0.0, |x| x.proxy);
+        let proxy_at = |u: &UnitCost, s: (u32, u32)| u.setting(s).map_or(0.0, |x| x.proxy);
         let kl_at = |s: (u32, u32)| measured.iter().find(|m| m.0 == s).map(|m| m.1);
         if let Some(kl) = kl_at(opts.reference) {
             let p1 = proxy_at(&u, opts.reference);
@@ -221,7 +221,7 @@ fn measured(
     } else {
         let proxy: Vec<f64> = out
             .iter()
-            .map(|u| u.settings.iter().find(|s| (s.bits, s.group_size) == opts.reference).map_or(0.0, |s| s.proxy))
+            .map(|u| u.setting(opts.reference).map_or(0.0, |s| s.proxy))
             .collect();
         let kl: Vec<f64> = out.iter().map(|u| u.measured_kl.unwrap_or(0.0)).collect();
         spearman(&proxy, &kl)
@@ -272,8 +272,8 @@ fn synthetic(
     progress: &(dyn Fn(usize, usize) + Sync),
     start: std::time::Instant,
 ) -> Result<Sensitivity, ValidateError> {
-    use mixq_quantizer::affine::{dequantize_row, packed_row_bytes, quantize_row};
-    use mixq_quantizer::search::quantize_row_mse;
+    use mixq_quantizer::affine::packed_row_bytes;
+    use mixq_quantizer::unit::quantize_measured;
     let (e, k) = (config.num_local_experts as f64, config.num_experts_per_tok as f64);
     let params = units(config);
     let mut out = Vec::with_capacity(params.len());
@@ -289,14 +289,11 @@ fn synthetic(
                 let groups = cols / gs as usize;
                 let (mut sc, mut bi) = (vec![half::bf16::ZERO; groups], vec![half::bf16::ZERO; groups]);
                 for row in rows.chunks_exact(cols) {
-                    let done = match opts.quantizer {
-                        QuantMethod::MinMax => quantize_row(row, bits, gs as usize, &mut packed, &mut sc, &mut bi),
-                        QuantMethod::Mse => quantize_row_mse(row, None, bits, gs as usize, &mut packed, &mut sc, &mut bi),
-                    };
-                    if done.is_ok() {
-                        dequantize_row(&packed, &sc, &bi, bits, gs as usize, &mut back);
-                        err += row.iter().zip(&back).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
-                        sig += row.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
+                    let measured =
+                        quantize_measured(row, None, bits, gs as usize, opts.quantizer, &mut packed, &mut sc, &mut bi, &mut back);
+                    if let Ok((e, s)) = measured {
+                        err += e;
+                        sig += s;
                     }
                 }
                 // The relative error of the sample, counted by how often the unit is used.
@@ -341,7 +338,7 @@ pub fn check_settings(bits: &[u32], group_sizes: &[u32]) -> Result<(), ValidateE
 
 /// Units sorted by sensitivity (cost at the reference setting, most sensitive first).
 pub fn ranked(s: &Sensitivity) -> Vec<&UnitCost> {
-    let at_ref = |u: &UnitCost| u.settings.iter().find(|x| (x.bits, x.group_size) == s.reference_setting).map_or(0.0, |x| x.cost);
+    let at_ref = |u: &UnitCost| u.setting(s.reference_setting).map_or(0.0, |x| x.cost);
     let mut v: Vec<&UnitCost> = s.units.iter().collect();
     v.sort_by(|a, b| at_ref(b).total_cmp(&at_ref(a)).then(a.module.cmp(&b.module)));
     v
