@@ -24,7 +24,7 @@ pub struct SensitivityArgs {
     pub tokens: usize,
     pub ctx: usize,
     pub quantizer: QuantMethod,
-    pub reference_setting: Vec<u32>,
+    pub measure: Vec<u32>,
     pub out: PathBuf,
     pub force: bool,
     pub quiet: bool,
@@ -33,23 +33,12 @@ pub struct SensitivityArgs {
 
 /// Runs `mixq sensitivity`.
 pub fn run_sensitivity(a: &SensitivityArgs) -> Result<()> {
-    if a.out.exists() && !a.force {
-        bail!("{}: exists; pass --force to replace it", a.out.display());
-    }
+    crate::refuse_existing(&a.out, a.force)?;
     check_settings(&a.bits, &a.group_sizes)?;
-    let (reference, second) = match a.reference_setting.as_slice() {
+    let (reference, second) = match a.measure.as_slice() {
         [b, g] => ((*b, *g), None),
         [b, g, b2, g2] => ((*b, *g), Some((*b2, *g2))),
         _ => bail!("--measure takes BITS,GROUP_SIZE or two of them (e.g. 3,64,5,64)"),
-    };
-    // Without a text nothing is measured: rank by the proxy at a setting that was computed.
-    let measures = a.text.is_some() && a.synthetic_config.is_none();
-    let (reference, second) = if measures {
-        (reference, second)
-    } else {
-        let among = |(b, g): (u32, u32)| a.bits.contains(&b) && a.group_sizes.contains(&g);
-        let fallback = (a.bits.iter().copied().min().unwrap_or(3), a.group_sizes[0]);
-        (if among(reference) { reference } else { fallback }, None)
     };
     let opts = SensitivityOptions {
         bits: a.bits.clone(),
@@ -57,7 +46,7 @@ pub fn run_sensitivity(a: &SensitivityArgs) -> Result<()> {
         quantizer: a.quantizer,
         reference,
         second,
-        tokens: if measures { a.tokens } else { 0 },
+        tokens: a.tokens,
         ctx: a.ctx,
     };
     let config;
@@ -128,9 +117,7 @@ const FRONTIER_BPW: [f64; 9] = [3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.0]
 
 /// Runs `mixq recipe search`.
 pub fn run_search(a: &SearchArgs) -> Result<()> {
-    if a.out.exists() && !a.force {
-        bail!("{}: exists; pass --force to replace it", a.out.display());
-    }
+    crate::refuse_existing(&a.out, a.force)?;
     let sens = Sensitivity::read(&a.sensitivity)?;
     let resolved = resolve_source(&a.source, Need::Config)?;
     let config = GptOssConfig::from_file(&resolved.config_path())?;

@@ -137,8 +137,8 @@ enum Command {
         quantizer: QuantMethod,
         /// The settings (BITS,GROUP_SIZE[,BITS,GROUP_SIZE]) whose KL is measured for every unit:
         /// the first ranks the units, the second fixes how KL scales with the weight error.
-        #[arg(long = "measure", value_delimiter = ',', default_value = "3,64,5,64")]
-        reference_setting: Vec<u32>,
+        #[arg(long, value_delimiter = ',', default_value = "3,64,5,64")]
+        measure: Vec<u32>,
         /// The sensitivity file to write (JSON).
         #[arg(long)]
         out: PathBuf,
@@ -400,6 +400,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// A pool of `threads` workers (default: one per core) for a job's rayon work.
+fn worker_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")
+}
+
+/// Refuses to replace an existing output file without `--force`.
+pub(crate) fn refuse_existing(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        bail!("{}: exists; pass --force to replace it", out.display());
+    }
+    Ok(())
+}
+
 fn parse_quantizer(s: &str) -> Result<QuantMethod, String> {
     QuantMethod::parse(s).ok_or_else(|| format!("expected minmax or mse, not {s:?}"))
 }
@@ -432,7 +445,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("{source}: converting needs a checkpoint folder, not a bare config file");
             };
             let opts = ConvertOptions { force, max_shard_bytes, source_label: source.clone(), quantizer, calibration };
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
+            let pool = worker_pool(threads)?;
             let progress = progress::StderrProgress::new(quiet || json);
             let start = std::time::Instant::now();
             let result = pool.install(|| mixq_quantizer::convert(&dir, &recipe, &out, &opts, &progress));
@@ -459,10 +472,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Calibrate { model, text, max_tokens, ctx, out, force, threads, quiet, json } => {
-            if out.exists() && !force {
-                bail!("{}: exists; pass --force to replace it", out.display());
-            }
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
+            refuse_existing(&out, force)?;
+            let pool = worker_pool(threads)?;
             let progress = progress::CountProgress::new("calibrate", "tokens", quiet || json);
             let ResolvedSource::Folder(dir) = resolve_source(&model, Need::Everything)? else {
                 bail!("{model}: calibrating needs a checkpoint folder, not a bare config file");
@@ -509,7 +520,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tokens,
             ctx,
             quantizer,
-            reference_setting,
+            measure,
             out,
             force,
             threads,
@@ -526,13 +537,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tokens,
                 ctx,
                 quantizer,
-                reference_setting,
+                measure,
                 out,
                 force,
                 quiet,
                 json,
             };
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build().context("starting worker threads")?;
+            let pool = worker_pool(threads)?;
             pool.install(|| authoring::run_sensitivity(&args))?;
         }
         Command::Recipe {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use mixq_loader::Checkpoint;
 
 /// Inputs of `mixq validate`.
@@ -28,18 +28,14 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
     if a.ctx < 2 || a.stride == 0 || a.stride > a.ctx {
         bail!("--ctx must be at least 2 and --stride between 1 and --ctx (got ctx {}, stride {})", a.ctx, a.stride);
     }
-    let raw = std::fs::read(a.text).with_context(|| format!("reading {}", a.text.display()))?;
-    let text = String::from_utf8(raw).with_context(|| format!("{}: not UTF-8 text", a.text.display()))?;
+    let corpus = mixq_validate::Corpus::read(a.model, a.text, a.max_tokens)?;
+    let tokens = &corpus.tokens;
     let ckpt = Checkpoint::open(a.model)?;
     let model = crate::backend::load(&ckpt, &a.backend, a.quiet)?;
-    let mut tokens = mixq_runtime::TextCodec::load(a.model)?.encode(&text)?;
-    if let Some(n) = a.max_tokens {
-        tokens.truncate(n);
-    }
     if tokens.len() < 2 {
         bail!("{}: fewer than 2 tokens to evaluate", a.text.display());
     }
-    let tokens_sha = mixq_validate::tokens_sha256(&tokens);
+    let tokens_sha = mixq_validate::tokens_sha256(tokens);
     let opts = mixq_validate::EvalOptions { ctx: a.ctx, stride: a.stride, top_k: a.top_k };
     let ref_ckpt = a.reference.map(Checkpoint::open).transpose()?;
     let ref_model = ref_ckpt.as_ref().map(|c| crate::backend::load(c, &a.backend, a.quiet)).transpose()?;
@@ -66,7 +62,7 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
         _ => mixq_validate::Reference::None,
     };
     let progress = crate::progress::CountProgress::new("validate", "tokens", a.quiet);
-    let scored = mixq_validate::score(&model, &tokens, &reference, opts, &|done, total| progress.update(done, total))?;
+    let scored = mixq_validate::score(&model, tokens, &reference, opts, &|done, total| progress.update(done, total))?;
     progress.finish();
     let method = match reference {
         mixq_validate::Reference::Model(_) => Some("exact"),
@@ -88,12 +84,11 @@ pub fn validate(a: &ValidateArgs<'_>) -> Result<(mixq_validate::Summary, Vec<Str
         reference::write(p, &header, &scored.summaries)?;
     }
     if let Some(card) = a.card {
-        let text_sha = mixq_quantizer::manifest::sha256_file(a.text).map(|(s, _)| s).unwrap_or_default();
         let name = a.text.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let reference_name = a.reference.or(a.reference_logits).map(|p| p.display().to_string());
         let ctx = mixq_validate::card::CardContext {
             text_name: &name,
-            text_sha256: &text_sha,
+            text_sha256: &corpus.sha256,
             ctx: a.ctx,
             stride: a.stride,
             reference: reference_name.as_deref(),

@@ -12,9 +12,10 @@ use std::sync::Mutex;
 
 use mixq_loader::calibration::{INPUT_SQ_MEAN, TOKEN_COUNT};
 use mixq_loader::{Calibration, Checkpoint, GptOssConfig, ModelFingerprint, StatTensor};
-use mixq_runtime::{ActivationObserver, DenseSite, ExpertSite, Model, TextCodec};
+use mixq_runtime::{ActivationObserver, DenseSite, ExpertSite, Model};
 use rayon::prelude::*;
 
+use crate::corpus::Corpus;
 use crate::ValidateError;
 
 /// Fewest tokens `calibrate` accepts.
@@ -179,19 +180,7 @@ pub fn calibrate(
     if opts.ctx < 2 {
         return Err(ValidateError::Input(format!("--ctx must be at least 2 (got {})", opts.ctx)));
     }
-    let raw = std::fs::read(text).map_err(|e| ValidateError::Io(text.to_path_buf(), e))?;
-    let text_sha256 = {
-        use sha2::{Digest, Sha256};
-        format!("{:x}", Sha256::digest(&raw))
-    };
-    let body = String::from_utf8(raw).map_err(|_| ValidateError::Input(format!("{}: not UTF-8 text", text.display())))?;
-    let ckpt = Checkpoint::open(model_dir)?;
-    let fingerprint = ModelFingerprint::of(&ckpt)?;
-    let model = Model::load(&ckpt)?;
-    let mut tokens = TextCodec::load(model_dir)?.encode(&body)?;
-    if let Some(n) = opts.max_tokens {
-        tokens.truncate(n);
-    }
+    let Corpus { tokens, sha256: text_sha256 } = Corpus::read(model_dir, text, opts.max_tokens)?;
     if tokens.len() < MIN_CALIBRATION_TOKENS {
         return Err(ValidateError::Input(format!(
             "{}: {} tokens{}; calibration needs at least {MIN_CALIBRATION_TOKENS}",
@@ -200,6 +189,9 @@ pub fn calibrate(
             if opts.max_tokens.is_some() { " (after --max-tokens)" } else { "" }
         )));
     }
+    let ckpt = Checkpoint::open(model_dir)?;
+    let fingerprint = ModelFingerprint::of(&ckpt)?;
+    let model = Model::load(&ckpt)?;
     let ctx = opts.ctx.min(model.max_context());
     let start = std::time::Instant::now();
     let (tensors, windows) = calibrate_tokens(&model, &tokens, ctx, progress)?;

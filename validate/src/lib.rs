@@ -4,6 +4,7 @@
 
 pub mod calibrate;
 pub mod card;
+pub mod corpus;
 pub mod eval;
 pub mod reference;
 pub mod sensitivity;
@@ -13,6 +14,7 @@ pub mod windows;
 use std::path::PathBuf;
 
 pub use calibrate::{calibrate, CalibrateOptions, CalibrationRun};
+pub use corpus::Corpus;
 pub use eval::{score, EvalOptions, Reference};
 pub use stats::{Gates, Summary};
 
@@ -31,6 +33,9 @@ pub enum ValidateError {
     /// A checkpoint could not be read.
     #[error(transparent)]
     Loader(#[from] mixq_loader::LoaderError),
+    /// A weight could not be quantized, or calibration statistics do not fit the model.
+    #[error(transparent)]
+    Quantize(#[from] mixq_quantizer::ConvertError),
     /// An argument or input file is unusable.
     #[error("{0}")]
     Input(String),

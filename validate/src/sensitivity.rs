@@ -22,9 +22,10 @@ use mixq_quantizer::sensitivity::{affine_bytes, spearman, units, SettingCost, Se
 use mixq_quantizer::unit::quantize_unit;
 use mixq_quantizer::QuantMethod;
 use mixq_runtime::matrix::Codes;
-use mixq_runtime::{Model, TextCodec};
+use mixq_runtime::Model;
 use rayon::prelude::*;
 
+use crate::corpus::Corpus;
 use crate::eval::compare_full;
 use crate::ValidateError;
 
@@ -90,19 +91,22 @@ pub fn sensitivity(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<Sensitivity, ValidateError> {
     let start = std::time::Instant::now();
-    for (b, g) in std::iter::once(opts.reference).chain(opts.second) {
-        if !opts.bits.contains(&b) || !opts.group_sizes.contains(&g) {
+    let among = |(b, g): (u32, u32)| opts.bits.contains(&b) && opts.group_sizes.contains(&g);
+    let measures = matches!(source, SensitivitySource::Checkpoint { text: Some(_), .. }) && opts.tokens > 0;
+    let opts = &if measures {
+        if let Some((b, g)) = std::iter::once(opts.reference).chain(opts.second).find(|&s| !among(s)) {
             return Err(ValidateError::Input(format!("the measured setting {b}-bit gs{g} must be among --bits and --group-sizes")));
         }
-    }
+        opts.clone()
+    } else {
+        // Nothing is measured: rank the units by the proxy at a setting that is computed.
+        let fallback = (opts.bits.iter().copied().min().unwrap_or(3), opts.group_sizes.first().copied().unwrap_or(64));
+        SensitivityOptions { reference: if among(opts.reference) { opts.reference } else { fallback }, second: None, tokens: 0, ..opts.clone() }
+    };
     match *source {
         SensitivitySource::Synthetic(config) => synthetic(config, model_label, opts, progress, start),
         SensitivitySource::Checkpoint { dir, text, calibration } => measured(dir, text, calibration, model_label, opts, progress, start),
     }
-}
-
-fn config_sha256(config: &GptOssConfig) -> String {
-    ModelFingerprint::architecture_sha256(config)
 }
 
 /// Mean KL(reference ‖ model) over every position of the windows.
@@ -138,22 +142,15 @@ fn measured(
         )));
     }
     let config = ckpt.config().clone();
-    let calib = calibration.map(|p| CalibrationUse::open(p, &ckpt)).transpose().map_err(|e| ValidateError::Input(e.to_string()))?;
+    let calib = calibration.map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
     let model = Model::load(&ckpt)?;
     let (tokens, text_sha256) = match text {
         Some(t) if opts.tokens > 0 => {
-            let raw = std::fs::read(t).map_err(|e| ValidateError::Io(t.to_path_buf(), e))?;
-            let sha = {
-                use sha2::{Digest, Sha256};
-                format!("{:x}", Sha256::digest(&raw))
-            };
-            let body = String::from_utf8(raw).map_err(|_| ValidateError::Input(format!("{}: not UTF-8 text", t.display())))?;
-            let mut ids = TextCodec::load(dir)?.encode(&body)?;
-            ids.truncate(opts.tokens);
-            if ids.len() < 2 {
+            let corpus = Corpus::read(dir, t, Some(opts.tokens))?;
+            if corpus.tokens.len() < 2 {
                 return Err(ValidateError::Input(format!("{}: fewer than 2 tokens to measure KL on", t.display())));
             }
-            (ids, Some(sha))
+            (corpus.tokens, Some(corpus.sha256))
         }
         _ => (Vec::new(), None),
     };
@@ -167,7 +164,7 @@ fn measured(
     let mut out = Vec::with_capacity(params.len());
     for (n, p) in params.iter().enumerate() {
         let importance = match &calib {
-            Some(c) => c.importance(p).map_err(|e| ValidateError::Input(e.to_string()))?,
+            Some(c) => c.importance(p)?,
             None => None,
         };
         // Each expert's rows count by the fraction of tokens routed to it.
@@ -184,8 +181,7 @@ fn measured(
         let mut settings = Vec::new();
         let mut measured: Vec<((u32, u32), f64)> = Vec::new();
         for (bits, gs) in settings_of(p, opts) {
-            let q = quantize_unit(&ckpt, p, bits, gs as usize, opts.quantizer, importance.as_ref(), &row_weight)
-                .map_err(|e| ValidateError::Input(e.to_string()))?;
+            let q = quantize_unit(&ckpt, p, bits, gs as usize, opts.quantizer, importance.as_ref(), &row_weight)?;
             if ((bits, gs) == opts.reference || Some((bits, gs)) == opts.second) && !windows.is_empty() {
                 let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, bits, group_size: gs as usize };
                 measured.push(((bits, gs), mean_kl(&model.with_weight(&p.module, codes)?, &windows, &reference, vocab)?));
@@ -229,7 +225,7 @@ fn measured(
     Ok(Sensitivity {
         format: SENSITIVITY_FORMAT.into(),
         model: model_label.into(),
-        config_sha256: config_sha256(&config),
+        config_sha256: ModelFingerprint::architecture_sha256(&config),
         text_sha256,
         tokens: windows.iter().map(|w| w.len()).sum(),
         calibration_sha256: calib.as_ref().map(|c| c.file_sha256.clone()),
@@ -307,7 +303,7 @@ fn synthetic(
     Ok(Sensitivity {
         format: SENSITIVITY_FORMAT.into(),
         model: model_label.into(),
-        config_sha256: config_sha256(config),
+        config_sha256: ModelFingerprint::architecture_sha256(config),
         text_sha256: None,
         tokens: 0,
         calibration_sha256: None,
