@@ -6,6 +6,7 @@ mod demo;
 mod generate;
 mod progress;
 mod report;
+mod signals;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +68,13 @@ enum Command {
         /// Calibration statistics from `mixq calibrate` on this source, weighting the `mse` search.
         #[arg(long)]
         calibration: Option<PathBuf>,
+        /// Continue an interrupted conversion to this --out: shards it finished are re-hashed
+        /// against its journal and kept, only the rest are written.
+        #[arg(long)]
+        resume: bool,
+        /// Skip the free-space check (for filesystems that misreport it, e.g. with compression).
+        #[arg(long)]
+        no_space_check: bool,
         /// No progress output.
         #[arg(long)]
         quiet: bool,
@@ -391,6 +399,7 @@ enum RecipeCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    signals::install();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -439,12 +448,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", report::plan_text(&source, &recipe, &summary, src));
             }
         }
-        Command::Convert { source, recipe, out, force, threads, max_shard_bytes, quantizer, calibration, quiet, json } => {
+        Command::Convert {
+            source,
+            recipe,
+            out,
+            force,
+            threads,
+            max_shard_bytes,
+            quantizer,
+            calibration,
+            resume,
+            no_space_check,
+            quiet,
+            json,
+        } => {
             let recipe = Recipe::load(&recipe)?;
             let ResolvedSource::Folder(dir) = resolve_source(&source, Need::Everything)? else {
                 bail!("{source}: converting needs a checkpoint folder, not a bare config file");
             };
-            let opts = ConvertOptions { force, max_shard_bytes, source_label: source.clone(), quantizer, calibration };
+            let opts = ConvertOptions {
+                force,
+                max_shard_bytes,
+                source_label: source.clone(),
+                quantizer,
+                calibration,
+                resume,
+                check_space: !no_space_check,
+            };
             let pool = worker_pool(threads)?;
             let progress = progress::StderrProgress::new(quiet || json);
             let start = std::time::Instant::now();
@@ -456,6 +486,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&serde_json::json!({
                     "out": rep.out, "recipe": recipe.name, "quantizer": quantizer.as_str(), "shards": rep.shards, "seconds": secs,
+                    "kept_shards": rep.kept_shards,
                     "source_bytes": rep.source_bytes, "bytes": s.bytes, "parameters": s.params,
                     "bits_per_weight": s.bits_per_weight(),
                 }));

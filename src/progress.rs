@@ -111,6 +111,14 @@ impl Progress for StderrProgress {
             eprintln!("convert: {what}");
         }
     }
+
+    fn notice(&self, what: &str) {
+        // Shown even with --quiet: it says what happened to files on disk.
+        match &self.bar {
+            Some(bar) => bar.println(format!("convert: {what}")),
+            None => eprintln!("convert: {what}"),
+        }
+    }
 }
 
 /// Progress over a count (tokens of validate and calibrate, units of sensitivity): a bar on a

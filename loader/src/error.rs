@@ -6,12 +6,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     /// An I/O failure on a named file.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder involved.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (in the message, not chained, so it is printed once).
+        error: std::io::Error,
     },
     /// config.json is missing a field or has one of the wrong kind.
     #[error("{path}: {message}")]
@@ -58,7 +58,7 @@ pub enum LoaderError {
 impl LoaderError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        LoaderError::Io { path: path.into(), source }
+        LoaderError::Io { path: path.into(), error: source }
     }
 
     /// A tensor-level error.

@@ -3,8 +3,11 @@
 //! Every output tensor's dtype and shape is known from the allocation before any weight is read,
 //! so shard headers are written first and tensor data is then produced a chunk of rows at a time
 //! (rows in parallel) and written in place. Peak memory is one chunk per tensor, not the model.
-//! Everything goes to a hidden sibling folder that is renamed into place only when complete.
+//! Everything goes to a hidden sibling folder (see `staging`) that is renamed into place only when
+//! complete; each shard is synced, hashed and journaled as it finishes so `--resume` can keep it,
+//! and the source's files are re-stamped after every parameter so a change is never converted.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -19,11 +22,14 @@ use crate::importance::{CalibrationUse, Importance};
 use crate::card::model_card;
 use crate::error::{io, ConvertError};
 use crate::provenance::Provenance;
+use crate::hash::{sha256_file, sha256_hex};
 use crate::manifest::write_manifest;
 use crate::plan::{Allocation, Assigned, OutTensor, PlanSummary};
 use crate::recipe::{Action, Recipe};
 use crate::rows::RowSource;
 use crate::search::QuantMethod;
+use crate::source_watch::SourceWatch;
+use crate::staging::{free_bytes, ShardRecord, Staging};
 
 /// mlx-lm's shard limit: 5 GiB.
 pub const MAX_SHARD_BYTES: u64 = 5 << 30;
@@ -41,6 +47,8 @@ pub trait Progress: Sync {
     fn tensor_done(&self, _name: &str) {}
     /// A new phase (hashing, finishing).
     fn phase(&self, _what: &str) {}
+    /// Something the user should read (stale output removed, shards kept for --resume).
+    fn notice(&self, _what: &str) {}
 }
 
 /// A progress sink that reports nothing.
@@ -60,6 +68,10 @@ pub struct ConvertOptions {
     pub quantizer: QuantMethod,
     /// Calibration statistics (`mixq calibrate`) weighting the `mse` search.
     pub calibration: Option<PathBuf>,
+    /// Keep the verified finished shards of an interrupted conversion to the same output.
+    pub resume: bool,
+    /// Refuse to start when the output's filesystem has less free space than the output needs.
+    pub check_space: bool,
 }
 
 impl Default for ConvertOptions {
@@ -70,6 +82,8 @@ impl Default for ConvertOptions {
             source_label: String::new(),
             quantizer: QuantMethod::Mse,
             calibration: None,
+            resume: false,
+            check_space: true,
         }
     }
 }
@@ -85,20 +99,8 @@ pub struct ConvertReport {
     pub shards: Vec<String>,
     /// Bytes of source tensor data read.
     pub source_bytes: u64,
-}
-
-/// Removes the partial output folder unless the conversion completed.
-struct PartialDir {
-    path: PathBuf,
-    done: bool,
-}
-
-impl Drop for PartialDir {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
+    /// Shards kept from an interrupted conversion (`--resume`).
+    pub kept_shards: usize,
 }
 
 /// Checks that `out` may be written (absent, empty, or `force`) and is not the source.
@@ -134,71 +136,170 @@ pub fn convert(
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
     let calibration = opts.calibration.as_deref().map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
     check_out_dir(out, source, opts.force)?;
-
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlx-model".into());
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp_path = parent.join(format!(".{name}.mixq-partial-{}", std::process::id()));
-    if tmp_path.exists() {
-        std::fs::remove_dir_all(&tmp_path).map_err(io(&tmp_path))?;
-    }
-    std::fs::create_dir_all(&tmp_path).map_err(io(&tmp_path))?;
-    let mut partial = PartialDir { path: tmp_path.clone(), done: false };
-
-    let sources: Vec<RowSource<'_>> = alloc.assigned.iter().map(|a| RowSource::for_param(&ckpt, &a.param)).collect::<Result<_, _>>()?;
-    let rows_of = |a: &Assigned, s: &RowSource<'_>| a.param.numel() / s.cols();
-    let source_bytes: u64 = alloc.assigned.iter().zip(&sources).map(|(a, s)| (rows_of(a, s) * s.source_bytes_per_row()) as u64).sum();
-    progress.begin(source_bytes, alloc.assigned.len());
-
+    let watch = SourceWatch::of(&ckpt)?;
     let layout = ShardLayout::new(&alloc, opts.max_shard_bytes);
-    let files = layout.create_files(&tmp_path)?;
-    for ((a, src), places) in alloc.assigned.iter().zip(&sources).zip(&layout.placements) {
-        let method = a.quantizer.unwrap_or(opts.quantizer);
-        let importance = match (&calibration, method, a.action) {
-            (Some(c), QuantMethod::Mse, Action::Affine { .. }) => c.importance(&a.param)?,
-            _ => None,
-        };
-        let job = ParamJob { method, importance: importance.as_ref() };
-        write_param(a, src, &job, places, &files, &layout.names, &tmp_path, progress)?;
-        for slice in src.slices() {
-            ckpt.release(slice);
+    let inputs = conversion_inputs(&watch, recipe, opts, calibration.as_ref(), &layout);
+    let (mut staging, found) = Staging::open(out, inputs, opts.resume)?;
+    for (path, bytes) in &found.removed {
+        progress.notice(&format!("removed {} ({} bytes), left by an interrupted conversion", path.display(), bytes));
+    }
+    if opts.resume {
+        let kept: u64 = found.kept.values().map(|r| r.size).sum();
+        progress.notice(&format!(
+            "resuming: kept {} of {} shard(s) ({kept} bytes), verified against their recorded sha256{}",
+            found.kept.len(),
+            layout.names.len(),
+            if found.discarded.is_empty() { String::new() } else { format!("; writing again {} that no longer matched", found.discarded.join(", ")) }
+        ));
+    }
+    let side_bytes: u64 = mixq_loader::source::SIDE_FILES.iter().filter_map(|f| std::fs::metadata(source.join(f)).ok()).map(|m| m.len()).sum();
+    let total_needed = layout.sizes.iter().sum::<u64>() + side_bytes + METADATA_BYTES;
+    let to_write = total_needed - staging.shards().values().map(|r| r.size).sum::<u64>();
+    if opts.check_space {
+        let available = free_bytes(staging.dir()).map_err(io(staging.dir()))?;
+        if available < to_write {
+            return Err(ConvertError::NoSpace { path: out.to_path_buf(), needed: to_write, available });
         }
-        progress.tensor_done(&a.param.name());
     }
-    progress.phase("syncing shards");
-    for (f, n) in files.iter().zip(&layout.names) {
-        f.sync_all().map_err(io(&tmp_path.join(n)))?;
+    let job = Job { ckpt: &ckpt, alloc: &alloc, recipe, calibration: calibration.as_ref(), layout: &layout, watch: &watch, opts, out };
+    let written = job.write(&mut staging, progress).map_err(|e| match e {
+        ConvertError::Io { path, error } if out_of_space(&error) => ConvertError::DiskFull { path, needed: total_needed, error },
+        e => e,
+    });
+    if written.is_err() && !staging.shards().is_empty() {
+        progress.notice(&format!(
+            "kept {} finished shard(s) in {}; rerun with --resume to write only the rest",
+            staging.shards().len(),
+            staging.dir().display()
+        ));
     }
-    drop(files);
+    let summary = written?;
+    staging.finish(out)?;
+    let source_bytes = job.source_bytes();
+    Ok(ConvertReport { out: out.to_path_buf(), summary, shards: layout.names.clone(), source_bytes, kept_shards: found.kept.len() })
+}
 
-    let summary = alloc.summary();
-    write_json(&tmp_path.join(mixq_loader::INDEX_FILE), &layout.index_json(&summary))?;
-    write_json(&tmp_path.join("config.json"), &mlx_config(&ckpt, &alloc))?;
-    for side in mixq_loader::source::SIDE_FILES {
-        let from = source.join(side);
-        if from.is_file() {
-            std::fs::copy(&from, tmp_path.join(side)).map_err(io(&from))?;
-        }
-    }
-    let base_model = if opts.source_label.is_empty() { source.display().to_string() } else { opts.source_label.clone() };
-    let provenance = Provenance::of(&alloc, opts.quantizer, calibration.as_ref());
-    let card = model_card(&name, &base_model, recipe, &summary, &provenance);
-    std::fs::write(tmp_path.join("README.md"), card).map_err(io(&tmp_path))?;
-    progress.phase("hashing");
-    write_manifest(&tmp_path, &base_model, recipe, &summary, &provenance)?;
+/// Slack for config.json, the index, the card and the manifest in the free-space check.
+const METADATA_BYTES: u64 = 1 << 20;
 
-    if out.exists() {
-        if out.is_dir() {
-            std::fs::remove_dir_all(out).map_err(io(out))?;
-        } else {
-            std::fs::remove_file(out).map_err(io(out))?;
-        }
+/// Whether an I/O error means the disk (or a quota or file-size limit) is full.
+fn out_of_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), StorageFull | FileTooLarge | QuotaExceeded)
+}
+
+/// Everything that decides the bytes of the shards, as `--resume` compares it.
+fn conversion_inputs(
+    watch: &SourceWatch,
+    recipe: &Recipe,
+    opts: &ConvertOptions,
+    calibration: Option<&CalibrationUse>,
+    layout: &ShardLayout,
+) -> BTreeMap<String, String> {
+    let mut shape = String::new();
+    for ((name, size), header) in layout.names.iter().zip(&layout.sizes).zip(&layout.headers) {
+        shape.push_str(&format!("{name}\t{size}\t{}\n", sha256_hex(header)));
     }
-    std::fs::rename(&tmp_path, out).map_err(io(out))?;
-    partial.done = true;
-    Ok(ConvertReport { out: out.to_path_buf(), summary, shards: layout.names.clone(), source_bytes })
+    [
+        ("mixq version", env!("CARGO_PKG_VERSION").to_string()),
+        ("source", watch.digest()),
+        ("recipe", sha256_hex(recipe.text.as_bytes())),
+        ("quantizer", opts.quantizer.as_str().to_string()),
+        ("calibration", calibration.map(|c| c.file_sha256.clone()).unwrap_or_else(|| "none".into())),
+        ("shard layout", sha256_hex(shape.as_bytes())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// One conversion's fixed inputs.
+struct Job<'a> {
+    ckpt: &'a Checkpoint,
+    alloc: &'a Allocation,
+    recipe: &'a Recipe,
+    calibration: Option<&'a CalibrationUse>,
+    layout: &'a ShardLayout,
+    watch: &'a SourceWatch,
+    opts: &'a ConvertOptions,
+    out: &'a Path,
+}
+
+impl Job<'_> {
+    fn sources(&self) -> Result<Vec<RowSource<'_>>, ConvertError> {
+        self.alloc.assigned.iter().map(|a| RowSource::for_param(self.ckpt, &a.param)).collect()
+    }
+
+    fn source_bytes(&self) -> u64 {
+        let Ok(sources) = self.sources() else { return 0 };
+        self.alloc.assigned.iter().zip(&sources).map(|(a, s)| ((a.param.numel() / s.cols()) * s.source_bytes_per_row()) as u64).sum()
+    }
+
+    /// Writes every file of the output into the staging folder, skipping parameters whose shards
+    /// were kept, and journals each shard as it finishes.
+    fn write(&self, staging: &mut Staging, progress: &dyn Progress) -> Result<PlanSummary, ConvertError> {
+        let (alloc, layout, dir) = (self.alloc, self.layout, staging.dir().to_path_buf());
+        let sources = self.sources()?;
+        progress.begin(self.source_bytes(), alloc.assigned.len());
+        let files = layout.open_files(&dir, staging.shards())?;
+        crate::fault::point("headers");
+        let mut unfinished = 0;
+        for (i, ((a, src), places)) in alloc.assigned.iter().zip(&sources).zip(&layout.placements).enumerate() {
+            let kept = places.iter().all(|&(s, _)| staging.shards().contains_key(&layout.names[s]));
+            if kept {
+                progress.advance(((a.param.numel() / src.cols()) * src.source_bytes_per_row()) as u64);
+            } else {
+                let method = a.quantizer.unwrap_or(self.opts.quantizer);
+                let importance = match (self.calibration, method, a.action) {
+                    (Some(c), QuantMethod::Mse, Action::Affine { .. }) => c.importance(&a.param)?,
+                    _ => None,
+                };
+                let job = ParamJob { method, importance: importance.as_ref() };
+                write_param(a, src, &job, places, &files, &layout.names, &dir, progress)?;
+            }
+            for slice in src.slices() {
+                self.ckpt.release(slice);
+            }
+            self.watch.check()?;
+            progress.tensor_done(&a.param.name());
+            // Shards are filled in order: every shard before the next parameter's first is done.
+            let done_below = layout.placements.get(i + 1).map(|p| p[0].0).unwrap_or(layout.names.len());
+            while unfinished < done_below {
+                let name = &layout.names[unfinished];
+                if !staging.shards().contains_key(name) {
+                    let path = dir.join(name);
+                    progress.phase(&format!("hashing {name}"));
+                    files[unfinished].sync_all().map_err(io(&path))?;
+                    let (sha256, size) = sha256_file(&path).map_err(io(&path))?;
+                    staging.record(name, ShardRecord { size, sha256 })?;
+                    crate::fault::point("shard");
+                }
+                unfinished += 1;
+            }
+        }
+        drop(files);
+
+        let summary = alloc.summary();
+        let source = self.ckpt.dir();
+        write_json(&dir.join(mixq_loader::INDEX_FILE), &layout.index_json(&summary))?;
+        write_json(&dir.join("config.json"), &mlx_config(self.ckpt, alloc))?;
+        for side in mixq_loader::source::SIDE_FILES {
+            let from = source.join(side);
+            if from.is_file() {
+                std::fs::copy(&from, dir.join(side)).map_err(io(&from))?;
+            }
+        }
+        let name = self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlx-model".into());
+        let base_model = if self.opts.source_label.is_empty() { source.display().to_string() } else { self.opts.source_label.clone() };
+        let provenance = Provenance::of(alloc, self.opts.quantizer, self.calibration);
+        let card = model_card(&name, &base_model, self.recipe, &summary, &provenance);
+        std::fs::write(dir.join("README.md"), card).map_err(io(&dir))?;
+        progress.phase("hashing");
+        crate::fault::point("manifest");
+        write_manifest(&dir, staging.shards(), &base_model, self.recipe, &summary, &provenance)?;
+        self.watch.check()?;
+        Ok(summary)
+    }
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), ConvertError> {
@@ -267,10 +368,15 @@ impl ShardLayout {
         ShardLayout { names, headers, sizes, placements, weight_map }
     }
 
-    fn create_files(&self, dir: &Path) -> Result<Vec<File>, ConvertError> {
+    /// Opens every shard for writing: kept ones as they are, the rest created with their header.
+    fn open_files(&self, dir: &Path, kept: &BTreeMap<String, ShardRecord>) -> Result<Vec<File>, ConvertError> {
         let mut files = Vec::new();
         for ((name, header), &size) in self.names.iter().zip(&self.headers).zip(&self.sizes) {
             let path = dir.join(name);
+            if kept.contains_key(name) {
+                files.push(std::fs::OpenOptions::new().read(true).write(true).open(&path).map_err(io(&path))?);
+                continue;
+            }
             let f = File::create(&path).map_err(io(&path))?;
             f.set_len(size).map_err(io(&path))?;
             f.write_all_at(header, 0).map_err(io(&path))?;
@@ -376,6 +482,7 @@ fn write_param(
             }
         }
         progress.advance((n * src.source_bytes_per_row()) as u64);
+        crate::fault::point("chunk");
         first += n;
     }
     Ok(())

@@ -49,17 +49,77 @@ pub enum ConvertError {
         /// What is wrong, naming the tensor.
         message: String,
     },
+    /// Another conversion holds the output's lock.
+    #[error("{out}: another mixq convert ({holder}) is writing this output (lock {lock}); wait for it or pick another --out")]
+    Busy {
+        /// The output folder.
+        out: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// Who holds it.
+        holder: String,
+    },
+    /// The output's filesystem has too little free space for the plan.
+    #[error("{path}: not enough free space: the conversion needs {} more, the filesystem has {}; free space or pick another --out (--no-space-check skips this check)", human_bytes(*needed), human_bytes(*available))]
+    NoSpace {
+        /// Where the output is written.
+        path: PathBuf,
+        /// Bytes still to write.
+        needed: u64,
+        /// Bytes free.
+        available: u64,
+    },
+    /// The disk filled (or a file-size limit was hit) while writing.
+    #[error("{path}: out of space while writing ({error}); the conversion needs {} in all; free space and rerun (with --resume to keep the finished shards)", human_bytes(*needed))]
+    DiskFull {
+        /// The file being written.
+        path: PathBuf,
+        /// Bytes the whole output needs.
+        needed: u64,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// A source file changed while it was read.
+    #[error("{path}: the source changed while converting: {what}; nothing was written to the output; rerun when the source is complete")]
+    SourceChanged {
+        /// The source file.
+        path: PathBuf,
+        /// What changed.
+        what: String,
+    },
+    /// A partial output cannot be resumed.
+    #[error("{partial}: cannot resume: {why}")]
+    CannotResume {
+        /// The partial folder.
+        partial: PathBuf,
+        /// Why not.
+        why: String,
+    },
     /// A write failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder.
         path: PathBuf,
-        /// The error.
-        source: std::io::Error,
+        /// The error (in the message, not chained, so it is printed once).
+        error: std::io::Error,
     },
+}
+
+/// Bytes as `1,234,567 bytes (1.2 MiB)`.
+fn human_bytes(n: u64) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    let (v, unit) = if n >= 1 << 30 { (n as f64 / 1073741824.0, "GiB") } else { (n as f64 / 1048576.0, "MiB") };
+    format!("{grouped} bytes ({v:.1} {unit})")
 }
 
 /// Maps an I/O error on `path` to a [`ConvertError`].
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ConvertError + '_ {
-    move |source| ConvertError::Io { path: path.to_path_buf(), source }
+    move |error| ConvertError::Io { path: path.to_path_buf(), error }
 }

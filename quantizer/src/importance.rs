@@ -61,7 +61,7 @@ impl CalibrationUse {
     pub fn open(path: &Path, ckpt: &Checkpoint) -> Result<Self, ConvertError> {
         let stats = Calibration::read(path)?;
         stats.check_model(path, &ModelFingerprint::of(ckpt)?)?;
-        let (file_sha256, _) = sha256_file(path).map_err(|source| ConvertError::Io { path: path.to_path_buf(), source })?;
+        let (file_sha256, _) = sha256_file(path).map_err(crate::error::io(path))?;
         Ok(CalibrationUse { path: path.to_path_buf(), file_sha256, stats })
     }
 

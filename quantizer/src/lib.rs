@@ -6,6 +6,8 @@ pub mod affine;
 pub mod card;
 pub mod convert;
 pub mod error;
+pub mod fault;
+pub mod hash;
 pub mod importance;
 pub mod inspect;
 pub mod manifest;
@@ -17,6 +19,8 @@ pub mod recipe_search;
 pub mod rows;
 pub mod search;
 pub mod sensitivity;
+pub mod source_watch;
+pub mod staging;
 pub mod unit;
 pub mod verify;
 

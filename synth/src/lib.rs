@@ -14,12 +14,12 @@ use serde_json::{json, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
     /// An I/O failure on a named path.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The shape cannot form a valid gpt-oss config.
     #[error("invalid shape: {0}")]
@@ -233,14 +233,14 @@ pub fn tokenizer_json() -> Value {
 
 fn write_json(path: &Path, v: &Value) -> Result<(), SynthError> {
     let text = serde_json::to_string_pretty(v).expect("JSON values always serialize");
-    std::fs::write(path, text + "\n").map_err(|source| SynthError::Io { path: path.to_path_buf(), source })
+    std::fs::write(path, text + "\n").map_err(|source| SynthError::Io { path: path.to_path_buf(), error: source })
 }
 
 /// Writes a generated upstream-layout checkpoint into `dir` (created if needed).
 pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
-        move |source| SynthError::Io { path: p, source }
+        move |source| SynthError::Io { path: p, error: source }
     };
     if !shape.hidden.is_multiple_of(32) || !shape.intermediate.is_multiple_of(32) {
         return Err(SynthError::Shape("hidden and intermediate must be multiples of 32 (MXFP4 blocks)".into()));
