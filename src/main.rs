@@ -330,8 +330,12 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Shape preset: tiny, small, wide, medium.
-        #[arg(long, default_value = "tiny")]
+        #[arg(long, default_value = "tiny", conflicts_with = "config")]
         preset: String,
+        /// Take the shape from a real model's config.json instead (full size: gpt-oss-20b's is
+        /// about 13 GB).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Override the layer count.
         #[arg(long)]
         layers: Option<usize>,
@@ -760,15 +764,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Demo { out, recipe, model, json } => demo::demo(&model.unwrap_or_else(bundled_model), &recipe, &out, json)?,
-        Command::Synth { out, preset, layers, hidden, intermediate, experts, seed, no_truncate, json } => {
-            let mut shape = mixq_synth::Shape::preset(&preset)
-                .with_context(|| format!("unknown preset {preset}; expected tiny, small, wide or medium"))?;
+        Command::Synth { out, preset, config, layers, hidden, intermediate, experts, seed, no_truncate, json } => {
+            let mut shape = match &config {
+                Some(path) => mixq_synth::Shape::from_config(&GptOssConfig::from_file(path)?, 1),
+                None => mixq_synth::Shape::preset(&preset)
+                    .with_context(|| format!("unknown preset {preset}; expected tiny, small, wide or medium"))?,
+            };
             shape.layers = layers.unwrap_or(shape.layers);
             shape.hidden = hidden.unwrap_or(shape.hidden);
             shape.intermediate = intermediate.unwrap_or(shape.intermediate);
             shape.experts = experts.unwrap_or(shape.experts);
             shape.seed = seed.unwrap_or(shape.seed);
-            shape.truncate = !no_truncate;
+            shape.truncate = shape.truncate && !no_truncate;
             mixq_synth::write_checkpoint(&out, &shape)?;
             if json {
                 print_json(&serde_json::json!({"out": out, "preset": preset, "config": shape.config_json()}));

@@ -14,6 +14,9 @@ pub const SIDE_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
+/// The public Hugging Face hub.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
 /// What a command needs from a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
@@ -49,12 +52,17 @@ pub struct HubSettings {
     pub cache_dir: PathBuf,
     /// Never touch the network (`HF_HUB_OFFLINE=1`).
     pub offline: bool,
-    /// Show download progress bars.
+    /// Report download progress on stderr.
     pub progress: bool,
+    /// The hub's base URL (`HF_ENDPOINT`, default `https://huggingface.co`).
+    pub endpoint: String,
+    /// Access token (`HF_TOKEN`) for private or gated repos; None uses hf-hub's stored token.
+    pub token: Option<String>,
 }
 
 impl HubSettings {
-    /// Reads `HF_HUB_CACHE`, `HF_HOME` and `HF_HUB_OFFLINE` as huggingface_hub does.
+    /// Reads `HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE`, `HF_ENDPOINT` and `HF_TOKEN` as
+    /// huggingface_hub does.
     pub fn from_env() -> Self {
         let cache_dir = if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
             PathBuf::from(p)
@@ -67,7 +75,18 @@ impl HubSettings {
         let offline = std::env::var("HF_HUB_OFFLINE")
             .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
             .unwrap_or(false);
-        HubSettings { cache_dir, offline, progress: true }
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| v.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let token = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"].iter().find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+        HubSettings { cache_dir, offline, progress: true, endpoint, token }
+    }
+
+    /// Settings for a given cache folder with the public hub, no progress output.
+    pub fn with_cache(cache_dir: PathBuf, offline: bool) -> Self {
+        HubSettings { cache_dir, offline, progress: false, endpoint: DEFAULT_ENDPOINT.to_string(), token: None }
     }
 }
 
@@ -180,30 +199,133 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 
 fn download(repo_id: &str, need: Need, hub: &HubSettings) -> Result<ResolvedSource> {
     use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Cache, Repo};
     let err = |message: String| LoaderError::Source { source_name: repo_id.into(), message };
-    let api = ApiBuilder::new()
-        .with_cache_dir(hub.cache_dir.clone())
-        .with_progress(hub.progress)
-        .build()
-        .map_err(|e| err(format!("cannot start the hub client: {e}")))?;
+    let mut builder = ApiBuilder::new().with_cache_dir(hub.cache_dir.clone()).with_endpoint(hub.endpoint.clone()).with_progress(false);
+    if let Some(token) = &hub.token {
+        builder = builder.with_token(Some(token.clone()));
+    }
+    let api = builder.build().map_err(|e| err(format!("cannot start the hub client: {e}")))?;
     let repo = api.model(repo_id.to_string());
-    let config = repo.get("config.json").map_err(|e| err(format!("downloading config.json: {e}")))?;
+    let cache = Cache::new(hub.cache_dir.clone()).repo(Repo::model(repo_id.to_string()));
+    // Cached files are used as they are; the rest are downloaded into the cache, where hf-hub
+    // keeps a `.part` file that the next run resumes with a range request.
+    let fetch = |file: &str| -> std::result::Result<PathBuf, hf_hub::api::sync::ApiError> {
+        if let Some(path) = cache.get(file) {
+            return Ok(path);
+        }
+        repo.download_with_progress(file, DownloadLines::new(repo_id, hub.progress))
+    };
+    let config = fetch("config.json").map_err(|e| err(download_error(hub, repo_id, "config.json", &e)))?;
     if need == Need::Config {
         return Ok(ResolvedSource::ConfigFile(config));
     }
     let snapshot = config.parent().map(Path::to_path_buf).unwrap_or_default();
-    let shards = match repo.get(INDEX_FILE) {
+    let shards = match fetch(INDEX_FILE) {
         Ok(index) => shard_names(&index)?,
-        Err(_) => vec!["model.safetensors".to_string()],
+        Err(e) if http_status(&e) == Some(404) => vec!["model.safetensors".to_string()],
+        Err(e) => return Err(err(download_error(hub, repo_id, INDEX_FILE, &e))),
     };
     for shard in &shards {
-        repo.get(shard).map_err(|e| err(format!("downloading {shard}: {e}")))?;
+        fetch(shard).map_err(|e| err(download_error(hub, repo_id, shard, &e)))?;
     }
     for side in SIDE_FILES {
         // Side files are optional: a repo without a chat template is still a model.
-        let _ = repo.get(side);
+        match fetch(side) {
+            Ok(_) => {}
+            Err(e) if http_status(&e) == Some(404) => {}
+            Err(e) => return Err(err(download_error(hub, repo_id, side, &e))),
+        }
     }
     Ok(ResolvedSource::Folder(snapshot))
+}
+
+/// The HTTP status of a failed hub request, if the server answered.
+fn http_status(e: &hf_hub::api::sync::ApiError) -> Option<u16> {
+    match e {
+        hf_hub::api::sync::ApiError::RequestError(r) => match r.as_ref() {
+            ureq::Error::Status(code, _) => Some(*code),
+            ureq::Error::Transport(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// What went wrong fetching `file`, and what to do about it.
+fn download_error(hub: &HubSettings, repo_id: &str, file: &str, e: &hf_hub::api::sync::ApiError) -> String {
+    use hf_hub::api::sync::ApiError;
+    let url = format!("{}/{repo_id}/resolve/main/{file}", hub.endpoint);
+    match (http_status(e), e) {
+        (Some(404), _) => format!("{file} not found at {url} (HTTP 404): check the repo id, or set HF_TOKEN for a private or gated repo"),
+        (Some(code @ (401 | 403)), _) => format!("{url}: access denied (HTTP {code}); set HF_TOKEN to a token that can read {repo_id}"),
+        (Some(code), _) => format!("{url}: the hub answered HTTP {code}; try again later"),
+        (None, ApiError::RequestError(r)) => {
+            format!("cannot reach {} for {file} ({r}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only the cache", hub.endpoint)
+        }
+        (None, ApiError::IoError(io)) => format!(
+            "downloading {file} was interrupted ({io}); rerun to resume it: the partial download is kept in {}",
+            hub.cache_dir.display()
+        ),
+        (None, other) => format!("downloading {file} from {url}: {other}"),
+    }
+}
+
+/// Download progress as lines on stderr: one at the start, one every 2 s, one at the end.
+struct DownloadLines {
+    repo: String,
+    on: bool,
+    file: String,
+    size: usize,
+    done: usize,
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl DownloadLines {
+    fn new(repo: &str, on: bool) -> Self {
+        let now = std::time::Instant::now();
+        DownloadLines { repo: repo.to_string(), on, file: String::new(), size: 0, done: 0, start: now, last: now }
+    }
+
+    fn line(&self, what: &str) {
+        if self.on {
+            let mib = |b: usize| b as f64 / 1048576.0;
+            let rate = mib(self.done) / self.start.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "download {}/{}: {what} {:.1}/{:.1} MiB ({:.0}%), {rate:.1} MiB/s",
+                self.repo,
+                self.file,
+                mib(self.done),
+                mib(self.size),
+                100.0 * self.done as f64 / self.size.max(1) as f64
+            );
+        }
+    }
+}
+
+impl hf_hub::api::Progress for DownloadLines {
+    fn init(&mut self, size: usize, filename: &str) {
+        // hf-hub calls init again after a resumed request: keep the first start.
+        if self.file != filename {
+            self.file = filename.to_string();
+            self.size = size;
+            self.done = 0;
+            self.start = std::time::Instant::now();
+            self.line("started");
+        }
+    }
+
+    fn update(&mut self, size: usize) {
+        self.done += size;
+        if self.last.elapsed().as_secs_f64() >= 2.0 {
+            self.last = std::time::Instant::now();
+            self.line("at");
+        }
+    }
+
+    fn finish(&mut self) {
+        self.line("done");
+    }
 }
 
 #[cfg(test)]
@@ -236,7 +358,7 @@ mod tests {
     fn cached_repo_resolves_offline() {
         let tmp = tempfile::tempdir().unwrap();
         let snap = lay_out_cache(tmp.path(), true);
-        let hub = HubSettings { cache_dir: tmp.path().to_path_buf(), offline: true, progress: false };
+        let hub = HubSettings::with_cache(tmp.path().to_path_buf(), true);
         let got = resolve_source_with("openai/gpt-oss-test", Need::Everything, &hub).unwrap();
         assert_eq!(got, ResolvedSource::Folder(snap.clone()));
         let got = resolve_source_with("openai/gpt-oss-test", Need::Config, &hub).unwrap();
@@ -247,7 +369,7 @@ mod tests {
     fn offline_names_the_missing_file() {
         let tmp = tempfile::tempdir().unwrap();
         lay_out_cache(tmp.path(), false);
-        let hub = HubSettings { cache_dir: tmp.path().to_path_buf(), offline: true, progress: false };
+        let hub = HubSettings::with_cache(tmp.path().to_path_buf(), true);
         let e = resolve_source_with("openai/gpt-oss-test", Need::Everything, &hub).unwrap_err();
         assert!(e.to_string().contains("model-00001-of-00001.safetensors"), "{e}");
         let e = resolve_source_with("openai/other", Need::Config, &hub).unwrap_err();

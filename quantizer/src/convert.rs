@@ -254,7 +254,7 @@ impl Job<'_> {
                     (Some(c), QuantMethod::Mse, Action::Affine { .. }) => c.importance(&a.param)?,
                     _ => None,
                 };
-                let job = ParamJob { method, importance: importance.as_ref() };
+                let job = ParamJob { method, importance: importance.as_ref(), ckpt: self.ckpt };
                 write_param(a, src, &job, places, &files, &layout.names, &dir, progress)?;
             }
             for slice in src.slices() {
@@ -395,10 +395,11 @@ impl ShardLayout {
     }
 }
 
-/// How one parameter's affine groups are chosen.
+/// How one parameter's affine groups are chosen, and the checkpoint its rows come from.
 struct ParamJob<'a> {
     method: QuantMethod,
     importance: Option<&'a Importance>,
+    ckpt: &'a Checkpoint,
 }
 
 /// Produces and writes every output tensor of one parameter, a chunk of rows at a time.
@@ -480,6 +481,10 @@ fn write_param(
                 put(0, first, blocks)?;
                 put(1, first, block_scales)?;
             }
+        }
+        // Resident source pages stay bounded by a chunk, even for a 1 GiB embedding.
+        for slice in src.row_slices(first, n) {
+            job.ckpt.release(slice);
         }
         progress.advance((n * src.source_bytes_per_row()) as u64);
         crate::fault::point("chunk");

@@ -83,6 +83,24 @@ impl<'a> RowSource<'a> {
         }
     }
 
+    /// The source bytes that output rows `first..first + n` read, where they are contiguous
+    /// (all but the strided BF16 expert biases, which are small), for releasing once consumed.
+    pub fn row_slices(&self, first: usize, n: usize) -> Vec<&'a [u8]> {
+        if n == 0 {
+            return Vec::new();
+        }
+        match *self {
+            RowSource::Bf16 { data, src_cols, step: 1, .. } => vec![&data[first * src_cols * 2..(first + n) * src_cols * 2]],
+            RowSource::Bf16 { .. } => Vec::new(),
+            RowSource::Mxfp4 { blocks, scales, cols, map } => {
+                // Stored rows grow with output rows, so the chunk reads one stored range.
+                let (lo, hi) = (map.stored(first), map.stored(first + n - 1) + 1);
+                let (bb, sb) = (cols / 2, cols / MXFP4_BLOCK);
+                vec![&blocks[lo * bb..hi * bb], &scales[lo * sb..hi * sb]]
+            }
+        }
+    }
+
     /// Output row length in elements.
     pub fn cols(&self) -> usize {
         match *self {

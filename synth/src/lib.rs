@@ -84,6 +84,27 @@ impl Shape {
         })
     }
 
+    /// The shape of a real model's config.json (e.g. gpt-oss-20b's), in upstream-sized shards of
+    /// at most 5 GB.
+    pub fn from_config(config: &GptOssConfig, seed: u64) -> Shape {
+        let bytes: usize = upstream_tensors(config).iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();
+        Shape {
+            layers: config.num_hidden_layers,
+            hidden: config.hidden_size,
+            intermediate: config.intermediate_size,
+            experts: config.num_local_experts,
+            top_k: config.num_experts_per_tok,
+            heads: config.num_attention_heads,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            vocab: config.vocab_size,
+            sliding_window: config.sliding_window,
+            truncate: config.rope_scaling.as_ref().map(|r| r.truncate).unwrap_or(true),
+            shards: bytes.div_ceil(5_000_000_000).max(1),
+            seed,
+        }
+    }
+
     /// The config.json this shape implies.
     pub fn config_json(&self) -> Value {
         let layer_types: Vec<&str> =
