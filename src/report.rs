@@ -1,24 +1,12 @@
 //! Human tables and JSON objects for the CLI's results.
 
-use mixq_quantizer::card::{gb, gib};
+pub use mixq_quantizer::units::thousands;
+use mixq_quantizer::units::{gb, gib};
 use mixq_quantizer::inspect::Inspection;
 use mixq_quantizer::plan::PlanSummary;
 use mixq_quantizer::verify::VerifyReport;
 use mixq_quantizer::Recipe;
 use serde_json::{json, Value};
-
-/// 1234567 -> "1,234,567".
-pub fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
 
 /// Size figures as JSON.
 fn size_json(bytes: usize, params: usize) -> Value {

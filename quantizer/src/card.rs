@@ -1,18 +1,9 @@
 //! The model card (README.md) written beside a converted checkpoint.
 
+use crate::units::{gb, gib};
 use crate::plan::PlanSummary;
 use crate::provenance::Provenance;
 use crate::recipe::Recipe;
-
-/// Bytes as GiB.
-pub fn gib(bytes: usize) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
-}
-
-/// Bytes as GB (10^9).
-pub fn gb(bytes: usize) -> f64 {
-    bytes as f64 / 1e9
-}
 
 /// A Hugging Face model card: front matter for the hub, the bit table, and how to load it.
 pub fn model_card(name: &str, base_model: &str, recipe: &Recipe, s: &PlanSummary, provenance: &Provenance) -> String {

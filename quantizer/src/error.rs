@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use mixq_loader::LoaderError;
 
 use crate::recipe::RecipeError;
+use crate::units::human_bytes;
 
 /// Anything that stops a conversion.
 #[derive(Debug, thiserror::Error)]
@@ -103,20 +104,6 @@ pub enum ConvertError {
         /// The error (in the message, not chained, so it is printed once).
         error: std::io::Error,
     },
-}
-
-/// Bytes as `1,234,567 bytes (1.2 MiB)`.
-fn human_bytes(n: u64) -> String {
-    let digits = n.to_string();
-    let mut grouped = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            grouped.push(',');
-        }
-        grouped.push(c);
-    }
-    let (v, unit) = if n >= 1 << 30 { (n as f64 / 1073741824.0, "GiB") } else { (n as f64 / 1048576.0, "MiB") };
-    format!("{grouped} bytes ({v:.1} {unit})")
 }
 
 /// Maps an I/O error on `path` to a [`ConvertError`].

@@ -22,6 +22,7 @@ pub mod sensitivity;
 pub mod source_watch;
 pub mod staging;
 pub mod unit;
+pub mod units;
 pub mod verify;
 
 pub use error::ConvertError;
