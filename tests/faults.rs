@@ -176,7 +176,7 @@ fn sigkill_from_outside_at_arbitrary_moments_then_resume() {
     let partial = out.with_file_name(".o.mixq-partial");
     // Kill after the partial folder appears plus a growing delay, resuming each time.
     let mut kills = 0;
-    for (i, delay_ms) in [0u64, 150, 400, 700].into_iter().enumerate() {
+    for (i, delay_ms) in [0u64, 1, 3, 10, 60, 150, 400, 700].into_iter().enumerate() {
         let extra: &[&str] = if i == 0 { &["--quiet"] } else { &["--quiet", "--resume"] };
         let mut child = spawn_convert(&c.src, &out, extra);
         wait_for("the partial folder", || partial.is_dir() || out.is_dir());

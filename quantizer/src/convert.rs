@@ -140,8 +140,13 @@ pub fn convert(
     let layout = ShardLayout::new(&alloc, opts.max_shard_bytes);
     let inputs = conversion_inputs(&watch, recipe, opts, calibration.as_ref(), &layout);
     let (mut staging, found) = Staging::open(out, inputs, opts.resume)?;
+    // Again under the lock: a conversion that held it may have finished `out` in the meantime.
+    check_out_dir(out, source, opts.force)?;
     for (path, bytes) in &found.removed {
         progress.notice(&format!("removed {} ({} bytes), left by an interrupted conversion", path.display(), bytes));
+    }
+    if let Some(why) = &found.unverified {
+        progress.notice(&format!("nothing to resume: {why}; writing every shard"));
     }
     if opts.resume {
         let kept: u64 = found.kept.values().map(|r| r.size).sum();

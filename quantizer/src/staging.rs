@@ -92,6 +92,8 @@ pub struct StagingReport {
     pub kept: BTreeMap<String, ShardRecord>,
     /// Journaled shards that no longer matched and will be written again.
     pub discarded: Vec<String>,
+    /// Why a partial folder to resume had no usable journal (so nothing was kept).
+    pub unverified: Option<String>,
 }
 
 /// The partial folder of one conversion, under its output lock.
@@ -135,7 +137,12 @@ impl Staging {
         let mut report = StagingReport::default();
         let mut journal = Journal { format: JOURNAL_FORMAT.into(), inputs, shards: BTreeMap::new() };
         if resume && dir.is_dir() {
-            let previous = read_journal(&dir)?;
+            // No readable journal (killed before its first write, or while finishing): nothing
+            // was verified, so everything is written again.
+            let previous = read_journal(&dir).unwrap_or_else(|why| {
+                report.unverified = Some(why);
+                Journal { format: JOURNAL_FORMAT.into(), inputs: journal.inputs.clone(), shards: BTreeMap::new() }
+            });
             if let Some(key) = journal.inputs.keys().find(|k| previous.inputs.get(*k) != journal.inputs.get(*k)) {
                 return Err(ConvertError::CannotResume {
                     partial: dir,
@@ -237,13 +244,13 @@ impl Drop for Staging {
     }
 }
 
-fn read_journal(dir: &Path) -> Result<Journal, ConvertError> {
+/// The journal of a partial folder, or why there is none to trust.
+fn read_journal(dir: &Path) -> Result<Journal, String> {
     let path = dir.join(JOURNAL_FILE);
-    let bad = |why: String| ConvertError::CannotResume { partial: dir.to_path_buf(), why };
-    let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("its journal {JOURNAL_FILE} cannot be read ({e}); rerun without --resume")))?;
-    let journal: Journal = serde_json::from_str(&text).map_err(|e| bad(format!("its journal {JOURNAL_FILE} is not valid ({e}); rerun without --resume")))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{} cannot be read ({e})", path.display()))?;
+    let journal: Journal = serde_json::from_str(&text).map_err(|e| format!("{} is not valid ({e})", path.display()))?;
     if journal.format != JOURNAL_FORMAT {
-        return Err(bad(format!("its journal has format {:?}, expected {JOURNAL_FORMAT:?}; rerun without --resume", journal.format)));
+        return Err(format!("{} has format {:?}, expected {JOURNAL_FORMAT:?}", path.display(), journal.format));
     }
     Ok(journal)
 }
@@ -301,9 +308,17 @@ mod tests {
         assert_eq!(report.kept.keys().collect::<Vec<_>>(), ["x.safetensors"]);
         assert_eq!(report.discarded, ["y.safetensors"]);
         drop(s);
-        let (_s, report) = Staging::open(&out, inputs("a"), false).unwrap();
+        let (s, report) = Staging::open(&out, inputs("a"), false).unwrap();
         assert_eq!(report.removed.len(), 1, "without --resume the stale folder is removed and reported");
         assert!(report.kept.is_empty());
+        drop(s);
+
+        // A partial folder whose journal is gone (killed before its first write) is started over.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("x.safetensors"), b"xx").unwrap();
+        let (s, report) = Staging::open(&out, inputs("a"), true).unwrap();
+        assert!(report.unverified.as_deref().is_some_and(|w| w.contains("cannot be read")), "{report:?}");
+        assert!(report.kept.is_empty() && !s.dir().join("x.safetensors").exists());
     }
 
     #[test]
