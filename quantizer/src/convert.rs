@@ -30,6 +30,7 @@ use crate::rows::RowSource;
 use crate::search::QuantMethod;
 use crate::source_watch::SourceWatch;
 use crate::staging::{free_bytes, ShardRecord, Staging};
+use crate::units::human_bytes;
 
 /// mlx-lm's shard limit: 5 GiB.
 pub const MAX_SHARD_BYTES: u64 = 5 << 30;
@@ -143,7 +144,7 @@ pub fn convert(
     // Again under the lock: a conversion that held it may have finished `out` in the meantime.
     check_out_dir(out, source, opts.force)?;
     for (path, bytes) in &found.removed {
-        progress.notice(&format!("removed {} ({} bytes), left by an interrupted conversion", path.display(), bytes));
+        progress.notice(&format!("removed {}: {} left by an interrupted conversion", path.display(), human_bytes(*bytes)));
     }
     if let Some(why) = &found.unverified {
         progress.notice(&format!("nothing to resume: {why}; writing every shard"));
@@ -151,9 +152,10 @@ pub fn convert(
     if opts.resume {
         let kept: u64 = found.kept.values().map(|r| r.size).sum();
         progress.notice(&format!(
-            "resuming: kept {} of {} shard(s) ({kept} bytes), verified against their recorded sha256{}",
+            "resuming: kept {} of {} shard(s), {}, verified against their recorded sha256{}",
             found.kept.len(),
             layout.names.len(),
+            human_bytes(kept),
             if found.discarded.is_empty() { String::new() } else { format!("; writing again {} that no longer matched", found.discarded.join(", ")) }
         ));
     }
