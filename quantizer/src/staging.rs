@@ -22,7 +22,8 @@ const JOURNAL_FORMAT: &str = "mixq-journal/1";
 #[derive(Debug)]
 pub struct OutputLock {
     path: PathBuf,
-    file: File,
+    /// Held only for its lock: closing it (after `Drop::drop` removed the path) releases it.
+    _file: File,
 }
 
 impl OutputLock {
@@ -50,7 +51,7 @@ impl OutputLock {
             if same {
                 file.set_len(0).map_err(io(&path))?;
                 file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(io(&path))?;
-                return Ok(OutputLock { path, file });
+                return Ok(OutputLock { path, _file: file });
             }
         }
     }
@@ -61,7 +62,6 @@ impl Drop for OutputLock {
         // Removed while still locked (the file closes after this body), so no one can lock a
         // path that is about to disappear.
         let _ = std::fs::remove_file(&self.path);
-        let _ = &self.file;
     }
 }
 
@@ -105,14 +105,25 @@ pub struct Staging {
     _lock: OutputLock,
 }
 
+/// The output's folder name (`mlx-model` for a path without one), as the card and the staging
+/// files name it.
+pub fn output_name(out: &Path) -> String {
+    out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlx-model".into())
+}
+
 /// `.NAME.mixq-partial` beside `out`, and `.NAME.mixq-lock`.
 fn sibling(out: &Path, suffix: &str) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlx-model".into());
+    let name = output_name(out);
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     parent.join(format!(".{name}.{suffix}"))
+}
+
+/// Removes a file, or a folder with everything in it.
+fn remove_path(p: &Path) -> Result<(), ConvertError> {
+    if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) }.map_err(io(p))
 }
 
 /// Bytes under a folder (files only, not following links).
@@ -164,8 +175,7 @@ impl Staging {
             for e in std::fs::read_dir(&dir).map_err(io(&dir))?.filter_map(|e| e.ok()) {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !journal.shards.contains_key(&name) && name != JOURNAL_FILE {
-                    let p = e.path();
-                    if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) }.map_err(io(&p))?;
+                    remove_path(&e.path())?;
                 }
             }
         } else {
@@ -220,10 +230,8 @@ impl Staging {
     pub fn finish(mut self, out: &Path) -> Result<(), ConvertError> {
         let journal = self.dir.join(JOURNAL_FILE);
         std::fs::remove_file(&journal).map_err(io(&journal))?;
-        if out.is_dir() {
-            std::fs::remove_dir_all(out).map_err(io(out))?;
-        } else if out.exists() {
-            std::fs::remove_file(out).map_err(io(out))?;
+        if out.exists() {
+            remove_path(out)?;
         }
         crate::fault::point("rename");
         std::fs::rename(&self.dir, out).map_err(io(out))?;
