@@ -29,7 +29,7 @@ use crate::recipe::{Action, Recipe};
 use crate::rows::RowSource;
 use crate::search::QuantMethod;
 use crate::source_watch::SourceWatch;
-use crate::staging::{free_bytes, ShardRecord, Staging};
+use crate::staging::{free_bytes, output_name, ShardRecord, Staging};
 use crate::units::human_bytes;
 
 /// mlx-lm's shard limit: 5 GiB.
@@ -180,9 +180,8 @@ pub fn convert(
             staging.dir().display()
         ));
     }
-    let summary = written?;
+    let (summary, source_bytes) = written?;
     staging.finish(out)?;
-    let source_bytes = job.source_bytes();
     Ok(ConvertReport { out: out.to_path_buf(), summary, shards: layout.names.clone(), source_bytes, kept_shards: found.kept.len() })
 }
 
@@ -233,28 +232,21 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    fn sources(&self) -> Result<Vec<RowSource<'_>>, ConvertError> {
-        self.alloc.assigned.iter().map(|a| RowSource::for_param(self.ckpt, &a.param)).collect()
-    }
-
-    fn source_bytes(&self) -> u64 {
-        let Ok(sources) = self.sources() else { return 0 };
-        self.alloc.assigned.iter().zip(&sources).map(|(a, s)| ((a.param.numel() / s.cols()) * s.source_bytes_per_row()) as u64).sum()
-    }
-
     /// Writes every file of the output into the staging folder, skipping parameters whose shards
-    /// were kept, and journals each shard as it finishes.
-    fn write(&self, staging: &mut Staging, progress: &dyn Progress) -> Result<PlanSummary, ConvertError> {
+    /// were kept, and journals each shard as it finishes. Returns the plan's summary and the
+    /// source bytes the conversion covers.
+    fn write(&self, staging: &mut Staging, progress: &dyn Progress) -> Result<(PlanSummary, u64), ConvertError> {
         let (alloc, layout, dir) = (self.alloc, self.layout, staging.dir().to_path_buf());
-        let sources = self.sources()?;
-        progress.begin(self.source_bytes(), alloc.assigned.len());
+        let sources: Vec<RowSource<'_>> = alloc.assigned.iter().map(|a| RowSource::for_param(self.ckpt, &a.param)).collect::<Result<_, _>>()?;
+        let source_bytes: Vec<u64> = alloc.assigned.iter().zip(&sources).map(|(a, s)| ((a.param.numel() / s.cols()) * s.source_bytes_per_row()) as u64).collect();
+        progress.begin(source_bytes.iter().sum(), alloc.assigned.len());
         let files = layout.open_files(&dir, staging.shards())?;
         crate::fault::point("headers");
         let mut unfinished = 0;
         for (i, ((a, src), places)) in alloc.assigned.iter().zip(&sources).zip(&layout.placements).enumerate() {
             let kept = places.iter().all(|&(s, _)| staging.shards().contains_key(&layout.names[s]));
             if kept {
-                progress.advance(((a.param.numel() / src.cols()) * src.source_bytes_per_row()) as u64);
+                progress.advance(source_bytes[i]);
             } else {
                 let method = a.quantizer.unwrap_or(self.opts.quantizer);
                 let importance = match (self.calibration, method, a.action) {
@@ -296,7 +288,7 @@ impl Job<'_> {
                 std::fs::copy(&from, dir.join(side)).map_err(io(&from))?;
             }
         }
-        let name = self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlx-model".into());
+        let name = output_name(self.out);
         let base_model = if self.opts.source_label.is_empty() { source.display().to_string() } else { self.opts.source_label.clone() };
         let provenance = Provenance::of(alloc, self.opts.quantizer, self.calibration);
         let card = model_card(&name, &base_model, self.recipe, &summary, &provenance);
@@ -305,7 +297,7 @@ impl Job<'_> {
         crate::fault::point("manifest");
         write_manifest(&dir, staging.shards(), &base_model, self.recipe, &summary, &provenance)?;
         self.watch.check()?;
-        Ok(summary)
+        Ok((summary, source_bytes.iter().sum()))
     }
 }
 
