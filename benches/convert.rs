@@ -589,7 +589,7 @@ fn hash_folder(dir: &Path) -> u64 {
         .collect();
     files
         .par_iter()
-        .map(|p| mixq_quantizer::manifest::sha256_file(p).unwrap_or_else(|e| panic!("hashing {}: {e}", p.display())).1)
+        .map(|p| mixq_quantizer::hash::sha256_file(p).unwrap_or_else(|e| panic!("hashing {}: {e}", p.display())).1)
         .sum()
 }
 

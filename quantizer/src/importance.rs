@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use mixq_loader::{Calibration, Checkpoint, ModelFingerprint};
 
 use crate::error::ConvertError;
-use crate::manifest::sha256_file;
+use crate::hash::sha256_file;
 use crate::modules::{Param, TensorClass};
 
 /// Fraction of a block's mean x² added to every column's importance: keeps channels that the

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::error::{io, ConvertError};
-pub use crate::hash::{sha256_file, sha256_hex};
+use crate::hash::{sha256_file, sha256_hex};
 use crate::plan::PlanSummary;
 use crate::provenance::Provenance;
 use crate::recipe::Recipe;

@@ -6,7 +6,8 @@ use std::path::Path;
 use mixq_loader::{Checkpoint, GptOssConfig, QuantMode, QuantizationMap};
 use serde_json::Value;
 
-use crate::manifest::{sha256_file, MANIFEST_FILE};
+use crate::hash::sha256_file;
+use crate::manifest::MANIFEST_FILE;
 use crate::modules::mlx_params;
 use crate::plan::{Assigned, OutTensor};
 use crate::recipe::Action;
