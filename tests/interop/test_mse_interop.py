@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TRAINED, mixq
-from test_quantize_interop import BITS, GROUPS, adversarial_recipe, adversarial_source  # noqa: F401 (fixture)
+from test_quantize_interop import BITS, GROUPS, adversarial_source, convert_adversarial  # noqa: F401 (fixture)
 from test_runtime_interop import N_TOKENS, assert_agrees, mixq_logits, reference_logits
 
 
@@ -37,12 +37,7 @@ def group_errors(w, wq, scales, biases, bits, group_size):
 @pytest.mark.parametrize("bits", BITS)
 def test_mse_is_never_worse_than_mx_quantize_for_any_group(workdir, adversarial_source, bits, group_size):  # noqa: F811
     src, written = adversarial_source
-    recipe = adversarial_recipe(workdir, bits, group_size)
-    out = workdir / f"adversarial-mse-{bits}-{group_size}"
-    mixq("convert", "--source", src, "--recipe", recipe, "--out", out, "--force", "--quiet", "--quantizer", "mse")
-    ours = {}
-    for f in out.glob("model*.safetensors"):
-        ours.update(mx.load(str(f)))
+    ours = convert_adversarial(workdir, src, bits, group_size, "mse")
     better = 0
     for name, m in written.items():
         module = name[: -len(".weight")]

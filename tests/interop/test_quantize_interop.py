@@ -94,16 +94,23 @@ def adversarial_recipe(workdir, bits, group_size):
     return recipe
 
 
+def convert_adversarial(workdir, src, bits, group_size, quantizer):
+    """Converts the adversarial source at one bits x group size with `quantizer`; returns every
+    tensor of the output by name."""
+    recipe = adversarial_recipe(workdir, bits, group_size)
+    out = workdir / f"adversarial-{quantizer}-{bits}-{group_size}"
+    mixq("convert", "--source", src, "--recipe", recipe, "--out", out, "--force", "--quiet", "--quantizer", quantizer)
+    tensors = {}
+    for f in out.glob("model*.safetensors"):
+        tensors.update(mx.load(str(f)))
+    return tensors
+
+
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("bits", BITS)
 def test_affine_matches_mx_quantize(workdir, adversarial_source, bits, group_size):
     src, written = adversarial_source
-    recipe = adversarial_recipe(workdir, bits, group_size)
-    out = workdir / f"adversarial-{bits}-{group_size}"
-    mixq("convert", "--source", src, "--recipe", recipe, "--out", out, "--force", "--quiet", "--quantizer", "minmax")
-    ours = {}
-    for f in out.glob("model*.safetensors"):
-        ours.update(mx.load(str(f)))
+    ours = convert_adversarial(workdir, src, bits, group_size, "minmax")
     for name, m in written.items():
         module = name[: -len(".weight")]
         w = mx.array(m).astype(mx.bfloat16)
