@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 
 use half::bf16;
 use mixq_loader::Checkpoint;
-use mixq_quantizer::affine::{packed_row_bytes, quantize_row, AFFINE_BITS};
-use mixq_quantizer::plan::Allocation;
-use mixq_quantizer::rows::RowSource;
-use mixq_quantizer::search::quantize_row_mse;
+use mixq_quantizer::kernels::affine::{packed_row_bytes, quantize_row, AFFINE_BITS};
+use mixq_quantizer::recipe::plan::Allocation;
+use mixq_quantizer::writer::rows::RowSource;
+use mixq_quantizer::kernels::mse::quantize_row_mse;
 use mixq_quantizer::{Recipe, TensorClass};
 use rayon::prelude::*;
 
@@ -589,7 +589,7 @@ fn hash_folder(dir: &Path) -> u64 {
         .collect();
     files
         .par_iter()
-        .map(|p| mixq_quantizer::hash::sha256_file(p).unwrap_or_else(|e| panic!("hashing {}: {e}", p.display())).1)
+        .map(|p| mixq_quantizer::writer::hash::sha256_file(p).unwrap_or_else(|e| panic!("hashing {}: {e}", p.display())).1)
         .sum()
 }
 

@@ -62,7 +62,7 @@ pub fn synthetic(config_path: &Path, recipe: &str, quiet: bool) -> Result<Engine
     let config = GptOssConfig::from_file(config_path)?;
     let recipe = mixq_quantizer::Recipe::load(recipe)?;
     let alloc = mixq_quantizer::Allocation::resolve(&config, &recipe)?;
-    let quantized = mixq_quantizer::convert::quantized_config(&config, &alloc);
+    let quantized = mixq_quantizer::writer::convert::quantized_config(&config, &alloc);
     let config = GptOssConfig::from_json_str(&quantized.to_string(), config_path)?;
     let ctx = Arc::new(GpuContext::new(&GpuOptions { allow_software: true, ..Default::default() })?);
     let bar = upload_bar(quiet);

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use mixq_loader::Checkpoint;
-use mixq_quantizer::plan::source_size;
+use mixq_quantizer::recipe::plan::source_size;
 use mixq_quantizer::{Allocation, ConvertOptions, Recipe};
 
 use crate::backend::BackendArgs;
@@ -76,9 +76,9 @@ pub fn demo(model: &Path, recipe_name: &str, out: &Path, json: bool) -> Result<(
     say(&format!("wrote {} in {secs:.2}s\n", rep.out.display()));
 
     let name = out.display().to_string();
-    let inspection = mixq_quantizer::inspect::inspect(&Checkpoint::open(out)?);
+    let inspection = mixq_quantizer::writer::inspect::inspect(&Checkpoint::open(out)?)?;
     say(&format!("\n== 4. inspect ==\n{}", report::inspect_text(&name, &inspection)));
-    let verified = mixq_quantizer::verify::verify(out);
+    let verified = mixq_quantizer::writer::verify::verify(out);
     say(&format!("\n== 5. verify ==\n{}", report::verify_text(&name, &verified)));
     if !verified.ok() {
         bail!("the converted model failed verification");

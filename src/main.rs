@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use mixq_loader::source::{resolve_source, Need, ResolvedSource};
 use mixq_loader::{Checkpoint, GptOssConfig};
-use mixq_quantizer::plan::source_size;
+use mixq_quantizer::recipe::plan::source_size;
 use mixq_quantizer::{Allocation, ConvertOptions, QuantMethod, Recipe};
 
 #[derive(Parser)]
@@ -58,7 +58,7 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
         /// Largest shard in bytes (default 5 GiB, as mlx-lm).
-        #[arg(long, default_value_t = mixq_quantizer::convert::MAX_SHARD_BYTES)]
+        #[arg(long, default_value_t = mixq_quantizer::writer::convert::MAX_SHARD_BYTES)]
         max_shard_bytes: u64,
         /// How affine groups get their scale and bias where the recipe does not say: `mse`
         /// searches for the least (calibration-weighted) error; `minmax` is byte-identical to
@@ -611,7 +611,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         })?,
         Command::Inspect { dir, json } => {
             let ckpt = Checkpoint::open(&dir)?;
-            let i = mixq_quantizer::inspect::inspect(&ckpt);
+            let i = mixq_quantizer::writer::inspect::inspect(&ckpt)?;
             let name = dir.display().to_string();
             if json {
                 print_json(&report::inspect_json(&name, &i));
@@ -620,7 +620,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Verify { dir, json } => {
-            let r = mixq_quantizer::verify::verify(&dir);
+            let r = mixq_quantizer::writer::verify::verify(&dir);
             let name = dir.display().to_string();
             if json {
                 print_json(&report::verify_json(&name, &r));

@@ -1,10 +1,10 @@
 //! Human tables and JSON objects for the CLI's results.
 
-pub use mixq_quantizer::units::thousands;
-use mixq_quantizer::units::{gb, gib};
-use mixq_quantizer::inspect::Inspection;
-use mixq_quantizer::plan::PlanSummary;
-use mixq_quantizer::verify::VerifyReport;
+pub use mixq_quantizer::sizes::thousands;
+use mixq_quantizer::sizes::{gb, gib};
+use mixq_quantizer::writer::inspect::Inspection;
+use mixq_quantizer::recipe::plan::PlanSummary;
+use mixq_quantizer::writer::verify::VerifyReport;
 use mixq_quantizer::Recipe;
 use serde_json::{json, Value};
 

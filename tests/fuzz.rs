@@ -236,9 +236,9 @@ fn sensitivity_files() {
     let config = trained_config();
     fuzz("sensitivity_files", mutated(vec![sensitivity_seed()]), |bytes| {
         with_file(&bytes, |p| {
-            if let Ok(s) = mixq_quantizer::sensitivity::Sensitivity::read(p) {
-                let opts = mixq_quantizer::recipe_search::SearchOptions { min_bits: 3, keep: vec![] };
-                if let Ok(problem) = mixq_quantizer::recipe_search::Problem::new(&s, &config, &opts) {
+            if let Ok(s) = mixq_quantizer::authoring::sensitivity_file::Sensitivity::read(p) {
+                let opts = mixq_quantizer::authoring::recipe_search::SearchOptions { min_bits: 3, keep: vec![] };
+                if let Ok(problem) = mixq_quantizer::authoring::recipe_search::Problem::new(&s, &config, &opts) {
                     let _ = problem.solve(1 << 24);
                 }
             }

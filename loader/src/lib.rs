@@ -1,5 +1,6 @@
 //! mixq-loader: finds a gpt-oss checkpoint (local folder or hub repo id), validates and
-//! memory-maps its shards, and decodes MXFP4 and BF16 tensors.
+//! memory-maps its shards, and decodes MXFP4 and BF16 tensors; it holds the model schema (every
+//! parameter and where it comes from) and the storage formats, defined once.
 
 pub mod calibration;
 pub mod checkpoint;
@@ -7,8 +8,11 @@ pub mod config;
 pub mod decode;
 pub mod dtype;
 pub mod error;
+pub mod format;
 pub mod layout;
+pub mod mlx_layout;
 pub mod rowmap;
+pub mod schema;
 pub mod shard;
 pub mod source;
 
@@ -16,6 +20,8 @@ pub use calibration::{Calibration, ModelFingerprint, StatTensor};
 pub use checkpoint::{Checkpoint, CheckpointFormat, TensorRef, INDEX_FILE};
 pub use config::{GptOssConfig, LayerType, QuantMode, QuantSpec, QuantizationMap, RopeScaling};
 pub use dtype::Dtype;
+pub use format::{bits_per_weight, OutTensor, QuantFormat};
+pub use schema::{classify_name, mlx_params, Param, TensorClass, UpstreamRows};
 pub use rowmap::RowMap;
 pub use error::{LoaderError, Result};
 pub use shard::{ShardFile, TensorInfo};

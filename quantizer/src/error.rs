@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use mixq_loader::LoaderError;
 
-use crate::recipe::RecipeError;
-use crate::units::human_bytes;
+use crate::recipe::language::RecipeError;
+use crate::sizes::human_bytes;
 
 /// Anything that stops a conversion.
 #[derive(Debug, thiserror::Error)]

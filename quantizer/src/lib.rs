@@ -1,33 +1,19 @@
-//! mixq-quantizer: YAML recipes, size plans from config.json alone, MLX-exact affine
-//! quantization, and the streaming writer of MLX checkpoints (shards, index, config, manifest,
-//! model card), plus inspection and verification of what it wrote.
+//! mixq-quantizer: applies recipes to gpt-oss models and writes MLX checkpoints. Four module
+//! trees, each one job, depending one way (recipe ← kernels ← writer, recipe ← authoring):
+//! [`recipe`] (the language and the plan), [`kernels`] (minmax, mse, packing), [`writer`] (the
+//! crash-safe streaming conversion, manifest, card, inspect and verify) and [`authoring`]
+//! (sensitivity files, recipe search, frontier).
 
-pub mod affine;
-pub mod card;
-pub mod convert;
+pub mod authoring;
 pub mod error;
-pub mod fault;
-pub mod hash;
-pub mod importance;
-pub mod inspect;
-pub mod manifest;
-pub mod modules;
-pub mod plan;
-pub mod provenance;
+pub mod kernels;
 pub mod recipe;
-pub mod recipe_search;
-pub mod rows;
-pub mod search;
-pub mod sensitivity;
-pub mod source_watch;
-pub mod staging;
-pub mod unit;
-pub mod units;
-pub mod verify;
+pub mod sizes;
+pub mod writer;
 
 pub use error::ConvertError;
-pub use convert::{convert, ConvertOptions, ConvertReport, NoProgress, Progress};
-pub use modules::TensorClass;
-pub use plan::{Allocation, PlanSummary};
-pub use recipe::{Action, Recipe, RecipeError, BUILTIN_RECIPES};
-pub use search::QuantMethod;
+pub use kernels::mse::QuantMethod;
+pub use mixq_loader::TensorClass;
+pub use recipe::language::{QuantFormat, Recipe, RecipeError, BUILTIN_RECIPES};
+pub use recipe::plan::{Allocation, PlanSummary};
+pub use writer::convert::{convert, ConvertOptions, ConvertReport, NoProgress, Progress};

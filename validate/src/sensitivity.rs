@@ -15,11 +15,11 @@
 use std::path::Path;
 
 use mixq_loader::{Checkpoint, CheckpointFormat, GptOssConfig, ModelFingerprint};
-use mixq_quantizer::affine::AFFINE_GROUP_SIZES;
-use mixq_quantizer::importance::CalibrationUse;
-use mixq_quantizer::modules::Param;
-use mixq_quantizer::sensitivity::{affine_bytes, spearman, units, SettingCost, Sensitivity, UnitCost, SENSITIVITY_FORMAT};
-use mixq_quantizer::unit::quantize_unit;
+use mixq_quantizer::kernels::affine::AFFINE_GROUP_SIZES;
+use mixq_quantizer::kernels::importance::CalibrationUse;
+use mixq_loader::schema::Param;
+use mixq_quantizer::authoring::sensitivity_file::{affine_bytes, spearman, units, SettingCost, Sensitivity, UnitCost, SENSITIVITY_FORMAT};
+use mixq_quantizer::kernels::param_error::quantize_unit;
 use mixq_quantizer::QuantMethod;
 use mixq_runtime::matrix::Codes;
 use mixq_runtime::Model;
@@ -268,8 +268,8 @@ fn synthetic(
     progress: &(dyn Fn(usize, usize) + Sync),
     start: std::time::Instant,
 ) -> Result<Sensitivity, ValidateError> {
-    use mixq_quantizer::affine::packed_row_bytes;
-    use mixq_quantizer::unit::quantize_measured;
+    use mixq_quantizer::kernels::affine::packed_row_bytes;
+    use mixq_quantizer::kernels::param_error::quantize_measured;
     let (e, k) = (config.num_local_experts as f64, config.num_experts_per_tok as f64);
     let params = units(config);
     let mut out = Vec::with_capacity(params.len());
@@ -319,7 +319,7 @@ fn synthetic(
 
 /// Checks that group sizes are MLX's and bits are supported.
 pub fn check_settings(bits: &[u32], group_sizes: &[u32]) -> Result<(), ValidateError> {
-    use mixq_quantizer::affine::AFFINE_BITS;
+    use mixq_quantizer::kernels::affine::AFFINE_BITS;
     if let Some(b) = bits.iter().find(|b| !AFFINE_BITS.contains(b)) {
         return Err(ValidateError::Input(format!("--bits {b} is not supported; expected some of {AFFINE_BITS:?}")));
     }

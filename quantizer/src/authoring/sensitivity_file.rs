@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::modules::{mlx_params, Param, TensorClass};
+use mixq_loader::schema::{mlx_params, Param, TensorClass};
 
 /// Value of the `format` field.
 pub const SENSITIVITY_FORMAT: &str = "mixq-sensitivity/1";

@@ -2,29 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use mixq_loader::{Dtype, GptOssConfig, QuantMode, QuantSpec};
+use mixq_loader::{GptOssConfig, QuantMode, QuantSpec};
 
-use crate::modules::{mlx_params, Param, TensorClass};
-use crate::recipe::{Action, Recipe, RecipeError};
-use crate::search::QuantMethod;
+use mixq_loader::schema::{mlx_params, Param, TensorClass};
+use crate::recipe::language::{QuantFormat, Recipe, RecipeError};
+use crate::kernels::mse::QuantMethod;
 
-/// One output tensor: name, dtype and shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutTensor {
-    /// Tensor name in the MLX checkpoint.
-    pub name: String,
-    /// Stored dtype.
-    pub dtype: Dtype,
-    /// Stored shape.
-    pub shape: Vec<usize>,
-}
-
-impl OutTensor {
-    /// Bytes of data.
-    pub fn nbytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
-    }
-}
+pub use mixq_loader::OutTensor;
 
 /// A parameter with the action the recipe gives it.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +16,7 @@ pub struct Assigned {
     /// The parameter.
     pub param: Param,
     /// What happens to it.
-    pub action: Action,
+    pub action: QuantFormat,
     /// YAML line of the deciding rule (0: kept by default, no rule matched).
     pub rule_line: usize,
     /// The quantizer the deciding rule asks for (`None`: the conversion's default).
@@ -42,43 +26,22 @@ pub struct Assigned {
 impl Assigned {
     /// The tensors this parameter becomes in the MLX checkpoint.
     pub fn outputs(&self) -> Vec<OutTensor> {
-        let p = &self.param;
-        let (outer, last) = p.shape.split_at(p.shape.len() - 1);
-        let cols = last[0];
-        let with_last = |n: usize| outer.iter().copied().chain([n]).collect::<Vec<_>>();
-        let t = |leaf: &str, dtype, shape| OutTensor { name: format!("{}.{leaf}", p.module), dtype, shape };
-        match self.action {
-            Action::Keep => vec![t(p.leaf, Dtype::BF16, p.shape.clone())],
-            Action::Affine { bits, group_size } => vec![
-                t("weight", Dtype::U32, with_last(cols * bits as usize / 32)),
-                t("scales", Dtype::BF16, with_last(cols / group_size as usize)),
-                t("biases", Dtype::BF16, with_last(cols / group_size as usize)),
-            ],
-            Action::Mxfp4 => vec![t("weight", Dtype::U32, with_last(cols / 8)), t("scales", Dtype::U8, with_last(cols / 32))],
-        }
+        self.action.outputs(&self.param.module, self.param.leaf, &self.param.shape)
     }
 
     /// The quantization-map entry of this parameter's module, if quantized.
     pub fn quant_spec(&self) -> Option<QuantSpec> {
-        match self.action {
-            Action::Keep => None,
-            Action::Affine { bits, group_size } => Some(QuantSpec { bits, group_size, mode: QuantMode::Affine }),
-            Action::Mxfp4 => Some(QuantSpec { bits: 4, group_size: 32, mode: QuantMode::Mxfp4 }),
-        }
+        self.action.spec()
     }
 
     /// Parameters as mlx-lm counts them (sinks are not counted; quantized weights count their elements).
     pub fn counted_params(&self) -> usize {
-        if self.param.class == TensorClass::Sinks {
-            0
-        } else {
-            self.param.numel()
-        }
+        self.param.counted_params()
     }
 
     /// Bytes of all its output tensors.
     pub fn nbytes(&self) -> usize {
-        self.outputs().iter().map(OutTensor::nbytes).sum()
+        self.action.nbytes(&self.param.shape)
     }
 }
 
@@ -112,14 +75,10 @@ impl Allocation {
                         ),
                     })
                 }
-                None => (Action::Keep, 0, None),
+                None => (QuantFormat::Bf16, 0, None),
             };
             let cols = param.in_features();
-            let divisor = match action {
-                Action::Affine { group_size, .. } => group_size as usize,
-                Action::Mxfp4 => 32,
-                Action::Keep => 1,
-            };
+            let divisor = action.input_multiple();
             if cols % divisor != 0 {
                 return Err(RecipeError::Tensor {
                     origin: recipe.origin.clone(),
@@ -175,7 +134,7 @@ impl Allocation {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ActionKey(Action);
+struct ActionKey(QuantFormat);
 
 impl PartialOrd for ActionKey {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
@@ -186,10 +145,10 @@ impl PartialOrd for ActionKey {
 impl Ord for ActionKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         // bf16 first, then by decreasing bits.
-        let rank = |a: &Action| match *a {
-            Action::Keep => (0, 0, 0),
-            Action::Affine { bits, group_size } => (1, 100 - bits, group_size),
-            Action::Mxfp4 => (1, 96, 32),
+        let rank = |a: &QuantFormat| match *a {
+            QuantFormat::Bf16 => (0, 0, 0),
+            QuantFormat::Affine { bits, group_size } => (1, 100 - bits, group_size),
+            QuantFormat::Mxfp4 => (1, 96, 32),
         };
         rank(&self.0).cmp(&rank(&other.0))
     }
@@ -199,7 +158,7 @@ impl Ord for ActionKey {
 #[derive(Debug, Clone)]
 pub struct PlanRow {
     /// The action.
-    pub action: Action,
+    pub action: QuantFormat,
     /// Parameters (as mlx-lm counts them).
     pub params: usize,
     /// Bytes written.
@@ -212,18 +171,18 @@ impl PlanRow {
     /// Bits of the action as a table label.
     pub fn bits_label(&self) -> String {
         match self.action {
-            Action::Keep => "bf16".into(),
-            Action::Affine { bits, .. } => bits.to_string(),
-            Action::Mxfp4 => "mxfp4".into(),
+            QuantFormat::Bf16 => "bf16".into(),
+            QuantFormat::Affine { bits, .. } => bits.to_string(),
+            QuantFormat::Mxfp4 => "mxfp4".into(),
         }
     }
 
     /// Group size label.
     pub fn group_label(&self) -> String {
         match self.action {
-            Action::Keep => "-".into(),
-            Action::Affine { group_size, .. } => group_size.to_string(),
-            Action::Mxfp4 => "32".into(),
+            QuantFormat::Bf16 => "-".into(),
+            QuantFormat::Affine { group_size, .. } => group_size.to_string(),
+            QuantFormat::Mxfp4 => "32".into(),
         }
     }
 
@@ -285,22 +244,13 @@ pub struct PlanSummary {
 impl PlanSummary {
     /// Bits per weight, as mlx-lm computes it: 8 * bytes / parameters.
     pub fn bits_per_weight(&self) -> f64 {
-        8.0 * self.bytes as f64 / self.params as f64
+        mixq_loader::bits_per_weight(self.bytes, self.params)
     }
 }
 
 /// Bytes and parameters of the upstream MXFP4 checkpoint a config describes.
 pub fn source_size(config: &GptOssConfig) -> (usize, usize) {
-    let mut bytes = 0;
-    let mut params = 0;
-    for t in mixq_loader::layout::upstream_tensors(config) {
-        let n: usize = t.shape.iter().product();
-        bytes += n * t.dtype.size();
-        if t.name.ends_with("_blocks") {
-            params += n * 2;
-        } else if !t.name.ends_with("_scales") && !t.name.ends_with(".sinks") {
-            params += n;
-        }
-    }
+    let bytes = mixq_loader::schema::upstream_tensors(config).iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();
+    let params = mlx_params(config).iter().map(Param::counted_params).sum();
     (bytes, params)
 }

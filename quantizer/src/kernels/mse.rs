@@ -17,7 +17,7 @@ use std::fmt;
 
 use half::bf16;
 
-use crate::affine::{avx2_dispatch, group_codes, pack_codes, packed_row_bytes, quantize_row, range_params, NonFinite};
+use crate::kernels::affine::{avx2_dispatch, group_codes, pack_codes, packed_row_bytes, quantize_row, range_params, NonFinite};
 
 /// How the scale and bias of each affine group are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,7 +78,7 @@ const CLIPS: [f32; 2] = [0.05, 0.12];
 avx2_dispatch! {
     /// Quantizes one row choosing each group's (scale, bias) to minimise the squared error
     /// weighted by `importance` (one non-negative weight per column; `None`: uniform). Same
-    /// outputs as [`crate::affine::quantize_row`].
+    /// outputs as [`crate::kernels::affine::quantize_row`].
     pub fn quantize_row_mse(
         row: &[f32],
         importance: Option<&[f32]>,
@@ -365,7 +365,7 @@ fn stored_error<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G], scale
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affine::{dequantize_row, AFFINE_BITS, AFFINE_GROUP_SIZES};
+    use crate::kernels::affine::{dequantize_row, AFFINE_BITS, AFFINE_GROUP_SIZES};
 
     /// Weighted squared error per group of a quantized row, in f64.
     fn group_errors(row: &[f32], imp: &[f32], q: &(Vec<u8>, Vec<bf16>, Vec<bf16>), bits: u32, gs: usize) -> Vec<f64> {

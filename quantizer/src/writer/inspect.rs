@@ -2,10 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mixq_loader::{Checkpoint, CheckpointFormat};
-
-use crate::modules::{classify_name, mlx_params, TensorClass};
-use crate::plan::source_size;
+use mixq_loader::mlx_layout::param_format;
+use mixq_loader::schema::{classify_name, mlx_params, Param, TensorClass};
+use mixq_loader::{Checkpoint, CheckpointFormat, LoaderError};
 
 /// Tensors of one class.
 #[derive(Debug, Clone, Default)]
@@ -44,12 +43,13 @@ pub struct Inspection {
 impl Inspection {
     /// Bits per weight: 8 * bytes / parameters.
     pub fn bits_per_weight(&self) -> f64 {
-        8.0 * self.bytes as f64 / self.params as f64
+        mixq_loader::bits_per_weight(self.bytes as usize, self.params)
     }
 }
 
-/// Summarises an open checkpoint.
-pub fn inspect(ckpt: &Checkpoint) -> Inspection {
+/// Summarises an open checkpoint; fails where config.json and the tensors disagree on how a
+/// module is stored.
+pub fn inspect(ckpt: &Checkpoint) -> Result<Inspection, LoaderError> {
     let c = ckpt.config();
     let mut by_class: BTreeMap<Option<TensorClass>, ClassStats> = BTreeMap::new();
     let mut tensors = 0;
@@ -62,29 +62,25 @@ pub fn inspect(ckpt: &Checkpoint) -> Inspection {
             tensors += 1;
         }
     }
-    let params = match ckpt.format() {
-        CheckpointFormat::UpstreamMxfp4 => source_size(c).1,
-        _ => mlx_params(c).iter().filter(|p| p.class != TensorClass::Sinks).map(|p| p.numel()).sum(),
-    };
+    let params = mlx_params(c);
     let mut quantization = BTreeMap::new();
-    if let Some(map) = &c.quantization {
-        for spec in map.modules.values() {
-            let label = match spec.mode {
-                mixq_loader::QuantMode::Affine => format!("affine {}-bit gs{}", spec.bits, spec.group_size),
-                mixq_loader::QuantMode::Mxfp4 => "mxfp4".to_string(),
-            };
-            *quantization.entry(label).or_default() += 1;
+    if ckpt.format() == CheckpointFormat::MlxQuantized {
+        for p in &params {
+            let format = param_format(ckpt, p)?;
+            if format.is_quantized() {
+                *quantization.entry(format.to_string()).or_default() += 1;
+            }
         }
     }
-    Inspection {
+    Ok(Inspection {
         format: ckpt.format(),
         layers: c.num_hidden_layers,
         experts: c.num_local_experts,
         tensors,
         bytes: ckpt.tensor_bytes(),
-        params,
+        params: params.iter().map(Param::counted_params).sum(),
         by_class,
         quantization,
         shards: ckpt.shards().len(),
-    }
+    })
 }

@@ -8,10 +8,7 @@
 
 use half::bf16;
 
-/// Bit widths MLX affine quantization supports.
-pub const AFFINE_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
-/// Group sizes MLX affine quantization supports.
-pub const AFFINE_GROUP_SIZES: [u32; 3] = [32, 64, 128];
+pub use mixq_loader::format::{AFFINE_BITS, AFFINE_GROUP_SIZES};
 
 /// A non-finite weight met while quantizing.
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]

@@ -5,12 +5,12 @@ use half::bf16;
 use mixq_loader::Checkpoint;
 use rayon::prelude::*;
 
-use crate::affine::{dequantize_row, packed_row_bytes, NonFinite};
+use crate::kernels::affine::{dequantize_row, packed_row_bytes, NonFinite};
 use crate::error::ConvertError;
-use crate::importance::Importance;
-use crate::modules::Param;
-use crate::rows::RowSource;
-use crate::search::QuantMethod;
+use crate::kernels::importance::Importance;
+use mixq_loader::schema::Param;
+use crate::writer::rows::RowSource;
+use crate::kernels::mse::QuantMethod;
 
 /// A weight quantized to MLX affine bytes, rows in the MLX module's order.
 #[derive(Debug, Clone)]

@@ -6,11 +6,11 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::error::{io, ConvertError};
-use crate::hash::{sha256_file, sha256_hex};
-use crate::plan::PlanSummary;
-use crate::provenance::Provenance;
-use crate::recipe::Recipe;
-use crate::staging::{ShardRecord, JOURNAL_FILE};
+use crate::writer::hash::{sha256_file, sha256_hex};
+use crate::recipe::plan::PlanSummary;
+use crate::writer::provenance::Provenance;
+use crate::recipe::language::Recipe;
+use crate::writer::staging::{ShardRecord, JOURNAL_FILE};
 
 /// File name of the manifest.
 pub const MANIFEST_FILE: &str = "mixq-manifest.json";

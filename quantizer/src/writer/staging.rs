@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{io, ConvertError};
-use crate::hash::sha256_file;
+use crate::writer::hash::sha256_file;
 
 /// File name of the journal inside the partial folder.
 pub const JOURNAL_FILE: &str = ".mixq-journal.json";
@@ -233,7 +233,7 @@ impl Staging {
         if out.exists() {
             remove_path(out)?;
         }
-        crate::fault::point("rename");
+        crate::writer::fault::point("rename");
         std::fs::rename(&self.dir, out).map_err(io(out))?;
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             let _ = File::open(parent).and_then(|d| d.sync_all());

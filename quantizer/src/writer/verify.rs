@@ -3,14 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use mixq_loader::{Checkpoint, GptOssConfig, QuantMode, QuantizationMap};
+use mixq_loader::mlx_layout::param_format;
+use mixq_loader::{Checkpoint, LoaderError, OutTensor};
 use serde_json::Value;
 
-use crate::hash::sha256_file;
-use crate::manifest::MANIFEST_FILE;
-use crate::modules::mlx_params;
-use crate::plan::{Assigned, OutTensor};
-use crate::recipe::Action;
+use crate::writer::hash::sha256_file;
+use crate::writer::manifest::MANIFEST_FILE;
+use mixq_loader::schema::mlx_params;
 
 /// The outcome of a verification: what was checked and every mismatch found.
 #[derive(Debug, Clone, Default)]
@@ -30,20 +29,15 @@ impl VerifyReport {
     }
 }
 
-/// The tensors an MLX gpt-oss checkpoint must hold, given its config and quantization map.
-pub fn expected_mlx_tensors(config: &GptOssConfig, map: Option<&QuantizationMap>) -> Vec<OutTensor> {
-    mlx_params(config)
-        .into_iter()
-        .flat_map(|param| {
-            let spec = map.filter(|_| param.is_quantizable()).and_then(|m| m.module(&param.module));
-            let action = match spec {
-                None => Action::Keep,
-                Some(s) if s.mode == QuantMode::Mxfp4 => Action::Mxfp4,
-                Some(s) => Action::Affine { bits: s.bits, group_size: s.group_size },
-            };
-            Assigned { param, action, rule_line: 0, quantizer: None }.outputs()
-        })
-        .collect()
+/// The tensors an MLX gpt-oss checkpoint must hold, given its config, its quantization map and
+/// (for modules the map does not name) its `.scales` tensors, as mlx-lm reads them.
+pub fn expected_mlx_tensors(ckpt: &Checkpoint) -> Result<Vec<OutTensor>, LoaderError> {
+    let mut out = Vec::new();
+    for param in mlx_params(ckpt.config()) {
+        let format = param_format(ckpt, &param)?;
+        out.extend(format.outputs(&param.module, param.leaf, &param.shape));
+    }
+    Ok(out)
 }
 
 /// Checks every file against the manifest, the index against the shards, and the tensors against
@@ -73,7 +67,13 @@ pub fn verify(dir: &Path) -> VerifyReport {
             ));
         }
     }
-    let expected = expected_mlx_tensors(ckpt.config(), ckpt.config().quantization.as_ref());
+    let expected = match expected_mlx_tensors(&ckpt) {
+        Ok(e) => e,
+        Err(e) => {
+            r.problems.push(e.to_string());
+            return r;
+        }
+    };
     for t in &expected {
         r.tensors_checked += 1;
         match ckpt.tensor(&t.name) {
@@ -88,8 +88,9 @@ pub fn verify(dir: &Path) -> VerifyReport {
             }
         }
     }
+    let names: std::collections::HashSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
     for name in ckpt.names() {
-        if !expected.iter().any(|t| t.name == name) {
+        if !names.contains(name) {
             r.problems.push(format!("tensor {name}: not implied by the config"));
         }
     }

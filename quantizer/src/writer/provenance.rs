@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::importance::CalibrationUse;
-use crate::plan::Allocation;
-use crate::recipe::Action;
-use crate::search::QuantMethod;
+use crate::kernels::importance::CalibrationUse;
+use crate::recipe::plan::Allocation;
+use crate::recipe::language::QuantFormat;
+use crate::kernels::mse::QuantMethod;
 
 /// Where the calibration statistics came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +38,7 @@ impl Provenance {
     /// The provenance of converting `alloc` with `default` and optional statistics.
     pub fn of(alloc: &Allocation, default: QuantMethod, calibration: Option<&CalibrationUse>) -> Self {
         let mut modules = BTreeMap::new();
-        for a in alloc.assigned.iter().filter(|a| matches!(a.action, Action::Affine { .. })) {
+        for a in alloc.assigned.iter().filter(|a| matches!(a.action, QuantFormat::Affine { .. })) {
             *modules.entry(a.quantizer.unwrap_or(default)).or_insert(0) += 1;
         }
         let uses_mse = modules.contains_key(&QuantMethod::Mse);

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use mixq_loader::{Calibration, Checkpoint, ModelFingerprint};
 
 use crate::error::ConvertError;
-use crate::hash::sha256_file;
-use crate::modules::{Param, TensorClass};
+use crate::writer::hash::sha256_file;
+use mixq_loader::schema::{Param, TensorClass};
 
 /// Fraction of a block's mean x² added to every column's importance: keeps channels that the
 /// calibration text never excited from being quantized as if they did not matter.

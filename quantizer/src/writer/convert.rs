@@ -17,20 +17,20 @@ use mixq_loader::{Checkpoint, CheckpointFormat};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
-use crate::affine::packed_row_bytes;
-use crate::importance::{CalibrationUse, Importance};
-use crate::card::model_card;
+use crate::kernels::affine::packed_row_bytes;
+use crate::kernels::importance::{CalibrationUse, Importance};
+use crate::writer::card::model_card;
 use crate::error::{io, ConvertError};
-use crate::provenance::Provenance;
-use crate::hash::{sha256_file, sha256_hex};
-use crate::manifest::write_manifest;
-use crate::plan::{Allocation, Assigned, OutTensor, PlanSummary};
-use crate::recipe::{Action, Recipe};
-use crate::rows::RowSource;
-use crate::search::QuantMethod;
-use crate::source_watch::SourceWatch;
-use crate::staging::{free_bytes, output_name, ShardRecord, Staging};
-use crate::units::human_bytes;
+use crate::writer::provenance::Provenance;
+use crate::writer::hash::{sha256_file, sha256_hex};
+use crate::writer::manifest::write_manifest;
+use crate::recipe::plan::{Allocation, Assigned, OutTensor, PlanSummary};
+use crate::recipe::language::{QuantFormat, Recipe};
+use crate::writer::rows::RowSource;
+use crate::kernels::mse::QuantMethod;
+use crate::writer::source_watch::SourceWatch;
+use crate::writer::staging::{free_bytes, output_name, ShardRecord, Staging};
+use crate::sizes::human_bytes;
 
 /// mlx-lm's shard limit: 5 GiB.
 pub const MAX_SHARD_BYTES: u64 = 5 << 30;
@@ -241,7 +241,7 @@ impl Job<'_> {
         let source_bytes: Vec<u64> = alloc.assigned.iter().zip(&sources).map(|(a, s)| ((a.param.numel() / s.cols()) * s.source_bytes_per_row()) as u64).collect();
         progress.begin(source_bytes.iter().sum(), alloc.assigned.len());
         let files = layout.open_files(&dir, staging.shards())?;
-        crate::fault::point("headers");
+        crate::writer::fault::point("headers");
         let mut unfinished = 0;
         for (i, ((a, src), places)) in alloc.assigned.iter().zip(&sources).zip(&layout.placements).enumerate() {
             let kept = places.iter().all(|&(s, _)| staging.shards().contains_key(&layout.names[s]));
@@ -250,7 +250,7 @@ impl Job<'_> {
             } else {
                 let method = a.quantizer.unwrap_or(self.opts.quantizer);
                 let importance = match (self.calibration, method, a.action) {
-                    (Some(c), QuantMethod::Mse, Action::Affine { .. }) => c.importance(&a.param)?,
+                    (Some(c), QuantMethod::Mse, QuantFormat::Affine { .. }) => c.importance(&a.param)?,
                     _ => None,
                 };
                 let job = ParamJob { method, importance: importance.as_ref(), ckpt: self.ckpt };
@@ -271,7 +271,7 @@ impl Job<'_> {
                     files[unfinished].sync_all().map_err(io(&path))?;
                     let (sha256, size) = sha256_file(&path).map_err(io(&path))?;
                     staging.record(name, ShardRecord { size, sha256 })?;
-                    crate::fault::point("shard");
+                    crate::writer::fault::point("shard");
                 }
                 unfinished += 1;
             }
@@ -294,7 +294,7 @@ impl Job<'_> {
         let card = model_card(&name, &base_model, self.recipe, &summary, &provenance);
         std::fs::write(dir.join("README.md"), card).map_err(io(&dir))?;
         progress.phase("hashing");
-        crate::fault::point("manifest");
+        crate::writer::fault::point("manifest");
         write_manifest(&dir, staging.shards(), &base_model, self.recipe, &summary, &provenance)?;
         self.watch.check()?;
         Ok((summary, source_bytes.iter().sum()))
@@ -428,7 +428,7 @@ fn write_param(
     let mut bytes_a = vec![0u8; chunk_rows.min(rows) * row_bytes[0]];
     let mut bytes_b = vec![0u8; if row_bytes.len() > 1 { chunk_rows.min(rows) * row_bytes[1] } else { 0 }];
     let groups_per_row = match a.action {
-        Action::Affine { group_size, .. } => cols / group_size as usize,
+        QuantFormat::Affine { group_size, .. } => cols / group_size as usize,
         _ => 0,
     };
     let mut scales = vec![bf16::ZERO; chunk_rows.min(rows) * groups_per_row];
@@ -437,14 +437,14 @@ fn write_param(
     while first < rows {
         let n = chunk_rows.min(rows - first);
         match a.action {
-            Action::Keep => {
+            QuantFormat::Bf16 => {
                 let buf = &mut bytes_a[..n * row_bytes[0]];
                 buf.par_chunks_mut(row_bytes[0])
                     .enumerate()
                     .for_each_init(|| vec![0f32; cols], |scratch, (i, out)| src.row_bf16(first + i, scratch, out));
                 put(0, first, buf)?;
             }
-            Action::Affine { bits, group_size } => {
+            QuantFormat::Affine { bits, group_size } => {
                 let gpr = groups_per_row;
                 let packed = &mut bytes_a[..n * packed_row_bytes(cols, bits)];
                 let (s, b) = (&mut scales[..n * gpr], &mut biases[..n * gpr]);
@@ -467,7 +467,7 @@ fn write_param(
                 put(1, first, bytemuck::cast_slice(s))?;
                 put(2, first, bytemuck::cast_slice(b))?;
             }
-            Action::Mxfp4 => {
+            QuantFormat::Mxfp4 => {
                 let (bb, sb) = (row_bytes[0], row_bytes[1]);
                 let (blocks, block_scales) = (&mut bytes_a[..n * bb], &mut bytes_b[..n * sb]);
                 for i in 0..n {
@@ -486,7 +486,7 @@ fn write_param(
             job.ckpt.release(slice);
         }
         progress.advance((n * src.source_bytes_per_row()) as u64);
-        crate::fault::point("chunk");
+        crate::writer::fault::point("chunk");
         first += n;
     }
     Ok(())

@@ -12,10 +12,10 @@ use std::fmt::Write as _;
 
 use mixq_loader::GptOssConfig;
 
-use crate::modules::{mlx_params, TensorClass};
-use crate::plan::{compress_ranges, Allocation};
-use crate::recipe::Recipe;
-use crate::sensitivity::{Sensitivity, UnitCost};
+use mixq_loader::schema::{mlx_params, TensorClass};
+use crate::recipe::plan::{compress_ranges, Allocation};
+use crate::recipe::language::Recipe;
+use crate::authoring::sensitivity_file::{Sensitivity, UnitCost};
 
 /// Knobs of a search.
 #[derive(Debug, Clone)]
@@ -345,7 +345,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sensitivity::{SettingCost, UnitCost, SENSITIVITY_FORMAT};
+    use crate::authoring::sensitivity_file::{SettingCost, UnitCost, SENSITIVITY_FORMAT};
 
     #[test]
     fn sizes_parse() {
@@ -359,7 +359,7 @@ mod tests {
     fn toy() -> (Sensitivity, GptOssConfig) {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-gpt-oss-shakespeare/config.json")).unwrap();
         let config = GptOssConfig::from_json_str(&text, std::path::Path::new("config.json")).unwrap();
-        let units = crate::sensitivity::units(&config)
+        let units = crate::authoring::sensitivity_file::units(&config)
             .iter()
             .enumerate()
             .map(|(n, p)| {
@@ -368,7 +368,7 @@ mod tests {
                     .map(|&(b, g)| SettingCost {
                         bits: b,
                         group_size: g,
-                        bytes: crate::sensitivity::affine_bytes(p, b, g),
+                        bytes: crate::authoring::sensitivity_file::affine_bytes(p, b, g),
                         proxy: 0.0,
                         cost: (1.0 + (n % 7) as f64) * 4f64.powi(-(b as i32)),
                     })

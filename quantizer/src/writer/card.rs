@@ -1,9 +1,9 @@
 //! The model card (README.md) written beside a converted checkpoint.
 
-use crate::units::{gb, gib};
-use crate::plan::PlanSummary;
-use crate::provenance::Provenance;
-use crate::recipe::Recipe;
+use crate::sizes::{gb, gib};
+use crate::recipe::plan::PlanSummary;
+use crate::writer::provenance::Provenance;
+use crate::recipe::language::Recipe;
 
 /// A Hugging Face model card: front matter for the hub, the bit table, and how to load it.
 pub fn model_card(name: &str, base_model: &str, recipe: &Recipe, s: &PlanSummary, provenance: &Provenance) -> String {

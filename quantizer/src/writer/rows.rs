@@ -6,7 +6,7 @@ use mixq_loader::layout::MXFP4_BLOCK;
 use mixq_loader::{Checkpoint, RowMap};
 
 use crate::error::ConvertError;
-use crate::modules::{Param, TensorClass};
+use mixq_loader::schema::{Param, UpstreamRows};
 
 /// Where the rows of one output parameter come from.
 #[derive(Debug, Clone, Copy)]
@@ -38,40 +38,23 @@ pub enum RowSource<'a> {
 }
 
 impl<'a> RowSource<'a> {
-    /// The rows of `p` (in the MLX module's order) in the upstream checkpoint `ckpt`.
+    /// The rows of `p` (in the MLX module's order) in the upstream checkpoint `ckpt`, where the
+    /// schema says they are; each tensor checked against the dtype and shape it must have.
     pub fn for_param(ckpt: &'a Checkpoint, p: &Param) -> Result<Self, ConvertError> {
-        let c = ckpt.config();
         let cols = p.in_features();
-        let (i, h) = (c.intermediate_size, c.hidden_size);
-        let layer = p.layer.unwrap_or(0);
-        let experts = format!("model.layers.{layer}.mlp.experts");
-        // (source stem, start, step) for expert tensors: gate rows are even, up rows odd.
-        let expert = match p.class {
-            TensorClass::ExpertsGate => Some(("gate_up_proj", 0, 2)),
-            TensorClass::ExpertsUp => Some(("gate_up_proj", 1, 2)),
-            TensorClass::ExpertsDown => Some(("down_proj", 0, 1)),
-            TensorClass::Bias if p.module.ends_with("experts.gate_proj") => Some(("gate_up_proj", 0, 2)),
-            TensorClass::Bias if p.module.ends_with("experts.up_proj") => Some(("gate_up_proj", 1, 2)),
-            TensorClass::Bias if p.module.ends_with("experts.down_proj") => Some(("down_proj", 0, 1)),
-            _ => None,
+        let expected = p.upstream_tensors();
+        let fetch = |k: usize| -> Result<&'a [u8], ConvertError> {
+            let e = &expected[k];
+            let t = ckpt.tensor(&e.name)?;
+            t.expect(e.dtype, &e.shape)?;
+            Ok(t.data)
         };
-        Ok(match expert {
-            Some((stem, start, step)) if p.leaf == "weight" => {
-                let blocks = ckpt.tensor(&format!("{experts}.{stem}_blocks"))?;
-                let scales = ckpt.tensor(&format!("{experts}.{stem}_scales"))?;
-                let src_per = if stem == "gate_up_proj" { 2 * i } else { h };
-                let map = mixq_loader::RowMap { per: p.shape[1], src_per, start, step };
-                RowSource::Mxfp4 { blocks: blocks.data, scales: scales.data, cols, map }
+        Ok(match &p.upstream {
+            UpstreamRows::Bf16 { .. } => RowSource::Bf16 { data: fetch(0)?, cols, src_cols: cols, start: 0, step: 1 },
+            UpstreamRows::Bf16Strided { start, step, .. } => {
+                RowSource::Bf16 { data: fetch(0)?, cols, src_cols: cols * step, start: *start, step: *step }
             }
-            Some((stem, start, step)) => {
-                let bias = ckpt.tensor(&format!("{experts}.{stem}_bias"))?;
-                RowSource::Bf16 { data: bias.data, cols, src_cols: cols * step, start, step }
-            }
-            None => {
-                let t = ckpt.tensor(&p.name())?;
-                t.expect(mixq_loader::Dtype::BF16, &p.shape)?;
-                RowSource::Bf16 { data: t.data, cols, src_cols: cols, start: 0, step: 1 }
-            }
+            UpstreamRows::Mxfp4 { map, .. } => RowSource::Mxfp4 { blocks: fetch(0)?, scales: fetch(1)?, cols, map: *map },
         })
     }
 

@@ -1,20 +1,19 @@
 //! YAML sensitivity recipes: ordered rules mapping tensor classes and layers to an action.
 
-use std::fmt;
 use std::path::Path;
 
 use mixq_loader::LayerType;
 use serde::Deserialize;
 
-use crate::affine::{AFFINE_BITS, AFFINE_GROUP_SIZES};
-use crate::modules::{Param, TensorClass};
-use crate::search::QuantMethod;
+use crate::kernels::affine::{AFFINE_BITS, AFFINE_GROUP_SIZES};
+use mixq_loader::schema::{Param, TensorClass};
+use crate::kernels::mse::QuantMethod;
 
 /// Recipes shipped inside the binary, by name.
 pub const BUILTIN_RECIPES: &[(&str, &str)] = &[
-    ("gpt-oss-120b-3.6bit", include_str!("../../recipes/gpt-oss-120b-3.6bit.yaml")),
-    ("mixed_3_6", include_str!("../../recipes/mixed_3_6.yaml")),
-    ("mxfp4-experts", include_str!("../../recipes/mxfp4-experts.yaml")),
+    ("gpt-oss-120b-3.6bit", include_str!("../../../recipes/gpt-oss-120b-3.6bit.yaml")),
+    ("mixed_3_6", include_str!("../../../recipes/mixed_3_6.yaml")),
+    ("mxfp4-experts", include_str!("../../../recipes/mxfp4-experts.yaml")),
 ];
 
 /// A recipe that cannot be read or does not fit a model.
@@ -49,31 +48,8 @@ fn builtin_names() -> String {
     BUILTIN_RECIPES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
-/// What a rule does with the tensors it matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Action {
-    /// Keep in bf16.
-    Keep,
-    /// MLX affine quantization.
-    Affine {
-        /// Bits per code.
-        bits: u32,
-        /// Elements per scale/bias.
-        group_size: u32,
-    },
-    /// Copy upstream MXFP4 expert blocks unchanged (MLX mxfp4 mode).
-    Mxfp4,
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Action::Keep => f.write_str("bf16"),
-            Action::Affine { bits, group_size } => write!(f, "affine {bits}-bit gs{group_size}"),
-            Action::Mxfp4 => f.write_str("mxfp4"),
-        }
-    }
-}
+/// What a rule does with the tensors it matches: the storage format it gives them.
+pub use mixq_loader::QuantFormat;
 
 /// A count of layers: absolute, or a fraction of the model's layer count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +178,7 @@ pub struct Rule {
     /// Attention type it selects.
     pub layer_type: Option<LayerType>,
     /// What it does.
-    pub action: Action,
+    pub action: QuantFormat,
     /// The quantizer its affine action asks for (`None`: the conversion's default).
     pub quantizer: Option<QuantMethod>,
 }
@@ -292,12 +268,12 @@ struct RawRule {
 }
 
 /// Reads `keep`, `mxfp4` or `{affine: {bits: B, group_size: G[, quantizer: minmax|mse]}}`.
-fn parse_action(v: &serde_yaml::Value) -> Result<(Action, Option<QuantMethod>), String> {
+fn parse_action(v: &serde_yaml::Value) -> Result<(QuantFormat, Option<QuantMethod>), String> {
     use serde_yaml::Value as Y;
     let expected = "expected `keep`, `mxfp4` or `{affine: {bits: B, group_size: G}}`";
     match v {
-        Y::String(s) if s == "keep" => Ok((Action::Keep, None)),
-        Y::String(s) if s == "mxfp4" => Ok((Action::Mxfp4, None)),
+        Y::String(s) if s == "keep" => Ok((QuantFormat::Bf16, None)),
+        Y::String(s) if s == "mxfp4" => Ok((QuantFormat::Mxfp4, None)),
         Y::Mapping(m) if m.len() == 1 => {
             let (k, inner) = m.iter().next().expect("one entry");
             if k.as_str() != Some("affine") {
@@ -324,7 +300,7 @@ fn parse_action(v: &serde_yaml::Value) -> Result<(Action, Option<QuantMethod>), 
                     .map(|n| n as u32)
                     .ok_or_else(|| format!("affine needs an integer `{key}`"))
             };
-            Ok((Action::Affine { bits: get("bits")?, group_size: get("group_size")? }, quantizer))
+            Ok((QuantFormat::Affine { bits: get("bits")?, group_size: get("group_size")? }, quantizer))
         }
         other => Err(format!("action {other:?} is not valid; {expected}")),
     }
@@ -388,9 +364,9 @@ impl Recipe {
             };
             let (action, quantizer) = parse_action(&r.action).map_err(|m| invalid(line, m))?;
             let action = match action {
-                Action::Keep => Action::Keep,
-                Action::Mxfp4 => Action::Mxfp4,
-                Action::Affine { bits, group_size } => {
+                QuantFormat::Bf16 => QuantFormat::Bf16,
+                QuantFormat::Mxfp4 => QuantFormat::Mxfp4,
+                QuantFormat::Affine { bits, group_size } => {
                     if !AFFINE_BITS.contains(&bits) {
                         return Err(invalid(line, format!("bits {bits} is not supported; expected one of {AFFINE_BITS:?}")));
                     }
@@ -400,15 +376,15 @@ impl Recipe {
                             format!("group_size {group_size} is not supported; expected one of {AFFINE_GROUP_SIZES:?}"),
                         ));
                     }
-                    Action::Affine { bits, group_size }
+                    QuantFormat::Affine { bits, group_size }
                 }
             };
-            if action != Action::Keep {
+            if action != QuantFormat::Bf16 {
                 if let Some(c) = classes.iter().find(|c| !c.is_quantizable()) {
                     return Err(invalid(line, format!("class {} cannot be quantized; its only action is keep", c.as_str())));
                 }
             }
-            if action == Action::Mxfp4 {
+            if action == QuantFormat::Mxfp4 {
                 if let Some(c) = classes.iter().find(|c| !c.is_expert()) {
                     return Err(invalid(
                         line,
@@ -503,7 +479,7 @@ mod tests {
         let text = "name: x\nrules:\n  - class: norm\n    action: keep\n\n  - class: [q_proj]\n    action: {affine: {bits: 4, group_size: 64}}\n";
         assert_eq!(rule_lines(text), vec![3, 6]);
         let r = Recipe::parse(text, "t.yaml").unwrap();
-        assert_eq!(r.rules[1].action, Action::Affine { bits: 4, group_size: 64 });
+        assert_eq!(r.rules[1].action, QuantFormat::Affine { bits: 4, group_size: 64 });
         assert_eq!(r.rules[1].quantizer, None);
     }
 

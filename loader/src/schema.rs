@@ -1,6 +1,12 @@
-//! The parameters of a gpt-oss model as MLX names them, each with its tensor class.
+//! The model schema: every parameter of a gpt-oss model as MLX names it, with its tensor class,
+//! layer, logical shape and where its rows are in the upstream checkpoint, built once from a
+//! validated config. Every job (plan, convert, verify, inspect, the runtimes, calibrate,
+//! sensitivity) knows the model through this table.
 
-use mixq_loader::{GptOssConfig, LayerType};
+use crate::config::{GptOssConfig, LayerType};
+use crate::dtype::Dtype;
+use crate::format::MXFP4_BLOCK;
+use crate::rowmap::RowMap;
 
 /// What role a parameter plays; recipes select by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,6 +99,46 @@ impl TensorClass {
     }
 }
 
+/// A tensor the upstream layout requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    /// Full tensor name.
+    pub name: String,
+    /// Required dtype.
+    pub dtype: Dtype,
+    /// Required shape.
+    pub shape: Vec<usize>,
+}
+
+/// Where a parameter's rows are in the upstream checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamRows {
+    /// A BF16 tensor of the parameter's name and shape.
+    Bf16 {
+        /// The upstream tensor.
+        tensor: String,
+    },
+    /// Every `step`-th element of each row of a BF16 tensor, from `start` (de-interleaved expert
+    /// biases): output row `r`, element `j` is source element `r * cols * step + start + j * step`.
+    Bf16Strided {
+        /// The upstream tensor, `[..., cols * step]`.
+        tensor: String,
+        /// First source column.
+        start: usize,
+        /// Column stride.
+        step: usize,
+    },
+    /// MXFP4 expert rows: output row `r` is stored row `map.stored(r)` of the blocks and scales.
+    Mxfp4 {
+        /// `[experts, stored_rows, cols / 32, 16]` uint8 codes.
+        blocks: String,
+        /// `[experts, stored_rows, cols / 32]` uint8 E8M0 scales.
+        scales: String,
+        /// Output row to stored row.
+        map: RowMap,
+    },
+}
+
 /// One parameter of the MLX model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Param {
@@ -109,6 +155,8 @@ pub struct Param {
     pub leaf: &'static str,
     /// Logical shape: `[..., out, in]` for weights.
     pub shape: Vec<usize>,
+    /// Where its rows are in the upstream checkpoint.
+    pub upstream: UpstreamRows,
 }
 
 impl Param {
@@ -127,9 +175,43 @@ impl Param {
         *self.shape.last().unwrap_or(&0)
     }
 
+    /// Rows: every dimension but the last, multiplied.
+    pub fn rows(&self) -> usize {
+        self.shape.iter().rev().skip(1).product()
+    }
+
     /// Whether this is a weight MLX could quantize.
     pub fn is_quantizable(&self) -> bool {
         self.class.is_quantizable() && self.leaf == "weight"
+    }
+
+    /// Parameters as mlx-lm counts them (sinks are not counted).
+    pub fn counted_params(&self) -> usize {
+        if self.class == TensorClass::Sinks {
+            0
+        } else {
+            self.numel()
+        }
+    }
+
+    /// The upstream tensors this parameter reads, with their dtypes and shapes.
+    pub fn upstream_tensors(&self) -> Vec<ExpectedTensor> {
+        let cols = self.in_features();
+        let outer = &self.shape[..self.shape.len().saturating_sub(1)];
+        match &self.upstream {
+            UpstreamRows::Bf16 { tensor } => vec![ExpectedTensor { name: tensor.clone(), dtype: Dtype::BF16, shape: self.shape.clone() }],
+            UpstreamRows::Bf16Strided { tensor, step, .. } => {
+                let shape = outer.iter().copied().chain([cols * step]).collect();
+                vec![ExpectedTensor { name: tensor.clone(), dtype: Dtype::BF16, shape }]
+            }
+            UpstreamRows::Mxfp4 { blocks, scales, map } => {
+                let experts = self.rows() / map.per.max(1);
+                vec![
+                    ExpectedTensor { name: blocks.clone(), dtype: Dtype::U8, shape: vec![experts, map.src_per, cols / MXFP4_BLOCK, 16] },
+                    ExpectedTensor { name: scales.clone(), dtype: Dtype::U8, shape: vec![experts, map.src_per, cols / MXFP4_BLOCK] },
+                ]
+            }
+        }
     }
 }
 
@@ -139,13 +221,37 @@ pub fn mlx_params(c: &GptOssConfig) -> Vec<Param> {
     let (h, i, e, v) = (c.hidden_size, c.intermediate_size, c.num_local_experts, c.vocab_size);
     let q = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;
-    let p = |class, layer: Option<usize>, module: String, leaf, shape: &[usize]| Param {
-        class,
-        layer,
-        layer_type: layer.map(|l| c.layer_types[l]),
-        module,
-        leaf,
-        shape: shape.to_vec(),
+    let p = |class, layer: Option<usize>, module: String, leaf: &'static str, shape: &[usize]| {
+        let tensor = format!("{module}.{leaf}");
+        Param {
+            class,
+            layer,
+            layer_type: layer.and_then(|l| c.layer_types.get(l).copied()),
+            module,
+            leaf,
+            shape: shape.to_vec(),
+            upstream: UpstreamRows::Bf16 { tensor },
+        }
+    };
+    // Experts: MLX's gate/up/down modules read the upstream interleaved gate_up (even rows gate,
+    // odd rows up) and down MXFP4 tensors in place; their biases de-interleave the same way.
+    let expert = |l: usize, name: &str, class, stem: &str, start: usize, step: usize, shape: [usize; 3]| {
+        let module = format!("model.layers.{l}.mlp.experts.{name}");
+        let up = format!("model.layers.{l}.mlp.experts.{stem}");
+        let src_per = shape[1] * step;
+        let weight = Param {
+            upstream: UpstreamRows::Mxfp4 {
+                blocks: format!("{up}_blocks"),
+                scales: format!("{up}_scales"),
+                map: RowMap { per: shape[1], src_per, start, step },
+            },
+            ..p(class, Some(l), module.clone(), "weight", &shape)
+        };
+        let bias = Param {
+            upstream: UpstreamRows::Bf16Strided { tensor: format!("{up}_bias"), start, step },
+            ..p(Bias, Some(l), module, "bias", &shape[..2])
+        };
+        [weight, bias]
     };
     let mut out = vec![p(EmbedTokens, None, "model.embed_tokens".into(), "weight", &[v, h])];
     for l in 0..c.num_hidden_layers {
@@ -165,16 +271,30 @@ pub fn mlx_params(c: &GptOssConfig) -> Vec<Param> {
             p(Sinks, at, m("self_attn"), "sinks", &[c.num_attention_heads]),
             p(Router, at, m("mlp.router"), "weight", &[e, h]),
             p(Bias, at, m("mlp.router"), "bias", &[e]),
-            p(ExpertsGate, at, m("mlp.experts.gate_proj"), "weight", &[e, i, h]),
-            p(Bias, at, m("mlp.experts.gate_proj"), "bias", &[e, i]),
-            p(ExpertsUp, at, m("mlp.experts.up_proj"), "weight", &[e, i, h]),
-            p(Bias, at, m("mlp.experts.up_proj"), "bias", &[e, i]),
-            p(ExpertsDown, at, m("mlp.experts.down_proj"), "weight", &[e, h, i]),
-            p(Bias, at, m("mlp.experts.down_proj"), "bias", &[e, h]),
         ]);
+        out.extend(expert(l, "gate_proj", ExpertsGate, "gate_up_proj", 0, 2, [e, i, h]));
+        out.extend(expert(l, "up_proj", ExpertsUp, "gate_up_proj", 1, 2, [e, i, h]));
+        out.extend(expert(l, "down_proj", ExpertsDown, "down_proj", 0, 1, [e, h, i]));
     }
     out.push(p(Norm, None, "model.norm".into(), "weight", &[h]));
     out.push(p(LmHead, None, "lm_head".into(), "weight", &[v, h]));
+    out
+}
+
+/// Every tensor of the upstream gpt-oss layout for a config, in a stable order (the model-wide
+/// tensors first, then layer by layer), derived from the parameter table.
+pub fn upstream_tensors(c: &GptOssConfig) -> Vec<ExpectedTensor> {
+    let params = mlx_params(c);
+    let (global, layered): (Vec<&Param>, Vec<&Param>) = params.iter().partition(|p| p.layer.is_none());
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<ExpectedTensor> = Vec::new();
+    for p in global.into_iter().chain(layered) {
+        for t in p.upstream_tensors() {
+            if seen.insert(t.name.clone()) {
+                out.push(t);
+            }
+        }
+    }
     out
 }
 
@@ -222,18 +342,36 @@ pub fn classify_name(name: &str) -> Option<(TensorClass, Option<usize>)> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn classify_round_trips_params() {
-        let cfg = mixq_loader::GptOssConfig::from_json_str(
+    fn config() -> GptOssConfig {
+        GptOssConfig::from_json_str(
             r#"{"model_type":"gpt_oss","num_hidden_layers":2,"hidden_size":64,"intermediate_size":64,
             "num_local_experts":4,"num_experts_per_tok":2,"num_attention_heads":2,"num_key_value_heads":1,
             "head_dim":32,"vocab_size":100,"sliding_window":8}"#,
             std::path::Path::new("c.json"),
         )
-        .unwrap();
-        for p in mlx_params(&cfg) {
+        .unwrap()
+    }
+
+    #[test]
+    fn classify_round_trips_params() {
+        for p in mlx_params(&config()) {
             assert_eq!(classify_name(&p.name()), Some((p.class, p.layer)), "{}", p.name());
         }
         assert_eq!(classify_name("model.layers.1.self_attn.q_proj.scales"), Some((TensorClass::QProj, Some(1))));
+    }
+
+    #[test]
+    fn upstream_tensors_are_the_upstream_layout() {
+        let t = upstream_tensors(&config());
+        // 3 model-wide tensors, and 19 per layer (the experts' 6 shared by gate, up and down).
+        assert_eq!(t.len(), 3 + 2 * 19);
+        assert_eq!(t[0].name, "model.embed_tokens.weight");
+        assert_eq!(t[1].name, "model.norm.weight");
+        let blocks = t.iter().find(|x| x.name == "model.layers.1.mlp.experts.gate_up_proj_blocks").unwrap();
+        assert_eq!((blocks.dtype, blocks.shape.clone()), (Dtype::U8, vec![4, 128, 2, 16]));
+        let bias = t.iter().find(|x| x.name == "model.layers.0.mlp.experts.down_proj_bias").unwrap();
+        assert_eq!(bias.shape, vec![4, 64]);
+        let names: std::collections::BTreeSet<_> = t.iter().map(|x| &x.name).collect();
+        assert_eq!(names.len(), t.len(), "no tensor twice");
     }
 }

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use mixq_loader::Checkpoint;
 
 use crate::error::{io, ConvertError};
-use crate::hash::sha256_hex;
+use crate::writer::hash::sha256_hex;
 
 /// Size and modification time of one source file.
 #[derive(Debug, Clone, PartialEq, Eq)]

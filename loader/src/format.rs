@@ -1,0 +1,194 @@
+//! How a parameter is stored: bf16, MLX affine (bits × group size) or MXFP4; each format's output
+//! tensors, their shapes and bytes, and the bits-per-weight figure, defined once.
+
+use std::fmt;
+
+use crate::config::{QuantMode, QuantSpec};
+use crate::dtype::Dtype;
+
+/// Bit widths MLX affine quantization supports.
+pub const AFFINE_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
+/// Group sizes MLX affine quantization supports.
+pub const AFFINE_GROUP_SIZES: [u32; 3] = [32, 64, 128];
+/// Elements per MXFP4 block (one shared E8M0 scale).
+pub const MXFP4_BLOCK: usize = 32;
+
+/// The storage format of one parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QuantFormat {
+    /// Kept in bf16.
+    Bf16,
+    /// MLX affine quantization: `scale * q + bias` per group, bf16 scales and biases.
+    Affine {
+        /// Bits per code (one of [`AFFINE_BITS`]).
+        bits: u32,
+        /// Elements per scale/bias (one of [`AFFINE_GROUP_SIZES`]).
+        group_size: u32,
+    },
+    /// MLX `mxfp4` mode: E2M1 codes with an E8M0 scale per 32 elements (the upstream experts).
+    Mxfp4,
+}
+
+/// One output tensor of a parameter: name, dtype and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutTensor {
+    /// Tensor name in the MLX checkpoint.
+    pub name: String,
+    /// Stored dtype.
+    pub dtype: Dtype,
+    /// Stored shape.
+    pub shape: Vec<usize>,
+}
+
+impl OutTensor {
+    /// Bytes of data.
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+/// Bits per weight as mlx-lm computes it: 8 × tensor bytes / parameters (0 for no parameters).
+pub fn bits_per_weight(bytes: usize, params: usize) -> f64 {
+    if params == 0 {
+        0.0
+    } else {
+        8.0 * bytes as f64 / params as f64
+    }
+}
+
+impl QuantFormat {
+    /// An affine format, if MLX supports that bit width and group size.
+    pub fn affine(bits: u32, group_size: u32) -> Result<Self, String> {
+        if !AFFINE_BITS.contains(&bits) {
+            return Err(format!("affine bits must be one of {AFFINE_BITS:?}, found {bits}"));
+        }
+        if !AFFINE_GROUP_SIZES.contains(&group_size) {
+            return Err(format!("affine group_size must be one of {AFFINE_GROUP_SIZES:?}, found {group_size}"));
+        }
+        Ok(QuantFormat::Affine { bits, group_size })
+    }
+
+    /// The format of an MLX quantization-map entry, checked against what MLX supports.
+    pub fn from_spec(spec: QuantSpec) -> Result<Self, String> {
+        match spec.mode {
+            QuantMode::Affine => Self::affine(spec.bits, spec.group_size),
+            QuantMode::Mxfp4 if spec.bits == 4 && spec.group_size == MXFP4_BLOCK as u32 => Ok(QuantFormat::Mxfp4),
+            QuantMode::Mxfp4 => Err(format!(
+                "mxfp4 needs bits 4 and group_size {MXFP4_BLOCK}, found bits {} and group_size {}",
+                spec.bits, spec.group_size
+            )),
+        }
+    }
+
+    /// The quantization-map entry of a module stored this way (`None` for bf16).
+    pub fn spec(self) -> Option<QuantSpec> {
+        match self {
+            QuantFormat::Bf16 => None,
+            QuantFormat::Affine { bits, group_size } => Some(QuantSpec { bits, group_size, mode: QuantMode::Affine }),
+            QuantFormat::Mxfp4 => Some(QuantSpec { bits: 4, group_size: MXFP4_BLOCK as u32, mode: QuantMode::Mxfp4 }),
+        }
+    }
+
+    /// Whether the format quantizes (has codes and scales).
+    pub fn is_quantized(self) -> bool {
+        self != QuantFormat::Bf16
+    }
+
+    /// What the input dimension must be a multiple of.
+    pub fn input_multiple(self) -> usize {
+        match self {
+            QuantFormat::Bf16 => 1,
+            QuantFormat::Affine { group_size, .. } => group_size as usize,
+            QuantFormat::Mxfp4 => MXFP4_BLOCK,
+        }
+    }
+
+    /// Scale groups per row of `cols` elements (0 for bf16).
+    pub fn groups(self, cols: usize) -> usize {
+        match self {
+            QuantFormat::Bf16 => 0,
+            _ => cols / self.input_multiple(),
+        }
+    }
+
+    /// Bytes of packed codes per row of `cols` elements (bf16: the values).
+    pub fn code_bytes(self, cols: usize) -> usize {
+        match self {
+            QuantFormat::Bf16 => cols * 2,
+            QuantFormat::Affine { bits, .. } => cols * bits as usize / 8,
+            QuantFormat::Mxfp4 => cols / 2,
+        }
+    }
+
+    /// Bytes stored per row of `cols` elements: codes, scales and biases.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            QuantFormat::Bf16 => cols * 2,
+            QuantFormat::Affine { .. } => self.code_bytes(cols) + 4 * self.groups(cols),
+            QuantFormat::Mxfp4 => self.code_bytes(cols) + self.groups(cols),
+        }
+    }
+
+    /// The tensors a parameter `{module}.{leaf}` of logical shape `[..., out, in]` becomes.
+    pub fn outputs(self, module: &str, leaf: &str, shape: &[usize]) -> Vec<OutTensor> {
+        let (outer, last) = shape.split_at(shape.len().saturating_sub(1));
+        let cols = last.first().copied().unwrap_or(0);
+        let with_last = |n: usize| outer.iter().copied().chain([n]).collect::<Vec<_>>();
+        let t = |leaf: &str, dtype, shape| OutTensor { name: format!("{module}.{leaf}"), dtype, shape };
+        match self {
+            QuantFormat::Bf16 => vec![t(leaf, Dtype::BF16, shape.to_vec())],
+            QuantFormat::Affine { bits, .. } => vec![
+                t("weight", Dtype::U32, with_last(cols * bits as usize / 32)),
+                t("scales", Dtype::BF16, with_last(self.groups(cols))),
+                t("biases", Dtype::BF16, with_last(self.groups(cols))),
+            ],
+            QuantFormat::Mxfp4 => {
+                vec![t("weight", Dtype::U32, with_last(cols / 8)), t("scales", Dtype::U8, with_last(self.groups(cols)))]
+            }
+        }
+    }
+
+    /// Bytes of every output tensor of a parameter of logical shape `shape`.
+    pub fn nbytes(self, shape: &[usize]) -> usize {
+        let cols = shape.last().copied().unwrap_or(0);
+        let rows: usize = shape.iter().rev().skip(1).product();
+        rows * self.row_bytes(cols)
+    }
+}
+
+impl fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuantFormat::Bf16 => f.write_str("bf16"),
+            QuantFormat::Affine { bits, group_size } => write!(f, "affine {bits}-bit gs{group_size}"),
+            QuantFormat::Mxfp4 => f.write_str("mxfp4"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_agree_with_output_tensors() {
+        let shape = [4, 64, 256];
+        for f in [QuantFormat::Bf16, QuantFormat::Mxfp4]
+            .into_iter()
+            .chain(AFFINE_BITS.iter().flat_map(|&b| AFFINE_GROUP_SIZES.iter().map(move |&g| QuantFormat::Affine { bits: b, group_size: g })))
+        {
+            let sum: usize = f.outputs("m", "weight", &shape).iter().map(OutTensor::nbytes).sum();
+            assert_eq!(f.nbytes(&shape), sum, "{f}");
+        }
+        assert_eq!(QuantFormat::Affine { bits: 3, group_size: 64 }.row_bytes(2880), 2880 * 3 / 8 + 4 * 45);
+    }
+
+    #[test]
+    fn unsupported_settings_are_refused() {
+        assert!(QuantFormat::affine(7, 64).unwrap_err().contains("bits"));
+        assert!(QuantFormat::affine(4, 0).unwrap_err().contains("group_size"));
+        let bad = QuantSpec { bits: 4, group_size: 64, mode: QuantMode::Mxfp4 };
+        assert!(QuantFormat::from_spec(bad).is_err());
+        assert_eq!(bits_per_weight(10, 0), 0.0);
+    }
+}

@@ -1,0 +1,4 @@
+//! Recipe authoring: the sensitivity file format, the budgeted recipe search and its frontier.
+
+pub mod recipe_search;
+pub mod sensitivity_file;

@@ -1,0 +1,14 @@
+//! The crash-safe MLX writer: streaming conversion, staging folder, lock and journal, manifest,
+//! model card, and reading back what it wrote (inspect, verify).
+
+pub mod card;
+pub mod convert;
+pub mod fault;
+pub mod hash;
+pub mod inspect;
+pub mod manifest;
+pub mod provenance;
+pub mod rows;
+pub mod source_watch;
+pub mod staging;
+pub mod verify;
