@@ -281,6 +281,35 @@ pub fn mlx_params(c: &GptOssConfig) -> Vec<Param> {
     out
 }
 
+/// The parameter table of one model, indexed by tensor name.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    params: Vec<Param>,
+    by_name: std::collections::HashMap<String, usize>,
+}
+
+impl Schema {
+    /// The parameters of the model a config describes.
+    pub fn new(c: &GptOssConfig) -> Self {
+        let params = mlx_params(c);
+        let by_name = params.iter().enumerate().map(|(i, p)| (p.name(), i)).collect();
+        Schema { params, by_name }
+    }
+
+    /// Every parameter, in model order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// The parameter of an unquantized tensor name (`model.layers.0.self_attn.q_proj.weight`).
+    pub fn param(&self, name: &str) -> Result<&Param, crate::error::LoaderError> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.params[i])
+            .ok_or_else(|| crate::error::LoaderError::tensor(name, "is not a parameter of the gpt-oss model"))
+    }
+}
+
 /// Every tensor of the upstream gpt-oss layout for a config, in a stable order (the model-wide
 /// tensors first, then layer by layer), derived from the parameter table.
 pub fn upstream_tensors(c: &GptOssConfig) -> Vec<ExpectedTensor> {

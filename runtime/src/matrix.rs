@@ -8,6 +8,7 @@
 use half::bf16;
 use mixq_loader::decode::{bf16_to_f32, mxfp4_row_to_f32};
 pub use mixq_loader::RowMap;
+use mixq_loader::QuantFormat;
 use rayon::prelude::*;
 
 /// How a matrix's rows are stored.
@@ -40,6 +41,17 @@ pub enum Codes<'a> {
     },
 }
 
+impl Codes<'_> {
+    /// The storage format these codes are in.
+    pub fn format(&self) -> QuantFormat {
+        match *self {
+            Codes::Bf16 { .. } => QuantFormat::Bf16,
+            Codes::Affine { bits, group_size, .. } => QuantFormat::Affine { bits, group_size: group_size as u32 },
+            Codes::Mxfp4 { .. } => QuantFormat::Mxfp4,
+        }
+    }
+}
+
 /// A packed weight matrix `[rows, cols]` (for experts, all experts' rows stacked).
 #[derive(Debug, Clone, Copy)]
 pub struct Matrix<'a> {
@@ -60,11 +72,7 @@ fn bf16_at(bytes: &[u8], i: usize) -> f32 {
 impl<'a> Matrix<'a> {
     /// Bytes of packed weight data read per row (for bandwidth figures).
     pub fn row_bytes(&self) -> usize {
-        match self.codes {
-            Codes::Bf16 { .. } => self.cols * 2,
-            Codes::Affine { bits, group_size, .. } => self.cols * bits as usize / 8 + 4 * self.cols / group_size,
-            Codes::Mxfp4 { .. } => self.cols / 2 + self.cols / 32,
-        }
+        self.codes.format().row_bytes(self.cols)
     }
 
     /// Bytes of the stored tensor (codes, scales and biases), all rows.
@@ -99,7 +107,8 @@ impl<'a> Matrix<'a> {
                     4 => decode_affine::<4>(packed, scales, biases, group_size, out),
                     5 => decode_affine::<5>(packed, scales, biases, group_size, out),
                     6 => decode_affine::<6>(packed, scales, biases, group_size, out),
-                    _ => decode_affine::<8>(packed, scales, biases, group_size, out),
+                    8 => decode_affine::<8>(packed, scales, biases, group_size, out),
+                    other => unreachable!("affine matrices are built from a validated QuantFormat; {other} bits is not one"),
                 }
             }
         }

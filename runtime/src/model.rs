@@ -2,7 +2,9 @@
 //! pass (RMSNorm, attention with biases, GQA, YaRN RoPE, sinks and sliding windows, top-k router,
 //! SwiGLU-OAI experts, final norm, lm_head), all in f32.
 
-use mixq_loader::{Checkpoint, CheckpointFormat, Dtype, GptOssConfig, LayerType, QuantMode};
+use mixq_loader::mlx_layout::param_format;
+use mixq_loader::schema::{Schema, UpstreamRows};
+use mixq_loader::{Checkpoint, CheckpointFormat, Dtype, GptOssConfig, LayerType, QuantFormat};
 use rayon::prelude::*;
 
 use crate::cache::{KvCache, LayerCache};
@@ -73,138 +75,97 @@ pub struct Model<'a> {
 
 struct Loader<'a, 'c> {
     ckpt: &'a Checkpoint,
-    config: &'c GptOssConfig,
+    schema: &'c Schema,
+    upstream: bool,
+}
+
+fn disagree(e: mixq_loader::LoaderError) -> RuntimeError {
+    RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)"))
 }
 
 impl<'a> Loader<'a, '_> {
-    fn err(name: &str, msg: String) -> RuntimeError {
-        RuntimeError::Checkpoint(format!("tensor {name}: {msg}"))
-    }
-
-    /// A BF16 vector (norm, bias, sinks) as f32, checked against the config's shape.
-    fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// The tensor `name` with the dtype and shape it must have.
+    fn fetch(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&'a [u8]> {
         let t = self.ckpt.tensor(name)?;
-        t.expect(Dtype::BF16, shape).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
-        let mut out = vec![0f32; t.info.numel()];
-        mixq_loader::decode::bf16_to_f32(t.data, &mut out);
-        Ok(out)
+        t.expect(dtype, shape).map_err(disagree)?;
+        Ok(t.data)
     }
 
-    /// The weight of an MLX module (`[..outer, rows, cols]`), quantized as the config's map says.
-    fn mlx_matrix(&self, module: &str, outer: &[usize], rows: usize, cols: usize) -> Result<Matrix<'a>> {
-        let spec = self.config.quantization.as_ref().and_then(|q| q.module(module));
-        let shape = |last: usize| outer.iter().copied().chain([rows, last]).collect::<Vec<_>>();
-        let total_rows = outer.iter().product::<usize>() * rows;
-        let fetch = |leaf: &str, dtype: Dtype, last: usize| -> Result<&'a [u8]> {
-            let name = format!("{module}.{leaf}");
-            let t = self.ckpt.tensor(&name)?;
-            t.expect(dtype, &shape(last)).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
-            Ok(t.data)
+    /// A BF16 vector (norm, bias, sinks) as f32, from where the checkpoint keeps it.
+    fn vector(&self, name: &str) -> Result<Vec<f32>> {
+        let p = self.schema.param(name)?;
+        let (tensor, start, step) = match &p.upstream {
+            UpstreamRows::Bf16Strided { tensor, start, step } if self.upstream => (tensor.as_str(), *start, *step),
+            _ => (name, 0, 1),
         };
-        let codes = match spec {
-            None => Codes::Bf16 { data: fetch("weight", Dtype::BF16, cols)? },
-            Some(s) if s.mode == QuantMode::Mxfp4 => {
-                Codes::Mxfp4 { blocks: fetch("weight", Dtype::U32, cols / 8)?, scales: fetch("scales", Dtype::U8, cols / 32)? }
+        let expected = if step == 1 { p.shape.clone() } else { p.upstream_tensors().remove(0).shape };
+        let data = self.fetch(tensor, Dtype::BF16, &expected)?;
+        let mut all = vec![0f32; expected.iter().product()];
+        mixq_loader::decode::bf16_to_f32(data, &mut all);
+        Ok(if step == 1 { all } else { all.into_iter().skip(start).step_by(step).collect() })
+    }
+
+    /// The weight of the module `module` (all experts' rows stacked), stored as the checkpoint
+    /// stores it: upstream MXFP4 rows read in place, or the MLX format mlx-lm would load.
+    fn matrix(&self, module: &str) -> Result<Matrix<'a>> {
+        let p = self.schema.param(&format!("{module}.weight"))?;
+        let (rows, cols) = (p.rows(), p.in_features());
+        if self.upstream {
+            if let UpstreamRows::Mxfp4 { blocks, scales, map } = &p.upstream {
+                let t = p.upstream_tensors();
+                let codes = Codes::Mxfp4 { blocks: self.fetch(blocks, Dtype::U8, &t[0].shape)?, scales: self.fetch(scales, Dtype::U8, &t[1].shape)? };
+                return Ok(Matrix { codes, rows, cols, map: *map });
             }
-            Some(s) => {
-                let gs = s.group_size as usize;
-                if !cols.is_multiple_of(gs) || !matches!(s.bits, 2..=6 | 8) {
-                    return Err(Self::err(module, format!("unsupported quantization {} bits, group size {gs}", s.bits)));
-                }
-                Codes::Affine {
-                    weight: fetch("weight", Dtype::U32, cols * s.bits as usize / 32)?,
-                    scales: fetch("scales", Dtype::BF16, cols / gs)?,
-                    biases: fetch("biases", Dtype::BF16, cols / gs)?,
-                    bits: s.bits,
-                    group_size: gs,
-                }
+        }
+        let format = if self.upstream { QuantFormat::Bf16 } else { param_format(self.ckpt, p)? };
+        let outs = format.outputs(&p.module, p.leaf, &p.shape);
+        let data = |k: usize| self.fetch(&outs[k].name, outs[k].dtype, &outs[k].shape);
+        let codes = match format {
+            QuantFormat::Bf16 => Codes::Bf16 { data: data(0)? },
+            QuantFormat::Mxfp4 => Codes::Mxfp4 { blocks: data(0)?, scales: data(1)? },
+            QuantFormat::Affine { bits, group_size } => {
+                Codes::Affine { weight: data(0)?, scales: data(1)?, biases: data(2)?, bits, group_size: group_size as usize }
             }
         };
-        Ok(Matrix { codes, rows: total_rows, cols, map: RowMap::identity(total_rows) })
+        Ok(Matrix { codes, rows, cols, map: RowMap::identity(rows) })
     }
 
-    fn linear(&self, module: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear<'a>> {
-        Ok(Linear {
-            w: self.mlx_matrix(module, &[], rows, cols)?,
-            b: if bias { self.vector(&format!("{module}.bias"), &[rows])? } else { Vec::new() },
-        })
-    }
-
-    /// Upstream experts: MXFP4 blocks with gate/up rows interleaved, read in place.
-    fn upstream_experts(&self, l: usize) -> Result<(Linear<'a>, Linear<'a>, Linear<'a>)> {
-        let c = self.config;
-        let (e, h, i) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
-        let p = format!("model.layers.{l}.mlp.experts");
-        let tensor = |name: String, dtype: Dtype, shape: &[usize]| -> Result<&'a [u8]> {
-            let t = self.ckpt.tensor(&name)?;
-            t.expect(dtype, shape).map_err(|e| RuntimeError::Checkpoint(format!("{e} (config and tensors disagree)")))?;
-            Ok(t.data)
-        };
-        let gu_blocks = tensor(format!("{p}.gate_up_proj_blocks"), Dtype::U8, &[e, 2 * i, h / 32, 16])?;
-        let gu_scales = tensor(format!("{p}.gate_up_proj_scales"), Dtype::U8, &[e, 2 * i, h / 32])?;
-        let gu_bias = self.vector(&format!("{p}.gate_up_proj_bias"), &[e, 2 * i])?;
-        let d_blocks = tensor(format!("{p}.down_proj_blocks"), Dtype::U8, &[e, h, i / 32, 16])?;
-        let d_scales = tensor(format!("{p}.down_proj_scales"), Dtype::U8, &[e, h, i / 32])?;
-        let d_bias = self.vector(&format!("{p}.down_proj_bias"), &[e, h])?;
-        let half = |start: usize| Linear {
-            w: Matrix {
-                codes: Codes::Mxfp4 { blocks: gu_blocks, scales: gu_scales },
-                rows: e * i,
-                cols: h,
-                map: RowMap { per: i, src_per: 2 * i, start, step: 2 },
-            },
-            b: gu_bias.iter().skip(start).step_by(2).copied().collect(),
-        };
-        let down = Linear {
-            w: Matrix { codes: Codes::Mxfp4 { blocks: d_blocks, scales: d_scales }, rows: e * h, cols: i, map: RowMap::identity(e * h) },
-            b: d_bias,
-        };
-        Ok((half(0), half(1), down))
-    }
-
-    fn mlx_experts(&self, l: usize) -> Result<(Linear<'a>, Linear<'a>, Linear<'a>)> {
-        let c = self.config;
-        let (e, h, i) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
-        let p = format!("model.layers.{l}.mlp.experts");
-        let lin = |name: &str, rows: usize, cols: usize| -> Result<Linear<'a>> {
-            let module = format!("{p}.{name}");
-            Ok(Linear { w: self.mlx_matrix(&module, &[e], rows, cols)?, b: self.vector(&format!("{module}.bias"), &[e, rows])? })
-        };
-        Ok((lin("gate_proj", i, h)?, lin("up_proj", i, h)?, lin("down_proj", h, i)?))
+    fn linear(&self, module: &str) -> Result<Linear<'a>> {
+        Ok(Linear { w: self.matrix(module)?, b: self.vector(&format!("{module}.bias"))? })
     }
 }
 
 impl<'a> Model<'a> {
-    /// Builds the model over an open checkpoint (upstream MXFP4, MLX quantized, or BF16).
+    /// Builds the model over an open checkpoint (upstream MXFP4, MLX quantized, or BF16), each
+    /// parameter where the schema says it is.
     pub fn load(ckpt: &'a Checkpoint) -> Result<Self> {
         let config = ckpt.config().clone();
         let c = &config;
         let format = ckpt.format();
-        let ld = Loader { ckpt, config: c };
-        let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let schema = Schema::new(c);
+        let ld = Loader { ckpt, schema: &schema, upstream: format == CheckpointFormat::UpstreamMxfp4 };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
+        for (l, layer_type) in c.layer_types.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            let (gate, up, down) = if format == CheckpointFormat::UpstreamMxfp4 { ld.upstream_experts(l)? } else { ld.mlx_experts(l)? };
             layers.push(Layer {
-                input_norm: ld.vector(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q: ld.linear(&format!("{p}.self_attn.q_proj"), q, h, true)?,
-                k: ld.linear(&format!("{p}.self_attn.k_proj"), kv, h, true)?,
-                v: ld.linear(&format!("{p}.self_attn.v_proj"), kv, h, true)?,
-                o: ld.linear(&format!("{p}.self_attn.o_proj"), h, q, true)?,
-                sinks: ld.vector(&format!("{p}.self_attn.sinks"), &[c.num_attention_heads])?,
-                router: ld.linear(&format!("{p}.mlp.router"), c.num_local_experts, h, true)?,
-                gate,
-                up,
-                down,
-                sliding: c.layer_types[l] == LayerType::Sliding,
+                input_norm: ld.vector(&format!("{p}.input_layernorm.weight"))?,
+                post_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"))?,
+                q: ld.linear(&format!("{p}.self_attn.q_proj"))?,
+                k: ld.linear(&format!("{p}.self_attn.k_proj"))?,
+                v: ld.linear(&format!("{p}.self_attn.v_proj"))?,
+                o: ld.linear(&format!("{p}.self_attn.o_proj"))?,
+                sinks: ld.vector(&format!("{p}.self_attn.sinks"))?,
+                router: ld.linear(&format!("{p}.mlp.router"))?,
+                gate: ld.linear(&format!("{p}.mlp.experts.gate_proj"))?,
+                up: ld.linear(&format!("{p}.mlp.experts.up_proj"))?,
+                down: ld.linear(&format!("{p}.mlp.experts.down_proj"))?,
+                sliding: *layer_type == LayerType::Sliding,
             });
         }
         Ok(Model {
-            embed: ld.mlx_matrix("model.embed_tokens", &[], c.vocab_size, h)?,
-            norm: ld.vector("model.norm.weight", &[h])?,
-            lm_head: ld.mlx_matrix("lm_head", &[], c.vocab_size, h)?,
+            embed: ld.matrix("model.embed_tokens")?,
+            norm: ld.vector("model.norm.weight")?,
+            lm_head: ld.matrix("lm_head")?,
             layers,
             rope: Rope::new(c.head_dim, c.rope_theta, c.rope_scaling.as_ref()),
             format,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use mixq_loader::{GptOssConfig, LayerType, QuantMode};
+use mixq_loader::{GptOssConfig, LayerType};
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::context::{GpuContext, Pipeline};
@@ -85,22 +85,13 @@ impl Uploader<'_, '_> {
     }
 }
 
-/// Quantization of one MLX module from the config's map, as the kernels name it.
+/// The format of one MLX module from the config's quantization map (synthetic models, which
+/// have no tensors to infer from).
 fn module_format(config: &GptOssConfig, module: &str) -> Result<WeightFormat> {
-    Ok(match config.quantization.as_ref().and_then(|q| q.module(module)) {
-        None => WeightFormat::Bf16,
-        Some(s) if s.mode == QuantMode::Mxfp4 => WeightFormat::Mxfp4,
-        Some(s) => {
-            let f = WeightFormat::Affine { bits: s.bits, group: s.group_size };
-            if !f.supported() {
-                return Err(RuntimeError::Checkpoint(format!(
-                    "{module}: unsupported quantization {} bits, group size {}",
-                    s.bits, s.group_size
-                )));
-            }
-            f
-        }
-    })
+    match config.quantization.as_ref().and_then(|q| q.module(module)) {
+        None => Ok(WeightFormat::Bf16),
+        Some(s) => WeightFormat::from_spec(s).map_err(|m| RuntimeError::Checkpoint(format!("{module}: {m}"))),
+    }
 }
 
 impl GpuModel {

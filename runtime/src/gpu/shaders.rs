@@ -4,52 +4,29 @@
 //! constants (`FORMAT`, `BITS`, `GROUP`, `EXPERTS`) is put in front of the shared decoding code
 //! and the kernel body, so every variant is one self-contained WGSL module.
 
-/// How a weight matrix is stored on the GPU (the checkpoint's bytes, unchanged).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WeightFormat {
-    /// Dense BF16, two values per u32.
-    Bf16,
-    /// MLX affine: `bits`-bit codes, bf16 scale and bias per `group` columns.
-    Affine {
-        /// Bits per code: 2, 3, 4, 5, 6 or 8.
-        bits: u32,
-        /// Columns per group: 32, 64 or 128.
-        group: u32,
-    },
-    /// FP4 E2M1 codes with one E8M0 scale per 32 columns (upstream gpt-oss and MLX `mxfp4`).
-    Mxfp4,
-}
+/// How a weight matrix is stored on the GPU: the checkpoint's format, its bytes unchanged.
+pub use mixq_loader::QuantFormat as WeightFormat;
 
-impl WeightFormat {
-    /// Every format the kernels are built for.
-    pub fn all() -> Vec<WeightFormat> {
-        let mut v = vec![WeightFormat::Bf16, WeightFormat::Mxfp4];
-        for bits in [2, 3, 4, 5, 6, 8] {
-            for group in [32, 64, 128] {
-                v.push(WeightFormat::Affine { bits, group });
-            }
-        }
-        v
-    }
-
-    /// Whether the kernels support this format.
-    pub fn supported(&self) -> bool {
-        match *self {
-            WeightFormat::Affine { bits, group } => matches!(bits, 2..=6 | 8) && matches!(group, 32 | 64 | 128),
-            _ => true,
+/// Every format the kernels are built for.
+pub fn all_formats() -> Vec<WeightFormat> {
+    let mut v = vec![WeightFormat::Bf16, WeightFormat::Mxfp4];
+    for bits in mixq_loader::format::AFFINE_BITS {
+        for group_size in mixq_loader::format::AFFINE_GROUP_SIZES {
+            v.push(WeightFormat::Affine { bits, group_size });
         }
     }
-
-    fn prelude(&self, experts: bool) -> String {
-        let (format, bits, group) = match *self {
-            WeightFormat::Bf16 => (0, 4, 32),
-            WeightFormat::Affine { bits, group } => (1, bits, group),
-            WeightFormat::Mxfp4 => (2, 4, 32),
-        };
-        format!("const FORMAT: u32 = {format}u;\nconst BITS: u32 = {bits}u;\nconst GROUP: u32 = {group}u;\nconst EXPERTS: bool = {experts};\n\n")
-    }
+    v
 }
 
+/// The constants that specialise a kernel to one weight format.
+fn prelude(format: &WeightFormat, experts: bool) -> String {
+    let (format, bits, group) = match *format {
+        WeightFormat::Bf16 => (0, 4, 32),
+        WeightFormat::Affine { bits, group_size } => (1, bits, group_size),
+        WeightFormat::Mxfp4 => (2, 4, 32),
+    };
+    format!("const FORMAT: u32 = {format}u;\nconst BITS: u32 = {bits}u;\nconst GROUP: u32 = {group}u;\nconst EXPERTS: bool = {experts};\n\n")
+}
 /// One compute kernel (entry point `main`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -96,7 +73,7 @@ impl Kernel {
     /// Every kernel variant the backend can build.
     pub fn all() -> Vec<Kernel> {
         let mut v = Vec::new();
-        for f in WeightFormat::all() {
+        for f in all_formats() {
             v.extend([Kernel::Matmul(f), Kernel::ExpertMatmul(f), Kernel::Embed(f)]);
         }
         v.extend([
@@ -124,7 +101,7 @@ impl Kernel {
 
     /// The complete WGSL source of this kernel.
     pub fn source(&self) -> String {
-        let weights = |f: &WeightFormat, experts: bool, body: &str| format!("{}{STEP}\n{WEIGHTS}\n{body}", f.prelude(experts));
+        let weights = |f: &WeightFormat, experts: bool, body: &str| format!("{}{STEP}\n{WEIGHTS}\n{body}", prelude(f, experts));
         let plain = |body: &str| format!("{STEP}\n{body}");
         match self {
             Kernel::Matmul(f) => weights(f, false, include_str!("wgsl/matmul.wgsl")),

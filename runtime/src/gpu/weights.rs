@@ -44,18 +44,14 @@ pub struct Storage {
 pub fn row_layout(format: WeightFormat, cols: usize) -> (usize, usize, usize) {
     match format {
         WeightFormat::Bf16 => (cols * 2, 0, 0),
-        WeightFormat::Affine { bits, group } => (cols * bits as usize / 8, cols / group as usize * 2, cols / group as usize * 2),
-        WeightFormat::Mxfp4 => (cols / 2, cols / 32, 0),
+        WeightFormat::Affine { .. } => (format.code_bytes(cols), format.groups(cols) * 2, format.groups(cols) * 2),
+        WeightFormat::Mxfp4 => (format.code_bytes(cols), format.groups(cols), 0),
     }
 }
 
 /// The format of a CPU matrix's codes.
 pub fn format_of(codes: &Codes<'_>) -> WeightFormat {
-    match *codes {
-        Codes::Bf16 { .. } => WeightFormat::Bf16,
-        Codes::Affine { bits, group_size, .. } => WeightFormat::Affine { bits, group: group_size as u32 },
-        Codes::Mxfp4 { .. } => WeightFormat::Mxfp4,
-    }
+    codes.format()
 }
 
 impl Storage {
@@ -67,7 +63,7 @@ impl Storage {
 
     /// Row ranges that keep each buffer within the largest storage binding.
     fn split(ctx: &GpuContext, what: &str, format: WeightFormat, cols: usize, stored_rows: usize) -> Result<Vec<(usize, usize)>> {
-        if !cols.is_multiple_of(32) || !format.supported() {
+        if !cols.is_multiple_of(32) {
             return Err(RuntimeError::Checkpoint(format!(
                 "{what}: the GPU kernels need {format:?} weights with a multiple of 32 columns (got {cols})"
             )));
