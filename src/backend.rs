@@ -3,11 +3,11 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use mixq_loader::{Checkpoint, GptOssConfig};
-use mixq_runtime::gpu::{GpuContext, GpuModel, GpuOptions};
+use mixq_runtime::gpu::GpuOptions;
+use mixq_runtime::jobs::synthetic_gpu_engine;
 use mixq_runtime::{Backend, Engine};
 
 /// The backend flags shared by the commands that run a model.
@@ -62,13 +62,11 @@ pub fn synthetic(config_path: &Path, recipe: &str, quiet: bool) -> Result<Engine
     let config = GptOssConfig::from_file(config_path)?;
     let recipe = mixq_quantizer::Recipe::load(recipe)?;
     let alloc = mixq_quantizer::Allocation::resolve(&config, &recipe)?;
-    let quantized = mixq_quantizer::writer::convert::quantized_config(&config, &alloc);
-    let config = GptOssConfig::from_json_str(&quantized.to_string(), config_path)?;
-    let ctx = Arc::new(GpuContext::new(&GpuOptions { allow_software: true, ..Default::default() })?);
+    let config = mixq_quantizer::writer::converted_config::converted_config(&config, &alloc)?;
     let bar = upload_bar(quiet);
     let total = alloc.summary().bytes as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
-    let model = GpuModel::synthetic(&config, ctx, &|n| {
+    let engine = synthetic_gpu_engine(&config, &|n| {
         let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         if let Some(b) = &bar {
             b.set_length(total);
@@ -78,5 +76,5 @@ pub fn synthetic(config_path: &Path, recipe: &str, quiet: bool) -> Result<Engine
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    Ok(Engine::from_gpu(model))
+    Ok(engine)
 }

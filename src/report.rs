@@ -174,3 +174,8 @@ pub fn verify_text(dir: &str, r: &VerifyReport) -> String {
         out
     }
 }
+
+/// Prints one JSON value, pretty, on stdout.
+pub fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values always serialize"));
+}

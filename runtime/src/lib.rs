@@ -7,6 +7,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gpu;
+pub mod jobs;
 pub mod matrix;
 pub mod model;
 pub mod npy;

@@ -3,12 +3,15 @@
 //! and the model-card section that records them.
 
 pub mod calibrate;
+pub mod calibrate_job;
 pub mod card;
 pub mod corpus;
 pub mod eval;
 pub mod reference;
 pub mod sensitivity;
+pub mod sensitivity_job;
 pub mod stats;
+pub mod validate_job;
 pub mod windows;
 
 use std::path::PathBuf;

@@ -3,9 +3,11 @@
 
 pub mod card;
 pub mod convert;
+pub mod converted_config;
 pub mod fault;
 pub mod hash;
 pub mod inspect;
+pub mod jobs;
 pub mod manifest;
 pub mod provenance;
 pub mod rows;

@@ -1,0 +1,33 @@
+//! `mixq adapters`: the GPU adapters the GPU backend can use.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::args::Json;
+use crate::report::print_json;
+
+/// Arguments of `mixq adapters`.
+#[derive(clap::Args)]
+pub struct AdaptersArgs {
+    #[command(flatten)]
+    json: Json,
+}
+
+/// Runs `mixq adapters`.
+pub fn run(a: AdaptersArgs) -> Result<ExitCode> {
+    let all = mixq_runtime::gpu::adapters();
+    if a.json.json {
+        print_json(&serde_json::json!(all
+            .iter()
+            .map(|a| serde_json::json!({"name": a.name, "backend": a.backend, "driver": a.driver, "software": a.software}))
+            .collect::<Vec<_>>()));
+    } else if all.is_empty() {
+        println!("no GPU adapters (the GPU backend needs Vulkan, Metal or DX12)");
+    } else {
+        for a in all {
+            println!("{a}{}", if a.software { "  [software: used by --backend gpu, not by auto]" } else { "" });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,74 @@
+//! `mixq calibrate`: activation statistics of a model over a text, for `convert --calibration`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::args::{Json, OutFile, Quiet, Threads};
+use crate::progress::CountProgress;
+use crate::report::print_json;
+
+/// Arguments of `mixq calibrate`.
+#[derive(clap::Args)]
+#[command(
+    mut_arg("out", |a| a.help("The statistics file to write (safetensors)")),
+    mut_arg("force", |a| a.help("Replace an existing statistics file")),
+    mut_arg("json", |a| a.help("Print one JSON object when done"))
+)]
+pub struct CalibrateArgs {
+    /// The source checkpoint (folder or hub repo id, as given to convert) or a conversion of it.
+    #[arg(long)]
+    model: String,
+    /// A UTF-8 text file, tokenized with the model's tokenizer.
+    #[arg(long)]
+    text: PathBuf,
+    /// Use at most this many tokens of the text.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    #[command(flatten)]
+    out: OutFile,
+    #[command(flatten)]
+    threads: Threads,
+    #[command(flatten)]
+    quiet: Quiet,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// Runs `mixq calibrate`.
+pub fn run(a: CalibrateArgs) -> Result<ExitCode> {
+    a.out.refuse_existing()?;
+    let json = a.json.json;
+    let pool = a.threads.pool()?;
+    let progress = CountProgress::new("calibrate", "tokens", a.quiet.quiet || json);
+    let opts = mixq_validate::CalibrateOptions { ctx: a.ctx, max_tokens: a.max_tokens };
+    let out = &a.out.out;
+    let job = pool.install(|| mixq_validate::calibrate_job::calibrate_source(&a.model, &a.text, opts, out, &|d, t| progress.update(d, t)));
+    progress.finish();
+    let job = job?;
+    let (s, run) = (&job.run.stats, &job.run);
+    let (hit, all, rate) = (job.experts_reached, job.experts, job.tokens_per_second());
+    if json {
+        print_json(&serde_json::json!({
+            "out": out, "model": a.model, "text_sha256": s.text_sha256, "tokens": s.tokens, "ctx": s.ctx,
+            "windows": run.windows, "seconds": run.seconds, "tokens_per_second": rate,
+            "tensors": s.tensors.len(), "experts_reached": hit, "experts": all,
+            "config_sha256": s.model.config_sha256, "weights_sha256": s.model.weights_sha256,
+        }));
+    } else {
+        println!(
+            "wrote {} ({} tensors) from {} tokens in {} windows of {} in {:.2}s ({rate:.0} tokens/s); {hit} of {all} experts reached",
+            out.display(),
+            s.tensors.len(),
+            s.tokens,
+            run.windows,
+            s.ctx,
+            run.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

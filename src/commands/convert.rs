@@ -1,0 +1,92 @@
+//! `mixq convert`: an upstream checkpoint to an MLX checkpoint following a recipe.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use mixq_quantizer::{ConvertOptions, QuantMethod};
+
+use crate::args::{parse_quantizer, Json, Quiet, Threads};
+use crate::progress::StderrProgress;
+use crate::report::{print_json, thousands};
+
+/// Arguments of `mixq convert`.
+#[derive(clap::Args)]
+#[command(mut_arg("json", |a| a.help("Print one JSON object when done")))]
+pub struct ConvertArgs {
+    /// Checkpoint folder or hub repo id (owner/name).
+    #[arg(long)]
+    source: String,
+    /// Recipe name or path to a YAML file.
+    #[arg(long)]
+    recipe: String,
+    /// Output folder (must be absent or empty unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a non-empty output folder.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    threads: Threads,
+    /// Largest shard in bytes (default 5 GiB, as mlx-lm).
+    #[arg(long, default_value_t = mixq_quantizer::writer::convert::MAX_SHARD_BYTES)]
+    max_shard_bytes: u64,
+    /// How affine groups get their scale and bias where the recipe does not say: `mse`
+    /// searches for the least (calibration-weighted) error; `minmax` is byte-identical to
+    /// `mx.quantize`.
+    #[arg(long, default_value = "mse", value_parser = parse_quantizer)]
+    quantizer: QuantMethod,
+    /// Calibration statistics from `mixq calibrate` on this source, weighting the `mse` search.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Continue an interrupted conversion to this --out: shards it finished are re-hashed
+    /// against its journal and kept, only the rest are written.
+    #[arg(long)]
+    resume: bool,
+    /// Skip the free-space check (for filesystems that misreport it, e.g. with compression).
+    #[arg(long)]
+    no_space_check: bool,
+    #[command(flatten)]
+    quiet: Quiet,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// Runs `mixq convert`.
+pub fn run(a: ConvertArgs) -> Result<ExitCode> {
+    let json = a.json.json;
+    let opts = ConvertOptions {
+        force: a.force,
+        max_shard_bytes: a.max_shard_bytes,
+        source_label: a.source.clone(),
+        quantizer: a.quantizer,
+        calibration: a.calibration,
+        resume: a.resume,
+        check_space: !a.no_space_check,
+    };
+    let pool = a.threads.pool()?;
+    let progress = StderrProgress::new(a.quiet.quiet || json);
+    let result = pool.install(|| mixq_quantizer::writer::jobs::convert_source(&a.source, &a.recipe, &a.out, &opts, &progress));
+    progress.finish();
+    let run = result?;
+    let (rep, s, secs) = (&run.report, &run.report.summary, run.seconds);
+    if json {
+        print_json(&serde_json::json!({
+            "out": rep.out, "recipe": run.recipe_name, "quantizer": a.quantizer.as_str(), "shards": rep.shards, "seconds": secs,
+            "kept_shards": rep.kept_shards,
+            "source_bytes": rep.source_bytes, "bytes": s.bytes, "parameters": s.params,
+            "bits_per_weight": s.bits_per_weight(),
+        }));
+    } else {
+        println!(
+            "wrote {} ({} shard(s), {} bytes, {:.3} bits per weight) in {:.2}s ({:.1} MiB/s of source)",
+            rep.out.display(),
+            rep.shards.len(),
+            thousands(s.bytes),
+            s.bits_per_weight(),
+            secs,
+            run.source_mib_per_second()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

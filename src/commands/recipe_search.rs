@@ -1,0 +1,108 @@
+//! `mixq recipe search`: the least-cost recipe under a size budget, from a sensitivity file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use mixq_quantizer::authoring::search_job::{search_recipe, SearchRequest, SearchedRecipe};
+use mixq_quantizer::sizes::gib;
+use serde_json::json;
+
+use crate::args::{refuse_existing, Json};
+use crate::report::{print_json, thousands};
+
+/// Arguments of `mixq recipe search`.
+#[derive(clap::Args)]
+pub struct SearchArgs {
+    /// The sensitivity file (`mixq sensitivity`).
+    #[arg(long)]
+    sensitivity: PathBuf,
+    /// The model (folder, repo id or config.json) the recipe is for.
+    #[arg(long)]
+    source: String,
+    /// Size budget in bits per weight.
+    #[arg(long, conflicts_with = "target_size", required_unless_present = "target_size")]
+    target_bpw: Option<f64>,
+    /// Size budget: 48GiB, 51.9GB or a byte count.
+    #[arg(long)]
+    target_size: Option<String>,
+    /// The recipe to write (YAML).
+    #[arg(long)]
+    out: PathBuf,
+    /// Smallest affine bit width allowed.
+    #[arg(long, default_value_t = 3)]
+    min_bits: u32,
+    /// Classes kept in bf16.
+    #[arg(long, value_delimiter = ',', default_value = "norm,router,bias,sinks")]
+    keep_bf16: Vec<String>,
+    /// The recipe's name (default: the file's stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Also print the predicted size/KL frontier from 3 to 5 bits per weight and plot it as
+    /// SVG next to the recipe.
+    #[arg(long)]
+    frontier: bool,
+    /// Replace an existing recipe file.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// Runs `mixq recipe search`.
+pub fn run(a: SearchArgs) -> Result<ExitCode> {
+    refuse_existing(&a.out, a.force)?;
+    let found = search_recipe(&SearchRequest {
+        sensitivity: &a.sensitivity,
+        source: &a.source,
+        target_bpw: a.target_bpw,
+        target_size: a.target_size.as_deref(),
+        out: &a.out,
+        min_bits: a.min_bits,
+        keep_bf16: &a.keep_bf16,
+        name: a.name.as_deref(),
+        frontier: a.frontier,
+    })?;
+    if a.json.json {
+        print_json(&json!({
+            "out": a.out, "target_bytes": found.target, "bytes": found.bytes, "bits_per_weight": found.bits_per_weight,
+            "predicted_cost": found.cost,
+            "frontier_svg": found.svg,
+            "frontier": found.frontier.iter().map(|p| json!({"target_bpw": p.target_bpw, "bytes": p.found.map(|x| x.0),
+                "bits_per_weight": p.found.map(|x| x.1), "predicted_cost": p.found.map(|x| x.2)})).collect::<Vec<_>>(),
+        }));
+    } else {
+        print_text(&a, &found);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What was written, and the frontier table when asked.
+fn print_text(a: &SearchArgs, found: &SearchedRecipe) {
+    println!(
+        "wrote {}: {} bytes ({:.2} GiB), {:.3} bits per weight, predicted summed cost {:.6} (target {})",
+        a.out.display(),
+        thousands(found.bytes as usize),
+        gib(found.bytes as usize),
+        found.bits_per_weight,
+        found.cost,
+        found.target_label
+    );
+    if !a.frontier {
+        return;
+    }
+    println!("\npredicted frontier ({}):", found.cost_kind);
+    println!("| target BPW | bytes | GiB | BPW | predicted cost |\n|---|---|---|---|---|");
+    for p in &found.frontier {
+        let b = p.target_bpw;
+        match p.found {
+            Some((bytes, bpw, cost)) => {
+                println!("| {b:.2} | {} | {:.2} | {bpw:.3} | {cost:.6} |", thousands(bytes as usize), gib(bytes as usize))
+            }
+            None => println!("| {b:.2} | below the smallest possible size | | | |"),
+        }
+    }
+    if let Some(p) = &found.svg {
+        println!("plot: {}", p.display());
+    }
+}

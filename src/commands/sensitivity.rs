@@ -1,0 +1,119 @@
+//! `mixq sensitivity`: per unit and setting, the cost of quantizing the unit alone, and its size.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use mixq_quantizer::authoring::sensitivity_file::Sensitivity;
+use mixq_quantizer::QuantMethod;
+use mixq_validate::sensitivity::ranked;
+use mixq_validate::sensitivity_job::{sensitivity_job, SensitivityRequest};
+use serde_json::json;
+
+use crate::args::{parse_quantizer, Json, OutFile, Quiet, Threads};
+use crate::progress::CountProgress;
+use crate::report::{print_json, thousands};
+
+/// Arguments of `mixq sensitivity`.
+#[derive(clap::Args)]
+#[command(
+    mut_arg("out", |a| a.help("The sensitivity file to write (JSON)"))
+)]
+pub struct SensitivityArgs {
+    /// The upstream source checkpoint.
+    #[arg(long, required_unless_present = "synthetic_config", conflicts_with = "synthetic_config")]
+    model: Option<PathBuf>,
+    /// A config.json alone: deterministic synthetic rows stand in for the weights (proxy costs).
+    #[arg(long)]
+    synthetic_config: Option<PathBuf>,
+    /// Text to measure KL on (without it the costs are the weight-error proxy).
+    #[arg(long, requires = "model")]
+    text: Option<PathBuf>,
+    /// Calibration statistics (`mixq calibrate`) weighting the proxy and the mse quantizer.
+    #[arg(long, requires = "model")]
+    calibration: Option<PathBuf>,
+    /// Bit widths to measure.
+    #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,8")]
+    bits: Vec<u32>,
+    /// Group sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
+    group_sizes: Vec<u32>,
+    /// Tokens of the text the KL is measured on.
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// The quantizer the settings are made with.
+    #[arg(long, default_value = "mse", value_parser = parse_quantizer)]
+    quantizer: QuantMethod,
+    /// The settings (BITS,GROUP_SIZE[,BITS,GROUP_SIZE]) whose KL is measured for every unit:
+    /// the first ranks the units, the second fixes how KL scales with the weight error.
+    #[arg(long, value_delimiter = ',', default_value = "3,64,5,64")]
+    measure: Vec<u32>,
+    #[command(flatten)]
+    out: OutFile,
+    #[command(flatten)]
+    threads: Threads,
+    #[command(flatten)]
+    quiet: Quiet,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// Runs `mixq sensitivity`.
+pub fn run(a: SensitivityArgs) -> Result<ExitCode> {
+    a.out.refuse_existing()?;
+    let pool = a.threads.pool()?;
+    let request = SensitivityRequest {
+        model: a.model.as_deref(),
+        synthetic_config: a.synthetic_config.as_deref(),
+        text: a.text.as_deref(),
+        calibration: a.calibration.as_deref(),
+        bits: &a.bits,
+        group_sizes: &a.group_sizes,
+        tokens: a.tokens,
+        ctx: a.ctx,
+        quantizer: a.quantizer,
+        measure: &a.measure,
+        out: &a.out.out,
+    };
+    let progress = CountProgress::new("sensitivity", "units", a.quiet.quiet || a.json.json);
+    let s = pool.install(|| sensitivity_job(&request, &|d, t| progress.update(d, t)));
+    progress.finish();
+    let s = s?;
+    if a.json.json {
+        print_json(&json!({
+            "out": a.out.out, "units": s.units.len(), "cost": s.cost_kind, "tokens": s.tokens, "seconds": s.seconds,
+            "rank_correlation": s.rank_correlation,
+            "ranked": ranked(&s).iter().map(|u| json!({"module": u.module, "class": u.class, "layer": u.layer, "measured_kl": u.measured_kl,
+                "cost": u.setting(s.reference_setting).map(|x| x.cost)})).collect::<Vec<_>>(),
+        }));
+    } else {
+        print_table(&s, &a.out.out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The units by sensitivity as a table, and what was written.
+fn print_table(s: &Sensitivity, out: &std::path::Path) {
+    let (rb, rg) = s.reference_setting;
+    println!("units by sensitivity (cost of quantizing the unit alone at {rb}-bit gs{rg}; {}):", s.cost_kind);
+    println!("{:>4}  {:<16} {:>5} {:>12} {:>14} {:>12}", "rank", "class", "layer", "params", "cost", "bytes");
+    for (i, u) in ranked(s).iter().enumerate() {
+        let at = u.setting(s.reference_setting);
+        println!(
+            "{:>4}  {:<16} {:>5} {:>12} {:>14.6e} {:>12}",
+            i + 1,
+            u.class,
+            u.layer.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            thousands(u.params as usize),
+            at.map_or(0.0, |x| x.cost),
+            at.map_or(0, |x| x.bytes)
+        );
+    }
+    if let Some(r) = s.rank_correlation {
+        println!("Spearman rank correlation of the weight-error proxy with the measured KL over the units: {r:.3}");
+    }
+    println!("wrote {} ({} units x {} settings) in {:.1}s", out.display(), s.units.len(), s.units.first().map_or(0, |u| u.settings.len()), s.seconds);
+}

@@ -1,0 +1,67 @@
+//! `mixq synth`: a deterministic synthetic upstream-layout checkpoint.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use mixq_loader::GptOssConfig;
+
+use crate::args::Json;
+use crate::report::print_json;
+
+/// Arguments of `mixq synth`.
+#[derive(clap::Args)]
+pub struct SynthArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Shape preset: tiny, small, wide, medium.
+    #[arg(long, default_value = "tiny", conflicts_with = "config")]
+    preset: String,
+    /// Take the shape from a real model's config.json instead (full size: gpt-oss-20b's is
+    /// about 13 GB).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override the layer count.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Override the model width.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Override the expert width.
+    #[arg(long)]
+    intermediate: Option<usize>,
+    /// Override the expert count.
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Override the RNG seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write `rope_scaling.truncate: false` in the config.
+    #[arg(long)]
+    no_truncate: bool,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// Runs `mixq synth`.
+pub fn run(a: SynthArgs) -> Result<ExitCode> {
+    let mut shape = match &a.config {
+        Some(path) => mixq_synth::Shape::from_config(&GptOssConfig::from_file(path)?, 1),
+        None => mixq_synth::Shape::preset(&a.preset)
+            .with_context(|| format!("unknown preset {}; expected tiny, small, wide or medium", a.preset))?,
+    };
+    shape.layers = a.layers.unwrap_or(shape.layers);
+    shape.hidden = a.hidden.unwrap_or(shape.hidden);
+    shape.intermediate = a.intermediate.unwrap_or(shape.intermediate);
+    shape.experts = a.experts.unwrap_or(shape.experts);
+    shape.seed = a.seed.unwrap_or(shape.seed);
+    shape.truncate = shape.truncate && !a.no_truncate;
+    mixq_synth::write_checkpoint(&a.out, &shape)?;
+    if a.json.json {
+        print_json(&serde_json::json!({"out": a.out, "preset": a.preset, "config": shape.config_json()}));
+    } else {
+        println!("wrote {}", a.out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

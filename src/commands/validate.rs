@@ -1,0 +1,103 @@
+//! `mixq validate`: perplexity of a model on a text and, with a reference, KL, top-1 agreement
+//! and PPL ratio; exits 1 when a gate fails.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use mixq_validate::validate_job::{validate_model, ValidateRequest, Validation};
+
+use crate::args::{Json, Quiet};
+use crate::backend::{self, BackendArgs};
+use crate::progress::CountProgress;
+use crate::report::print_json;
+
+/// Arguments of `mixq validate`.
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    /// The model to measure (converted or upstream).
+    #[arg(long)]
+    model: PathBuf,
+    /// A UTF-8 text file, tokenized with the model's tokenizer.
+    #[arg(long)]
+    text: PathBuf,
+    /// Reference checkpoint (the source, or another conversion).
+    #[arg(long, conflicts_with = "reference_logits")]
+    reference: Option<PathBuf>,
+    /// Saved reference logits (from --save-reference) instead of a reference model.
+    #[arg(long)]
+    reference_logits: Option<PathBuf>,
+    /// Save the reference's top-k logits (the model's own without --reference) for reuse.
+    #[arg(long)]
+    save_reference: Option<PathBuf>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Advance between windows (default: --ctx, non-overlapping).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Evaluate only the first N tokens of the text.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Logits kept per token in a saved reference.
+    #[arg(long, default_value_t = 32)]
+    top_k: usize,
+    /// Gate: largest acceptable mean KL.
+    #[arg(long)]
+    max_kl: Option<f64>,
+    /// Gate: largest acceptable PPL(model)/PPL(reference).
+    #[arg(long)]
+    max_ppl_ratio: Option<f64>,
+    /// Gate: smallest acceptable top-1 agreement, as a fraction (0.9 = 90%).
+    #[arg(long)]
+    min_top1: Option<f64>,
+    /// Add (or replace) a "Validation" section in this model card.
+    #[arg(long)]
+    card: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    quiet: Quiet,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// Runs `mixq validate`; exits 1 naming each failed gate.
+pub fn run(a: ValidateArgs) -> Result<ExitCode> {
+    let request = ValidateRequest {
+        model: &a.model,
+        text: &a.text,
+        reference: a.reference.as_deref(),
+        reference_logits: a.reference_logits.as_deref(),
+        save_reference: a.save_reference.as_deref(),
+        ctx: a.ctx,
+        stride: a.stride.unwrap_or(a.ctx),
+        max_tokens: a.max_tokens,
+        top_k: a.top_k,
+        gates: mixq_validate::Gates { max_kl: a.max_kl, max_ppl_ratio: a.max_ppl_ratio, min_top1: a.min_top1 },
+        card: a.card.as_deref(),
+    };
+    let Validation { summary, failed } = measure(&request, &a.backend, a.quiet.quiet || a.json.json)?;
+    if a.json.json {
+        let mut v = summary.to_json();
+        v["gates_failed"] = serde_json::json!(failed);
+        print_json(&v);
+    } else {
+        print!("{}", summary.to_text());
+    }
+    if failed.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for f in &failed {
+        eprintln!("gate failed: {f}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// Runs a validation on `backend`, with progress on stderr unless `quiet`.
+pub fn measure(request: &ValidateRequest<'_>, backend: &BackendArgs, quiet: bool) -> Result<Validation> {
+    let progress = CountProgress::new("validate", "tokens", quiet);
+    let result = validate_model(request, &|c| backend::load(c, backend, quiet), &|done, total| progress.update(done, total));
+    progress.finish();
+    result
+}

@@ -1,0 +1,30 @@
+//! `mixq verify`: a converted checkpoint against its manifest, index and config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::args::Json;
+use crate::report::{self, print_json};
+
+/// Arguments of `mixq verify`.
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Converted checkpoint folder.
+    dir: PathBuf,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// Runs `mixq verify`; exits 1 on any mismatch.
+pub fn run(a: VerifyArgs) -> Result<ExitCode> {
+    let r = mixq_quantizer::writer::verify::verify(&a.dir);
+    let name = a.dir.display().to_string();
+    if a.json.json {
+        print_json(&report::verify_json(&name, &r));
+    } else {
+        print!("{}", report::verify_text(&name, &r));
+    }
+    Ok(if r.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
