@@ -4,6 +4,11 @@
 //! crash-safe streaming conversion, manifest, card, inspect and verify) and [`authoring`]
 //! (sensitivity files, recipe search, frontier).
 
+// The crash-safe writer uses positioned writes, flock, statvfs and inode numbers: Unix only
+// (Linux, macOS). Windows is out of scope; say so at build time rather than with odd errors.
+#[cfg(not(unix))]
+compile_error!("mixq-quantizer builds on Unix only (Linux, macOS): its writer uses positioned writes, flock and statvfs");
+
 pub mod authoring;
 pub mod error;
 pub mod kernels;

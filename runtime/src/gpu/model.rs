@@ -94,6 +94,35 @@ fn module_format(config: &GptOssConfig, module: &str) -> Result<WeightFormat> {
     }
 }
 
+/// The model dimensions the kernels and buffers are sized by.
+#[derive(Clone, Copy)]
+struct Dims {
+    h: u64,
+    nh: u64,
+    nkv: u64,
+    hd: u64,
+    e: u64,
+    k: u64,
+    i: u64,
+    vocab: u64,
+}
+
+impl Dims {
+    fn of(c: &GptOssConfig) -> Self {
+        let n = |x: usize| x as u64;
+        Dims {
+            h: n(c.hidden_size),
+            nh: n(c.num_attention_heads),
+            nkv: n(c.num_key_value_heads),
+            hd: n(c.head_dim),
+            e: n(c.num_local_experts),
+            k: n(c.num_experts_per_tok),
+            i: n(c.intermediate_size),
+            vocab: n(c.vocab_size),
+        }
+    }
+}
+
 impl GpuModel {
     /// Uploads a loaded model's weights (read from its memory map) to the GPU; `progress(bytes)`
     /// is called as they go (the total is [`Model::weight_bytes`]).
@@ -401,62 +430,13 @@ impl GpuModel {
         }
         let before = self.ctx.allocated();
         let ctx = &*self.ctx;
-        let t = PREFILL_CHUNK as u64;
-        let (h, nh, nkv, hd, e, k, i) = (
-            c.hidden_size as u64,
-            c.num_attention_heads as u64,
-            c.num_key_value_heads as u64,
-            c.head_dim as u64,
-            c.num_local_experts as u64,
-            c.num_experts_per_tok as u64,
-            c.intermediate_size as u64,
-        );
-        let vocab = c.vocab_size as u64;
+        let Dims { h, nh, nkv, hd, k, vocab, .. } = Dims::of(c);
         if hd > 256 || hd % 2 != 0 || nh % nkv != 0 || k > 32 {
             return Err(RuntimeError::Checkpoint(format!(
                 "the GPU kernels need an even head_dim of at most 256, heads divisible by kv heads and at most 32 experts per token (got head_dim {hd}, {nh}/{nkv} heads, {k} experts per token)"
             )));
         }
-        let rw = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-        let f = |what: &str, n: u64| ctx.buffer(what, n * 4, rw);
-        let half = c.head_dim / 2;
-        let mut table = Vec::with_capacity(max_context * half * 2);
-        for pos in 0..max_context {
-            for &fr in &self.rope.inv_freq {
-                let (s, co) = (pos as f32 * fr).sin_cos();
-                table.extend([co, s]);
-            }
-        }
-        let mut caches = Vec::with_capacity(self.layers.len());
-        for (l, layer) in self.layers.iter().enumerate() {
-            let cap = if layer.sliding { (c.sliding_window + PREFILL_CHUNK).min(max_context) } else { max_context };
-            let n = cap as u64 * nkv * hd;
-            let kc = f(&format!("layer {l} key cache ({cap} tokens)"), n)?;
-            let vc = f(&format!("layer {l} value cache ({cap} tokens)"), n)?;
-            caches.push((kc, vc, cap as u32));
-        }
-        let acts = Activations {
-            step: ctx.buffer("step", 32, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?,
-            tokens: ctx.buffer("tokens", t * 4, rw)?,
-            x: f("residual", t * h)?,
-            normed: f("normed", t * h)?,
-            q: f("queries", t * nh * hd)?,
-            k: f("keys", t * nkv * hd)?,
-            v: f("values", t * nkv * hd)?,
-            attn: f("attention", t * nh * hd)?,
-            router: f("router logits", t * e)?,
-            ids: ctx.buffer("expert ids", t * k * 4, rw)?,
-            weights: f("expert weights", t * k)?,
-            gate: f("expert gate", t * k * i)?,
-            up: f("expert up", t * k * i)?,
-            down: f("expert down", t * k * h)?,
-            logits: f("logits", t * vocab)?,
-            next: ctx.buffer("next token", 4, rw)?,
-            rope_table: ctx.upload("rope table", &f32_bytes(&table))?,
-            caches,
-            logits_staging: ctx.buffer("logits read-back", t * vocab * 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
-            next_staging: ctx.buffer("token read-back", 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
-        };
+        let acts = self.activations(max_context)?;
         let mut blocks = ParamBlocks { bytes: Vec::new(), align: ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize };
         let a = &acts;
         let mut body: Vec<PendingOp<'_>> = Vec::new();
@@ -476,53 +456,8 @@ impl GpuModel {
                 grid: Grid::Elements { per_token: h as u32 },
             });
         }
-        let scale = 1.0 / (hd as f32).sqrt();
-        for (layer, (kc, vc, cap)) in self.layers.iter().zip(&a.caches) {
-            body.push(norm_op(&mut blocks, c, &layer.input_norm, &a.x, &a.normed));
-            for (m, y) in [(&layer.q, &a.q), (&layer.k, &a.k), (&layer.v, &a.v)] {
-                matmul_ops(&mut blocks, &mut body, m, &a.normed, y, &a.ids, dummy, &|_| {});
-            }
-            body.push(PendingOp {
-                kernel: Kernel::Rope,
-                params: blocks.push(&[nh as u32, nkv as u32, hd as u32, *cap, self.rope.mscale.to_bits(), 0, 0, 0]),
-                buffers: vec![&a.rope_table, &a.q, &a.k, &a.v, kc, vc],
-                grid: Grid::Elements { per_token: ((nh + nkv) * hd / 2) as u32 },
-            });
-            let window = if layer.sliding { c.sliding_window as u32 } else { 0 };
-            body.push(PendingOp {
-                kernel: Kernel::Attention,
-                params: blocks.push(&[nh as u32, nkv as u32, hd as u32, *cap, window, scale.to_bits(), 0, 0]),
-                buffers: vec![&a.q, kc, vc, &layer.sinks, &a.attn],
-                grid: Grid::Heads { heads: nh as u32 },
-            });
-            matmul_ops(&mut blocks, &mut body, &layer.o, &a.attn, &a.x, &a.ids, dummy, &|w| w[13] = 1);
-            body.push(norm_op(&mut blocks, c, &layer.post_norm, &a.x, &a.normed));
-            matmul_ops(&mut blocks, &mut body, &layer.router, &a.normed, &a.router, &a.ids, dummy, &|_| {});
-            body.push(PendingOp {
-                kernel: Kernel::Router,
-                params: blocks.push(&[e as u32, k as u32, 0, 0]),
-                buffers: vec![&a.router, &a.ids, &a.weights],
-                grid: Grid::Elements { per_token: 1 },
-            });
-            for (m, y) in [(&layer.gate, &a.gate), (&layer.up, &a.up)] {
-                matmul_ops(&mut blocks, &mut body, m, &a.normed, y, &a.ids, dummy, &|w| w[14] = k as u32);
-            }
-            body.push(PendingOp {
-                kernel: Kernel::Swiglu,
-                params: blocks.push(&[i as u32, k as u32, (c.swiglu_limit as f32).to_bits(), SWIGLU_ALPHA.to_bits()]),
-                buffers: vec![&a.gate, &a.up],
-                grid: Grid::Elements { per_token: (k * i) as u32 },
-            });
-            matmul_ops(&mut blocks, &mut body, &layer.down, &a.gate, &a.down, &a.ids, dummy, &|w| {
-                w[14] = k as u32;
-                w[15] = 1;
-            });
-            body.push(PendingOp {
-                kernel: Kernel::Combine,
-                params: blocks.push(&[h as u32, k as u32, 0, 0]),
-                buffers: vec![&a.ids, &a.weights, &a.down, &a.x],
-                grid: Grid::Elements { per_token: h as u32 },
-            });
+        for (layer, cache) in self.layers.iter().zip(&a.caches) {
+            self.layer_ops(layer, cache, a, &mut blocks, &mut body);
         }
         body.push(norm_op(&mut blocks, c, &self.norm, &a.x, &a.normed));
         let mut head_all = Vec::new();
@@ -546,6 +481,114 @@ impl GpuModel {
         ctx.check("preparing the forward pass")?;
         let memory = ctx.allocated() - before;
         Ok(GpuSession { model: self.clone(), acts, body, head_all, head_last, sample, len: 0, capacity: max_context, counter: 0, memory })
+    }
+
+    /// The activation buffers, KV caches and RoPE table of a session of `max_context` tokens.
+    fn activations(&self, max_context: usize) -> Result<Activations> {
+        let c = &self.config;
+        let ctx = &*self.ctx;
+        let t = PREFILL_CHUNK as u64;
+        let Dims { h, nh, nkv, hd, e, k, i, vocab } = Dims::of(c);
+        let rw = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        let f = |what: &str, n: u64| ctx.buffer(what, n * 4, rw);
+        let half = c.head_dim / 2;
+        let mut table = Vec::with_capacity(max_context * half * 2);
+        for pos in 0..max_context {
+            for &fr in &self.rope.inv_freq {
+                let (s, co) = (pos as f32 * fr).sin_cos();
+                table.extend([co, s]);
+            }
+        }
+        let mut caches = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let cap = if layer.sliding { (c.sliding_window + PREFILL_CHUNK).min(max_context) } else { max_context };
+            let n = cap as u64 * nkv * hd;
+            let kc = f(&format!("layer {l} key cache ({cap} tokens)"), n)?;
+            let vc = f(&format!("layer {l} value cache ({cap} tokens)"), n)?;
+            caches.push((kc, vc, cap as u32));
+        }
+        Ok(Activations {
+            step: ctx.buffer("step", 32, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?,
+            tokens: ctx.buffer("tokens", t * 4, rw)?,
+            x: f("residual", t * h)?,
+            normed: f("normed", t * h)?,
+            q: f("queries", t * nh * hd)?,
+            k: f("keys", t * nkv * hd)?,
+            v: f("values", t * nkv * hd)?,
+            attn: f("attention", t * nh * hd)?,
+            router: f("router logits", t * e)?,
+            ids: ctx.buffer("expert ids", t * k * 4, rw)?,
+            weights: f("expert weights", t * k)?,
+            gate: f("expert gate", t * k * i)?,
+            up: f("expert up", t * k * i)?,
+            down: f("expert down", t * k * h)?,
+            logits: f("logits", t * vocab)?,
+            next: ctx.buffer("next token", 4, rw)?,
+            rope_table: ctx.upload("rope table", &f32_bytes(&table))?,
+            caches,
+            logits_staging: ctx.buffer("logits read-back", t * vocab * 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
+            next_staging: ctx.buffer("token read-back", 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
+        })
+    }
+
+    /// Appends the kernels of one transformer layer to `body`.
+    fn layer_ops<'b>(
+        &'b self,
+        layer: &'b GpuLayer,
+        (kc, vc, cap): &'b (wgpu::Buffer, wgpu::Buffer, u32),
+        a: &'b Activations,
+        blocks: &mut ParamBlocks,
+        body: &mut Vec<PendingOp<'b>>,
+    ) {
+        let c = &self.config;
+        let dummy = &self.dummy;
+        let Dims { h, nh, nkv, hd, e, k, i, .. } = Dims::of(c);
+        let scale = 1.0 / (hd as f32).sqrt();
+        body.push(norm_op(blocks, c, &layer.input_norm, &a.x, &a.normed));
+        for (m, y) in [(&layer.q, &a.q), (&layer.k, &a.k), (&layer.v, &a.v)] {
+            matmul_ops(blocks, body, m, &a.normed, y, &a.ids, dummy, &|_| {});
+        }
+        body.push(PendingOp {
+            kernel: Kernel::Rope,
+            params: blocks.push(&[nh as u32, nkv as u32, hd as u32, *cap, self.rope.mscale.to_bits(), 0, 0, 0]),
+            buffers: vec![&a.rope_table, &a.q, &a.k, &a.v, kc, vc],
+            grid: Grid::Elements { per_token: ((nh + nkv) * hd / 2) as u32 },
+        });
+        let window = if layer.sliding { c.sliding_window as u32 } else { 0 };
+        body.push(PendingOp {
+            kernel: Kernel::Attention,
+            params: blocks.push(&[nh as u32, nkv as u32, hd as u32, *cap, window, scale.to_bits(), 0, 0]),
+            buffers: vec![&a.q, kc, vc, &layer.sinks, &a.attn],
+            grid: Grid::Heads { heads: nh as u32 },
+        });
+        matmul_ops(blocks, body, &layer.o, &a.attn, &a.x, &a.ids, dummy, &|w| w[13] = 1);
+        body.push(norm_op(blocks, c, &layer.post_norm, &a.x, &a.normed));
+        matmul_ops(blocks, body, &layer.router, &a.normed, &a.router, &a.ids, dummy, &|_| {});
+        body.push(PendingOp {
+            kernel: Kernel::Router,
+            params: blocks.push(&[e as u32, k as u32, 0, 0]),
+            buffers: vec![&a.router, &a.ids, &a.weights],
+            grid: Grid::Elements { per_token: 1 },
+        });
+        for (m, y) in [(&layer.gate, &a.gate), (&layer.up, &a.up)] {
+            matmul_ops(blocks, body, m, &a.normed, y, &a.ids, dummy, &|w| w[14] = k as u32);
+        }
+        body.push(PendingOp {
+            kernel: Kernel::Swiglu,
+            params: blocks.push(&[i as u32, k as u32, (c.swiglu_limit as f32).to_bits(), SWIGLU_ALPHA.to_bits()]),
+            buffers: vec![&a.gate, &a.up],
+            grid: Grid::Elements { per_token: (k * i) as u32 },
+        });
+        matmul_ops(blocks, body, &layer.down, &a.gate, &a.down, &a.ids, dummy, &|w| {
+            w[14] = k as u32;
+            w[15] = 1;
+        });
+        body.push(PendingOp {
+            kernel: Kernel::Combine,
+            params: blocks.push(&[h as u32, k as u32, 0, 0]),
+            buffers: vec![&a.ids, &a.weights, &a.down, &a.x],
+            grid: Grid::Elements { per_token: h as u32 },
+        });
     }
 
     fn bind(&self, step: &wgpu::Buffer, params: &wgpu::Buffer, p: PendingOp<'_>) -> Result<Op> {
