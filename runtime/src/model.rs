@@ -104,6 +104,9 @@ impl<'a> Loader<'a, '_> {
         let codes = match spec {
             None => Codes::Bf16 { data: fetch("weight", Dtype::BF16, cols)? },
             Some(s) if s.mode == QuantMode::Mxfp4 => {
+                if !cols.is_multiple_of(32) {
+                    return Err(Self::err(module, format!("mxfp4 needs an input width that is a multiple of 32, found {cols}")));
+                }
                 Codes::Mxfp4 { blocks: fetch("weight", Dtype::U32, cols / 8)?, scales: fetch("scales", Dtype::U8, cols / 32)? }
             }
             Some(s) => {
@@ -180,6 +183,11 @@ impl<'a> Model<'a> {
         let config = ckpt.config().clone();
         let c = &config;
         let format = ckpt.format();
+        if format == CheckpointFormat::UpstreamMxfp4 {
+            // The forward pass slices MXFP4 rows in blocks of 32: a layout that is not exactly the
+            // one the config implies must be refused here, by name, not read out of bounds.
+            mixq_loader::layout::validate_upstream(ckpt)?;
+        }
         let ld = Loader { ckpt, config: c };
         let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -259,7 +267,8 @@ impl<'a> Model<'a> {
     /// An empty KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
         let width = self.config.num_key_value_heads * self.config.head_dim;
-        let ring = self.config.sliding_window + PREFILL_CHUNK;
+        // A ring never needs to hold more than the model's context: at that size it never wraps.
+        let ring = (self.config.sliding_window + PREFILL_CHUNK).min(self.max_context());
         KvCache { layers: self.layers.iter().map(|l| LayerCache::new(width, l.sliding.then_some(ring))).collect(), len: 0 }
     }
 
