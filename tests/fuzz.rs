@@ -445,7 +445,7 @@ fn converted_configs() {
         })?;
         Ok(())
     });
-    eprintln!("fuzz {}: {} cases ran the model", "converted_configs", ran.load(Ordering::Relaxed));
+    eprintln!("fuzz converted_configs: {} cases ran the model", ran.load(Ordering::Relaxed));
 }
 
 #[test]
@@ -468,7 +468,7 @@ fn upstream_configs() {
         })?;
         Ok(())
     });
-    eprintln!("fuzz {}: {} cases ran the model", "upstream_configs", ran.load(Ordering::Relaxed));
+    eprintln!("fuzz upstream_configs: {} cases ran the model", ran.load(Ordering::Relaxed));
 }
 
 #[test]
@@ -580,7 +580,8 @@ fn regression_inputs_stay_fixed() {
     let work = work_copy(&f.converted, "config.json");
     let base: Value = serde_json::from_slice(&std::fs::read(f.converted.join("config.json")).expect("config")).expect("JSON");
     let module = base["quantization"].as_object().and_then(|q| q.keys().find(|k| q[*k].is_object())).expect("a module entry").clone();
-    let edits: [(&str, &dyn Fn(&mut Value)); 2] = [
+    type Edit<'e> = (&'e str, &'e dyn Fn(&mut Value));
+    let edits: [Edit<'_>; 2] = [
         ("`quantization`: `", &|v| v["quantization"][&module]["group_size"] = json!(0)),
         ("`num_hidden_layers` is 1000000000000", &|v| {
             v["num_hidden_layers"] = json!(1_000_000_000_000u64);

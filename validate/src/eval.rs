@@ -217,7 +217,7 @@ mod tests {
     fn saved_ids_outside_the_vocabulary_are_refused() {
         let row: Vec<f32> = (0..100).map(|i| (i as f32 * 0.7).cos() * 3.0).collect();
         let ok = RefToken::from_logits(&row, 3, 10);
-        assert!(check_saved_vocab(&[ok.clone()], 100).is_ok());
+        assert!(check_saved_vocab(std::slice::from_ref(&ok), 100).is_ok());
         let mut wide = ok.clone();
         wide.top_ids[4] = 150;
         let e = check_saved_vocab(&[ok.clone(), wide], 100).unwrap_err().to_string();
