@@ -236,3 +236,181 @@ fn bad_config_names_the_field() {
     let e = fails(&c, "mixed_3_6");
     assert!(e.contains("config.json: field `num_key_value_heads` is missing"), "{e}");
 }
+
+/// Runs the CLI, expects exit 1 without a panic, returns stdout and stderr together.
+fn refused(args: &[&str]) -> String {
+    let o = mixq(args, &[]);
+    let (stdout, stderr) = text(&o);
+    let all = format!("{stdout}{stderr}");
+    assert_eq!(o.status.code(), Some(1), "{args:?} should fail with exit 1: {all}");
+    assert!(!all.contains("panicked") && !all.contains("memory allocation"), "{all}");
+    all
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// A converted tiny model (mixed_3_6: affine and mxfp4 entries in its quantization map).
+fn converted() -> Case {
+    let c = case("tiny");
+    let o = mixq(&["convert", "--source", c.src.to_str().unwrap(), "--recipe", "mixed_3_6", "--out", c.out.to_str().unwrap(), "--quiet"], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    c
+}
+
+#[test]
+fn converted_config_with_group_size_zero() {
+    let c = converted();
+    let cfg = c.out.join("config.json");
+    let mut module = String::new();
+    edit_json(&cfg, |v| {
+        let q = v["quantization"].as_object_mut().unwrap();
+        let (k, spec) = q.iter_mut().find(|(_, s)| s.get("mode").and_then(|m| m.as_str()) == Some("affine")).unwrap();
+        module = k.clone();
+        spec["group_size"] = json!(0);
+    });
+    let bits = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&cfg).unwrap()).unwrap()["quantization"][&module]["bits"].clone();
+    let want = format!("config.json: field `quantization`: `{module}`: affine with bits {bits} and group_size 0 is not supported (supported: mode affine with bits 2, 3, 4, 5, 6 or 8 and group_size 32, 64 or 128; mode mxfp4 with bits 4 and group_size 32)");
+    // verify used to panic dividing by the group size; inspect used to print a size and exit 0.
+    for cmd in ["verify", "inspect"] {
+        let e = refused(&[cmd, c.out.to_str().unwrap()]);
+        assert!(e.contains(&want), "{cmd}: {e}");
+    }
+    let e = refused(&["run", "--model", c.out.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "1", "--backend", "cpu"]);
+    assert!(e.contains(&want), "run: {e}");
+}
+
+#[test]
+fn huge_layer_count_without_layer_types() {
+    let c = case("tiny");
+    edit_json(&c.src.join("config.json"), |v| {
+        v["num_hidden_layers"] = json!(1_000_000_000_000u64);
+        v.as_object_mut().unwrap().remove("layer_types");
+    });
+    let want = "config.json: field `num_hidden_layers` is 1000000000000, more than any gpt-oss could use (expected a positive integer of at most 1024)";
+    let src = c.src.to_str().unwrap();
+    for args in [&["verify", src][..], &["inspect", src], &["run", "--model", src, "--prompt", "hi", "--max-tokens", "1", "--backend", "cpu"]] {
+        let e = refused(args);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+}
+
+/// An upstream checkpoint whose tensors agree with a config of hidden size 48 (not a multiple of
+/// the MXFP4 block of 32): every expert row is 1 block where 1.5 would be needed.
+fn upstream_with_hidden_48(dir: &Path) -> PathBuf {
+    let src = synth(dir, "tiny", |_| {});
+    let mut shape = mixq_synth::Shape::preset("tiny").unwrap();
+    shape.hidden = 48;
+    let config_value = shape.config_json();
+    std::fs::write(src.join("config.json"), config_value.to_string()).unwrap();
+    let config = mixq_loader::GptOssConfig::from_json_str(&config_value.to_string(), Path::new("config.json")).unwrap();
+    let tensors = mixq_loader::layout::upstream_tensors(&config);
+    let header: Vec<(&str, mixq_loader::Dtype, &[usize])> = tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
+    let (mut bytes, _) = mixq_loader::shard::encode_header(&[("format", "pt")], &header);
+    let data: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();
+    bytes.resize(bytes.len() + data, 0);
+    for name in entries(&src).into_iter().filter(|n| n.ends_with(".safetensors") || n.ends_with(".index.json")) {
+        std::fs::remove_file(src.join(name)).unwrap();
+    }
+    std::fs::write(src.join("model.safetensors"), bytes).unwrap();
+    src
+}
+
+#[test]
+fn upstream_hidden_size_not_a_multiple_of_32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = upstream_with_hidden_48(&tmp.path().join("src"));
+    let want = "config.json: `hidden_size` (48) must be a multiple of 32 for MXFP4 experts";
+    // The runtime used to slice expert rows out of bounds; the GPU load goes through the same check.
+    for backend in ["cpu", "gpu"] {
+        let e = refused(&["run", "--model", src.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "1", "--backend", backend]);
+        assert!(e.contains(want), "{backend}: {e}");
+    }
+}
+
+#[test]
+fn manifest_entry_outside_the_checkpoint() {
+    let c = converted();
+    // A file beside the checkpoint that a hostile manifest entry reaches, with its true hash, so
+    // that only the name check can object.
+    let outside = c.out.parent().unwrap().join("outside.bin");
+    std::fs::write(&outside, b"secret").unwrap();
+    let sha = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(b"secret"))
+    };
+    let manifest = c.out.join("mixq-manifest.json");
+    for name in ["../outside.bin", outside.to_str().unwrap(), "..", "a\u{0}b"] {
+        let before = std::fs::read(&manifest).unwrap();
+        edit_json(&manifest, |v| v["files"].as_array_mut().unwrap().push(json!({"name": name, "size": 6, "sha256": sha})));
+        let e = refused(&["verify", c.out.to_str().unwrap()]);
+        assert!(e.contains("mixq-manifest.json: entry") && e.contains(&format!("{name:?} is not a plain file name in the checkpoint folder")), "{name:?}: {e}");
+        std::fs::write(&manifest, before).unwrap();
+    }
+    assert!(mixq(&["verify", c.out.to_str().unwrap()], &[]).status.success());
+}
+
+const TRAINED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-shakespeare");
+const DEV_TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare-dev.txt");
+
+/// A saved reference of the trained model over the start of the dev text, at `path`.
+fn saved_reference(path: &Path) -> Vec<&'static str> {
+    let args = vec!["validate", "--model", TRAINED, "--text", DEV_TEXT, "--ctx", "64", "--max-tokens", "128", "--quiet"];
+    let mut save = args.clone();
+    save.extend(["--save-reference", path.to_str().unwrap()]);
+    let o = mixq(&save, &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    args
+}
+
+#[test]
+fn reference_logits_with_hostile_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("ref.bin");
+    let args = saved_reference(&p);
+    let good = std::fs::read(&p).unwrap();
+    let n = u32::from_le_bytes(good[8..12].try_into().unwrap()) as usize;
+    let meta: serde_json::Value = serde_json::from_slice(&good[12..12 + n]).unwrap();
+    let with_meta = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut m = meta.clone();
+        edit(&mut m);
+        let m = m.to_string();
+        let mut bytes = good[..8].to_vec();
+        bytes.extend((m.len() as u32).to_le_bytes());
+        bytes.extend(m.as_bytes());
+        bytes.extend(&good[12 + n..]);
+        std::fs::write(&p, bytes).unwrap();
+    };
+    let mut run = args.clone();
+    run.extend(["--reference-logits", p.to_str().unwrap()]);
+    with_meta(&|m| m["top_k"] = json!(u64::MAX / 4));
+    let e = refused(&run);
+    assert!(e.contains("ref.bin: header says `top_k` is 4611686018427387903, too large for a record size"), "{e}");
+    with_meta(&|m| m["count"] = json!(u64::MAX / 2));
+    let e = refused(&run);
+    assert!(e.contains("ref.bin: header says 9223372036854775807 records of") && e.contains("(truncated?)"), "{e}");
+    with_meta(&|m| m["top_k"] = json!(1u64 << 40));
+    let e = refused(&run);
+    assert!(e.contains("ref.bin: header says") && e.contains("`top_k` 1099511627776"), "{e}");
+}
+
+#[test]
+fn reference_logits_saved_for_another_vocabulary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("ref.bin");
+    let args = saved_reference(&p);
+    let (header, mut tokens) = mixq_validate::reference::read(&p).unwrap();
+    // As a reference model with a larger vocabulary would have saved it.
+    tokens[5].top_ids[1] = 5000;
+    mixq_validate::reference::write(&p, &header, &tokens).unwrap();
+    let mut run = args.clone();
+    run.extend(["--reference-logits", p.to_str().unwrap()]);
+    let e = refused(&run);
+    assert!(
+        e.contains("the saved reference logits were saved for a different vocabulary: scored token 5 names token id 5000, so the reference's vocabulary has at least 5001 tokens, but this model's has 2048"),
+        "{e}"
+    );
+}

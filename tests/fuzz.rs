@@ -7,9 +7,15 @@
 //! be trusted). cargo-fuzz needs a nightly toolchain, which this project's machines cannot fetch,
 //! hence proptest.
 //!
-//! `MIXQ_FUZZ_SECONDS=N` runs each target for N seconds (CI: 60) in batches of fresh deterministic
-//! seeds; otherwise one batch of `PROPTEST_CASES` (default 512). Each target prints its case count.
-//! A failure prints the shrunk input: add it to `regression_inputs_stay_fixed` below.
+//! Further targets reach the model: mutated MLX and upstream configs, manifests, hub index files
+//! and saved reference logits are swapped into tiny checkpoints (made once) and go through the
+//! entry points `verify`, `inspect`, `run`/`logits` and `validate` use.
+//!
+//! `MIXQ_FUZZ_SECONDS=N` is the budget of [`BUDGETED_TARGETS`] targets (CI: 60, sized when there
+//! were 8): the binary's total of `BUDGETED_TARGETS * N` seconds is split evenly over all
+//! [`TARGETS`], each running batches of fresh deterministic seeds for its share. Otherwise each
+//! runs one batch of `PROPTEST_CASES` (default 512). Each target prints its case count. A failure
+//! prints the shrunk input: add it to `regression_inputs_stay_fixed` below.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -17,7 +23,12 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mixq_loader::{Calibration, Dtype, GptOssConfig, ShardFile};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use mixq_loader::{Calibration, Checkpoint, Dtype, GptOssConfig, ShardFile};
+use serde_json::{json, Value};
 use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
 
@@ -51,23 +62,39 @@ static ALLOCATOR: LargestAllocation = LargestAllocation;
 
 /// Runs `parse` and fails if any single allocation in it exceeded 1 MiB + 64 × `input_len`.
 fn bounded_alloc<T>(input_len: usize, parse: impl FnOnce() -> T) -> Result<T, TestCaseError> {
+    bounded_alloc_plus(0, input_len, parse)
+}
+
+/// [`bounded_alloc`] with a fixed `allowance` on top, for targets whose work (hashing a shard
+/// through a 4 MiB buffer, running a tiny model) allocates what the model needs, not the input.
+fn bounded_alloc_plus<T>(allowance: usize, input_len: usize, parse: impl FnOnce() -> T) -> Result<T, TestCaseError> {
     LARGEST.with(|m| m.set(0));
     let out = parse();
     let largest = LARGEST.with(|m| m.get());
-    let bound = (1 << 20) + 64 * input_len;
+    let bound = (1 << 20) + 64 * input_len + allowance;
     if largest > bound {
         return Err(TestCaseError::fail(format!("an allocation of {largest} bytes for a {input_len}-byte input (bound {bound})")));
     }
     Ok(out)
 }
 
-/// Runs one fuzz target: a batch of `PROPTEST_CASES`, or batches until `MIXQ_FUZZ_SECONDS` pass.
+/// How many targets `MIXQ_FUZZ_SECONDS` was sized for (CI: 60 s each, about 240 s on 2 threads).
+const BUDGETED_TARGETS: u64 = 8;
+/// The fuzz targets in this file, which share `BUDGETED_TARGETS * MIXQ_FUZZ_SECONDS` evenly.
+const TARGETS: u32 = 13;
+
+/// Runs one fuzz target: a batch of `PROPTEST_CASES`, or batches until its share of
+/// `MIXQ_FUZZ_SECONDS` passes.
 fn fuzz<S>(name: &str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
 where
     S: Strategy,
     S::Value: Debug,
 {
-    let seconds: Option<u64> = std::env::var("MIXQ_FUZZ_SECONDS").ok().and_then(|v| v.parse().ok()).filter(|&s| s > 0);
+    let seconds: Option<Duration> = std::env::var("MIXQ_FUZZ_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map(|s| Duration::from_secs(s * BUDGETED_TARGETS) / TARGETS);
     let cases = if seconds.is_some() { 256 } else { std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512) };
     let start = Instant::now();
     let mut total = 0u64;
@@ -83,7 +110,7 @@ where
             panic!("fuzz target {name} failed in batch {batch}: {e}");
         }
         total += u64::from(cases);
-        if seconds.is_none_or(|s| start.elapsed() >= Duration::from_secs(s)) {
+        if seconds.is_none_or(|s| start.elapsed() >= s) {
             break;
         }
     }
@@ -269,7 +296,272 @@ fn chat_templates() {
     });
 }
 
-/// Inputs that once failed a target (none so far) and the hostile seeds, checked on every run.
+/// Values that JSON field edits put in: edge counts, overflowing and fractional numbers, other kinds.
+fn interesting_values() -> Vec<Value> {
+    vec![
+        json!(0),
+        json!(1),
+        json!(2),
+        json!(3),
+        json!(-1),
+        json!(31),
+        json!(32),
+        json!(33),
+        json!(48),
+        json!(63),
+        json!(64),
+        json!(100000),
+        json!(1u64 << 24),
+        json!(1u64 << 40),
+        json!(1_000_000_000_000u64),
+        json!(u64::MAX),
+        json!(0.5),
+        json!(1e-30),
+        json!(1e300),
+        json!(-1e300),
+        json!("x"),
+        json!(null),
+        json!(true),
+        json!(false),
+        json!([]),
+        json!({}),
+        json!(["sliding_attention"]),
+        json!({"group_size": 0, "bits": 4, "mode": "affine"}),
+        json!({"group_size": 32, "bits": 4, "mode": "mxfp4"}),
+        json!("../../etc/passwd"),
+        json!("/etc/hostname"),
+        json!("a\u{0}b"),
+    ]
+}
+
+/// JSON pointers of every node under the root of `v`.
+fn json_pointers(v: &Value, at: String, out: &mut Vec<String>) {
+    let children: Vec<(String, &Value)> = match v {
+        Value::Object(m) => m.iter().map(|(k, c)| (k.replace('~', "~0").replace('/', "~1"), c)).collect(),
+        Value::Array(a) => a.iter().enumerate().map(|(i, c)| (i.to_string(), c)).collect(),
+        _ => return,
+    };
+    for (k, c) in children {
+        let p = format!("{at}/{k}");
+        out.push(p.clone());
+        json_pointers(c, p, out);
+    }
+}
+
+/// Mutations of JSON seeds: up to three fields set to an interesting value or removed (which
+/// reaches past the parser), or the bytes mutated as in [`mutated`].
+fn json_mutated(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    let values = interesting_values();
+    let parsed: Vec<Value> = seeds.iter().filter_map(|s| serde_json::from_slice(s).ok()).collect();
+    let edits = (prop::sample::select(parsed), prop::collection::vec((any::<usize>(), 0..values.len(), any::<bool>()), 1..4)).prop_map(
+        move |(mut v, edits)| {
+            for (at, value, remove) in edits {
+                let mut pointers = Vec::new();
+                json_pointers(&v, String::new(), &mut pointers);
+                let Some(p) = pointers.get(at % pointers.len().max(1)) else { break };
+                let (parent, key) = p.rsplit_once('/').unwrap_or(("", p));
+                match (remove, v.pointer_mut(parent)) {
+                    (true, Some(Value::Object(m))) => {
+                        m.remove(&key.replace("~1", "/").replace("~0", "~"));
+                    }
+                    _ => {
+                        if let Some(slot) = v.pointer_mut(p) {
+                            *slot = values[value].clone();
+                        }
+                    }
+                }
+            }
+            serde_json::to_vec(&v).expect("serializes")
+        },
+    );
+    prop_oneof![3 => edits, 1 => mutated(seeds)]
+}
+
+/// Tiny checkpoints made once per run and shared by the targets that swap one file into them.
+struct Fixtures {
+    /// A tiny synthetic upstream checkpoint.
+    upstream: PathBuf,
+    /// Its conversion with `mixed_3_6` (affine and mxfp4 entries in the quantization map).
+    converted: PathBuf,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-fixtures");
+        let _ = std::fs::remove_dir_all(&root);
+        let upstream = root.join("upstream");
+        let shape = mixq_synth::Shape::preset("tiny").expect("preset");
+        mixq_synth::write_checkpoint(&upstream, &shape).expect("synthetic checkpoint");
+        let converted = root.join("converted");
+        let recipe = mixq_quantizer::Recipe::load("mixed_3_6").expect("built-in recipe");
+        mixq_quantizer::convert(&upstream, &recipe, &converted, &mixq_quantizer::ConvertOptions::default(), &mixq_quantizer::NoProgress)
+            .expect("tiny conversion");
+        Fixtures { upstream, converted }
+    })
+}
+
+/// A working folder holding links to every file of `model` but `own`, which the target writes.
+fn work_copy(model: &Path, own: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for entry in std::fs::read_dir(model).expect("fixture folder").flatten() {
+        let name = entry.file_name();
+        if name != own {
+            std::os::unix::fs::symlink(entry.path(), dir.path().join(&name)).expect("symlink");
+        }
+    }
+    dir
+}
+
+/// Room for the 4 MiB hashing buffer, a tiny model's vectors and its logits.
+const MODEL_ALLOWANCE: usize = 16 << 20;
+
+/// What `run`/`logits` and `validate` do with a checkpoint: load it on the CPU and run a few
+/// tokens (no generation loop). Counts in `ran` the cases whose logits came out.
+fn load_and_run(dir: &Path, ran: &AtomicUsize) {
+    let Ok(ckpt) = Checkpoint::open(dir) else { return };
+    let opts = mixq_runtime::gpu::GpuOptions::default();
+    if let Ok((engine, _)) = mixq_runtime::Engine::load(&ckpt, mixq_runtime::Backend::Cpu, &opts, &|_, _| {}) {
+        if engine.logits(&[0, 1, 2]).is_ok() {
+            ran.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn converted_configs() {
+    let f = fixtures();
+    let seeds = vec![std::fs::read(f.converted.join("config.json")).expect("converted config")];
+    let work = work_copy(&f.converted, "config.json");
+    let ran = AtomicUsize::new(0);
+    fuzz("converted_configs", json_mutated(seeds), |bytes| {
+        std::fs::write(work.path().join("config.json"), &bytes).expect("writable");
+        bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || {
+            let _ = mixq_quantizer::verify::verify(work.path());
+            if let Ok(ckpt) = Checkpoint::open(work.path()) {
+                let _ = mixq_quantizer::inspect::inspect(&ckpt);
+            }
+            load_and_run(work.path(), &ran);
+        })?;
+        Ok(())
+    });
+    eprintln!("fuzz converted_configs: {} cases ran the model", ran.load(Ordering::Relaxed));
+}
+
+#[test]
+fn upstream_configs() {
+    let f = fixtures();
+    let seeds = vec![std::fs::read(f.upstream.join("config.json")).expect("synthetic config"), trained_file("config.json")];
+    let work = work_copy(&f.upstream, "config.json");
+    let ran = AtomicUsize::new(0);
+    fuzz("upstream_configs", json_mutated(seeds), |bytes| {
+        std::fs::write(work.path().join("config.json"), &bytes).expect("writable");
+        bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || {
+            if let Ok(ckpt) = Checkpoint::open(work.path()) {
+                let _ = mixq_loader::layout::validate_upstream(&ckpt);
+                let _ = mixq_quantizer::inspect::inspect(&ckpt);
+                if let Ok(r) = mixq_quantizer::recipe::Recipe::load("mixed_3_6") {
+                    let _ = mixq_quantizer::Allocation::resolve(ckpt.config(), &r).map(|a| a.summary());
+                }
+            }
+            load_and_run(work.path(), &ran);
+        })?;
+        Ok(())
+    });
+    eprintln!("fuzz upstream_configs: {} cases ran the model", ran.load(Ordering::Relaxed));
+}
+
+#[test]
+fn manifests() {
+    let f = fixtures();
+    let manifest = mixq_quantizer::manifest::MANIFEST_FILE;
+    let real = std::fs::read(f.converted.join(manifest)).expect("manifest");
+    let hostile = br#"{"format":"mixq-manifest/1","files":[{"name":"../../../../etc/hostname","size":1,"sha256":"00"},{"name":"/etc/hostname","size":18446744073709551615,"sha256":"x"},{"name":"","size":0,"sha256":""},{"name":"..","size":0,"sha256":""}]}"#;
+    let seeds = vec![real, hostile.to_vec()];
+    let work = work_copy(&f.converted, manifest);
+    fuzz("manifests", json_mutated(seeds), |bytes| {
+        std::fs::write(work.path().join(manifest), &bytes).expect("writable");
+        bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || mixq_quantizer::verify::verify(work.path()).ok())?;
+        Ok(())
+    });
+}
+
+#[test]
+fn hub_index_files() {
+    use mixq_loader::source::{resolve_source_with, HubSettings, Need};
+    let f = fixtures();
+    let cache = tempfile::tempdir().expect("temp dir");
+    let repo = cache.path().join("models--fuzz--tiny");
+    std::fs::create_dir_all(repo.join("refs")).expect("cache folder");
+    std::fs::write(repo.join("refs/main"), "0123abcd").expect("writable");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).expect("cache folder");
+    for entry in std::fs::read_dir(&f.upstream).expect("fixture folder").flatten() {
+        if entry.file_name() != mixq_loader::INDEX_FILE {
+            std::os::unix::fs::symlink(entry.path(), snapshot.join(entry.file_name())).expect("symlink");
+        }
+    }
+    let hub = HubSettings::with_cache(cache.path().to_path_buf(), true);
+    let hostile = br#"{"metadata":{"total_size":18446744073709551615},"weight_map":{"a":"../../../../etc/hostname","b":"/etc/hostname","c":"..","d":7,"e":"x\u0000y"}}"#;
+    let seeds = vec![std::fs::read(f.upstream.join(mixq_loader::INDEX_FILE)).expect("index"), hostile.to_vec()];
+    fuzz("hub_index_files", json_mutated(seeds), |bytes| {
+        std::fs::write(snapshot.join(mixq_loader::INDEX_FILE), &bytes).expect("writable");
+        bounded_alloc(bytes.len(), || {
+            let resolved = resolve_source_with("fuzz/tiny", Need::Everything, &hub);
+            if let Ok(mixq_loader::ResolvedSource::Folder(dir)) = &resolved {
+                prop_assert!(dir.starts_with(cache.path()), "resolved outside the cache: {dir:?}");
+            }
+            let _ = Checkpoint::open(&snapshot);
+            Ok(())
+        })??;
+        Ok(())
+    });
+}
+
+#[test]
+fn reference_logits_files() {
+    use mixq_validate::reference::{self, RefHeader};
+    use mixq_validate::{EvalOptions, Reference};
+    let f = fixtures();
+    let ckpt = Checkpoint::open(&f.upstream).expect("fixture");
+    let opts = mixq_runtime::gpu::GpuOptions::default();
+    let (engine, _) = mixq_runtime::Engine::load(&ckpt, mixq_runtime::Backend::Cpu, &opts, &|_, _| {}).expect("tiny model");
+    let tokens: Vec<u32> = (0..24u32).map(|i| i * 37 % 300).collect();
+    let eval = EvalOptions { ctx: 8, stride: 4, top_k: 6 };
+    let scored = mixq_validate::score(&engine, &tokens, &Reference::None, eval, &|_, _| {}).expect("scores");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let header = RefHeader { model: "tiny".into(), tokens_sha256: mixq_validate::tokens_sha256(&tokens), ctx: 8, stride: 4, top_k: 6 };
+    let seed_path = dir.path().join("seed.ref");
+    reference::write(&seed_path, &header, &scored.summaries).expect("writable");
+    let seed = std::fs::read(&seed_path).expect("readable");
+    // Hostile headers: top_k and count whose products overflow, or far beyond the file.
+    let with_meta = |meta: &str| {
+        let mut v = b"MIXQREF1".to_vec();
+        v.extend((meta.len() as u32).to_le_bytes());
+        v.extend(meta.as_bytes());
+        v.extend(&[0u8; 56]);
+        v
+    };
+    let seeds = vec![
+        seed,
+        with_meta(r#"{"model":"m","tokens_sha256":"x","ctx":8,"stride":4,"top_k":4611686018427387903,"count":1}"#),
+        with_meta(r#"{"model":"m","tokens_sha256":"x","ctx":8,"stride":4,"top_k":2,"count":9223372036854775807}"#),
+        with_meta(r#"{"model":"m","tokens_sha256":"x","ctx":8,"stride":4,"top_k":1099511627776,"count":0}"#),
+    ];
+    fuzz("reference_logits_files", mutated(seeds), |bytes| {
+        bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || {
+            with_file(&bytes, |p| {
+                if let Ok((_, saved)) = reference::read(p) {
+                    let _ = mixq_validate::score(&engine, &tokens, &Reference::Saved(&saved), eval, &|_, _| {});
+                }
+            })
+        })?;
+        Ok(())
+    });
+}
+
+/// Inputs that once failed (issue 15's configs; no fuzz target has failed so far) and the hostile
+/// seeds, checked on every run.
 #[test]
 fn regression_inputs_stay_fixed() {
     let seeds = shard_seeds();
@@ -282,6 +574,31 @@ fn regression_inputs_stay_fixed() {
         }
     }
     assert!(with_file(valid, |p| ShardFile::open(p).is_ok()), "a shard with __metadata__ opens");
+    // Issue 15's configs: a group size of 0 (verify divided by it) and 10^12 layers without
+    // layer_types (every command tried to allocate them) are refused by field, within the bound.
+    let f = fixtures();
+    let work = work_copy(&f.converted, "config.json");
+    let base: Value = serde_json::from_slice(&std::fs::read(f.converted.join("config.json")).expect("config")).expect("JSON");
+    let module = base["quantization"].as_object().and_then(|q| q.keys().find(|k| q[*k].is_object())).expect("a module entry").clone();
+    type Edit<'e> = (&'e str, &'e dyn Fn(&mut Value));
+    let edits: [Edit<'_>; 2] = [
+        ("`quantization`: `", &|v| v["quantization"][&module]["group_size"] = json!(0)),
+        ("`num_hidden_layers` is 1000000000000", &|v| {
+            v["num_hidden_layers"] = json!(1_000_000_000_000u64);
+            v.as_object_mut().expect("object").remove("layer_types");
+        }),
+    ];
+    for (want, edit) in edits {
+        let mut v = base.clone();
+        edit(&mut v);
+        let bytes = serde_json::to_vec(&v).expect("serializes");
+        std::fs::write(work.path().join("config.json"), &bytes).expect("writable");
+        let r = bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || mixq_quantizer::verify::verify(work.path())).expect("within the bound");
+        assert!(r.problems.iter().any(|p| p.contains("config.json") && p.contains(want)), "{want}: {:?}", r.problems);
+        let ran = AtomicUsize::new(0);
+        bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || load_and_run(work.path(), &ran)).expect("within the bound");
+        assert_eq!(ran.load(Ordering::Relaxed), 0);
+    }
 }
 
 /// A small valid calibration file.

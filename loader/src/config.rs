@@ -51,35 +51,7 @@ pub struct RopeScaling {
     pub truncate: bool,
 }
 
-/// One MLX per-module quantization setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct QuantSpec {
-    /// Bits per code.
-    pub bits: u32,
-    /// Elements sharing one scale.
-    pub group_size: u32,
-    /// `affine` or `mxfp4`.
-    pub mode: QuantMode,
-}
-
-/// MLX quantization modes mixq reads and writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum QuantMode {
-    /// `scale * q + bias` with bf16 scales and biases.
-    Affine,
-    /// FP4 E2M1 codes with E8M0 scales per 32 elements.
-    Mxfp4,
-}
-
-impl QuantMode {
-    /// The name used in config.json.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QuantMode::Affine => "affine",
-            QuantMode::Mxfp4 => "mxfp4",
-        }
-    }
-}
+pub use crate::format::{QuantMode, QuantSpec};
 
 /// The quantization map of an MLX checkpoint (config.json `quantization`).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -124,6 +96,8 @@ pub struct GptOssConfig {
     pub vocab_size: usize,
     /// Window of sliding-attention layers.
     pub sliding_window: usize,
+    /// Longest context (`max_position_embeddings`, [`DEFAULT_MAX_CONTEXT`] when absent).
+    pub max_position_embeddings: usize,
     /// Attention type per layer.
     pub layer_types: Vec<LayerType>,
     /// RoPE base.
@@ -142,6 +116,39 @@ pub struct GptOssConfig {
     pub quantization: Option<QuantizationMap>,
 }
 
+/// `max_position_embeddings` when config.json has none (gpt-oss's 131072).
+pub const DEFAULT_MAX_CONTEXT: usize = 131072;
+
+/// Upper bounds on config.json counts, each far above what any gpt-oss uses (gpt-oss-120b: 36
+/// layers, width 2880, 128 experts, 4 per token, 64 query and 8 key/value heads of 64, a
+/// 201088-token vocabulary, a window of 128, a 131072-token context) yet small enough that no
+/// tensor size overflows and no layer loop or table allocates absurdly. Every count must also be
+/// positive; `num_experts_per_tok` may not exceed `num_local_experts`, `sliding_window` not
+/// `max_position_embeddings`.
+pub const COUNT_LIMITS: &[(&str, u64)] = &[
+    ("num_hidden_layers", 1024),
+    ("hidden_size", 65536),
+    ("intermediate_size", 65536),
+    ("num_local_experts", 4096),
+    ("num_experts_per_tok", 4096),
+    ("num_attention_heads", 1024),
+    ("num_key_value_heads", 1024),
+    ("head_dim", 1024),
+    ("vocab_size", 1 << 22),
+    ("sliding_window", 1 << 24),
+    ("max_position_embeddings", 1 << 24),
+    ("rope_scaling.original_max_position_embeddings", 1 << 24),
+];
+
+/// The bound [`COUNT_LIMITS`] sets for a field (`u64::MAX` for one it does not list).
+fn count_limit(key: &str) -> u64 {
+    COUNT_LIMITS.iter().find(|(k, _)| *k == key).map_or(u64::MAX, |&(_, n)| n)
+}
+
+/// What a `quantization` entry may say, for error messages.
+use crate::format::{QuantFormat, SUPPORTED_QUANTIZATION};
+
+
 struct Fields<'a> {
     path: &'a Path,
     obj: &'a Map<String, Value>,
@@ -152,14 +159,41 @@ impl Fields<'_> {
         LoaderError::Config { path: self.path.to_path_buf(), message }
     }
 
+    /// A required count: a positive integer within [`COUNT_LIMITS`].
     fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_or(key, None)
+    }
+
+    /// A count that takes `default` when absent; `name` is how errors call it.
+    fn usize_or(&self, key: &str, default: Option<usize>) -> Result<usize> {
+        self.count(key, key, default)
+    }
+
+    fn count(&self, key: &str, name: &str, default: Option<usize>) -> Result<usize> {
+        let limit = count_limit(name);
         match self.obj.get(key) {
-            None => Err(self.err(format!("field `{key}` is missing (expected a positive integer)"))),
+            None => default.ok_or_else(|| self.err(format!("field `{name}` is missing (expected a positive integer)"))),
             Some(v) => match v.as_u64() {
-                Some(n) if n > 0 => Ok(n as usize),
-                _ => Err(self.err(format!("field `{key}` must be a positive integer, found {v}"))),
+                Some(n) if n > limit => Err(self.err(format!(
+                    "field `{name}` is {n}, more than any gpt-oss could use (expected a positive integer of at most {limit})"
+                ))),
+                Some(n) if n > 0 => usize::try_from(n).map_err(|_| self.err(format!("field `{name}` ({n}) does not fit this machine's usize"))),
+                _ => Err(self.err(format!("field `{name}` must be a positive integer, found {v}"))),
             },
         }
+    }
+
+    /// A number that must be finite and positive (and above `above` when given).
+    fn positive(&self, key: &str, name: &str, default: Option<f64>, above: f64) -> Result<f64> {
+        let x = self.f64_or(key, default).map_err(|_| match self.obj.get(key) {
+            None => self.err(format!("field `{name}` is missing (expected a number)")),
+            Some(v) => self.err(format!("field `{name}` must be a number, found {v}")),
+        })?;
+        if !x.is_finite() || x <= above {
+            let what = if above == 0.0 { "a finite positive number".to_string() } else { format!("a finite number above {above}") };
+            return Err(self.err(format!("field `{name}` must be {what}, found {x}")));
+        }
+        Ok(x)
     }
 
     fn f64_or(&self, key: &str, default: Option<f64>) -> Result<f64> {
@@ -178,9 +212,9 @@ impl Fields<'_> {
 }
 
 impl GptOssConfig {
-    /// Longest context the model supports (`max_position_embeddings`, 131072 when absent).
+    /// Longest context the model supports (`max_position_embeddings`, validated when parsed).
     pub fn max_context(&self) -> usize {
-        self.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(131072) as usize
+        self.max_position_embeddings
     }
 
     /// Reads and validates a config.json file.
@@ -245,11 +279,18 @@ impl GptOssConfig {
                     .to_string();
                 Some(RopeScaling {
                     rope_type,
-                    factor: g.f64_or("factor", None).map_err(|_| f.err("field `rope_scaling.factor` must be a number".into()))?,
-                    beta_fast: g.f64_or("beta_fast", Some(32.0))?,
-                    beta_slow: g.f64_or("beta_slow", Some(1.0))?,
-                    original_max_position_embeddings: g.f64_or("original_max_position_embeddings", Some(4096.0))? as u64,
-                    truncate: g.bool_or("truncate", true)?,
+                    factor: g.positive("factor", "rope_scaling.factor", None, 0.0)?,
+                    beta_fast: g.positive("beta_fast", "rope_scaling.beta_fast", Some(32.0), 0.0)?,
+                    beta_slow: g.positive("beta_slow", "rope_scaling.beta_slow", Some(1.0), 0.0)?,
+                    original_max_position_embeddings: g.count(
+                        "original_max_position_embeddings",
+                        "rope_scaling.original_max_position_embeddings",
+                        Some(4096),
+                    )? as u64,
+                    truncate: g.bool_or("truncate", true).map_err(|_| {
+                        let found = rs.get("truncate").map(Value::to_string).unwrap_or_default();
+                        f.err(format!("field `rope_scaling.truncate` must be true or false, found {found}"))
+                    })?,
                 })
             }
             Some(v) => return Err(f.err(format!("field `rope_scaling` must be an object, found {v}"))),
@@ -263,6 +304,13 @@ impl GptOssConfig {
             None | Some(Value::Null) => None,
             Some(v) => Some(parse_quantization_map(v).map_err(|m| f.err(format!("field `quantization`: {m}")))?),
         };
+        // An MLX checkpoint repeats its map as `quantization_config` (an upstream one has a
+        // `quant_method` there instead): it must hold only supported settings too.
+        if let Some(qc @ Value::Object(q)) = obj.get("quantization_config") {
+            if !q.contains_key("quant_method") {
+                parse_quantization_map(qc).map_err(|m| f.err(format!("field `quantization_config`: {m}")))?;
+            }
+        }
         let num_attention_heads = f.usize("num_attention_heads")?;
         let num_key_value_heads = f.usize("num_key_value_heads")?;
         if num_attention_heads % num_key_value_heads != 0 {
@@ -277,23 +325,50 @@ impl GptOssConfig {
                 "`num_experts_per_tok` ({num_experts_per_tok}) exceeds `num_local_experts` ({num_local_experts})"
             )));
         }
+        let hidden_size = f.usize("hidden_size")?;
+        let intermediate_size = f.usize("intermediate_size")?;
+        let head_dim = f.usize("head_dim")?;
+        if head_dim % 2 != 0 {
+            return Err(f.err(format!("field `head_dim` ({head_dim}) must be even (RoPE rotates pairs)")));
+        }
+        let vocab_size = f.usize("vocab_size")?;
+        let max_position_embeddings = f.usize_or("max_position_embeddings", Some(DEFAULT_MAX_CONTEXT))?;
+        let sliding_window = f.usize("sliding_window")?;
+        if sliding_window > max_position_embeddings {
+            return Err(f.err(format!(
+                "`sliding_window` ({sliding_window}) exceeds `max_position_embeddings` ({max_position_embeddings})"
+            )));
+        }
+        if let Some(rs) = &rope_scaling {
+            if rs.original_max_position_embeddings > max_position_embeddings as u64 {
+                return Err(f.err(format!(
+                    "`rope_scaling.original_max_position_embeddings` ({}) exceeds `max_position_embeddings` ({max_position_embeddings})",
+                    rs.original_max_position_embeddings
+                )));
+            }
+        }
+        let largest = largest_tensor_bytes(hidden_size, intermediate_size, num_local_experts, num_attention_heads, head_dim, vocab_size)
+            .ok_or_else(|| f.err("the tensor sizes these dimensions imply overflow 64 bits".into()))?;
+        usize::try_from(largest)
+            .map_err(|_| f.err(format!("the largest tensor these dimensions imply ({largest} bytes) does not fit this machine's usize")))?;
         Ok(GptOssConfig {
             path: path.to_path_buf(),
             num_hidden_layers,
-            hidden_size: f.usize("hidden_size")?,
-            intermediate_size: f.usize("intermediate_size")?,
+            hidden_size,
+            intermediate_size,
             num_local_experts,
             num_experts_per_tok,
             num_attention_heads,
             num_key_value_heads,
-            head_dim: f.usize("head_dim")?,
-            vocab_size: f.usize("vocab_size")?,
-            sliding_window: f.usize("sliding_window")?,
+            head_dim,
+            vocab_size,
+            sliding_window,
+            max_position_embeddings,
             layer_types,
-            rope_theta: f.f64_or("rope_theta", Some(150000.0))?,
+            rope_theta: f.positive("rope_theta", "rope_theta", Some(150000.0), 1.0)?,
             rope_scaling,
-            swiglu_limit: f.f64_or("swiglu_limit", Some(7.0))?,
-            rms_norm_eps: f.f64_or("rms_norm_eps", Some(1e-5))?,
+            swiglu_limit: f.positive("swiglu_limit", "swiglu_limit", Some(7.0), 0.0)?,
+            rms_norm_eps: f.positive("rms_norm_eps", "rms_norm_eps", Some(1e-5), 0.0)?,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
             quant_method,
             quantization,
@@ -307,22 +382,41 @@ impl GptOssConfig {
     }
 }
 
+/// Bytes of the largest tensor any supported layout of these dimensions stores (F32 at 4 bytes a
+/// value, the widest dtype read), with checked arithmetic: `None` on overflow.
+fn largest_tensor_bytes(hidden: usize, intermediate: usize, experts: usize, heads: usize, head_dim: usize, vocab: usize) -> Option<u64> {
+    let [h, i, e, q, d, v] = [hidden, intermediate, experts, heads, head_dim, vocab].map(|n| n as u64);
+    let attention = q.checked_mul(d)?.checked_mul(h)?;
+    let embed = v.checked_mul(h)?;
+    // transformers' dense experts: `gate_up_proj` [experts, hidden, 2 * intermediate].
+    let experts = e.checked_mul(h)?.checked_mul(i.checked_mul(2)?)?;
+    attention.max(embed).max(experts).checked_mul(4)
+}
+
 fn parse_spec(v: &Value) -> std::result::Result<QuantSpec, String> {
     let obj = v.as_object().ok_or_else(|| format!("expected an object, found {v}"))?;
-    let bits = obj.get("bits").and_then(Value::as_u64).ok_or("missing integer `bits`")? as u32;
-    let group_size = obj.get("group_size").and_then(Value::as_u64).ok_or("missing integer `group_size`")? as u32;
-    let mode = match obj.get("mode").and_then(Value::as_str).unwrap_or("affine") {
-        "affine" => QuantMode::Affine,
-        "mxfp4" => QuantMode::Mxfp4,
-        other => return Err(format!("unsupported mode \"{other}\" (mixq reads affine and mxfp4)")),
+    let bits = obj.get("bits").and_then(Value::as_u64).ok_or("missing integer `bits`")?;
+    let group_size = obj.get("group_size").and_then(Value::as_u64).ok_or("missing integer `group_size`")?;
+    let mode = match obj.get("mode").map(|m| m.as_str().ok_or_else(|| format!("`mode` must be a string, found {m}"))).transpose()? {
+        None | Some("affine") => QuantMode::Affine,
+        Some("mxfp4") => QuantMode::Mxfp4,
+        Some(other) => return Err(format!("unsupported mode \"{other}\" ({SUPPORTED_QUANTIZATION})")),
     };
-    Ok(QuantSpec { bits, group_size, mode })
+    let unsupported = || format!("{} with bits {bits} and group_size {group_size} is not supported ({SUPPORTED_QUANTIZATION})", mode.as_str());
+    let (Ok(b), Ok(g)) = (u32::try_from(bits), u32::try_from(group_size)) else { return Err(unsupported()) };
+    let spec = QuantSpec { bits: b, group_size: g, mode };
+    QuantFormat::from_spec(spec).map_err(|_| unsupported())?;
+    Ok(spec)
 }
 
 /// Parses an MLX `quantization` object: a default plus per-module entries.
 pub fn parse_quantization_map(v: &Value) -> std::result::Result<QuantizationMap, String> {
     let obj = v.as_object().ok_or_else(|| format!("expected an object, found {v}"))?;
-    let default = if obj.contains_key("bits") { Some(parse_spec(v)?) } else { None };
+    let default = if obj.contains_key("bits") || obj.contains_key("group_size") {
+        Some(parse_spec(v).map_err(|m| format!("top-level default: {m}"))?)
+    } else {
+        None
+    };
     let mut modules = std::collections::BTreeMap::new();
     for (key, value) in obj {
         if matches!(key.as_str(), "bits" | "group_size" | "mode") {
@@ -345,6 +439,7 @@ pub fn parse_quantization_map(v: &Value) -> std::result::Result<QuantizationMap,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::{AFFINE_BITS, AFFINE_GROUP_SIZES};
 
     fn minimal() -> serde_json::Value {
         serde_json::json!({
@@ -393,5 +488,127 @@ mod tests {
         assert_eq!(m.module("lm_head").unwrap().bits, 6);
         assert_eq!(m.module("model.layers.0.mlp.experts.gate_proj").unwrap().mode, QuantMode::Mxfp4);
         assert!(m.module("model.layers.0.mlp.router").is_none());
+    }
+
+    fn parse_err(v: &serde_json::Value) -> String {
+        match GptOssConfig::from_json_str(&v.to_string(), Path::new("c.json")) {
+            Ok(_) => panic!("accepted {v}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn counts_are_positive_and_bounded() {
+        for &(key, limit) in COUNT_LIMITS {
+            let set = |v: &mut serde_json::Value, n: serde_json::Value| match key.strip_prefix("rope_scaling.") {
+                Some(k) => v["rope_scaling"] = serde_json::json!({"factor": 32.0, k: n}),
+                None => v[key] = n,
+            };
+            let mut v = minimal();
+            set(&mut v, serde_json::json!(limit + 1));
+            if key == "num_experts_per_tok" {
+                v["num_local_experts"] = serde_json::json!(limit);
+            }
+            let e = parse_err(&v);
+            assert!(e.starts_with("c.json: ") && e.contains(&format!("field `{key}` is {}", limit + 1)) && e.contains(&format!("at most {limit}")), "{e}");
+            let mut v = minimal();
+            set(&mut v, serde_json::json!(0));
+            let e = parse_err(&v);
+            assert!(e.contains(&format!("field `{key}` must be a positive integer, found 0")), "{e}");
+        }
+    }
+
+    #[test]
+    fn huge_layer_count_without_layer_types_is_refused_before_allocating() {
+        let mut v = minimal();
+        v["num_hidden_layers"] = serde_json::json!(1u64 << 40);
+        assert!(parse_err(&v).contains("field `num_hidden_layers` is 1099511627776, more than any gpt-oss could use"));
+    }
+
+    #[test]
+    fn related_counts_are_checked() {
+        let mut v = minimal();
+        v["max_position_embeddings"] = serde_json::json!(4);
+        assert!(parse_err(&v).contains("`sliding_window` (8) exceeds `max_position_embeddings` (4)"));
+        let mut v = minimal();
+        v["rope_scaling"] = serde_json::json!({"factor": 32.0, "original_max_position_embeddings": 8192});
+        v["max_position_embeddings"] = serde_json::json!(4096);
+        assert!(parse_err(&v).contains("`rope_scaling.original_max_position_embeddings` (8192) exceeds"));
+        let mut v = minimal();
+        v["head_dim"] = serde_json::json!(33);
+        assert!(parse_err(&v).contains("`head_dim` (33) must be even"));
+        let mut v = minimal();
+        v["max_position_embeddings"] = serde_json::json!("long");
+        assert!(parse_err(&v).contains("field `max_position_embeddings` must be a positive integer, found \"long\""));
+        let mut v = minimal();
+        v["max_position_embeddings"] = serde_json::json!(4096);
+        let c = GptOssConfig::from_json_str(&v.to_string(), Path::new("c.json")).unwrap();
+        assert_eq!(c.max_context(), 4096);
+        let c = GptOssConfig::from_json_str(&minimal().to_string(), Path::new("c.json")).unwrap();
+        assert_eq!(c.max_context(), DEFAULT_MAX_CONTEXT);
+    }
+
+    #[test]
+    fn the_largest_tensor_is_computed_with_checked_arithmetic() {
+        // gpt-oss-120b: the dense expert tensor [128, 2880, 2 * 2880] in F32 is the largest.
+        assert_eq!(largest_tensor_bytes(2880, 2880, 128, 64, 64, 201088), Some(128 * 2880 * 5760 * 4));
+        assert_eq!(largest_tensor_bytes(64, 64, 1, 2, 32, 201088), Some(201088 * 64 * 4));
+        assert_eq!(largest_tensor_bytes(usize::MAX, 2, 2, 2, 2, 2), None);
+    }
+
+    #[test]
+    fn floats_are_finite_and_positive() {
+        for (key, value, want) in [
+            ("rms_norm_eps", serde_json::json!(0.0), "field `rms_norm_eps` must be a finite positive number, found 0"),
+            ("rms_norm_eps", serde_json::json!(-1e-5), "field `rms_norm_eps` must be a finite positive number"),
+            ("rms_norm_eps", serde_json::json!("small"), "field `rms_norm_eps` must be a number, found \"small\""),
+            ("swiglu_limit", serde_json::json!(-7.0), "field `swiglu_limit` must be a finite positive number"),
+            ("rope_theta", serde_json::json!(1.0), "field `rope_theta` must be a finite number above 1"),
+            ("rope_scaling", serde_json::json!({"factor": 0.0}), "field `rope_scaling.factor` must be a finite positive number"),
+            ("rope_scaling", serde_json::json!({"factor": "big"}), "field `rope_scaling.factor` must be a number"),
+            ("rope_scaling", serde_json::json!({}), "field `rope_scaling.factor` is missing"),
+            ("rope_scaling", serde_json::json!({"factor": 32.0, "beta_fast": -32.0}), "field `rope_scaling.beta_fast` must be a finite positive"),
+            ("rope_scaling", serde_json::json!({"factor": 32.0, "beta_slow": 0}), "field `rope_scaling.beta_slow` must be a finite positive"),
+        ] {
+            let mut v = minimal();
+            v[key] = value;
+            let e = parse_err(&v);
+            assert!(e.contains(want), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn only_supported_quantization_settings_parse() {
+        let bad = |module: serde_json::Value| {
+            let mut v = minimal();
+            v["quantization"] = serde_json::json!({"group_size": 64, "bits": 4, "mode": "affine", "lm_head": module});
+            parse_err(&v)
+        };
+        let e = bad(serde_json::json!({"group_size": 0, "bits": 4, "mode": "affine"}));
+        assert!(
+            e.contains("field `quantization`: `lm_head`: affine with bits 4 and group_size 0 is not supported (supported: mode affine with bits 2, 3, 4, 5, 6 or 8"),
+            "{e}"
+        );
+        assert!(bad(serde_json::json!({"group_size": 64, "bits": 7})).contains("`lm_head`: affine with bits 7 and group_size 64 is not supported"));
+        assert!(bad(serde_json::json!({"group_size": 16, "bits": 4})).contains("group_size 16 is not supported"));
+        assert!(bad(serde_json::json!({"group_size": 32, "bits": 8, "mode": "mxfp4"})).contains("`lm_head`: mxfp4 with bits 8 and group_size 32 is not supported"));
+        assert!(bad(serde_json::json!({"group_size": 64, "bits": 4, "mode": "mxfp4"})).contains("mxfp4 with bits 4 and group_size 64"));
+        assert!(bad(serde_json::json!({"group_size": 32, "bits": 4, "mode": "nf4"})).contains("unsupported mode \"nf4\" (supported:"));
+        assert!(bad(serde_json::json!({"group_size": 32, "bits": 4, "mode": 4})).contains("`lm_head`: `mode` must be a string"));
+        let mut v = minimal();
+        v["quantization"] = serde_json::json!({"group_size": 0, "bits": 4});
+        assert!(parse_err(&v).contains("field `quantization`: top-level default: affine with bits 4 and group_size 0"));
+        let mut v = minimal();
+        v["quantization_config"] = serde_json::json!({"group_size": 64, "bits": 4, "lm_head": {"group_size": 64, "bits": 9}});
+        assert!(parse_err(&v).contains("field `quantization_config`: `lm_head`: affine with bits 9"));
+        // Every supported setting parses.
+        for bits in AFFINE_BITS {
+            for gs in AFFINE_GROUP_SIZES {
+                let m = parse_quantization_map(&serde_json::json!({"lm_head": {"group_size": gs, "bits": bits, "mode": "affine"}})).unwrap();
+                assert_eq!(m.module("lm_head").unwrap().group_size, gs);
+            }
+        }
+        let m = parse_quantization_map(&serde_json::json!({"e": {"group_size": 32, "bits": 4, "mode": "mxfp4"}})).unwrap();
+        assert_eq!(m.module("e").unwrap().mode, QuantMode::Mxfp4);
     }
 }

@@ -3,7 +3,6 @@
 
 use std::fmt;
 
-use crate::config::{QuantMode, QuantSpec};
 use crate::dtype::Dtype;
 
 /// Bit widths MLX affine quantization supports.
@@ -12,6 +11,40 @@ pub const AFFINE_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 pub const AFFINE_GROUP_SIZES: [u32; 3] = [32, 64, 128];
 /// Elements per MXFP4 block (one shared E8M0 scale).
 pub const MXFP4_BLOCK: usize = 32;
+/// What a quantization entry may say, for error messages.
+pub const SUPPORTED_QUANTIZATION: &str =
+    "supported: mode affine with bits 2, 3, 4, 5, 6 or 8 and group_size 32, 64 or 128; mode mxfp4 with bits 4 and group_size 32";
+
+/// One MLX per-module quantization setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QuantSpec {
+    /// Bits per code.
+    pub bits: u32,
+    /// Elements sharing one scale.
+    pub group_size: u32,
+    /// `affine` or `mxfp4`.
+    pub mode: QuantMode,
+}
+
+/// MLX quantization modes mixq reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QuantMode {
+    /// `scale * q + bias` with bf16 scales and biases.
+    Affine,
+    /// FP4 E2M1 codes with E8M0 scales per 32 elements.
+    Mxfp4,
+}
+
+impl QuantMode {
+    /// The name used in config.json.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantMode::Affine => "affine",
+            QuantMode::Mxfp4 => "mxfp4",
+        }
+    }
+}
+
 
 /// The storage format of one parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

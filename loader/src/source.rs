@@ -183,6 +183,23 @@ fn missing_weight_files(snapshot: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// Why `name` is not a plain file name (a shard name in an index must be one), if it is not.
+fn not_a_plain_file_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.contains('\0') {
+        Some("it contains a NUL byte")
+    } else if name.contains('/') || name.contains('\\') || Path::new(name).is_absolute() {
+        Some("it contains a path separator")
+    } else if name == "." || name == ".." || name.starts_with('.') {
+        Some("it starts with a dot")
+    } else if name.contains(':') {
+        Some("it contains a colon")
+    } else {
+        None
+    }
+}
+
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| LoaderError::io(index, e))?;
     let value: serde_json::Value = serde_json::from_str(&text)
@@ -191,7 +208,16 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
         path: index.to_path_buf(),
         message: "missing object `weight_map`".into(),
     })?;
-    let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    let mut names = Vec::with_capacity(map.len());
+    for (tensor, value) in map {
+        let bad = |message: String| LoaderError::Index { path: index.to_path_buf(), message };
+        let name = value.as_str().ok_or_else(|| bad(format!("weight_map[{tensor}] is {value}, not a shard file name")))?;
+        if let Some(why) = not_a_plain_file_name(name) {
+            // The name is joined to the cache folder and downloaded to: it must stay inside it.
+            return Err(bad(format!("weight_map[{tensor}] names {name:?}, which is not a plain shard file name ({why})")));
+        }
+        names.push(name.to_string());
+    }
     names.sort();
     names.dedup();
     Ok(names)
@@ -374,5 +400,31 @@ mod tests {
         assert!(e.to_string().contains("model-00001-of-00001.safetensors"), "{e}");
         let e = resolve_source_with("openai/other", Need::Config, &hub).unwrap_err();
         assert!(e.to_string().contains("config.json is not in the hub cache"), "{e}");
+    }
+
+    #[test]
+    fn index_names_that_leave_the_snapshot_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let snap = lay_out_cache(tmp.path(), true);
+        let hub = HubSettings::with_cache(tmp.path().to_path_buf(), true);
+        // A file the hostile name would reach, so that only the name check can refuse it.
+        std::fs::write(snap.parent().unwrap().join("outside.safetensors"), b"x").unwrap();
+        for (name, why) in [
+            ("../outside.safetensors", "it contains a path separator"),
+            ("/etc/passwd", "it contains a path separator"),
+            ("..", "it starts with a dot"),
+            ("sub\\x.safetensors", "it contains a path separator"),
+            ("a\u{0}b", "it contains a NUL byte"),
+            ("", "it is empty"),
+            ("C:x", "it contains a colon"),
+        ] {
+            let index = serde_json::json!({"weight_map": {"a": "model-00001-of-00001.safetensors", "b": name}});
+            std::fs::write(snap.join(INDEX_FILE), index.to_string()).unwrap();
+            let e = resolve_source_with("openai/gpt-oss-test", Need::Everything, &hub).unwrap_err().to_string();
+            assert!(e.contains(INDEX_FILE) && e.contains("weight_map[b] names") && e.contains(why), "{name:?}: {e}");
+        }
+        std::fs::write(snap.join(INDEX_FILE), r#"{"weight_map": {"a": 7}}"#).unwrap();
+        let e = resolve_source_with("openai/gpt-oss-test", Need::Everything, &hub).unwrap_err().to_string();
+        assert!(e.contains("weight_map[a] is 7, not a shard file name"), "{e}");
     }
 }

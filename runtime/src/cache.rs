@@ -12,10 +12,23 @@ pub struct LayerCache {
 }
 
 impl LayerCache {
-    /// An empty cache; a ring of `capacity` tokens when given.
+    /// An empty cache; a ring of `capacity` tokens when given. Nothing is reserved up front: a
+    /// ring grows with the context actually used, up to its capacity, so a large window (from a
+    /// config) costs memory only when that many tokens are run.
     pub fn new(width: usize, capacity: Option<usize>) -> Self {
-        let reserve = capacity.unwrap_or(0) * width;
-        LayerCache { keys: Vec::with_capacity(reserve), values: Vec::with_capacity(reserve), capacity, width }
+        LayerCache { keys: Vec::new(), values: Vec::new(), capacity, width }
+    }
+
+    /// Room for one more token at the end, doubling but never past a ring's capacity.
+    fn grow_for_one(&mut self) {
+        if self.keys.len() < self.keys.capacity() {
+            return;
+        }
+        let Some(ring) = self.capacity else { return };
+        let have = self.keys.len() / self.width.max(1);
+        let want = (have * 2).clamp(1, ring.max(1)) - have;
+        self.keys.reserve_exact(want * self.width);
+        self.values.reserve_exact(want * self.width);
     }
 
     fn slot(&self, pos: usize) -> usize {
@@ -33,6 +46,7 @@ impl LayerCache {
             let (src_k, src_v) = (&keys[t * self.width..(t + 1) * self.width], &values[t * self.width..(t + 1) * self.width]);
             let at = slot * self.width;
             if at == self.keys.len() {
+                self.grow_for_one();
                 self.keys.extend_from_slice(src_k);
                 self.values.extend_from_slice(src_v);
             } else {
@@ -83,5 +97,20 @@ mod tests {
         c.append(4, &[4.0], &[14.0]);
         assert_eq!(c.at(4).0, &[4.0]);
         assert_eq!(c.at(2).0, &[2.0]);
+    }
+
+    #[test]
+    fn a_ring_holds_only_what_was_run_and_never_more_than_its_capacity() {
+        // A window of 2^30 tokens costs nothing until tokens arrive.
+        let mut c = LayerCache::new(4, Some(1 << 30));
+        assert_eq!(c.bytes(), 0);
+        c.append(0, &[1.0; 12], &[2.0; 12]);
+        assert!(c.bytes() <= 2 * 4 * 4 * 4, "{}", c.bytes());
+        let mut c = LayerCache::new(2, Some(5));
+        for pos in 0..40 {
+            c.append(pos, &[pos as f32; 2], &[0.0; 2]);
+        }
+        assert_eq!(c.bytes(), 2 * 5 * 2 * 4, "a ring of 5 tokens of width 2 holds exactly that");
+        assert_eq!(c.at(39).0, &[39.0, 39.0]);
     }
 }

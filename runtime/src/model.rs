@@ -118,6 +118,12 @@ impl<'a> Loader<'a, '_> {
             }
         }
         let format = if self.upstream { QuantFormat::Bf16 } else { param_format(self.ckpt, p)? };
+        if !cols.is_multiple_of(format.input_multiple()) {
+            return Err(RuntimeError::Checkpoint(format!(
+                "tensor {module}.weight: {format} needs an input width that is a multiple of {}, found {cols}",
+                format.input_multiple()
+            )));
+        }
         let outs = format.outputs(&p.module, p.leaf, &p.shape);
         let data = |k: usize| self.fetch(&outs[k].name, outs[k].dtype, &outs[k].shape);
         let codes = match format {
@@ -142,6 +148,11 @@ impl<'a> Model<'a> {
         let config = ckpt.config().clone();
         let c = &config;
         let format = ckpt.format();
+        if format == CheckpointFormat::UpstreamMxfp4 {
+            // The forward pass slices MXFP4 rows in blocks of 32: a layout that is not exactly the
+            // one the config implies must be refused here, by name, not read out of bounds.
+            mixq_loader::layout::validate_upstream(ckpt)?;
+        }
         let schema = Schema::new(c);
         let ld = Loader { ckpt, schema: &schema, upstream: format == CheckpointFormat::UpstreamMxfp4 };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -220,7 +231,8 @@ impl<'a> Model<'a> {
     /// An empty KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
         let width = self.config.num_key_value_heads * self.config.head_dim;
-        let ring = self.config.sliding_window + PREFILL_CHUNK;
+        // A ring never needs to hold more than the model's context: at that size it never wraps.
+        let ring = (self.config.sliding_window + PREFILL_CHUNK).min(self.max_context());
         KvCache { layers: self.layers.iter().map(|l| LayerCache::new(width, l.sliding.then_some(ring))).collect(), len: 0 }
     }
 

@@ -94,6 +94,23 @@ fn compare_saved(m: &[f32], r: &RefToken) -> TokenStats {
     TokenStats { nll, ref_nll, kl: kl.max(0.0), same_top, dp: (-nll).exp() - (-ref_nll).exp() }
 }
 
+/// Checks that every id a saved reference holds indexes this model's vocabulary: a reference saved
+/// for another vocabulary is refused by name rather than read out of range.
+fn check_saved_vocab(saved: &[RefToken], vocab: usize) -> Result<(), ValidateError> {
+    let largest = saved.iter().flat_map(|r| r.top_ids.iter().chain([&r.target])).copied().max();
+    match largest {
+        Some(id) if id as usize >= vocab => {
+            let at = saved.iter().position(|r| r.target == id || r.top_ids.contains(&id)).unwrap_or_default();
+            Err(ValidateError::Reference(format!(
+                "the saved reference logits were saved for a different vocabulary: scored token {at} names token id {id}, so the \
+                 reference's vocabulary has at least {} tokens, but this model's has {vocab}",
+                u64::from(id) + 1
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Scores every target of `tokens` under the sliding-window definition; `progress(scored, total)`
 /// is called as windows finish. Windows run in parallel batches.
 pub fn score(
@@ -114,6 +131,9 @@ pub fn score(
         }
     }
     let vocab = model.config().vocab_size;
+    if let Reference::Saved(saved) = reference {
+        check_saved_vocab(saved, vocab)?;
+    }
     let mut offsets = Vec::with_capacity(ws.len());
     let mut acc = 0;
     for w in &ws {
@@ -191,6 +211,24 @@ mod tests {
         let saved = RefToken::from_logits(&row, 3, 10);
         let s2 = compare_saved(&row, &saved);
         assert!(s2.kl.abs() < 1e-9 && s2.same_top, "{}", s2.kl);
+    }
+
+    #[test]
+    fn saved_ids_outside_the_vocabulary_are_refused() {
+        let row: Vec<f32> = (0..100).map(|i| (i as f32 * 0.7).cos() * 3.0).collect();
+        let ok = RefToken::from_logits(&row, 3, 10);
+        assert!(check_saved_vocab(std::slice::from_ref(&ok), 100).is_ok());
+        let mut wide = ok.clone();
+        wide.top_ids[4] = 150;
+        let e = check_saved_vocab(&[ok.clone(), wide], 100).unwrap_err().to_string();
+        assert!(
+            e.contains("saved for a different vocabulary: scored token 1 names token id 150")
+                && e.contains("at least 151 tokens, but this model's has 100"),
+            "{e}"
+        );
+        let mut target = ok;
+        target.target = 100;
+        assert!(check_saved_vocab(&[target], 100).unwrap_err().to_string().contains("token id 100"));
     }
 
     #[test]

@@ -112,10 +112,20 @@ pub fn read(path: &Path) -> Result<(RefHeader, Vec<RefToken>), ValidateError> {
         top_k: field("top_k")?,
     };
     let count = field("count")?;
-    let rec = 12 + 8 * header.top_k;
     let body = &bytes[12 + n..];
-    if body.len() != count * rec {
-        return Err(bad(format!("expected {count} records of {rec} bytes, found {} bytes (truncated?)", body.len())));
+    // `top_k` and `count` come from the file: check them against its length before trusting them.
+    let rec = header.top_k.checked_mul(8).and_then(|b| b.checked_add(12)).ok_or_else(|| {
+        bad(format!("header says `top_k` is {}, too large for a record size ({} bytes of records follow)", header.top_k, body.len()))
+    })?;
+    match count.checked_mul(rec) {
+        Some(want) if want == body.len() => {}
+        _ => {
+            return Err(bad(format!(
+                "header says {count} records of {rec} bytes (`count` {count}, `top_k` {}), but the file holds {} bytes of records (truncated?)",
+                header.top_k,
+                body.len()
+            )))
+        }
     }
     let f32_at = |b: &[u8], i: usize| f32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
     let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
@@ -156,5 +166,39 @@ mod tests {
         assert_eq!(ts, vec![t.clone(), t]);
         std::fs::write(&p, b"MIXQREF1garbage").unwrap();
         assert!(read(&p).is_err());
+    }
+
+    /// A file with a hand-made header and `body` bytes of records.
+    fn with_header(p: &Path, meta: Value, body: usize) {
+        let meta = meta.to_string();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend((meta.len() as u32).to_le_bytes());
+        bytes.extend(meta.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, body));
+        std::fs::write(p, bytes).unwrap();
+    }
+
+    #[test]
+    fn claimed_sizes_are_checked_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.bin");
+        let meta = |top_k: u64, count: u64| json!({"model": "m", "tokens_sha256": "x", "ctx": 8, "stride": 8, "top_k": top_k, "count": count});
+        // top_k * 8 overflows usize.
+        with_header(&p, meta(u64::MAX / 4, 1), 28);
+        let e = read(&p).unwrap_err().to_string();
+        assert!(e.contains("r.bin") && e.contains("`top_k` is 4611686018427387903, too large") && e.contains("28 bytes of records"), "{e}");
+        // A huge top_k that the file cannot hold.
+        with_header(&p, meta(1 << 40, 1), 28);
+        let e = read(&p).unwrap_err().to_string();
+        assert!(e.contains("1 records of 8796093022220 bytes (`count` 1, `top_k` 1099511627776), but the file holds 28 bytes"), "{e}");
+        // count * record overflows.
+        with_header(&p, meta(2, u64::MAX / 2), 28);
+        let e = read(&p).unwrap_err().to_string();
+        assert!(e.contains("r.bin") && e.contains("header says 9223372036854775807 records of 28 bytes") && e.contains("holds 28 bytes"), "{e}");
+        // Too few bytes for the claimed count.
+        with_header(&p, meta(2, 3), 56);
+        assert!(read(&p).unwrap_err().to_string().contains("3 records of 28 bytes (`count` 3, `top_k` 2), but the file holds 56 bytes"));
+        with_header(&p, meta(2, 2), 56);
+        assert_eq!(read(&p).unwrap().1.len(), 2);
     }
 }

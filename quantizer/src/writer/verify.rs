@@ -97,6 +97,22 @@ pub fn verify(dir: &Path) -> VerifyReport {
     r
 }
 
+/// Why a manifest entry's `name` is not a plain file name (the manifest lists the files of one
+/// flat folder), if it is not.
+fn not_a_plain_file_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.contains('\0') {
+        Some("it contains a NUL byte")
+    } else if name.contains('/') || name.contains('\\') || Path::new(name).is_absolute() {
+        Some("it contains a path separator")
+    } else if name == "." || name == ".." {
+        Some("it names a folder")
+    } else {
+        None
+    }
+}
+
 fn check_manifest(dir: &Path, r: &mut VerifyReport) {
     let path = dir.join(MANIFEST_FILE);
     let manifest: Value = match std::fs::read_to_string(&path).map(|t| serde_json::from_str(&t)) {
@@ -115,6 +131,11 @@ fn check_manifest(dir: &Path, r: &mut VerifyReport) {
             r.problems.push(format!("{}: malformed entry {f}", path.display()));
             continue;
         };
+        if let Some(why) = not_a_plain_file_name(name) {
+            // The name is joined to the checkpoint folder and hashed: it must stay inside it.
+            r.problems.push(format!("{}: entry {name:?} is not a plain file name in the checkpoint folder ({why})", path.display()));
+            continue;
+        }
         listed.insert(name.to_string(), ());
         let file = dir.join(name);
         match sha256_file(&file) {
