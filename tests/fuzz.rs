@@ -437,9 +437,9 @@ fn converted_configs() {
     fuzz("converted_configs", json_mutated(seeds), |bytes| {
         std::fs::write(work.path().join("config.json"), &bytes).expect("writable");
         bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || {
-            let _ = mixq_quantizer::verify::verify(work.path());
+            let _ = mixq_quantizer::writer::verify::verify(work.path());
             if let Ok(ckpt) = Checkpoint::open(work.path()) {
-                let _ = mixq_quantizer::inspect::inspect(&ckpt);
+                let _ = mixq_quantizer::writer::inspect::inspect(&ckpt);
             }
             load_and_run(work.path(), &ran);
         })?;
@@ -459,8 +459,8 @@ fn upstream_configs() {
         bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || {
             if let Ok(ckpt) = Checkpoint::open(work.path()) {
                 let _ = mixq_loader::layout::validate_upstream(&ckpt);
-                let _ = mixq_quantizer::inspect::inspect(&ckpt);
-                if let Ok(r) = mixq_quantizer::recipe::Recipe::load("mixed_3_6") {
+                let _ = mixq_quantizer::writer::inspect::inspect(&ckpt);
+                if let Ok(r) = mixq_quantizer::recipe::language::Recipe::load("mixed_3_6") {
                     let _ = mixq_quantizer::Allocation::resolve(ckpt.config(), &r).map(|a| a.summary());
                 }
             }
@@ -474,14 +474,14 @@ fn upstream_configs() {
 #[test]
 fn manifests() {
     let f = fixtures();
-    let manifest = mixq_quantizer::manifest::MANIFEST_FILE;
+    let manifest = mixq_quantizer::writer::manifest::MANIFEST_FILE;
     let real = std::fs::read(f.converted.join(manifest)).expect("manifest");
     let hostile = br#"{"format":"mixq-manifest/1","files":[{"name":"../../../../etc/hostname","size":1,"sha256":"00"},{"name":"/etc/hostname","size":18446744073709551615,"sha256":"x"},{"name":"","size":0,"sha256":""},{"name":"..","size":0,"sha256":""}]}"#;
     let seeds = vec![real, hostile.to_vec()];
     let work = work_copy(&f.converted, manifest);
     fuzz("manifests", json_mutated(seeds), |bytes| {
         std::fs::write(work.path().join(manifest), &bytes).expect("writable");
-        bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || mixq_quantizer::verify::verify(work.path()).ok())?;
+        bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || mixq_quantizer::writer::verify::verify(work.path()).ok())?;
         Ok(())
     });
 }
@@ -593,7 +593,7 @@ fn regression_inputs_stay_fixed() {
         edit(&mut v);
         let bytes = serde_json::to_vec(&v).expect("serializes");
         std::fs::write(work.path().join("config.json"), &bytes).expect("writable");
-        let r = bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || mixq_quantizer::verify::verify(work.path())).expect("within the bound");
+        let r = bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || mixq_quantizer::writer::verify::verify(work.path())).expect("within the bound");
         assert!(r.problems.iter().any(|p| p.contains("config.json") && p.contains(want)), "{want}: {:?}", r.problems);
         let ran = AtomicUsize::new(0);
         bounded_alloc_plus(MODEL_ALLOWANCE, bytes.len(), || load_and_run(work.path(), &ran)).expect("within the bound");

@@ -211,6 +211,87 @@ impl Fields<'_> {
     }
 }
 
+/// `layer_types`, one per layer (alternating sliding/full when absent, as mlx-lm does).
+fn layer_types(f: &Fields<'_>, num_hidden_layers: usize) -> Result<Vec<LayerType>> {
+    Ok(match f.obj.get("layer_types") {
+        None | Some(Value::Null) => (0..num_hidden_layers)
+            .map(|i| if i % 2 == 0 { LayerType::Sliding } else { LayerType::Full })
+            .collect(),
+        Some(Value::Array(items)) => {
+            let mut types = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let t = item.as_str().and_then(LayerType::parse).ok_or_else(|| {
+                    f.err(format!(
+                        "field `layer_types[{i}]` must be \"sliding_attention\" or \"full_attention\", found {item}"
+                    ))
+                })?;
+                types.push(t);
+            }
+            if types.len() != num_hidden_layers {
+                return Err(f.err(format!(
+                    "field `layer_types` has {} entries but `num_hidden_layers` is {num_hidden_layers}",
+                    types.len()
+                )));
+            }
+            types
+        }
+        Some(v) => return Err(f.err(format!("field `layer_types` must be a list, found {v}"))),
+    })
+}
+
+/// `rope_scaling` (YaRN), if any.
+fn rope_scaling(f: &Fields<'_>) -> Result<Option<RopeScaling>> {
+    Ok(match f.obj.get("rope_scaling") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(rs)) => {
+            let g = Fields { path: f.path, obj: rs };
+            let rope_type = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("yarn")
+                .to_string();
+            Some(RopeScaling {
+                rope_type,
+                factor: g.positive("factor", "rope_scaling.factor", None, 0.0)?,
+                beta_fast: g.positive("beta_fast", "rope_scaling.beta_fast", Some(32.0), 0.0)?,
+                beta_slow: g.positive("beta_slow", "rope_scaling.beta_slow", Some(1.0), 0.0)?,
+                original_max_position_embeddings: g.count(
+                    "original_max_position_embeddings",
+                    "rope_scaling.original_max_position_embeddings",
+                    Some(4096),
+                )? as u64,
+                truncate: g.bool_or("truncate", true).map_err(|_| {
+                    let found = rs.get("truncate").map(Value::to_string).unwrap_or_default();
+                    f.err(format!("field `rope_scaling.truncate` must be true or false, found {found}"))
+                })?,
+            })
+        }
+        Some(v) => return Err(f.err(format!("field `rope_scaling` must be an object, found {v}"))),
+    })
+}
+
+/// The upstream `quant_method` and the MLX quantization map, each entry checked.
+fn quantization(f: &Fields<'_>) -> Result<(Option<String>, Option<QuantizationMap>)> {
+    let quant_method = f.obj
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let quantization = match f.obj.get("quantization") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_quantization_map(v).map_err(|m| f.err(format!("field `quantization`: {m}")))?),
+    };
+    // An MLX checkpoint repeats its map as `quantization_config` (an upstream one has a
+    // `quant_method` there instead): it must hold only supported settings too.
+    if let Some(qc @ Value::Object(q)) = f.obj.get("quantization_config") {
+        if !q.contains_key("quant_method") {
+            parse_quantization_map(qc).map_err(|m| f.err(format!("field `quantization_config`: {m}")))?;
+        }
+    }
+    Ok((quant_method, quantization))
+}
+
 impl GptOssConfig {
     /// Longest context the model supports (`max_position_embeddings`, validated when parsed).
     pub fn max_context(&self) -> usize {
@@ -243,74 +324,9 @@ impl GptOssConfig {
             None => return Err(f.err("field `model_type` is missing (expected \"gpt_oss\")".into())),
         }
         let num_hidden_layers = f.usize("num_hidden_layers")?;
-        let layer_types = match obj.get("layer_types") {
-            None | Some(Value::Null) => (0..num_hidden_layers)
-                .map(|i| if i % 2 == 0 { LayerType::Sliding } else { LayerType::Full })
-                .collect(),
-            Some(Value::Array(items)) => {
-                let mut types = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    let t = item.as_str().and_then(LayerType::parse).ok_or_else(|| {
-                        f.err(format!(
-                            "field `layer_types[{i}]` must be \"sliding_attention\" or \"full_attention\", found {item}"
-                        ))
-                    })?;
-                    types.push(t);
-                }
-                if types.len() != num_hidden_layers {
-                    return Err(f.err(format!(
-                        "field `layer_types` has {} entries but `num_hidden_layers` is {num_hidden_layers}",
-                        types.len()
-                    )));
-                }
-                types
-            }
-            Some(v) => return Err(f.err(format!("field `layer_types` must be a list, found {v}"))),
-        };
-        let rope_scaling = match obj.get("rope_scaling") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(rs)) => {
-                let g = Fields { path, obj: rs };
-                let rope_type = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("yarn")
-                    .to_string();
-                Some(RopeScaling {
-                    rope_type,
-                    factor: g.positive("factor", "rope_scaling.factor", None, 0.0)?,
-                    beta_fast: g.positive("beta_fast", "rope_scaling.beta_fast", Some(32.0), 0.0)?,
-                    beta_slow: g.positive("beta_slow", "rope_scaling.beta_slow", Some(1.0), 0.0)?,
-                    original_max_position_embeddings: g.count(
-                        "original_max_position_embeddings",
-                        "rope_scaling.original_max_position_embeddings",
-                        Some(4096),
-                    )? as u64,
-                    truncate: g.bool_or("truncate", true).map_err(|_| {
-                        let found = rs.get("truncate").map(Value::to_string).unwrap_or_default();
-                        f.err(format!("field `rope_scaling.truncate` must be true or false, found {found}"))
-                    })?,
-                })
-            }
-            Some(v) => return Err(f.err(format!("field `rope_scaling` must be an object, found {v}"))),
-        };
-        let quant_method = obj
-            .get("quantization_config")
-            .and_then(|q| q.get("quant_method"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let quantization = match obj.get("quantization") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(parse_quantization_map(v).map_err(|m| f.err(format!("field `quantization`: {m}")))?),
-        };
-        // An MLX checkpoint repeats its map as `quantization_config` (an upstream one has a
-        // `quant_method` there instead): it must hold only supported settings too.
-        if let Some(qc @ Value::Object(q)) = obj.get("quantization_config") {
-            if !q.contains_key("quant_method") {
-                parse_quantization_map(qc).map_err(|m| f.err(format!("field `quantization_config`: {m}")))?;
-            }
-        }
+        let layer_types = layer_types(&f, num_hidden_layers)?;
+        let rope_scaling = rope_scaling(&f)?;
+        let (quant_method, quantization) = quantization(&f)?;
         let num_attention_heads = f.usize("num_attention_heads")?;
         let num_key_value_heads = f.usize("num_key_value_heads")?;
         if num_attention_heads % num_key_value_heads != 0 {

@@ -448,21 +448,7 @@ fn write_param(
                 let gpr = groups_per_row;
                 let packed = &mut bytes_a[..n * packed_row_bytes(cols, bits)];
                 let (s, b) = (&mut scales[..n * gpr], &mut biases[..n * gpr]);
-                packed
-                    .par_chunks_mut(packed_row_bytes(cols, bits))
-                    .zip(s.par_chunks_mut(gpr))
-                    .zip(b.par_chunks_mut(gpr))
-                    .enumerate()
-                    .try_for_each_init(
-                        || vec![0f32; cols],
-                        |row, (i, ((p, s), b))| {
-                            let r = first + i;
-                            src.row_f32(r, row);
-                            let imp = job.importance.and_then(|m| m.row(r));
-                            job.method.quantize_row(row, imp, bits, group_size as usize, p, s, b).map_err(|e| (r, e))
-                        },
-                    )
-                    .map_err(|(row, e)| ConvertError::NonFinite { tensor: a.param.name(), row, col: e.index, value: e.value })?;
+                quantize_rows(a, src, job, first, (bits, group_size as usize), packed, s, b)?;
                 put(0, first, packed)?;
                 put(1, first, bytemuck::cast_slice(s))?;
                 put(2, first, bytemuck::cast_slice(b))?;
@@ -490,6 +476,38 @@ fn write_param(
         first += n;
     }
     Ok(())
+}
+
+/// Quantizes the output rows of `src` from `first` on (as many as `packed` holds), in parallel,
+/// into packed codes, scales and biases.
+#[allow(clippy::too_many_arguments)]
+fn quantize_rows(
+    a: &Assigned,
+    src: &RowSource<'_>,
+    job: &ParamJob<'_>,
+    first: usize,
+    (bits, group_size): (u32, usize),
+    packed: &mut [u8],
+    scales: &mut [bf16],
+    biases: &mut [bf16],
+) -> Result<(), ConvertError> {
+    let cols = src.cols();
+    let gpr = cols / group_size;
+    packed
+        .par_chunks_mut(packed_row_bytes(cols, bits))
+        .zip(scales.par_chunks_mut(gpr))
+        .zip(biases.par_chunks_mut(gpr))
+        .enumerate()
+        .try_for_each_init(
+            || vec![0f32; cols],
+            |row, (i, ((p, s), b))| {
+                let r = first + i;
+                src.row_f32(r, row);
+                let imp = job.importance.and_then(|m| m.row(r));
+                job.method.quantize_row(row, imp, bits, group_size, p, s, b).map_err(|e| (r, e))
+            },
+        )
+        .map_err(|(row, e)| ConvertError::NonFinite { tensor: a.param.name(), row, col: e.index, value: e.value })
 }
 
 /// The MLX config.json: the source config without its mxfp4 `quantization_config`, eos ids from
