@@ -355,14 +355,6 @@ impl GptOssConfig {
                 "`sliding_window` ({sliding_window}) exceeds `max_position_embeddings` ({max_position_embeddings})"
             )));
         }
-        if let Some(rs) = &rope_scaling {
-            if rs.original_max_position_embeddings > max_position_embeddings as u64 {
-                return Err(f.err(format!(
-                    "`rope_scaling.original_max_position_embeddings` ({}) exceeds `max_position_embeddings` ({max_position_embeddings})",
-                    rs.original_max_position_embeddings
-                )));
-            }
-        }
         let largest = largest_tensor_bytes(hidden_size, intermediate_size, num_local_experts, num_attention_heads, head_dim, vocab_size)
             .ok_or_else(|| f.err("the tensor sizes these dimensions imply overflow 64 bits".into()))?;
         usize::try_from(largest)
