@@ -8,6 +8,7 @@ pub mod config;
 pub mod decode;
 pub mod dtype;
 pub mod error;
+pub mod file_name;
 pub mod format;
 pub mod layout;
 pub mod mlx_layout;

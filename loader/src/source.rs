@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::INDEX_FILE;
+use crate::file_name::not_a_file_name;
 use crate::error::{LoaderError, Result};
 
 /// Files copied alongside the weights when present (tokenizer, chat template, generation config).
@@ -185,13 +186,9 @@ fn missing_weight_files(snapshot: &Path) -> Result<Option<String>> {
 
 /// Why `name` is not a plain file name (a shard name in an index must be one), if it is not.
 fn not_a_plain_file_name(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        Some("it is empty")
-    } else if name.contains('\0') {
-        Some("it contains a NUL byte")
-    } else if name.contains('/') || name.contains('\\') || Path::new(name).is_absolute() {
-        Some("it contains a path separator")
-    } else if name == "." || name == ".." || name.starts_with('.') {
+    if let Some(why) = not_a_file_name(name) {
+        Some(why)
+    } else if name.starts_with('.') {
         Some("it starts with a dot")
     } else if name.contains(':') {
         Some("it contains a colon")

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use mixq_loader::file_name::not_a_file_name;
 use mixq_loader::mlx_layout::param_format;
 use mixq_loader::{Checkpoint, LoaderError, OutTensor};
 use serde_json::Value;
@@ -100,12 +101,8 @@ pub fn verify(dir: &Path) -> VerifyReport {
 /// Why a manifest entry's `name` is not a plain file name (the manifest lists the files of one
 /// flat folder), if it is not.
 fn not_a_plain_file_name(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        Some("it is empty")
-    } else if name.contains('\0') {
-        Some("it contains a NUL byte")
-    } else if name.contains('/') || name.contains('\\') || Path::new(name).is_absolute() {
-        Some("it contains a path separator")
+    if let Some(why) = not_a_file_name(name) {
+        Some(why)
     } else if name == "." || name == ".." {
         Some("it names a folder")
     } else {
