@@ -307,7 +307,7 @@ fn upstream_with_hidden_48(dir: &Path) -> PathBuf {
     let config_value = shape.config_json();
     std::fs::write(src.join("config.json"), config_value.to_string()).unwrap();
     let config = mixq_loader::GptOssConfig::from_json_str(&config_value.to_string(), Path::new("config.json")).unwrap();
-    let tensors = mixq_loader::layout::upstream_tensors(&config);
+    let tensors = mixq_loader::schema::upstream_tensors(&config);
     let header: Vec<(&str, mixq_loader::Dtype, &[usize])> = tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
     let (mut bytes, _) = mixq_loader::shard::encode_header(&[("format", "pt")], &header);
     let data: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();

@@ -1,6 +1,6 @@
 //! Decoding stored numbers to f32: BF16 and MXFP4 (FP4 E2M1 codes with E8M0 scales).
 
-use crate::layout::MXFP4_BLOCK;
+use crate::format::MXFP4_BLOCK;
 
 /// The 16 FP4 E2M1 values, by code.
 pub const FP4_VALUES: [f32; 16] = [

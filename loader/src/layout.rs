@@ -2,8 +2,8 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{LoaderError, Result};
-pub use crate::format::MXFP4_BLOCK;
-pub use crate::schema::{upstream_tensors, ExpectedTensor};
+use crate::format::MXFP4_BLOCK;
+use crate::schema::upstream_tensors;
 
 /// Checks that an upstream checkpoint holds exactly the tensors its config implies.
 pub fn validate_upstream(ckpt: &Checkpoint) -> Result<()> {

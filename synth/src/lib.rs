@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use mixq_loader::layout::{upstream_tensors, ExpectedTensor};
+use mixq_loader::schema::{upstream_tensors, ExpectedTensor};
 use mixq_loader::GptOssConfig;
 use serde_json::{json, Value};
 

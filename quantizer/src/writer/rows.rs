@@ -2,7 +2,7 @@
 //! expert rows (optionally de-interleaved), decoded one row at a time.
 
 use mixq_loader::decode::{bf16_to_f32, mxfp4_row_to_f32};
-use mixq_loader::layout::MXFP4_BLOCK;
+use mixq_loader::format::MXFP4_BLOCK;
 use mixq_loader::{Checkpoint, RowMap};
 
 use crate::error::ConvertError;
