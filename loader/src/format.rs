@@ -153,13 +153,21 @@ impl QuantFormat {
         }
     }
 
+    /// Bytes stored per row of `cols` elements in each of the codes, the scales (bf16 for affine,
+    /// E8M0 bytes for mxfp4) and the biases (bf16, affine only).
+    pub fn row_parts(self, cols: usize) -> (usize, usize, usize) {
+        let groups = self.groups(cols);
+        match self {
+            QuantFormat::Bf16 => (self.code_bytes(cols), 0, 0),
+            QuantFormat::Affine { .. } => (self.code_bytes(cols), 2 * groups, 2 * groups),
+            QuantFormat::Mxfp4 => (self.code_bytes(cols), groups, 0),
+        }
+    }
+
     /// Bytes stored per row of `cols` elements: codes, scales and biases.
     pub fn row_bytes(self, cols: usize) -> usize {
-        match self {
-            QuantFormat::Bf16 => cols * 2,
-            QuantFormat::Affine { .. } => self.code_bytes(cols) + 4 * self.groups(cols),
-            QuantFormat::Mxfp4 => self.code_bytes(cols) + self.groups(cols),
-        }
+        let (codes, scales, biases) = self.row_parts(cols);
+        codes + scales + biases
     }
 
     /// The tensors a parameter `{module}.{leaf}` of logical shape `[..., out, in]` becomes.

@@ -9,7 +9,8 @@ use mixq_loader::{GptOssConfig, LayerType};
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::context::{GpuContext, Pipeline};
-use crate::gpu::shaders::{Kernel, WeightFormat, MATMUL_ROWS, MATMUL_TILE, WORKGROUP};
+use crate::gpu::shaders::{Kernel, MATMUL_ROWS, MATMUL_TILE, WORKGROUP};
+use mixq_loader::QuantFormat;
 use crate::gpu::weights::{GpuMatrix, Storage};
 use crate::matrix::{Matrix, RowMap};
 use crate::model::{Model, PREFILL_CHUNK, SWIGLU_ALPHA};
@@ -87,10 +88,10 @@ impl Uploader<'_, '_> {
 
 /// The format of one MLX module from the config's quantization map (synthetic models, which
 /// have no tensors to infer from).
-fn module_format(config: &GptOssConfig, module: &str) -> Result<WeightFormat> {
+fn module_format(config: &GptOssConfig, module: &str) -> Result<QuantFormat> {
     match config.quantization.as_ref().and_then(|q| q.module(module)) {
-        None => Ok(WeightFormat::Bf16),
-        Some(s) => WeightFormat::from_spec(s).map_err(|m| RuntimeError::Checkpoint(format!("{module}: {m}"))),
+        None => Ok(QuantFormat::Bf16),
+        Some(s) => QuantFormat::from_spec(s).map_err(|m| RuntimeError::Checkpoint(format!("{module}: {m}"))),
     }
 }
 

@@ -4,26 +4,25 @@
 //! constants (`FORMAT`, `BITS`, `GROUP`, `EXPERTS`) is put in front of the shared decoding code
 //! and the kernel body, so every variant is one self-contained WGSL module.
 
-/// How a weight matrix is stored on the GPU: the checkpoint's format, its bytes unchanged.
-pub use mixq_loader::QuantFormat as WeightFormat;
+use mixq_loader::QuantFormat;
 
 /// Every format the kernels are built for.
-pub fn all_formats() -> Vec<WeightFormat> {
-    let mut v = vec![WeightFormat::Bf16, WeightFormat::Mxfp4];
+pub fn all_formats() -> Vec<QuantFormat> {
+    let mut v = vec![QuantFormat::Bf16, QuantFormat::Mxfp4];
     for bits in mixq_loader::format::AFFINE_BITS {
         for group_size in mixq_loader::format::AFFINE_GROUP_SIZES {
-            v.push(WeightFormat::Affine { bits, group_size });
+            v.push(QuantFormat::Affine { bits, group_size });
         }
     }
     v
 }
 
 /// The constants that specialise a kernel to one weight format.
-fn prelude(format: &WeightFormat, experts: bool) -> String {
+fn prelude(format: &QuantFormat, experts: bool) -> String {
     let (format, bits, group) = match *format {
-        WeightFormat::Bf16 => (0, 4, 32),
-        WeightFormat::Affine { bits, group_size } => (1, bits, group_size),
-        WeightFormat::Mxfp4 => (2, 4, 32),
+        QuantFormat::Bf16 => (0, 4, 32),
+        QuantFormat::Affine { bits, group_size } => (1, bits, group_size),
+        QuantFormat::Mxfp4 => (2, 4, 32),
     };
     format!("const FORMAT: u32 = {format}u;\nconst BITS: u32 = {bits}u;\nconst GROUP: u32 = {group}u;\nconst EXPERTS: bool = {experts};\n\n")
 }
@@ -31,11 +30,11 @@ fn prelude(format: &WeightFormat, experts: bool) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// Dense `y = W x (+ b)` over a tile of tokens.
-    Matmul(WeightFormat),
+    Matmul(QuantFormat),
     /// Routed-expert products for the k experts each token selected.
-    ExpertMatmul(WeightFormat),
+    ExpertMatmul(QuantFormat),
     /// Embedding rows of token ids.
-    Embed(WeightFormat),
+    Embed(QuantFormat),
     /// RMSNorm.
     Norm,
     /// RoPE of q and k, and the KV-cache store.
@@ -101,7 +100,7 @@ impl Kernel {
 
     /// The complete WGSL source of this kernel.
     pub fn source(&self) -> String {
-        let weights = |f: &WeightFormat, experts: bool, body: &str| format!("{}{STEP}\n{WEIGHTS}\n{body}", prelude(f, experts));
+        let weights = |f: &QuantFormat, experts: bool, body: &str| format!("{}{STEP}\n{WEIGHTS}\n{body}", prelude(f, experts));
         let plain = |body: &str| format!("{STEP}\n{body}");
         match self {
             Kernel::Matmul(f) => weights(f, false, include_str!("wgsl/matmul.wgsl")),

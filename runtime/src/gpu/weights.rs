@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::context::GpuContext;
-use crate::gpu::shaders::{Kernel, WeightFormat, WORKGROUP};
+use crate::gpu::shaders::{Kernel, WORKGROUP};
+use mixq_loader::QuantFormat;
 use crate::matrix::{Codes, Matrix, RowMap};
 
 /// Bytes copied per write while uploading.
@@ -31,7 +32,7 @@ pub struct Part {
 /// A stored weight tensor `[stored_rows, cols]` on the GPU.
 pub struct Storage {
     /// Encoding of the rows.
-    pub format: WeightFormat,
+    pub format: QuantFormat,
     /// Columns.
     pub cols: usize,
     /// Stored rows (all experts' rows for expert tensors).
@@ -40,35 +41,20 @@ pub struct Storage {
     pub parts: Vec<Part>,
 }
 
-/// Bytes per stored row of codes, scales and biases.
-pub fn row_layout(format: WeightFormat, cols: usize) -> (usize, usize, usize) {
-    match format {
-        WeightFormat::Bf16 => (cols * 2, 0, 0),
-        WeightFormat::Affine { .. } => (format.code_bytes(cols), format.groups(cols) * 2, format.groups(cols) * 2),
-        WeightFormat::Mxfp4 => (format.code_bytes(cols), format.groups(cols), 0),
-    }
-}
-
-/// The format of a CPU matrix's codes.
-pub fn format_of(codes: &Codes<'_>) -> WeightFormat {
-    codes.format()
-}
-
 impl Storage {
     /// Bytes per stored row (codes, scales and biases together).
     pub fn row_bytes(&self) -> usize {
-        let (c, s, b) = row_layout(self.format, self.cols);
-        c + s + b
+        self.format.row_bytes(self.cols)
     }
 
     /// Row ranges that keep each buffer within the largest storage binding.
-    fn split(ctx: &GpuContext, what: &str, format: WeightFormat, cols: usize, stored_rows: usize) -> Result<Vec<(usize, usize)>> {
+    fn split(ctx: &GpuContext, what: &str, format: QuantFormat, cols: usize, stored_rows: usize) -> Result<Vec<(usize, usize)>> {
         if !cols.is_multiple_of(32) {
             return Err(RuntimeError::Checkpoint(format!(
                 "{what}: the GPU kernels need {format:?} weights with a multiple of 32 columns (got {cols})"
             )));
         }
-        let (c, s, b) = row_layout(format, cols);
+        let (c, s, b) = format.row_parts(cols);
         let widest = c.max(s).max(b) as u64;
         let per_part = (ctx.split_binding() / widest) as usize;
         if per_part == 0 {
@@ -82,8 +68,8 @@ impl Storage {
 
     /// Uploads a CPU matrix's stored bytes, calling `progress(bytes)` after each chunk.
     pub fn upload(ctx: &GpuContext, what: &str, m: &Matrix<'_>, progress: &dyn Fn(u64)) -> Result<Storage> {
-        let format = format_of(&m.codes);
-        let (c, s, b) = row_layout(format, m.cols);
+        let format = m.codes.format();
+        let (c, s, b) = format.row_parts(m.cols);
         let (codes, scales, biases): (&[u8], &[u8], &[u8]) = match m.codes {
             Codes::Bf16 { data } => (data, &[], &[]),
             Codes::Affine { weight, scales, biases, .. } => (weight, scales, biases),
@@ -125,8 +111,8 @@ impl Storage {
     }
 
     /// Random weights of the given shape made directly in GPU memory.
-    pub fn synthetic(ctx: &GpuContext, what: &str, format: WeightFormat, cols: usize, stored_rows: usize, seed: u32) -> Result<Storage> {
-        let (c, s, b) = row_layout(format, cols);
+    pub fn synthetic(ctx: &GpuContext, what: &str, format: QuantFormat, cols: usize, stored_rows: usize, seed: u32) -> Result<Storage> {
+        let (c, s, b) = format.row_parts(cols);
         let fill = ctx.pipeline(Kernel::Fill)?;
         let mut parts = Vec::new();
         for (first, rows) in Self::split(ctx, what, format, cols, stored_rows)? {
@@ -139,8 +125,8 @@ impl Storage {
                 fill_buffer(ctx, &fill, &buf, kind, seed.wrapping_add(kind * 7919 + first as u32))?;
                 Ok(Some(buf))
             };
-            let code_kind = if format == WeightFormat::Bf16 { 4 } else { 0 };
-            let scale_kind = if format == WeightFormat::Mxfp4 { 3 } else { 1 };
+            let code_kind = if format == QuantFormat::Bf16 { 4 } else { 0 };
+            let scale_kind = if format == QuantFormat::Mxfp4 { 3 } else { 1 };
             let codes = make(c, code_kind, "weight")?.expect("codes have bytes in every format");
             parts.push(Part { first, rows, codes, scales: make(s, scale_kind, "scales")?, biases: make(b, 2, "biases")? });
         }
@@ -201,12 +187,8 @@ impl GpuMatrix {
     /// The uniform words of `matmul.wgsl`'s `WeightParams` for one part, before the per-op fields.
     pub fn params(&self, part: &Part) -> [u32; 20] {
         let s = &self.storage;
-        let (c, sc, _) = row_layout(s.format, s.cols);
-        let groups = match s.format {
-            WeightFormat::Bf16 => 0,
-            WeightFormat::Affine { .. } => sc / 2,
-            WeightFormat::Mxfp4 => s.cols / 32,
-        };
+        let c = s.format.code_bytes(s.cols);
+        let groups = s.format.groups(s.cols);
         let mut w = [0u32; 20];
         w[0] = self.rows as u32;
         w[1] = s.cols as u32;
