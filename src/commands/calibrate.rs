@@ -51,7 +51,7 @@ pub fn run(a: CalibrateArgs) -> Result<ExitCode> {
     progress.finish();
     let job = job?;
     let (s, run) = (&job.run.stats, &job.run);
-    let (hit, all, rate) = (job.experts_reached, job.experts, job.tokens_per_second());
+    let (hit, all, rate) = (job.experts_reached, job.experts, job.run.tokens_per_second());
     if json {
         print_json(&serde_json::json!({
             "out": out, "model": a.model, "text_sha256": s.text_sha256, "tokens": s.tokens, "ctx": s.ctx,

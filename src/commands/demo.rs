@@ -123,7 +123,7 @@ impl Demo<'_> {
             stats.display(),
             run.stats.tokens,
             run.seconds,
-            mixq_validate::calibrate_job::tokens_per_second(&run)
+            run.tokens_per_second()
         ));
         Ok(stats)
     }

@@ -41,6 +41,13 @@ pub struct CalibrationRun {
     pub seconds: f64,
 }
 
+impl CalibrationRun {
+    /// Tokens run per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.stats.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
 /// Running sums of one window (f32) or of the whole run (f64).
 #[derive(Default)]
 struct Sums<T> {

@@ -18,18 +18,6 @@ pub struct CalibrateJob {
     pub experts: usize,
 }
 
-impl CalibrateJob {
-    /// Tokens run per second.
-    pub fn tokens_per_second(&self) -> f64 {
-        tokens_per_second(&self.run)
-    }
-}
-
-/// Tokens a calibration run processed per second.
-pub fn tokens_per_second(run: &CalibrationRun) -> f64 {
-    run.stats.tokens as f64 / run.seconds.max(1e-9)
-}
-
 /// (experts that saw a token, all experts), summed over the layers of `stats`.
 pub fn experts_reached(stats: &Calibration) -> (usize, usize) {
     (0..)
