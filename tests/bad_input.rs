@@ -310,7 +310,7 @@ fn upstream_with_hidden_48(dir: &Path) -> PathBuf {
     let tensors = mixq_loader::schema::upstream_tensors(&config);
     let header: Vec<(&str, mixq_loader::Dtype, &[usize])> = tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
     let (mut bytes, _) = mixq_loader::shard::encode_header(&[("format", "pt")], &header);
-    let data: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();
+    let data: usize = tensors.iter().map(|t| t.nbytes()).sum();
     bytes.resize(bytes.len() + data, 0);
     for name in entries(&src).into_iter().filter(|n| n.ends_with(".safetensors") || n.ends_with(".index.json")) {
         std::fs::remove_file(src.join(name)).unwrap();

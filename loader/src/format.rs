@@ -62,10 +62,11 @@ pub enum QuantFormat {
     Mxfp4,
 }
 
-/// One output tensor of a parameter: name, dtype and shape.
+/// A tensor as a layout requires it: name, dtype and shape (an upstream source tensor, or an
+/// output tensor of a parameter in the MLX checkpoint).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutTensor {
-    /// Tensor name in the MLX checkpoint.
+pub struct TensorSpec {
+    /// Tensor name.
     pub name: String,
     /// Stored dtype.
     pub dtype: Dtype,
@@ -73,7 +74,7 @@ pub struct OutTensor {
     pub shape: Vec<usize>,
 }
 
-impl OutTensor {
+impl TensorSpec {
     /// Bytes of data.
     pub fn nbytes(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size()
@@ -171,11 +172,11 @@ impl QuantFormat {
     }
 
     /// The tensors a parameter `{module}.{leaf}` of logical shape `[..., out, in]` becomes.
-    pub fn outputs(self, module: &str, leaf: &str, shape: &[usize]) -> Vec<OutTensor> {
+    pub fn outputs(self, module: &str, leaf: &str, shape: &[usize]) -> Vec<TensorSpec> {
         let (outer, last) = shape.split_at(shape.len().saturating_sub(1));
         let cols = last.first().copied().unwrap_or(0);
         let with_last = |n: usize| outer.iter().copied().chain([n]).collect::<Vec<_>>();
-        let t = |leaf: &str, dtype, shape| OutTensor { name: format!("{module}.{leaf}"), dtype, shape };
+        let t = |leaf: &str, dtype, shape| TensorSpec { name: format!("{module}.{leaf}"), dtype, shape };
         match self {
             QuantFormat::Bf16 => vec![t(leaf, Dtype::BF16, shape.to_vec())],
             QuantFormat::Affine { bits, .. } => vec![
@@ -218,7 +219,7 @@ mod tests {
             .into_iter()
             .chain(AFFINE_BITS.iter().flat_map(|&b| AFFINE_GROUP_SIZES.iter().map(move |&g| QuantFormat::Affine { bits: b, group_size: g })))
         {
-            let sum: usize = f.outputs("m", "weight", &shape).iter().map(OutTensor::nbytes).sum();
+            let sum: usize = f.outputs("m", "weight", &shape).iter().map(TensorSpec::nbytes).sum();
             assert_eq!(f.nbytes(&shape), sum, "{f}");
         }
         assert_eq!(QuantFormat::Affine { bits: 3, group_size: 64 }.row_bytes(2880), 2880 * 3 / 8 + 4 * 45);

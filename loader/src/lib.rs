@@ -21,7 +21,7 @@ pub use calibration::{Calibration, ModelFingerprint, StatTensor};
 pub use checkpoint::{Checkpoint, CheckpointFormat, TensorRef, INDEX_FILE};
 pub use config::{GptOssConfig, LayerType, QuantMode, QuantSpec, QuantizationMap, RopeScaling};
 pub use dtype::Dtype;
-pub use format::{bits_per_weight, OutTensor, QuantFormat};
+pub use format::{bits_per_weight, QuantFormat, TensorSpec};
 pub use schema::{classify_name, mlx_params, Param, TensorClass, UpstreamRows};
 pub use rowmap::RowMap;
 pub use error::{LoaderError, Result};

@@ -5,7 +5,7 @@
 
 use crate::config::{GptOssConfig, LayerType};
 use crate::dtype::Dtype;
-use crate::format::MXFP4_BLOCK;
+use crate::format::{TensorSpec, MXFP4_BLOCK};
 use crate::rowmap::RowMap;
 
 /// What role a parameter plays; recipes select by it.
@@ -99,17 +99,6 @@ impl TensorClass {
     }
 }
 
-/// A tensor the upstream layout requires.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExpectedTensor {
-    /// Full tensor name.
-    pub name: String,
-    /// Required dtype.
-    pub dtype: Dtype,
-    /// Required shape.
-    pub shape: Vec<usize>,
-}
-
 /// Where a parameter's rows are in the upstream checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamRows {
@@ -195,20 +184,20 @@ impl Param {
     }
 
     /// The upstream tensors this parameter reads, with their dtypes and shapes.
-    pub fn upstream_tensors(&self) -> Vec<ExpectedTensor> {
+    pub fn upstream_tensors(&self) -> Vec<TensorSpec> {
         let cols = self.in_features();
         let outer = &self.shape[..self.shape.len().saturating_sub(1)];
         match &self.upstream {
-            UpstreamRows::Bf16 { tensor } => vec![ExpectedTensor { name: tensor.clone(), dtype: Dtype::BF16, shape: self.shape.clone() }],
+            UpstreamRows::Bf16 { tensor } => vec![TensorSpec { name: tensor.clone(), dtype: Dtype::BF16, shape: self.shape.clone() }],
             UpstreamRows::Bf16Strided { tensor, step, .. } => {
                 let shape = outer.iter().copied().chain([cols * step]).collect();
-                vec![ExpectedTensor { name: tensor.clone(), dtype: Dtype::BF16, shape }]
+                vec![TensorSpec { name: tensor.clone(), dtype: Dtype::BF16, shape }]
             }
             UpstreamRows::Mxfp4 { blocks, scales, map } => {
                 let experts = self.rows() / map.per.max(1);
                 vec![
-                    ExpectedTensor { name: blocks.clone(), dtype: Dtype::U8, shape: vec![experts, map.src_per, cols / MXFP4_BLOCK, 16] },
-                    ExpectedTensor { name: scales.clone(), dtype: Dtype::U8, shape: vec![experts, map.src_per, cols / MXFP4_BLOCK] },
+                    TensorSpec { name: blocks.clone(), dtype: Dtype::U8, shape: vec![experts, map.src_per, cols / MXFP4_BLOCK, 16] },
+                    TensorSpec { name: scales.clone(), dtype: Dtype::U8, shape: vec![experts, map.src_per, cols / MXFP4_BLOCK] },
                 ]
             }
         }
@@ -312,11 +301,11 @@ impl Schema {
 
 /// Every tensor of the upstream gpt-oss layout for a config, in a stable order (the model-wide
 /// tensors first, then layer by layer), derived from the parameter table.
-pub fn upstream_tensors(c: &GptOssConfig) -> Vec<ExpectedTensor> {
+pub fn upstream_tensors(c: &GptOssConfig) -> Vec<TensorSpec> {
     let params = mlx_params(c);
     let (global, layered): (Vec<&Param>, Vec<&Param>) = params.iter().partition(|p| p.layer.is_none());
     let mut seen = std::collections::HashSet::new();
-    let mut out: Vec<ExpectedTensor> = Vec::new();
+    let mut out: Vec<TensorSpec> = Vec::new();
     for p in global.into_iter().chain(layered) {
         for t in p.upstream_tensors() {
             if seen.insert(t.name.clone()) {

@@ -6,7 +6,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use mixq_loader::schema::{upstream_tensors, ExpectedTensor};
+use mixq_loader::schema::upstream_tensors;
+use mixq_loader::TensorSpec;
 use mixq_loader::GptOssConfig;
 use serde_json::{json, Value};
 
@@ -87,7 +88,7 @@ impl Shape {
     /// The shape of a real model's config.json (e.g. gpt-oss-20b's), in upstream-sized shards of
     /// at most 5 GB.
     pub fn from_config(config: &GptOssConfig, seed: u64) -> Shape {
-        let bytes: usize = upstream_tensors(config).iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();
+        let bytes: usize = upstream_tensors(config).iter().map(TensorSpec::nbytes).sum();
         Shape {
             layers: config.num_hidden_layers,
             hidden: config.hidden_size,
@@ -185,7 +186,7 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 }
 
 /// The bytes of one generated tensor.
-fn tensor_bytes(t: &ExpectedTensor, seed: u64) -> Vec<u8> {
+fn tensor_bytes(t: &TensorSpec, seed: u64) -> Vec<u8> {
     let mut rng = Rng(name_seed(seed, &t.name));
     let n: usize = t.shape.iter().product();
     if t.name.ends_with("_blocks") {
@@ -282,12 +283,12 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
     write_json(&dir.join("special_tokens_map.json"), &json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))?;
 
     let tensors = upstream_tensors(&config);
-    let total: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();
+    let total: usize = tensors.iter().map(|t| t.nbytes()).sum();
     let per_shard = total.div_ceil(shape.shards.max(1));
-    let mut groups: Vec<Vec<&ExpectedTensor>> = vec![Vec::new()];
+    let mut groups: Vec<Vec<&TensorSpec>> = vec![Vec::new()];
     let mut filled = 0;
     for t in &tensors {
-        let n = t.shape.iter().product::<usize>() * t.dtype.size();
+        let n = t.nbytes();
         if filled >= per_shard && groups.len() < shape.shards {
             groups.push(Vec::new());
             filled = 0;

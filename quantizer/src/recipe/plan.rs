@@ -2,13 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use mixq_loader::{GptOssConfig, QuantMode, QuantSpec};
+use mixq_loader::{GptOssConfig, QuantMode, QuantSpec, TensorSpec};
 
 use mixq_loader::schema::{mlx_params, Param, TensorClass};
 use crate::recipe::language::{QuantFormat, Recipe, RecipeError};
 use crate::kernels::mse::QuantMethod;
-
-pub use mixq_loader::OutTensor;
 
 /// A parameter with the action the recipe gives it.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +23,7 @@ pub struct Assigned {
 
 impl Assigned {
     /// The tensors this parameter becomes in the MLX checkpoint.
-    pub fn outputs(&self) -> Vec<OutTensor> {
+    pub fn outputs(&self) -> Vec<TensorSpec> {
         self.action.outputs(&self.param.module, self.param.leaf, &self.param.shape)
     }
 
@@ -95,7 +93,7 @@ impl Allocation {
     }
 
     /// All output tensors, in model order.
-    pub fn outputs(&self) -> Vec<OutTensor> {
+    pub fn outputs(&self) -> Vec<TensorSpec> {
         self.assigned.iter().flat_map(Assigned::outputs).collect()
     }
 
@@ -250,7 +248,7 @@ impl PlanSummary {
 
 /// Bytes and parameters of the upstream MXFP4 checkpoint a config describes.
 pub fn source_size(config: &GptOssConfig) -> (usize, usize) {
-    let bytes = mixq_loader::schema::upstream_tensors(config).iter().map(|t| t.shape.iter().product::<usize>() * t.dtype.size()).sum();
+    let bytes = mixq_loader::schema::upstream_tensors(config).iter().map(TensorSpec::nbytes).sum();
     let params = mlx_params(config).iter().map(Param::counted_params).sum();
     (bytes, params)
 }

@@ -24,7 +24,8 @@ use crate::error::{io, ConvertError};
 use crate::writer::provenance::Provenance;
 use crate::writer::hash::{sha256_file, sha256_hex};
 use crate::writer::manifest::write_manifest;
-use crate::recipe::plan::{Allocation, Assigned, OutTensor, PlanSummary};
+use crate::recipe::plan::{Allocation, Assigned, PlanSummary};
+use mixq_loader::TensorSpec;
 use crate::recipe::language::{QuantFormat, Recipe};
 use crate::writer::rows::RowSource;
 use crate::kernels::mse::QuantMethod;
@@ -321,7 +322,7 @@ impl ShardLayout {
     fn new(alloc: &Allocation, max_shard_bytes: u64) -> Self {
         // Group tensors into shards as mlx-lm does: a new shard when the next tensor would overflow.
         let mut shard_of: Vec<Vec<usize>> = Vec::new();
-        let mut shard_tensors: Vec<Vec<OutTensor>> = Vec::new();
+        let mut shard_tensors: Vec<Vec<TensorSpec>> = Vec::new();
         let mut current = 0u64;
         for a in &alloc.assigned {
             let mut ids = Vec::new();

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use mixq_loader::file_name::not_a_file_name;
 use mixq_loader::mlx_layout::param_format;
-use mixq_loader::{Checkpoint, LoaderError, OutTensor};
+use mixq_loader::{Checkpoint, LoaderError, TensorSpec};
 use serde_json::Value;
 
 use crate::writer::hash::sha256_file;
@@ -32,7 +32,7 @@ impl VerifyReport {
 
 /// The tensors an MLX gpt-oss checkpoint must hold, given its config, its quantization map and
 /// (for modules the map does not name) its `.scales` tensors, as mlx-lm reads them.
-pub fn expected_mlx_tensors(ckpt: &Checkpoint) -> Result<Vec<OutTensor>, LoaderError> {
+pub fn expected_mlx_tensors(ckpt: &Checkpoint) -> Result<Vec<TensorSpec>, LoaderError> {
     let mut out = Vec::new();
     for param in mlx_params(ckpt.config()) {
         let format = param_format(ckpt, &param)?;
