@@ -253,7 +253,13 @@ fn recipes() {
 #[test]
 fn calibration_files() {
     fuzz("calibration_files", mutated(vec![calibration_seed()]), |bytes| {
-        bounded_alloc(bytes.len(), || with_file(&bytes, |p| Calibration::read(p).is_ok()))?;
+        bounded_alloc(bytes.len(), || {
+            with_file(&bytes, |p| {
+                if let Ok(c) = Calibration::read(p) {
+                    let _ = c.site_hessian(mixq_loader::InputSite::Final);
+                }
+            })
+        })?;
         Ok(())
     });
 }
@@ -603,6 +609,7 @@ fn regression_inputs_stay_fixed() {
 
 /// A small valid calibration file.
 fn calibration_seed() -> Vec<u8> {
+    use mixq_loader::calibration::HessianEntry;
     use mixq_loader::{ModelFingerprint, StatTensor};
     let mut tensors = std::collections::BTreeMap::new();
     tensors.insert("lm_head.input_sq_mean".to_string(), StatTensor { shape: vec![4], data: vec![1.0, 0.5, 0.25, 2.0] });
@@ -614,6 +621,8 @@ fn calibration_seed() -> Vec<u8> {
         tokens: 12,
         ctx: 8,
         tensors,
+        hessians: [("lm_head.input.hessian".to_string(), HessianEntry::Loaded(StatTensor { shape: vec![3], data: vec![4.0, 1.0, 9.0] }))].into(),
+        file: None,
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let p = dir.path().join("s.safetensors");

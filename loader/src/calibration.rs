@@ -1,10 +1,17 @@
 //! Calibration statistics: per-input-channel mean of x² for every linear input a recipe can
-//! quantize, recorded by `mixq calibrate` and read by `mixq convert --calibration`.
+//! quantize, and optionally the inputs' second-moment matrices (Hessians), recorded by
+//! `mixq calibrate` and read by `mixq convert --calibration`.
 //!
 //! Stored as safetensors (all F32): `{module}.input_sq_mean` is `[in]` for a dense linear and
 //! `[experts, in]` for an expert projection (each expert's mean over the tokens routed to it), and
-//! `model.layers.N.mlp.experts.token_count` is `[experts]`. The metadata names the format, the
-//! model (architecture and weights fingerprints), the text's sha256 and the token count.
+//! `model.layers.N.mlp.experts.token_count` is `[experts]`. With Hessians (`mixq calibrate
+//! --hessian`), `{site}.hessian` is the mean of x xᵀ over the rows at an input site (see
+//! [`InputSite::name`]), its upper triangle packed row by row into `[n (n + 1) / 2]`; the down
+//! projections' site sums every expert's own rows; `{site}.expert_hessian` is `[experts, n (n + 1)
+//! / 2]`, one per expert over the tokens routed to it (`--expert-hessians`). Hessians are read
+//! from the file when asked for, one at a time, so a converter holds one. The metadata names the
+//! format, the model (architecture and weights fingerprints), the text's sha256 and the token
+//! count.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,14 +22,50 @@ use crate::checkpoint::Checkpoint;
 use crate::config::GptOssConfig;
 use crate::dtype::Dtype;
 use crate::error::{LoaderError, Result};
+use crate::schema::InputSite;
 use crate::shard::{encode_header, ShardFile};
 
-/// Value of the `format` metadata key.
+/// Value of the `format` metadata key of a file without Hessians.
 pub const CALIBRATION_FORMAT: &str = "mixq-calibration/1";
+/// Value of the `format` metadata key of a file with Hessians.
+pub const CALIBRATION_FORMAT_HESSIAN: &str = "mixq-calibration/2";
 /// Tensor-name suffix of a module's per-channel mean of x².
 pub const INPUT_SQ_MEAN: &str = "input_sq_mean";
 /// Tensor-name suffix of a layer's per-expert routed-token count.
 pub const TOKEN_COUNT: &str = "token_count";
+/// Tensor-name suffix of an input site's Hessian (all its rows).
+pub const HESSIAN: &str = "hessian";
+/// Tensor-name suffix of an input site's per-expert Hessians.
+pub const EXPERT_HESSIAN: &str = "expert_hessian";
+
+/// Elements of the packed upper triangle of an `n x n` symmetric matrix.
+pub fn packed_len(n: usize) -> usize {
+    n * (n + 1) / 2
+}
+
+/// The full row-major `n x n` symmetric matrix of a packed upper triangle.
+pub fn unpack_symmetric(packed: &[f32], n: usize) -> Vec<f64> {
+    let mut full = vec![0f64; n * n];
+    let mut k = 0;
+    for i in 0..n {
+        for j in i..n {
+            let v = f64::from(packed[k]);
+            full[i * n + j] = v;
+            full[j * n + i] = v;
+            k += 1;
+        }
+    }
+    full
+}
+
+/// Where a Hessian is: in memory (just measured) or in the statistics file (read on demand).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HessianEntry {
+    /// Measured in this process.
+    Loaded(StatTensor),
+    /// In the file the statistics were read from, with this shape.
+    InFile(Vec<usize>),
+}
 
 /// Config fields that define the architecture; their canonical JSON is hashed.
 const ARCHITECTURE_KEYS: &[&str] = &[
@@ -104,8 +147,12 @@ pub struct Calibration {
     pub tokens: u64,
     /// Window length used.
     pub ctx: usize,
-    /// Tensors by name.
+    /// Per-channel statistics and token counts by name.
     pub tensors: BTreeMap<String, StatTensor>,
+    /// Hessians by name (`{site}.hessian`, `{site}.expert_hessian`).
+    pub hessians: BTreeMap<String, HessianEntry>,
+    /// The file the statistics were read from, where `InFile` Hessians are.
+    pub file: Option<std::path::PathBuf>,
 }
 
 impl Calibration {
@@ -117,6 +164,39 @@ impl Calibration {
     /// Tokens routed to each expert of layer `layer`, if recorded.
     pub fn expert_tokens(&self, layer: usize) -> Option<&[f32]> {
         self.tensors.get(&format!("model.layers.{layer}.mlp.experts.{TOKEN_COUNT}")).map(|t| t.data.as_slice())
+    }
+
+    /// Whether the file holds any Hessian.
+    pub fn has_hessians(&self) -> bool {
+        !self.hessians.is_empty()
+    }
+
+    /// The Hessian of every row at `site` (packed upper triangle, `[n (n + 1) / 2]`), if recorded;
+    /// read from the file and checked (finite, non-negative diagonal) when it is not in memory.
+    pub fn site_hessian(&self, site: InputSite) -> Result<Option<StatTensor>> {
+        self.hessian(&format!("{}.{HESSIAN}", site.name()))
+    }
+
+    /// The per-expert Hessians at `site` (`[experts, n (n + 1) / 2]`), if recorded.
+    pub fn expert_hessians(&self, site: InputSite) -> Result<Option<StatTensor>> {
+        self.hessian(&format!("{}.{EXPERT_HESSIAN}", site.name()))
+    }
+
+    fn hessian(&self, name: &str) -> Result<Option<StatTensor>> {
+        let Some(entry) = self.hessians.get(name) else { return Ok(None) };
+        let t = match entry {
+            HessianEntry::Loaded(t) => return Ok(Some(t.clone())),
+            HessianEntry::InFile(_) => {
+                let path = self.file.as_deref().ok_or_else(|| LoaderError::tensor(name, "is listed but no statistics file is open"))?;
+                let shard = ShardFile::open(path)?;
+                let info = shard.tensors().get(name).ok_or_else(|| LoaderError::tensor(name, "is no longer in the statistics file"))?;
+                let t = StatTensor { shape: info.shape.clone(), data: f32_values(shard.bytes(info)) };
+                shard.release(shard.bytes(info));
+                check_hessian(path, name, &t)?;
+                t
+            }
+        };
+        Ok(Some(t))
     }
 
     /// Refuses statistics measured on another model, naming both fingerprints.
@@ -140,8 +220,13 @@ impl Calibration {
     pub fn write(&self, path: &Path) -> Result<()> {
         let tokens = self.tokens.to_string();
         let ctx = self.ctx.to_string();
+        let hessians: Vec<(&String, StatTensor)> = self
+            .hessians
+            .keys()
+            .map(|n| Ok((n, self.hessian(n)?.ok_or_else(|| LoaderError::tensor(n, "vanished"))?)))
+            .collect::<Result<_>>()?;
         let meta = [
-            ("format", CALIBRATION_FORMAT),
+            ("format", if hessians.is_empty() { CALIBRATION_FORMAT } else { CALIBRATION_FORMAT_HESSIAN }),
             ("config_sha256", self.model.config_sha256.as_str()),
             ("weights_sha256", self.model.weights_sha256.as_str()),
             ("model", self.model_label.as_str()),
@@ -149,17 +234,26 @@ impl Calibration {
             ("tokens", tokens.as_str()),
             ("ctx", ctx.as_str()),
         ];
-        let entries: Vec<(&str, Dtype, &[usize])> =
-            self.tensors.iter().map(|(n, t)| (n.as_str(), Dtype::F32, t.shape.as_slice())).collect();
-        let (mut bytes, _) = encode_header(&meta, &entries);
-        for t in self.tensors.values() {
-            for v in &t.data {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
-        }
+        let all: Vec<(&String, &StatTensor)> = self.tensors.iter().chain(hessians.iter().map(|(n, t)| (*n, t))).collect();
+        let entries: Vec<(&str, Dtype, &[usize])> = all.iter().map(|(n, t)| (n.as_str(), Dtype::F32, t.shape.as_slice())).collect();
+        let (header, _) = encode_header(&meta, &entries);
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "stats".into());
         let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-        std::fs::write(&tmp, &bytes).map_err(|e| LoaderError::io(&tmp, e))?;
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            out.write_all(&header)?;
+            for (_, t) in &all {
+                for v in &t.data {
+                    out.write_all(&v.to_le_bytes())?;
+                }
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(LoaderError::io(&tmp, e));
+        }
         std::fs::rename(&tmp, path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             LoaderError::io(path, e)
@@ -174,9 +268,9 @@ impl Calibration {
         let meta = shard.metadata();
         let get = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("metadata `{k}` is missing; not a mixq calibration file")));
         let format = get("format")?;
-        if format != CALIBRATION_FORMAT {
+        if format != CALIBRATION_FORMAT && format != CALIBRATION_FORMAT_HESSIAN {
             return Err(bad(format!(
-                "format is \"{format}\", expected \"{CALIBRATION_FORMAT}\": not a mixq calibration file (mixq calibrate writes them)"
+                "format is \"{format}\", expected \"{CALIBRATION_FORMAT}\" or \"{CALIBRATION_FORMAT_HESSIAN}\": not a mixq calibration file (mixq calibrate writes them)"
             )));
         }
         let number = |k: &str| -> Result<u64> {
@@ -184,22 +278,38 @@ impl Calibration {
             v.parse().map_err(|_| bad(format!("metadata `{k}` is \"{v}\", expected a non-negative integer")))
         };
         let mut tensors = BTreeMap::new();
+        let mut hessians = BTreeMap::new();
         for (name, info) in shard.tensors() {
             if info.dtype != Dtype::F32 {
                 return Err(bad(format!("tensor {name}: dtype {}, expected F32", info.dtype)));
+            }
+            let hessian_rank = if name.ends_with(&format!(".{HESSIAN}")) {
+                Some(1)
+            } else if name.ends_with(&format!(".{EXPERT_HESSIAN}")) {
+                Some(2)
+            } else {
+                None
+            };
+            if let Some(rank) = hessian_rank {
+                if info.shape.len() != rank {
+                    return Err(bad(format!("tensor {name}: shape {:?} has the wrong rank (expected {rank})", info.shape)));
+                }
+                hessians.insert(name.clone(), HessianEntry::InFile(info.shape.clone()));
+                continue;
             }
             let rank_ok = if name.ends_with(&format!(".{INPUT_SQ_MEAN}")) {
                 matches!(info.shape.len(), 1 | 2)
             } else if name.ends_with(&format!(".{TOKEN_COUNT}")) {
                 info.shape.len() == 1
             } else {
-                return Err(bad(format!("tensor {name}: not a statistics tensor (*.{INPUT_SQ_MEAN} or *.{TOKEN_COUNT})")));
+                return Err(bad(format!(
+                    "tensor {name}: not a statistics tensor (*.{INPUT_SQ_MEAN}, *.{TOKEN_COUNT}, *.{HESSIAN} or *.{EXPERT_HESSIAN})"
+                )));
             };
             if !rank_ok {
                 return Err(bad(format!("tensor {name}: shape {:?} has the wrong rank", info.shape)));
             }
-            let data: Vec<f32> =
-                shard.bytes(info).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let data = f32_values(shard.bytes(info));
             if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
                 return Err(bad(format!("tensor {name}: element {i} is {v}; statistics are finite and non-negative")));
             }
@@ -212,8 +322,37 @@ impl Calibration {
             tokens: number("tokens")?,
             ctx: number("ctx")? as usize,
             tensors,
+            hessians,
+            file: Some(path.to_path_buf()),
         })
     }
+}
+
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// Checks a Hessian read from `path`: every element finite, every diagonal element non-negative.
+fn check_hessian(path: &Path, name: &str, t: &StatTensor) -> Result<()> {
+    let bad = |message: String| LoaderError::Shard { path: path.to_path_buf(), message: format!("tensor {name}: {message}") };
+    let packed = *t.shape.last().unwrap_or(&0);
+    let n = ((((8 * packed + 1) as f64).sqrt() as usize).saturating_sub(1)) / 2;
+    if packed_len(n) != packed {
+        return Err(bad(format!("{packed} elements is not the packed upper triangle of a square matrix")));
+    }
+    if let Some((i, v)) = t.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(bad(format!("element {i} is {v}; a Hessian is finite")));
+    }
+    for (m, h) in t.data.chunks_exact(packed.max(1)).enumerate() {
+        let mut k = 0;
+        for i in 0..n {
+            if h[k] < 0.0 {
+                return Err(bad(format!("matrix {m}: diagonal element {i} is {}; a Hessian's diagonal is non-negative", h[k])));
+            }
+            k += n - i;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -234,6 +373,8 @@ mod tests {
             tokens: 12,
             ctx: 8,
             tensors,
+            hessians: BTreeMap::new(),
+            file: None,
         }
     }
 
@@ -243,9 +384,39 @@ mod tests {
         let p = dir.path().join("s.safetensors");
         let c = sample();
         c.write(&p).unwrap();
-        assert_eq!(Calibration::read(&p).unwrap(), c);
+        let back = Calibration::read(&p).unwrap();
+        assert_eq!(back, Calibration { file: Some(p.clone()), ..c.clone() });
         assert_eq!(c.expert_tokens(0), Some(&[3.0, 0.0][..]));
         assert_eq!(c.input_sq_mean("lm_head").unwrap().data[3], 2.0);
+    }
+
+    #[test]
+    fn hessians_round_trip_read_on_demand_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.safetensors");
+        let mut c = sample();
+        // [[4, 1], [1, 9]] packed: 4, 1, 9.
+        let h = StatTensor { shape: vec![3], data: vec![4.0, 1.0, 9.0] };
+        c.hessians.insert(format!("{}.{HESSIAN}", InputSite::Final.name()), HessianEntry::Loaded(h.clone()));
+        c.write(&p).unwrap();
+        let back = Calibration::read(&p).unwrap();
+        assert!(back.has_hessians());
+        assert_eq!(back.hessians.values().next(), Some(&HessianEntry::InFile(vec![3])));
+        assert_eq!(back.site_hessian(InputSite::Final).unwrap(), Some(h));
+        assert_eq!(back.site_hessian(InputSite::Mlp(0)).unwrap(), None);
+        assert_eq!(unpack_symmetric(&[4.0, 1.0, 9.0], 2), vec![4.0, 1.0, 1.0, 9.0]);
+        // A negative diagonal element is refused when the Hessian is read, naming it.
+        let bad = StatTensor { shape: vec![3], data: vec![4.0, 1.0, -9.0] };
+        c.hessians.insert(format!("{}.{HESSIAN}", InputSite::Final.name()), HessianEntry::Loaded(bad));
+        c.write(&p).unwrap();
+        let e = Calibration::read(&p).unwrap().site_hessian(InputSite::Final).unwrap_err().to_string();
+        assert!(e.contains("lm_head.input.hessian") && e.contains("diagonal element 1"), "{e}");
+        // A length that is no packed triangle.
+        let odd = StatTensor { shape: vec![4], data: vec![1.0; 4] };
+        c.hessians.insert(format!("{}.{HESSIAN}", InputSite::Final.name()), HessianEntry::Loaded(odd));
+        c.write(&p).unwrap();
+        let e = Calibration::read(&p).unwrap().site_hessian(InputSite::Final).unwrap_err().to_string();
+        assert!(e.contains("not the packed upper triangle"), "{e}");
     }
 
     #[test]

@@ -99,6 +99,81 @@ impl TensorClass {
     }
 }
 
+/// The activation a linear layer reads: calibration statistics are kept per input site, so the
+/// layers that share an input (q/k/v; the router and the experts' gate/up) share them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InputSite {
+    /// A layer's input-normed hidden state, read by q_proj, k_proj and v_proj.
+    Attention(usize),
+    /// A layer's attention output, read by o_proj.
+    AttentionOut(usize),
+    /// A layer's post-attention-normed hidden state, read by the router and, for the tokens routed
+    /// to each expert, by its gate_proj and up_proj.
+    Mlp(usize),
+    /// The SwiGLU output read by each expert's down_proj (every expert's own intermediate space).
+    ExpertDown(usize),
+    /// The final-normed hidden state, read by lm_head.
+    Final,
+}
+
+impl InputSite {
+    /// Every input site of the model a config describes, in model order.
+    pub fn all(c: &GptOssConfig) -> Vec<InputSite> {
+        (0..c.num_hidden_layers)
+            .flat_map(|l| [InputSite::Attention(l), InputSite::AttentionOut(l), InputSite::Mlp(l), InputSite::ExpertDown(l)])
+            .chain([InputSite::Final])
+            .collect()
+    }
+
+    /// The site a weight of `class` in `layer` reads (`None` for the embedding, a lookup, and for
+    /// parameters that are not linear weights).
+    pub fn of(class: TensorClass, layer: Option<usize>) -> Option<InputSite> {
+        use TensorClass::*;
+        Some(match (class, layer) {
+            (QProj | KProj | VProj, Some(l)) => InputSite::Attention(l),
+            (OProj, Some(l)) => InputSite::AttentionOut(l),
+            (Router | ExpertsGate | ExpertsUp, Some(l)) => InputSite::Mlp(l),
+            (ExpertsDown, Some(l)) => InputSite::ExpertDown(l),
+            (LmHead, None) => InputSite::Final,
+            _ => return None,
+        })
+    }
+
+    /// Features of the activation.
+    pub fn width(self, c: &GptOssConfig) -> usize {
+        match self {
+            InputSite::AttentionOut(_) => c.num_attention_heads * c.head_dim,
+            InputSite::ExpertDown(_) => c.intermediate_size,
+            InputSite::Attention(_) | InputSite::Mlp(_) | InputSite::Final => c.hidden_size,
+        }
+    }
+
+    /// Whether the site is read per expert (rows of the tokens routed to it) rather than only by
+    /// every token.
+    pub fn is_routed(self) -> bool {
+        matches!(self, InputSite::Mlp(_) | InputSite::ExpertDown(_))
+    }
+
+    /// The stem statistics of this site are named by (`model.layers.3.mlp.input`).
+    pub fn name(self) -> String {
+        match self {
+            InputSite::Attention(l) => format!("model.layers.{l}.self_attn.input"),
+            InputSite::AttentionOut(l) => format!("model.layers.{l}.self_attn.o_proj.input"),
+            InputSite::Mlp(l) => format!("model.layers.{l}.mlp.input"),
+            InputSite::ExpertDown(l) => format!("model.layers.{l}.mlp.experts.down_proj.input"),
+            InputSite::Final => "lm_head.input".to_string(),
+        }
+    }
+
+    /// The layer the site belongs to (`None` for lm_head's input).
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            InputSite::Attention(l) | InputSite::AttentionOut(l) | InputSite::Mlp(l) | InputSite::ExpertDown(l) => Some(l),
+            InputSite::Final => None,
+        }
+    }
+}
+
 /// Where a parameter's rows are in the upstream checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamRows {
@@ -172,6 +247,15 @@ impl Param {
     /// Whether this is a weight MLX could quantize.
     pub fn is_quantizable(&self) -> bool {
         self.class.is_quantizable() && self.leaf == "weight"
+    }
+
+    /// The activation this weight multiplies (`None` for the embedding and non-weights).
+    pub fn input_site(&self) -> Option<InputSite> {
+        if self.leaf == "weight" {
+            InputSite::of(self.class, self.layer)
+        } else {
+            None
+        }
     }
 
     /// Parameters as mlx-lm counts them (sinks are not counted).
@@ -376,6 +460,23 @@ mod tests {
             assert_eq!(classify_name(&p.name()), Some((p.class, p.layer)), "{}", p.name());
         }
         assert_eq!(classify_name("model.layers.1.self_attn.q_proj.scales"), Some((TensorClass::QProj, Some(1))));
+    }
+
+    #[test]
+    fn every_linear_weight_has_an_input_site_of_its_width() {
+        let c = config();
+        let mut sites = std::collections::BTreeSet::new();
+        for p in mlx_params(&c) {
+            match p.input_site() {
+                Some(site) => {
+                    assert_eq!(site.width(&c), p.in_features(), "{}", p.name());
+                    assert_eq!(site.layer(), p.layer);
+                    sites.insert(site);
+                }
+                None => assert!(p.class == TensorClass::EmbedTokens || p.leaf != "weight" || !p.is_quantizable(), "{}", p.name()),
+            }
+        }
+        assert_eq!(sites, InputSite::all(&c).into_iter().collect());
     }
 
     #[test]

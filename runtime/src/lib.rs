@@ -21,7 +21,7 @@ pub use engine::{Backend, Engine};
 pub use error::{Result, RuntimeError};
 pub use generate::{generate, GenerationStats};
 pub use model::Model;
-pub use observe::{ActivationObserver, DenseSite, ExpertSite};
+pub use observe::{ActivationObserver, InputSite};
 pub use sample::{Sampler, SamplerConfig};
 pub use text::TextCodec;
 

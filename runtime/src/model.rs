@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::cache::{KvCache, LayerCache};
 use crate::error::{Result, RuntimeError};
 use crate::matrix::{dot, Codes, Matrix, RowMap};
-use crate::observe::{ActivationObserver, DenseSite, ExpertSite};
+use crate::observe::{ActivationObserver, InputSite};
 use crate::rope::Rope;
 
 /// Tokens processed together during prefill.
@@ -291,7 +291,7 @@ impl<'a> Model<'a> {
             let last_chunk = (ci + 1) * PREFILL_CHUNK >= tokens.len();
             let hidden = self.hidden_states(chunk, cache, observer.as_deref_mut());
             if let Some(obs) = observer.as_deref_mut() {
-                obs.dense(None, DenseSite::LmHead, &hidden);
+                obs.tokens(InputSite::Final, &hidden);
             }
             let rows: &[f32] = if all_logits {
                 &hidden
@@ -326,14 +326,14 @@ impl<'a> Model<'a> {
             let normed = rms_norm(&x, &layer.input_norm, c.rms_norm_eps as f32);
             let attn = self.attention(layer, lc, &normed, first);
             if let Some(o) = obs.as_deref_mut() {
-                o.dense(Some(l), DenseSite::Qkv, &normed);
-                o.dense(Some(l), DenseSite::AttentionOut, &attn);
+                o.tokens(InputSite::Attention(l), &normed);
+                o.tokens(InputSite::AttentionOut(l), &attn);
             }
             let o = layer.o.forward(&attn);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let normed = rms_norm(&x, &layer.post_norm, c.rms_norm_eps as f32);
             if let Some(o) = obs.as_deref_mut() {
-                o.dense(Some(l), DenseSite::Router, &normed);
+                o.tokens(InputSite::Mlp(l), &normed);
             }
             let moe = self.experts(layer, &normed, obs.as_deref_mut().map(|o| (l, o)));
             x.iter_mut().zip(&moe).for_each(|(a, b)| *a += b);
@@ -421,7 +421,7 @@ impl<'a> Model<'a> {
                 x_e.extend_from_slice(&xs[t * h..(t + 1) * h]);
             }
             if let Some((l, o)) = obs.as_mut() {
-                o.expert(*l, ExpertSite::GateUp, e, &x_e);
+                o.routed(InputSite::Mlp(*l), e, &x_e);
             }
             let mut gate = vec![0f32; m * i];
             let mut up = vec![0f32; m * i];
@@ -436,7 +436,7 @@ impl<'a> Model<'a> {
                 }
             }
             if let Some((l, o)) = obs.as_mut() {
-                o.expert(*l, ExpertSite::Down, e, &gate);
+                o.routed(InputSite::ExpertDown(*l), e, &gate);
             }
             let mut down = vec![0f32; m * h];
             layer.down.w.matmul_rows(e * h, h, &gate, &mut down);

@@ -1,31 +1,11 @@
 //! Observation of the inputs of every linear layer during a forward pass, for calibration.
 
-/// Where a dense linear layer's input is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DenseSite {
-    /// The normed input of q_proj, k_proj and v_proj.
-    Qkv,
-    /// The attention output entering o_proj.
-    AttentionOut,
-    /// The normed input of the router (and, per expert, of gate_proj and up_proj).
-    Router,
-    /// The final-norm hidden state entering lm_head.
-    LmHead,
-}
+pub use mixq_loader::InputSite;
 
-/// Where an expert projection's input is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ExpertSite {
-    /// The input of gate_proj and up_proj: the rows of the tokens routed to the expert.
-    GateUp,
-    /// The activated SwiGLU output entering down_proj.
-    Down,
-}
-
-/// Receives linear-layer inputs as `[tokens, width]` row-major f32.
+/// Receives linear-layer inputs as `[rows, width]` row-major f32, named by the schema's input site.
 pub trait ActivationObserver {
-    /// A dense layer's input (`layer` is `None` for lm_head).
-    fn dense(&mut self, layer: Option<usize>, site: DenseSite, rows: &[f32]);
-    /// One expert's input, for the tokens routed to it.
-    fn expert(&mut self, layer: usize, site: ExpertSite, expert: usize, rows: &[f32]);
+    /// Every token's row at a site (the input of q/k/v, o_proj, the router or lm_head).
+    fn tokens(&mut self, site: InputSite, rows: &[f32]);
+    /// The rows of the tokens routed to one expert at a routed site (gate/up input, down input).
+    fn routed(&mut self, site: InputSite, expert: usize, rows: &[f32]);
 }

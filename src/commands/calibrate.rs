@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
+use mixq_validate::calibrate::HessianScope;
+
 use crate::args::{Json, OutFile, Quiet, Threads};
 use crate::progress::CountProgress;
 use crate::report::print_json;
@@ -29,6 +31,15 @@ pub struct CalibrateArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
+    /// Also record each linear input's second-moment matrix (Hessian), which `convert --quantizer
+    /// gptq` needs and then uses by default: one per layer input (q/k/v, o_proj, router and
+    /// experts' gate/up, experts' down) and for lm_head.
+    #[arg(long)]
+    hessian: bool,
+    /// With --hessian, also one Hessian per expert at the gate/up and down inputs (large: experts x
+    /// the shared ones' size; gptq uses them for experts with enough routed tokens).
+    #[arg(long)]
+    expert_hessians: bool,
     #[command(flatten)]
     out: OutFile,
     #[command(flatten)]
@@ -45,7 +56,12 @@ pub fn run(a: CalibrateArgs) -> Result<ExitCode> {
     let json = a.json.json;
     let pool = a.threads.pool()?;
     let progress = CountProgress::new("calibrate", "tokens", a.quiet.quiet || json);
-    let opts = mixq_validate::CalibrateOptions { ctx: a.ctx, max_tokens: a.max_tokens };
+    let hessians = match (a.hessian, a.expert_hessians) {
+        (_, true) => HessianScope::PerExpert,
+        (true, false) => HessianScope::Shared,
+        (false, false) => HessianScope::None,
+    };
+    let opts = mixq_validate::CalibrateOptions { ctx: a.ctx, max_tokens: a.max_tokens, hessians };
     let out = &a.out.out;
     let job = pool.install(|| mixq_validate::calibrate_job::calibrate_source(&a.model, &a.text, opts, out, &|d, t| progress.update(d, t)));
     progress.finish();
@@ -56,14 +72,15 @@ pub fn run(a: CalibrateArgs) -> Result<ExitCode> {
         print_json(&serde_json::json!({
             "out": out, "model": a.model, "text_sha256": s.text_sha256, "tokens": s.tokens, "ctx": s.ctx,
             "windows": run.windows, "seconds": run.seconds, "tokens_per_second": rate,
-            "tensors": s.tensors.len(), "experts_reached": hit, "experts": all,
+            "tensors": s.tensors.len(), "hessians": s.hessians.len(), "experts_reached": hit, "experts": all,
             "config_sha256": s.model.config_sha256, "weights_sha256": s.model.weights_sha256,
         }));
     } else {
         println!(
-            "wrote {} ({} tensors) from {} tokens in {} windows of {} in {:.2}s ({rate:.0} tokens/s); {hit} of {all} experts reached",
+            "wrote {} ({} tensors, {} Hessians) from {} tokens in {} windows of {} in {:.2}s ({rate:.0} tokens/s); {hit} of {all} experts reached",
             out.display(),
             s.tensors.len(),
+            s.hessians.len(),
             s.tokens,
             run.windows,
             s.ctx,

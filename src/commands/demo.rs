@@ -112,7 +112,7 @@ impl Demo<'_> {
         let calib_text = parent.join("calibration.txt");
         std::fs::write(&calib_text, &body[cut..]).with_context(|| format!("writing {}", calib_text.display()))?;
         let progress = progress::CountProgress::new("calibrate", "tokens", self.json);
-        let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192) };
+        let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192), hessians: Default::default() };
         let run = mixq_validate::calibrate(self.model, source, &calib_text, opts, &|d, t| progress.update(d, t));
         progress.finish();
         let run = run?;
@@ -139,7 +139,7 @@ impl Demo<'_> {
         let rep = rep?;
         let seconds = start.elapsed().as_secs_f64();
         self.say(&format!("wrote {} in {seconds:.2}s\n", rep.out.display()));
-        Ok((Converted { out: rep.out, shards: rep.shards, seconds }, opts.quantizer.as_str()))
+        Ok((Converted { out: rep.out, shards: rep.shards, seconds }, rep.quantizer.as_str()))
     }
 
     /// Step 6: generates from "ROMEO:" with the converted model.

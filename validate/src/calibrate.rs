@@ -1,18 +1,22 @@
 //! `mixq calibrate`: runs a model over calibration text and records, for every linear input a
 //! recipe can quantize, the per-input-channel mean of x² (for experts: per expert, over the
-//! tokens routed to it, with each expert's token count).
+//! tokens routed to it, with each expert's token count), and with `--hessian` the mean of x xᵀ per
+//! input site (with `--expert-hessians` also per expert at the routed sites).
 //!
-//! Windows of `ctx` tokens run in parallel on the CPU runtime; each accumulates f32 sums of its
-//! own, merged into f64 totals when the window ends, so memory is one set of sums per running
-//! window.
+//! Windows of `ctx` tokens run in parallel on the CPU runtime; each accumulates f32 sums of x² of
+//! its own, merged into f64 totals when the window ends, so memory is one set of sums per running
+//! window. Hessians are accumulated as each layer's rows are seen: the rows' Gram matrix in f32
+//! (one matrix multiply), added to the run's f64 upper triangle under that site's lock, so memory
+//! is one f64 triangle per site (and expert) plus one f32 Gram per running window.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
-use mixq_loader::calibration::{INPUT_SQ_MEAN, TOKEN_COUNT};
-use mixq_loader::{Calibration, Checkpoint, GptOssConfig, ModelFingerprint, StatTensor};
-use mixq_runtime::{ActivationObserver, DenseSite, ExpertSite, Model};
+use mixq_loader::calibration::{packed_len, HessianEntry, EXPERT_HESSIAN, HESSIAN, INPUT_SQ_MEAN, TOKEN_COUNT};
+use mixq_loader::schema::Schema;
+use mixq_loader::{Calibration, Checkpoint, GptOssConfig, InputSite, ModelFingerprint, StatTensor};
+use mixq_runtime::{ActivationObserver, Model};
 use rayon::prelude::*;
 
 use crate::corpus::Corpus;
@@ -21,6 +25,19 @@ use crate::ValidateError;
 /// Fewest tokens `calibrate` accepts.
 pub const MIN_CALIBRATION_TOKENS: usize = 128;
 
+/// Which input second-moment matrices a calibration run accumulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HessianScope {
+    /// None: per-channel means only (what `mse` uses).
+    #[default]
+    None,
+    /// One per input site: q/k/v, o_proj, the router and experts' gate/up (all tokens), the
+    /// experts' down input (every expert's rows summed), lm_head.
+    Shared,
+    /// Also one per expert at the gate/up and down inputs, over the tokens routed to it.
+    PerExpert,
+}
+
 /// Settings of a calibration run.
 #[derive(Debug, Clone, Copy)]
 pub struct CalibrateOptions {
@@ -28,6 +45,8 @@ pub struct CalibrateOptions {
     pub ctx: usize,
     /// Use at most this many tokens of the text.
     pub max_tokens: Option<usize>,
+    /// Which Hessians to accumulate.
+    pub hessians: HessianScope,
 }
 
 /// The statistics of a run and how long it took.
@@ -48,19 +67,93 @@ impl CalibrationRun {
     }
 }
 
-/// Running sums of one window (f32) or of the whole run (f64).
+/// Running sums of x² of one window (f32) or of the whole run (f64).
 #[derive(Default)]
 struct Sums<T> {
-    /// (layer, site) → (Σx² per channel, rows).
-    dense: HashMap<(Option<usize>, DenseSite), (Vec<T>, u64)>,
-    /// (layer, site) → (Σx² per expert and channel, rows per expert).
-    experts: HashMap<(usize, ExpertSite), (Vec<T>, Vec<u64>)>,
+    /// Site → (Σx² per channel, rows) over every token.
+    tokens: HashMap<InputSite, (Vec<T>, u64)>,
+    /// Routed site → (Σx² per expert and channel, rows per expert).
+    routed: HashMap<InputSite, (Vec<T>, Vec<u64>)>,
 }
 
-/// Observer of one window, told the expert count so expert sums can be laid out.
+/// A run's f64 sums of x xᵀ (packed upper triangles) with their row counts, one lock each.
+struct HessianSums {
+    /// Site → Σ x xᵀ over its rows (for a routed site: every expert's rows).
+    shared: HashMap<InputSite, Mutex<(Vec<f64>, u64)>>,
+    /// Routed site → per expert Σ x xᵀ over the rows routed to it.
+    experts: HashMap<InputSite, Vec<Mutex<(Vec<f64>, u64)>>>,
+}
+
+impl HessianSums {
+    fn new(c: &GptOssConfig, scope: HessianScope) -> Self {
+        let mut shared = HashMap::new();
+        let mut experts = HashMap::new();
+        if scope != HessianScope::None {
+            for site in InputSite::all(c) {
+                let n = packed_len(site.width(c));
+                shared.insert(site, Mutex::new((vec![0.0; n], 0)));
+                if scope == HessianScope::PerExpert && site.is_routed() {
+                    experts.insert(site, (0..c.num_local_experts).map(|_| Mutex::new((vec![0.0; n], 0))).collect());
+                }
+            }
+        }
+        HessianSums { shared, experts }
+    }
+
+    /// Adds the Gram matrix of `rows` (`[m, width]`) to `acc`.
+    fn add(acc: &Mutex<(Vec<f64>, u64)>, rows: &[f32], width: usize) {
+        let m = rows.len() / width;
+        if m == 0 {
+            return;
+        }
+        let mut gram = vec![0f32; width * width];
+        assert!(rows.len() == m * width);
+        // SAFETY: Xᵀ (width x m, strides 1 and width) and X (m x width, strides width and 1) lie
+        // inside `rows`, and the product (width x width, row-major) inside `gram`.
+        unsafe {
+            matrixmultiply::sgemm(
+                width, m, width, 1.0,
+                rows.as_ptr(), 1, width as isize,
+                rows.as_ptr(), width as isize, 1,
+                0.0,
+                gram.as_mut_ptr(), width as isize, 1,
+            );
+        }
+        let mut guard = acc.lock().unwrap_or_else(|e| e.into_inner());
+        let (sum, n) = &mut *guard;
+        let mut k = 0;
+        for i in 0..width {
+            for &g in &gram[i * width + i..(i + 1) * width] {
+                sum[k] += f64::from(g);
+                k += 1;
+            }
+        }
+        *n += m as u64;
+    }
+
+    /// The mean Hessians as statistics entries, named by site.
+    fn into_entries(self) -> BTreeMap<String, HessianEntry> {
+        let mean = |(sum, n): (Vec<f64>, u64)| -> Vec<f32> { sum.iter().map(|&s| if n > 0 { (s / n as f64) as f32 } else { 0.0 }).collect() };
+        let mut out = BTreeMap::new();
+        for (site, acc) in self.shared {
+            let data = mean(acc.into_inner().unwrap_or_else(|e| e.into_inner()));
+            out.insert(format!("{}.{HESSIAN}", site.name()), HessianEntry::Loaded(StatTensor { shape: vec![data.len()], data }));
+        }
+        for (site, per_expert) in self.experts {
+            let e = per_expert.len();
+            let data: Vec<f32> = per_expert.into_iter().flat_map(|acc| mean(acc.into_inner().unwrap_or_else(|e| e.into_inner()))).collect();
+            let shape = vec![e, data.len() / e.max(1)];
+            out.insert(format!("{}.{EXPERT_HESSIAN}", site.name()), HessianEntry::Loaded(StatTensor { shape, data }));
+        }
+        out
+    }
+}
+
+/// Observer of one window: its own x² sums, and the run's Hessian sums.
 struct WindowSums<'c> {
     config: &'c GptOssConfig,
     sums: Sums<f32>,
+    hessians: &'c HessianSums,
 }
 
 fn add_squares(acc: &mut [f32], rows: &[f32]) {
@@ -72,80 +165,74 @@ fn add_squares(acc: &mut [f32], rows: &[f32]) {
 }
 
 impl ActivationObserver for WindowSums<'_> {
-    fn dense(&mut self, layer: Option<usize>, site: DenseSite, rows: &[f32]) {
-        let width = match site {
-            DenseSite::AttentionOut => self.config.num_attention_heads * self.config.head_dim,
-            _ => self.config.hidden_size,
-        };
-        let (acc, n) = self.sums.dense.entry((layer, site)).or_insert_with(|| (vec![0.0; width], 0));
+    fn tokens(&mut self, site: InputSite, rows: &[f32]) {
+        let width = site.width(self.config);
+        let (acc, n) = self.sums.tokens.entry(site).or_insert_with(|| (vec![0.0; width], 0));
         add_squares(acc, rows);
         *n += (rows.len() / width) as u64;
+        // A routed site's shared Hessian is over every token (the router's input; for gate/up the
+        // routed rows' sum is the same matrix counted top-k times), except down's, which is only routed.
+        if let Some(acc) = self.hessians.shared.get(&site) {
+            HessianSums::add(acc, rows, width);
+        }
     }
 
-    fn expert(&mut self, layer: usize, site: ExpertSite, expert: usize, rows: &[f32]) {
+    fn routed(&mut self, site: InputSite, expert: usize, rows: &[f32]) {
         let c = self.config;
-        let width = match site {
-            ExpertSite::GateUp => c.hidden_size,
-            ExpertSite::Down => c.intermediate_size,
-        };
+        let width = site.width(c);
         let (acc, counts) = self
             .sums
-            .experts
-            .entry((layer, site))
+            .routed
+            .entry(site)
             .or_insert_with(|| (vec![0.0; c.num_local_experts * width], vec![0; c.num_local_experts]));
         add_squares(&mut acc[expert * width..(expert + 1) * width], rows);
         counts[expert] += (rows.len() / width) as u64;
+        if matches!(site, InputSite::ExpertDown(_)) {
+            if let Some(acc) = self.hessians.shared.get(&site) {
+                HessianSums::add(acc, rows, width);
+            }
+        }
+        if let Some(acc) = self.hessians.experts.get(&site).and_then(|v| v.get(expert)) {
+            HessianSums::add(acc, rows, width);
+        }
     }
 }
 
 impl Sums<f64> {
     fn merge(&mut self, w: Sums<f32>) {
-        for (k, (v, n)) in w.dense {
-            let (acc, total) = self.dense.entry(k).or_insert_with(|| (vec![0.0; v.len()], 0));
+        for (k, (v, n)) in w.tokens {
+            let (acc, total) = self.tokens.entry(k).or_insert_with(|| (vec![0.0; v.len()], 0));
             acc.iter_mut().zip(&v).for_each(|(a, &x)| *a += f64::from(x));
             *total += n;
         }
-        for (k, (v, counts)) in w.experts {
-            let (acc, total) = self.experts.entry(k).or_insert_with(|| (vec![0.0; v.len()], vec![0; counts.len()]));
+        for (k, (v, counts)) in w.routed {
+            let (acc, total) = self.routed.entry(k).or_insert_with(|| (vec![0.0; v.len()], vec![0; counts.len()]));
             acc.iter_mut().zip(&v).for_each(|(a, &x)| *a += f64::from(x));
             total.iter_mut().zip(&counts).for_each(|(a, &x)| *a += x);
         }
     }
 
-    /// The statistics tensors, named by the MLX modules they weight.
-    fn into_tensors(self, c: &GptOssConfig) -> std::collections::BTreeMap<String, StatTensor> {
-        let mut out = std::collections::BTreeMap::new();
+    /// The per-channel statistics, named by the MLX modules of the schema that read each site.
+    fn into_tensors(self, c: &GptOssConfig) -> BTreeMap<String, StatTensor> {
+        let mut out = BTreeMap::new();
         let mean = |sums: &[f64], n: u64| -> Vec<f32> { sums.iter().map(|&s| if n > 0 { (s / n as f64) as f32 } else { 0.0 }).collect() };
-        for ((layer, site), (sums, n)) in self.dense {
-            let data = mean(&sums, n);
-            let modules: Vec<String> = match (layer, site) {
-                (None, _) => vec!["lm_head".into()],
-                (Some(l), DenseSite::Qkv) => {
-                    ["q_proj", "k_proj", "v_proj"].iter().map(|p| format!("model.layers.{l}.self_attn.{p}")).collect()
-                }
-                (Some(l), DenseSite::AttentionOut) => vec![format!("model.layers.{l}.self_attn.o_proj")],
-                (Some(l), DenseSite::Router) => vec![format!("model.layers.{l}.mlp.router")],
-                (Some(_), DenseSite::LmHead) => vec!["lm_head".into()],
-            };
-            for m in modules {
-                out.insert(format!("{m}.{INPUT_SQ_MEAN}"), StatTensor { shape: vec![data.len()], data: data.clone() });
+        let schema = Schema::new(c);
+        for p in schema.params().iter().filter(|p| p.is_quantizable()) {
+            let Some(site) = p.input_site() else { continue };
+            let name = format!("{}.{INPUT_SQ_MEAN}", p.module);
+            if p.class.is_expert() {
+                let Some((sums, counts)) = self.routed.get(&site) else { continue };
+                let width = site.width(c);
+                let data: Vec<f32> = sums.chunks_exact(width).zip(counts).flat_map(|(s, &n)| mean(s, n)).collect();
+                out.insert(name, StatTensor { shape: vec![counts.len(), width], data });
+            } else if let Some((sums, n)) = self.tokens.get(&site) {
+                out.insert(name, StatTensor { shape: vec![sums.len()], data: mean(sums, *n) });
             }
         }
-        let e = c.num_local_experts;
-        for ((layer, site), (sums, counts)) in self.experts {
-            let width = sums.len() / e;
-            let data: Vec<f32> = sums.chunks_exact(width).zip(&counts).flat_map(|(s, &n)| mean(s, n)).collect();
-            let prefix = format!("model.layers.{layer}.mlp.experts");
-            let projections: &[&str] = match site {
-                ExpertSite::GateUp => {
-                    let counts = counts.iter().map(|&n| n as f32).collect();
-                    out.insert(format!("{prefix}.{TOKEN_COUNT}"), StatTensor { shape: vec![e], data: counts });
-                    &["gate_proj", "up_proj"]
-                }
-                ExpertSite::Down => &["down_proj"],
-            };
-            for p in projections {
-                out.insert(format!("{prefix}.{p}.{INPUT_SQ_MEAN}"), StatTensor { shape: vec![e, width], data: data.clone() });
+        for (site, (_, counts)) in &self.routed {
+            if let (InputSite::Mlp(layer), e) = (site, counts.len()) {
+                let data = counts.iter().map(|&n| n as f32).collect();
+                out.insert(format!("model.layers.{layer}.mlp.experts.{TOKEN_COUNT}"), StatTensor { shape: vec![e], data });
             }
         }
         out
@@ -158,14 +245,16 @@ pub fn calibrate_tokens(
     model: &Model<'_>,
     tokens: &[u32],
     ctx: usize,
+    hessians: HessianScope,
     progress: &(dyn Fn(usize, usize) + Sync),
-) -> Result<(std::collections::BTreeMap<String, StatTensor>, usize), ValidateError> {
+) -> Result<(Statistics, usize), ValidateError> {
     let c = &model.config;
     let totals = Mutex::new(Sums::<f64>::default());
+    let hessian_sums = HessianSums::new(c, hessians);
     let done = std::sync::atomic::AtomicUsize::new(0);
     let windows: Vec<&[u32]> = tokens.chunks(ctx).collect();
     windows.par_iter().try_for_each(|w| -> Result<(), ValidateError> {
-        let mut sums = WindowSums { config: c, sums: Sums::default() };
+        let mut sums = WindowSums { config: c, sums: Sums::default(), hessians: &hessian_sums };
         model.forward_observed(w, &mut model.new_cache(), false, Some(&mut sums))?;
         totals.lock().unwrap_or_else(|e| e.into_inner()).merge(sums.sums);
         let n = done.fetch_add(w.len(), std::sync::atomic::Ordering::Relaxed) + w.len();
@@ -173,7 +262,15 @@ pub fn calibrate_tokens(
         Ok(())
     })?;
     let totals = totals.into_inner().unwrap_or_else(|e| e.into_inner());
-    Ok((totals.into_tensors(c), windows.len()))
+    Ok((Statistics { tensors: totals.into_tensors(c), hessians: hessian_sums.into_entries() }, windows.len()))
+}
+
+/// What a run measured: per-channel statistics and Hessians, named as the file stores them.
+pub struct Statistics {
+    /// Per-channel means and token counts.
+    pub tensors: BTreeMap<String, StatTensor>,
+    /// Mean Hessians (empty unless asked for).
+    pub hessians: BTreeMap<String, HessianEntry>,
 }
 
 /// Calibrates the model in `model_dir` (upstream or converted) on the text file `text`, on the CPU.
@@ -201,7 +298,7 @@ pub fn calibrate(
     let model = Model::load(&ckpt)?;
     let ctx = opts.ctx.min(model.max_context());
     let start = std::time::Instant::now();
-    let (tensors, windows) = calibrate_tokens(&model, &tokens, ctx, progress)?;
+    let (Statistics { tensors, hessians }, windows) = calibrate_tokens(&model, &tokens, ctx, opts.hessians, progress)?;
     let seconds = start.elapsed().as_secs_f64();
     let stats = Calibration {
         model: fingerprint,
@@ -210,6 +307,8 @@ pub fn calibrate(
         tokens: tokens.len() as u64,
         ctx,
         tensors,
+        hessians,
+        file: None,
     };
     Ok(CalibrationRun { stats, windows, seconds })
 }
