@@ -65,5 +65,5 @@ pub fn refuse_existing(out: &Path, force: bool) -> Result<()> {
 
 /// Parses `--quantizer`.
 pub fn parse_quantizer(s: &str) -> Result<QuantMethod, String> {
-    QuantMethod::parse(s).ok_or_else(|| format!("expected minmax or mse, not {s:?}"))
+    QuantMethod::parse(s).ok_or_else(|| format!("expected minmax, mse or gptq, not {s:?}"))
 }

@@ -50,6 +50,14 @@ pub enum ConvertError {
         /// What is wrong, naming the tensor.
         message: String,
     },
+    /// A module's quantizer is `gptq` but the statistics hold no Hessians.
+    #[error("{module}: the gptq quantizer feeds rounding errors through the input Hessians, and {}; run mixq calibrate --hessian, or pick --quantizer mse", match calibration { Some(p) => format!("{} holds none (it was calibrated without --hessian)", p.display()), None => "no --calibration was given".to_string() })]
+    NeedsHessians {
+        /// The first module that would use gptq.
+        module: String,
+        /// The statistics given, if any.
+        calibration: Option<PathBuf>,
+    },
     /// Another conversion holds the output's lock.
     #[error("{out}: another mixq convert ({holder}) is writing this output (lock {lock}); wait for it or pick another --out")]
     Busy {

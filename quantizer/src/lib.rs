@@ -17,7 +17,7 @@ pub mod sizes;
 pub mod writer;
 
 pub use error::ConvertError;
-pub use kernels::mse::QuantMethod;
+pub use kernels::method::QuantMethod;
 pub use mixq_loader::TensorClass;
 pub use recipe::language::{QuantFormat, Recipe, RecipeError, BUILTIN_RECIPES};
 pub use recipe::plan::{Allocation, PlanSummary};

@@ -32,11 +32,14 @@ pub struct ConvertArgs {
     #[arg(long, default_value_t = mixq_quantizer::writer::convert::MAX_SHARD_BYTES)]
     max_shard_bytes: u64,
     /// How affine groups get their scale and bias where the recipe does not say: `mse`
-    /// searches for the least (calibration-weighted) error; `minmax` is byte-identical to
-    /// `mx.quantize`.
-    #[arg(long, default_value = "mse", value_parser = parse_quantizer)]
-    quantizer: QuantMethod,
-    /// Calibration statistics from `mixq calibrate` on this source, weighting the `mse` search.
+    /// searches for the least (calibration-weighted) error; `gptq` adds error feedback through
+    /// the input Hessians (needs `--calibration` from `mixq calibrate --hessian`); `minmax` is
+    /// byte-identical to `mx.quantize`. Default: `gptq` when the calibration holds Hessians,
+    /// else `mse`.
+    #[arg(long, value_parser = parse_quantizer)]
+    quantizer: Option<QuantMethod>,
+    /// Calibration statistics from `mixq calibrate` on this source, weighting the `mse` search
+    /// (and, with Hessians, driving `gptq`).
     #[arg(long)]
     calibration: Option<PathBuf>,
     /// Continue an interrupted conversion to this --out: shards it finished are re-hashed
@@ -72,7 +75,7 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
     let (rep, s, secs) = (&run.report, &run.report.summary, run.seconds);
     if json {
         print_json(&serde_json::json!({
-            "out": rep.out, "recipe": run.recipe_name, "quantizer": a.quantizer.as_str(), "shards": rep.shards, "seconds": secs,
+            "out": rep.out, "recipe": run.recipe_name, "quantizer": rep.quantizer.as_str(), "shards": rep.shards, "seconds": secs,
             "kept_shards": rep.kept_shards,
             "source_bytes": rep.source_bytes, "bytes": s.bytes, "parameters": s.params,
             "bits_per_weight": s.bits_per_weight(),

@@ -1,7 +1,10 @@
 //! The quantization kernels: `minmax` (exactly `mx.quantize`) and bit packing, the `mse` group
-//! search, calibration importance, and in-memory quantization of one parameter with its error.
+//! search, `gptq` error feedback through the input Hessian, the whole-matrix interface they share,
+//! calibration importance, and in-memory quantization of one parameter with its error.
 
 pub mod affine;
+pub mod gptq;
 pub mod importance;
+pub mod method;
 pub mod mse;
 pub mod param_error;

@@ -13,63 +13,9 @@
 //!    bias it stores), in f32 sums when they differ by more than their rounding and in f64
 //!    otherwise: a group never ends up with a larger weighted error than `mx.quantize` gives it.
 
-use std::fmt;
-
 use half::bf16;
 
-use crate::kernels::affine::{avx2_dispatch, group_codes, pack_codes, packed_row_bytes, quantize_row, range_params, NonFinite};
-
-/// How the scale and bias of each affine group are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum QuantMethod {
-    /// mlx's own choice (`mx.quantize`): the group's min and max, byte-identical to mlx.
-    MinMax,
-    /// The scale and bias that minimise the (importance-weighted) squared error.
-    Mse,
-}
-
-impl QuantMethod {
-    /// Every method, in CLI order.
-    pub const ALL: [QuantMethod; 2] = [QuantMethod::MinMax, QuantMethod::Mse];
-
-    /// The CLI and recipe spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QuantMethod::MinMax => "minmax",
-            QuantMethod::Mse => "mse",
-        }
-    }
-
-    /// Parses `minmax` or `mse`.
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.as_str() == s)
-    }
-
-    /// Quantizes one row with this method; `importance` weights the `mse` search (`minmax`
-    /// ignores it).
-    #[allow(clippy::too_many_arguments)]
-    pub fn quantize_row(
-        self,
-        row: &[f32],
-        importance: Option<&[f32]>,
-        bits: u32,
-        group_size: usize,
-        packed: &mut [u8],
-        scales: &mut [bf16],
-        biases: &mut [bf16],
-    ) -> Result<(), NonFinite> {
-        match self {
-            QuantMethod::MinMax => quantize_row(row, bits, group_size, packed, scales, biases),
-            QuantMethod::Mse => quantize_row_mse(row, importance, bits, group_size, packed, scales, biases),
-        }
-    }
-}
-
-impl fmt::Display for QuantMethod {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::kernels::affine::{avx2_dispatch, group_codes, pack_codes, packed_row_bytes, range_params, NonFinite};
 
 /// Fractions of the range clipped off the top or the bottom of a group (a heavy tail is usually
 /// on one side); chosen by measuring the error of the trained model's 3-bit experts.
@@ -365,7 +311,7 @@ fn stored_error<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G], scale
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::affine::{dequantize_row, AFFINE_BITS, AFFINE_GROUP_SIZES};
+    use crate::kernels::affine::{dequantize_row, quantize_row, AFFINE_BITS, AFFINE_GROUP_SIZES};
 
     /// Weighted squared error per group of a quantized row, in f64.
     fn group_errors(row: &[f32], imp: &[f32], q: &(Vec<u8>, Vec<bf16>, Vec<bf16>), bits: u32, gs: usize) -> Vec<f64> {
@@ -519,10 +465,7 @@ mod tests {
     }
 
     #[test]
-    fn methods_parse() {
-        assert_eq!(QuantMethod::parse("mse"), Some(QuantMethod::Mse));
-        assert_eq!(QuantMethod::parse("minmax"), Some(QuantMethod::MinMax));
-        assert_eq!(QuantMethod::parse("gptq"), None);
+    fn bf16_rounding_is_halfs() {
         for x in [1.0f32, 1.0 + 1.0 / 256.0, -2.5e-3, 3.3e9, 0.0] {
             assert_eq!(to_bf16(x), bf16::from_f32(x).to_f32(), "{x}");
         }

@@ -10,7 +10,7 @@ use crate::error::ConvertError;
 use crate::kernels::importance::Importance;
 use mixq_loader::schema::Param;
 use crate::writer::rows::RowSource;
-use crate::kernels::mse::QuantMethod;
+use crate::kernels::method::QuantMethod;
 
 /// A weight quantized to MLX affine bytes, rows in the MLX module's order.
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::kernels::affine::{AFFINE_BITS, AFFINE_GROUP_SIZES};
 use mixq_loader::schema::{Param, TensorClass};
-use crate::kernels::mse::QuantMethod;
+use crate::kernels::method::QuantMethod;
 
 /// Recipes shipped inside the binary, by name.
 pub const BUILTIN_RECIPES: &[(&str, &str)] = &[

@@ -6,7 +6,7 @@ use mixq_loader::{GptOssConfig, QuantMode, QuantSpec, TensorSpec};
 
 use mixq_loader::schema::{mlx_params, Param, TensorClass};
 use crate::recipe::language::{QuantFormat, Recipe, RecipeError};
-use crate::kernels::mse::QuantMethod;
+use crate::kernels::method::QuantMethod;
 
 /// A parameter with the action the recipe gives it.
 #[derive(Debug, Clone, PartialEq)]

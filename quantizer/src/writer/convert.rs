@@ -18,7 +18,9 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use crate::kernels::affine::packed_row_bytes;
-use crate::kernels::importance::{CalibrationUse, Importance};
+use crate::kernels::gptq::HessianFactor;
+use crate::kernels::importance::{CalibrationUse, Importance, ParamHessians};
+use crate::kernels::method::InputStats;
 use crate::writer::card::model_card;
 use crate::error::{io, ConvertError};
 use crate::writer::provenance::Provenance;
@@ -28,7 +30,7 @@ use crate::recipe::plan::{Allocation, Assigned, PlanSummary};
 use mixq_loader::TensorSpec;
 use crate::recipe::language::{QuantFormat, Recipe};
 use crate::writer::rows::RowSource;
-use crate::kernels::mse::QuantMethod;
+use crate::kernels::method::QuantMethod;
 use crate::writer::source_watch::SourceWatch;
 use crate::writer::staging::{free_bytes, output_name, ShardRecord, Staging};
 use crate::sizes::human_bytes;
@@ -66,9 +68,11 @@ pub struct ConvertOptions {
     pub max_shard_bytes: u64,
     /// How the source is named in the model card and manifest (repo id or folder).
     pub source_label: String,
-    /// How affine groups get their scale and bias, where the recipe's rule does not say.
-    pub quantizer: QuantMethod,
-    /// Calibration statistics (`mixq calibrate`) weighting the `mse` search.
+    /// How affine groups get their scale and bias, where the recipe's rule does not say; `None`:
+    /// `gptq` when the calibration statistics hold Hessians, else `mse`.
+    pub quantizer: Option<QuantMethod>,
+    /// Calibration statistics (`mixq calibrate`) weighting the `mse` search and, with Hessians,
+    /// driving `gptq`.
     pub calibration: Option<PathBuf>,
     /// Keep the verified finished shards of an interrupted conversion to the same output.
     pub resume: bool,
@@ -82,7 +86,7 @@ impl Default for ConvertOptions {
             force: false,
             max_shard_bytes: MAX_SHARD_BYTES,
             source_label: String::new(),
-            quantizer: QuantMethod::Mse,
+            quantizer: None,
             calibration: None,
             resume: false,
             check_space: true,
@@ -103,6 +107,30 @@ pub struct ConvertReport {
     pub source_bytes: u64,
     /// Shards kept from an interrupted conversion (`--resume`).
     pub kept_shards: usize,
+    /// The default quantizer the conversion used (the option, or the one chosen for it).
+    pub quantizer: QuantMethod,
+}
+
+/// The quantizer of modules whose rule names none: the option, else `gptq` when the statistics
+/// hold Hessians, else `mse`.
+pub fn default_quantizer(chosen: Option<QuantMethod>, calibration: Option<&CalibrationUse>) -> QuantMethod {
+    chosen.unwrap_or(if calibration.is_some_and(|c| c.stats.has_hessians()) { QuantMethod::Gptq } else { QuantMethod::Mse })
+}
+
+/// Refuses, before any work, a `gptq` module without Hessians to feed its errors through.
+fn check_quantizers(alloc: &Allocation, default: QuantMethod, calibration: Option<&CalibrationUse>) -> Result<(), ConvertError> {
+    let has_hessians = calibration.is_some_and(|c| c.stats.has_hessians());
+    let needing = alloc
+        .assigned
+        .iter()
+        .find(|a| matches!(a.action, QuantFormat::Affine { .. }) && a.quantizer.unwrap_or(default).needs_hessians());
+    match (needing, has_hessians) {
+        (Some(a), false) => Err(ConvertError::NeedsHessians {
+            module: a.param.module.clone(),
+            calibration: calibration.map(|c| c.path.clone()),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Checks that `out` may be written (absent, empty, or `force`) and is not the source.
@@ -137,10 +165,12 @@ pub fn convert(
     mixq_loader::layout::validate_upstream(&ckpt)?;
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
     let calibration = opts.calibration.as_deref().map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
+    let quantizer = default_quantizer(opts.quantizer, calibration.as_ref());
+    check_quantizers(&alloc, quantizer, calibration.as_ref())?;
     check_out_dir(out, source, opts.force)?;
     let watch = SourceWatch::of(&ckpt)?;
     let layout = ShardLayout::new(&alloc, opts.max_shard_bytes);
-    let inputs = conversion_inputs(&watch, recipe, opts, calibration.as_ref(), &layout);
+    let inputs = conversion_inputs(&watch, recipe, quantizer, calibration.as_ref(), &layout);
     let (mut staging, found) = Staging::open(out, inputs, opts.resume)?;
     // Again under the lock: a conversion that held it may have finished `out` in the meantime.
     check_out_dir(out, source, opts.force)?;
@@ -169,7 +199,7 @@ pub fn convert(
             return Err(ConvertError::NoSpace { path: out.to_path_buf(), needed: to_write, available });
         }
     }
-    let job = Job { ckpt: &ckpt, alloc: &alloc, recipe, calibration: calibration.as_ref(), layout: &layout, watch: &watch, opts, out };
+    let job = Job { ckpt: &ckpt, alloc: &alloc, recipe, quantizer, calibration: calibration.as_ref(), layout: &layout, watch: &watch, opts, out };
     let written = job.write(&mut staging, progress).map_err(|e| match e {
         ConvertError::Io { path, error } if out_of_space(&error) => ConvertError::DiskFull { path, needed: total_needed, error },
         e => e,
@@ -183,7 +213,7 @@ pub fn convert(
     }
     let (summary, source_bytes) = written?;
     staging.finish(out)?;
-    Ok(ConvertReport { out: out.to_path_buf(), summary, shards: layout.names.clone(), source_bytes, kept_shards: found.kept.len() })
+    Ok(ConvertReport { out: out.to_path_buf(), summary, shards: layout.names.clone(), source_bytes, kept_shards: found.kept.len(), quantizer })
 }
 
 /// Slack for config.json, the index, the card and the manifest in the free-space check.
@@ -199,7 +229,7 @@ fn out_of_space(e: &std::io::Error) -> bool {
 fn conversion_inputs(
     watch: &SourceWatch,
     recipe: &Recipe,
-    opts: &ConvertOptions,
+    quantizer: QuantMethod,
     calibration: Option<&CalibrationUse>,
     layout: &ShardLayout,
 ) -> BTreeMap<String, String> {
@@ -211,7 +241,7 @@ fn conversion_inputs(
         ("mixq version", env!("CARGO_PKG_VERSION").to_string()),
         ("source", watch.digest()),
         ("recipe", sha256_hex(recipe.text.as_bytes())),
-        ("quantizer", opts.quantizer.as_str().to_string()),
+        ("quantizer", quantizer.as_str().to_string()),
         ("calibration", calibration.map(|c| c.file_sha256.clone()).unwrap_or_else(|| "none".into())),
         ("shard layout", sha256_hex(shape.as_bytes())),
     ]
@@ -225,6 +255,7 @@ struct Job<'a> {
     ckpt: &'a Checkpoint,
     alloc: &'a Allocation,
     recipe: &'a Recipe,
+    quantizer: QuantMethod,
     calibration: Option<&'a CalibrationUse>,
     layout: &'a ShardLayout,
     watch: &'a SourceWatch,
@@ -249,12 +280,13 @@ impl Job<'_> {
             if kept {
                 progress.advance(source_bytes[i]);
             } else {
-                let method = a.quantizer.unwrap_or(self.opts.quantizer);
-                let importance = match (self.calibration, method, a.action) {
-                    (Some(c), QuantMethod::Mse, QuantFormat::Affine { .. }) => c.importance(&a.param)?,
-                    _ => None,
+                let method = a.quantizer.unwrap_or(self.quantizer);
+                let (importance, hessians) = match (self.calibration, method, a.action) {
+                    (Some(c), QuantMethod::Mse, QuantFormat::Affine { .. }) => (c.importance(&a.param)?, None),
+                    (Some(c), QuantMethod::Gptq, QuantFormat::Affine { .. }) => (c.importance(&a.param)?, c.hessians(&a.param)?),
+                    _ => (None, None),
                 };
-                let job = ParamJob { method, importance: importance.as_ref(), ckpt: self.ckpt };
+                let job = ParamJob { method, importance: importance.as_ref(), hessians: hessians.as_ref(), ckpt: self.ckpt };
                 write_param(a, src, &job, places, &files, &layout.names, &dir, progress)?;
             }
             for slice in src.slices() {
@@ -291,7 +323,7 @@ impl Job<'_> {
         }
         let name = output_name(self.out);
         let base_model = if self.opts.source_label.is_empty() { source.display().to_string() } else { self.opts.source_label.clone() };
-        let provenance = Provenance::of(alloc, self.opts.quantizer, self.calibration);
+        let provenance = Provenance::of(alloc, self.quantizer, self.calibration);
         let card = model_card(&name, &base_model, self.recipe, &summary, &provenance);
         std::fs::write(dir.join("README.md"), card).map_err(io(&dir))?;
         progress.phase("hashing");
@@ -399,6 +431,7 @@ impl ShardLayout {
 struct ParamJob<'a> {
     method: QuantMethod,
     importance: Option<&'a Importance>,
+    hessians: Option<&'a ParamHessians>,
     ckpt: &'a Checkpoint,
 }
 
@@ -434,6 +467,8 @@ fn write_param(
     };
     let mut scales = vec![bf16::ZERO; chunk_rows.min(rows) * groups_per_row];
     let mut biases = scales.clone();
+    let mut rows_f32 = Vec::new();
+    let mut factors = FactorCache::default();
     let mut first = 0;
     while first < rows {
         let n = chunk_rows.min(rows - first);
@@ -449,7 +484,7 @@ fn write_param(
                 let gpr = groups_per_row;
                 let packed = &mut bytes_a[..n * packed_row_bytes(cols, bits)];
                 let (s, b) = (&mut scales[..n * gpr], &mut biases[..n * gpr]);
-                quantize_rows(a, src, job, first, (bits, group_size as usize), packed, s, b)?;
+                quantize_rows(a, src, job, first, (bits, group_size as usize), &mut rows_f32, &mut factors, packed, s, b)?;
                 put(0, first, packed)?;
                 put(1, first, bytemuck::cast_slice(s))?;
                 put(2, first, bytemuck::cast_slice(b))?;
@@ -479,8 +514,9 @@ fn write_param(
     Ok(())
 }
 
-/// Quantizes the output rows of `src` from `first` on (as many as `packed` holds), in parallel,
-/// into packed codes, scales and biases.
+/// Quantizes the output rows of `src` from `first` on (as many as `packed` holds) into packed
+/// codes, scales and biases: the rows are read in parallel, then each run of rows that shares its
+/// input statistics (the whole matrix, or one expert) is handed to the quantizer whole.
 #[allow(clippy::too_many_arguments)]
 fn quantize_rows(
     a: &Assigned,
@@ -488,27 +524,71 @@ fn quantize_rows(
     job: &ParamJob<'_>,
     first: usize,
     (bits, group_size): (u32, usize),
+    rows_f32: &mut Vec<f32>,
+    factors: &mut FactorCache,
     packed: &mut [u8],
     scales: &mut [bf16],
     biases: &mut [bf16],
 ) -> Result<(), ConvertError> {
     let cols = src.cols();
-    let gpr = cols / group_size;
-    packed
-        .par_chunks_mut(packed_row_bytes(cols, bits))
-        .zip(scales.par_chunks_mut(gpr))
-        .zip(biases.par_chunks_mut(gpr))
-        .enumerate()
-        .try_for_each_init(
-            || vec![0f32; cols],
-            |row, (i, ((p, s), b))| {
-                let r = first + i;
-                src.row_f32(r, row);
-                let imp = job.importance.and_then(|m| m.row(r));
-                job.method.quantize_row(row, imp, bits, group_size, p, s, b).map_err(|e| (r, e))
-            },
-        )
-        .map_err(|(row, e)| ConvertError::NonFinite { tensor: a.param.name(), row, col: e.index, value: e.value })
+    let (rb, gpr) = (packed_row_bytes(cols, bits), cols / group_size);
+    let n = packed.len() / rb;
+    rows_f32.resize(n * cols, 0.0);
+    rows_f32.par_chunks_mut(cols).enumerate().for_each(|(i, row)| src.row_f32(first + i, row));
+    let all_rows = a.param.numel() / cols;
+    let mut r = 0;
+    while r < n {
+        let row = first + r;
+        let end = match (job.importance, job.hessians) {
+            (_, Some(h)) if job.method == QuantMethod::Gptq => h.run_end(row, all_rows),
+            (Some(imp), _) => imp.block_end(row, all_rows),
+            _ => all_rows,
+        }
+        .min(first + n);
+        let factor = match job.hessians {
+            Some(h) if job.method == QuantMethod::Gptq => h.matrix_of_row(row).and_then(|m| factors.get(h, m)),
+            _ => None,
+        };
+        let inputs = match (&factor, job.importance.and_then(|m| m.row(row))) {
+            (Some(f), _) => InputStats::Hessian(f),
+            (None, Some(imp)) => InputStats::Importance(imp),
+            (None, None) => InputStats::None,
+        };
+        let (lo, hi) = (r, end - first);
+        job.method
+            .quantize_rows(
+                &mut rows_f32[lo * cols..hi * cols],
+                cols,
+                inputs,
+                (bits, group_size),
+                &mut packed[lo * rb..hi * rb],
+                &mut scales[lo * gpr..hi * gpr],
+                &mut biases[lo * gpr..hi * gpr],
+            )
+            .map_err(|(i, e)| ConvertError::NonFinite { tensor: a.param.name(), row: first + lo + i, col: e.index, value: e.value })?;
+        r = hi;
+    }
+    Ok(())
+}
+
+/// The factored Hessian last used by a parameter's chunks, so a matrix whose rows span several
+/// chunks (one expert of a large model) is factored once.
+#[derive(Default)]
+struct FactorCache {
+    last: Option<(usize, Option<std::sync::Arc<HessianFactor>>)>,
+}
+
+impl FactorCache {
+    fn get(&mut self, h: &ParamHessians, m: usize) -> Option<std::sync::Arc<HessianFactor>> {
+        match &self.last {
+            Some((k, f)) if *k == m => f.clone(),
+            _ => {
+                let f = h.factor(m).map(std::sync::Arc::new);
+                self.last = Some((m, f.clone()));
+                f
+            }
+        }
+    }
 }
 
 /// The MLX config.json: the source config without its mxfp4 `quantization_config`, eos ids from

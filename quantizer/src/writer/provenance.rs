@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::kernels::importance::CalibrationUse;
 use crate::recipe::plan::Allocation;
 use crate::recipe::language::QuantFormat;
-use crate::kernels::mse::QuantMethod;
+use crate::kernels::method::QuantMethod;
 
 /// Where the calibration statistics came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,8 +41,8 @@ impl Provenance {
         for a in alloc.assigned.iter().filter(|a| matches!(a.action, QuantFormat::Affine { .. })) {
             *modules.entry(a.quantizer.unwrap_or(default)).or_insert(0) += 1;
         }
-        let uses_mse = modules.contains_key(&QuantMethod::Mse);
-        let calibration = calibration.filter(|_| uses_mse).map(|c| CalibrationRecord {
+        let calibrated = modules.contains_key(&QuantMethod::Mse) || modules.contains_key(&QuantMethod::Gptq);
+        let calibration = calibration.filter(|_| calibrated).map(|c| CalibrationRecord {
             file_sha256: c.file_sha256.clone(),
             text_sha256: c.stats.text_sha256.clone(),
             tokens: c.stats.tokens,
@@ -78,11 +78,18 @@ impl Provenance {
                 let what = match m {
                     QuantMethod::MinMax => "min-max, as `mx.quantize`",
                     QuantMethod::Mse => "error-minimising search",
+                    QuantMethod::Gptq => "error-minimising search with GPTQ error feedback through the input Hessians",
                 };
                 format!("`{m}` ({what}) for {n} module(s)")
             })
             .collect();
         let calib = match &self.calibration {
+            Some(c) if self.modules.contains_key(&QuantMethod::Gptq) => format!(
+                " The input statistics (mean x² per channel and the inputs' second-moment matrices) were \
+                 measured over {} tokens (context {}) of calibration text with sha256 `{}` (statistics \
+                 file sha256 `{}`).",
+                c.tokens, c.ctx, c.text_sha256, c.file_sha256
+            ),
             Some(c) => format!(
                 " The `mse` search weighted each input channel by its mean x² measured over {} tokens \
                  (context {}) of calibration text with sha256 `{}` (statistics file sha256 `{}`).",

@@ -1,0 +1,34 @@
+"""The `gptq` quantizer judged by mlx: its conversions are plain MLX affine (mlx-lm loads them as
+they are, with no custom code), and mlx's float32 logits on them match mixq's runtime."""
+
+import json
+
+import mlx_lm
+import pytest
+
+from conftest import TRAINED, mixq
+from test_runtime_interop import N_TOKENS, assert_agrees, mixq_logits, reference_logits
+
+
+@pytest.fixture(scope="module")
+def hessian_stats(workdir):
+    text = (TRAINED.parent / "shakespeare-dev.txt").read_text()
+    part = workdir / "calibration-gptq.txt"
+    part.write_text(text[len(text) // 2 :])
+    stats = workdir / "hessians.safetensors"
+    mixq("calibrate", "--model", TRAINED, "--text", part, "--max-tokens", 4096, "--out", stats, "--force", "--quiet", "--expert-hessians")
+    return stats
+
+
+@pytest.mark.parametrize("recipe", ["gpt-oss-120b-3.6bit", "mixed_3_6"])
+def test_gptq_logits_match_mlx_float32(workdir, hessian_stats, recipe):
+    out = workdir / f"gptq-{recipe}"
+    # No --quantizer: statistics with Hessians make gptq the default.
+    mixq("convert", "--source", TRAINED, "--recipe", recipe, "--out", out, "--quiet", "--calibration", hessian_stats)
+    manifest = json.loads((out / "mixq-manifest.json").read_text())
+    assert manifest["quantizer"]["default"] == "gptq"
+    assert manifest["quantizer"]["affine_modules"]["gptq"] > 0
+    text = (TRAINED.parent / "shakespeare-dev.txt").read_text()[:2000]
+    _, tokenizer = mlx_lm.load(str(TRAINED))
+    tokens = tokenizer.encode(text)[:N_TOKENS]
+    assert_agrees(reference_logits(out, tokens), mixq_logits(workdir, out, tokens))
