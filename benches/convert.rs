@@ -131,6 +131,7 @@ fn bench() {
     let mse = convert_with("mse");
     let mixq = convert_with("minmax");
     let mixq_out_bytes = folder_bytes(&mixq_out);
+    bench_gptq(&src, &mixq_out, &data, runs, &mse);
 
     // 4. mlx-lm.
     let mlx_out = data.join(format!("{PRESET}-mlx"));
@@ -150,6 +151,56 @@ fn bench() {
 
     // 6. Summary.
     summary(src_bytes, spawn_floor, &load_at_start, &copy, &mixq, &mse, mixq_out_bytes, mlx.as_ref(), mlx_out_bytes, &breakdown);
+}
+
+/// `--quantizer gptq` on the same source: calibration with Hessians (2,048 tokens of the dev text,
+/// timed apart), then the conversion, against `mse`'s, with the floating-point work of the error
+/// feedback estimated from the plan (2·rows·cols² per matrix with a Hessian, plus the three
+/// cols³-order factorisations per Hessian).
+fn bench_gptq(src: &Path, out: &Path, data: &Path, runs: usize, mse: &Runs) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stats = data.join(format!("{PRESET}-hessians.safetensors"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixq"));
+    cmd.arg("calibrate").arg("--model").arg(src).arg("--text").arg(root.join("models").join("shakespeare-dev.txt"));
+    cmd.args(["--max-tokens", "2048", "--hessian", "--force", "--quiet", "--out"]).arg(&stats);
+    let cal = run_child(&mut cmd, &data.join("calibrate.log")).unwrap_or_else(|e| panic!("mixq calibrate: {e}"));
+    println!("  mixq calibrate --hessian (2,048 tokens): {:.2} s ({:.2} s CPU), {:.1} MB of statistics", cal.wall.as_secs_f64(), cal.cpu.as_secs_f64(), mb(std::fs::metadata(&stats).map(|m| m.len()).unwrap_or(0)));
+    let gptq = repeat(runs, "mixq convert --quantizer gptq", || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixq"));
+        cmd.arg("convert").arg("--source").arg(src).args(["--recipe", RECIPE]).arg("--out").arg(out);
+        cmd.args(["--force", "--quiet", "--quantizer", "gptq", "--calibration"]).arg(&stats);
+        run_child(&mut cmd, &data.join("mixq.log")).unwrap_or_else(|e| panic!("mixq convert --quantizer gptq: {e}"))
+    });
+    let ckpt = Checkpoint::open(src).expect("opening the synthetic checkpoint");
+    let recipe = Recipe::load(RECIPE).expect("built-in recipe");
+    let alloc = Allocation::resolve(ckpt.config(), &recipe).expect("the recipe fits");
+    let (mut feedback, mut factor, mut sites) = (0f64, 0f64, std::collections::BTreeSet::new());
+    for a in &alloc.assigned {
+        let fed = matches!(a.action, mixq_quantizer::QuantFormat::Affine { .. })
+            && !matches!(a.param.class, TensorClass::EmbedTokens | TensorClass::ExpertsDown);
+        if fed {
+            let (rows, cols) = (a.param.rows() as f64, a.param.in_features() as f64);
+            feedback += 2.0 * rows * cols * cols;
+            if let Some(site) = a.param.input_site() {
+                if sites.insert(site) {
+                    factor += 2.0 * (1.0 / 3.0 + 1.0 + 1.0 / 3.0) * cols * cols * cols;
+                }
+            }
+        }
+    }
+    let extra_cpu = (gptq.cpu().as_secs_f64() - mse.cpu().as_secs_f64()).max(1e-9);
+    println!(
+        "gptq: median {:.2} s wall, {:.2} s CPU, peak RSS {:.0} MiB; {:.2}x mse's wall, {:.2}x its CPU; error feedback {:.1} GFLOP + factorisations {:.1} GFLOP (f64) over {} Hessians: {:.1} GFLOP/s of the CPU time gptq adds to mse",
+        gptq.wall().as_secs_f64(),
+        gptq.cpu().as_secs_f64(),
+        mib(gptq.max_rss_kib()),
+        gptq.wall().as_secs_f64() / mse.wall().as_secs_f64(),
+        gptq.cpu().as_secs_f64() / mse.cpu().as_secs_f64().max(1e-9),
+        feedback / 1e9,
+        factor / 1e9,
+        sites.len(),
+        (feedback + factor) / 1e9 / extra_cpu
+    );
 }
 
 /// A positive count from the environment variable `name`, or `default`.

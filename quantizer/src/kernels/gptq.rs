@@ -23,11 +23,17 @@ use crate::kernels::mse::quantize_row_mse;
 
 /// Columns per lazy-update block; a multiple of every group size.
 pub const BLOCK: usize = 128;
-/// Damping added to the Hessian's diagonal, as a fraction of its mean diagonal. GPTQ uses 1%;
-/// on the bundled model (per-expert Hessians from 16,384 tokens, 3.6-bit recipe) 10% gave a
-/// held-out KL of 0.0114 against 0.0128 at 1% and 0.0114-0.0122 at 30-100%: each expert's
-/// Hessian comes from a few thousand routed rows, and damping regularises it.
-pub const DAMPING: f64 = 0.1;
+/// The least damping added to a Hessian's diagonal, as a fraction of its mean diagonal (GPTQ's 1%).
+pub const MIN_DAMPING: f64 = 0.01;
+
+/// Damping of an `n x n` Hessian measured over `rows` rows, as a fraction of its mean diagonal:
+/// `n / rows` (the relative noise of a sample second moment), at least [`MIN_DAMPING`]. An
+/// expert's own Hessian comes from the few thousand rows routed to it and needs more than a
+/// layer's shared one: on the bundled model a fixed 1% gave a held-out KL of 0.0128 at the 3.6-bit
+/// recipe where 10% gave 0.0114, while at 4 bits the shared attention Hessians did best near 1-3%.
+pub fn damping_fraction(n: usize, rows: f64) -> f64 {
+    (n as f64 / rows.max(1.0)).max(MIN_DAMPING)
+}
 /// Rows per parallel band.
 const BAND_ROWS: usize = 16;
 
@@ -45,10 +51,11 @@ pub struct HessianFactor {
 }
 
 impl HessianFactor {
-    /// Factors a symmetric `n x n` Hessian (row-major). `None` when it carries nothing to feed
+    /// Factors a symmetric `n x n` Hessian (row-major) measured over `rows` rows (which sets its
+    /// damping, [`damping_fraction`]). `None` when it carries nothing to feed
     /// errors through: a zero or non-finite diagonal (an expert no token reached), or a matrix
     /// that stays indefinite after damping it up to 10,000 times more.
-    pub fn new(h: &[f64], n: usize) -> Option<Self> {
+    pub fn new(h: &[f64], n: usize, rows: f64) -> Option<Self> {
         if n == 0 || h.len() != n * n || h.iter().any(|x| !x.is_finite()) {
             return None;
         }
@@ -56,7 +63,7 @@ impl HessianFactor {
         if !(mean_diag > 0.0) {
             return None;
         }
-        let mut damping = DAMPING * mean_diag;
+        let mut damping = damping_fraction(n, rows) * mean_diag;
         for _ in 0..5 {
             let damped = Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j] + if i == j { damping } else { 0.0 });
             if let Some(upper) = inverse_upper_factor(damped.as_ref()) {
@@ -277,7 +284,7 @@ mod tests {
         let (n, rows) = (256, 40);
         let mut u = noise(11);
         let w: Vec<f32> = (0..rows * n).map(|_| u() * 0.05).collect();
-        let h = HessianFactor::new(&gram(&inputs(2048, n, 1), n), n).expect("a positive definite Hessian");
+        let h = HessianFactor::new(&gram(&inputs(2048, n, 1), n), n, 2048.0).expect("a positive definite Hessian");
         let held_out = inputs(512, n, 2);
         for (bits, gs) in [(3, 64), (4, 32), (2, 128)] {
             let e_mse = output_error(&held_out, &w, &quantize("mse", &w, n, &h, bits, gs), n);
@@ -290,7 +297,7 @@ mod tests {
     fn the_factor_inverts_the_damped_hessian() {
         let n = 64;
         let h = gram(&inputs(500, n, 5), n);
-        let f = HessianFactor::new(&h, n).unwrap();
+        let f = HessianFactor::new(&h, n, 1e9).unwrap();
         let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
         // Uᵀ U (H + λI) = I.
         for i in 0..n {
@@ -298,7 +305,7 @@ mod tests {
                 let v: f64 = (0..n)
                     .map(|k| {
                         let utu: f64 = (0..n).map(|m| f64::from(f.upper[m * n + i]) * f64::from(f.upper[m * n + k])).sum();
-                        utu * (h[k * n + j] + if k == j { DAMPING * mean } else { 0.0 })
+                        utu * (h[k * n + j] + if k == j { MIN_DAMPING * mean } else { 0.0 })
                     })
                     .sum();
                 assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-3, "({i}, {j}): {v}");
@@ -309,11 +316,11 @@ mod tests {
     #[test]
     fn degenerate_hessians_never_give_nan() {
         let n = 64;
-        assert!(HessianFactor::new(&vec![0.0; n * n], n).is_none(), "a zero Hessian has nothing to feed through");
-        assert!(HessianFactor::new(&vec![f64::NAN; n * n], n).is_none());
+        assert!(HessianFactor::new(&vec![0.0; n * n], n, 1e9).is_none(), "a zero Hessian has nothing to feed through");
+        assert!(HessianFactor::new(&vec![f64::NAN; n * n], n, 1e9).is_none());
         // Rank one (one token seen): damping makes it definite; the result is finite.
         let x: Vec<f32> = (0..n).map(|j| (j as f32 * 0.1).sin()).collect();
-        let f = HessianFactor::new(&gram(&x, n), n).expect("damped rank-one Hessian");
+        let f = HessianFactor::new(&gram(&x, n), n, 1.0).expect("damped rank-one Hessian");
         let mut u = noise(3);
         let w: Vec<f32> = (0..4 * n).map(|_| u()).collect();
         let q = quantize("gptq", &w, n, &f, 3, 32);
@@ -322,15 +329,15 @@ mod tests {
         let x = inputs(300, n, 9);
         let h = gram(&x, n);
         let tiny: Vec<f64> = h.iter().map(|v| v * 1e-30).collect();
-        let e_tiny = output_error(&x, &w, &quantize("gptq", &w, n, &HessianFactor::new(&tiny, n).unwrap(), 3, 32), n);
-        let e_normal = output_error(&x, &w, &quantize("gptq", &w, n, &HessianFactor::new(&h, n).unwrap(), 3, 32), n);
+        let e_tiny = output_error(&x, &w, &quantize("gptq", &w, n, &HessianFactor::new(&tiny, n, 1e9).unwrap(), 3, 32), n);
+        let e_normal = output_error(&x, &w, &quantize("gptq", &w, n, &HessianFactor::new(&h, n, 1e9).unwrap(), 3, 32), n);
         assert!((e_tiny / e_normal - 1.0).abs() < 0.01, "{e_tiny} vs {e_normal}");
     }
 
     #[test]
     fn a_non_finite_weight_is_named() {
         let n = 64;
-        let f = HessianFactor::new(&gram(&inputs(300, n, 9), n), n).unwrap();
+        let f = HessianFactor::new(&gram(&inputs(300, n, 9), n), n, 300.0).unwrap();
         let mut w = vec![0.5f32; 3 * n];
         w[n + 7] = f32::NAN;
         let mut packed = vec![0u8; 3 * packed_row_bytes(n, 4)];

@@ -75,6 +75,8 @@ pub struct ParamHessians {
     cols: usize,
     rows_per_block: usize,
     matrices: Vec<Vec<f32>>,
+    /// Rows (tokens) each matrix was measured over.
+    rows: Vec<f64>,
     of_block: Vec<Option<usize>>,
     /// Whether some expert uses its own Hessian (not the site's shared one).
     pub per_expert: bool,
@@ -98,7 +100,7 @@ impl ParamHessians {
 
     /// Matrix `m` factored (`None`: it carries nothing to feed errors through).
     pub fn factor(&self, m: usize) -> Option<HessianFactor> {
-        HessianFactor::new(&unpack_symmetric(self.matrices.get(m)?, self.cols), self.cols)
+        HessianFactor::new(&unpack_symmetric(self.matrices.get(m)?, self.cols), self.cols, *self.rows.get(m)?)
     }
 }
 
@@ -177,9 +179,10 @@ impl CalibrationUse {
         // each expert's own.
         let shared = shared.filter(|_| !matches!(site, InputSite::ExpertDown(_)));
         let mut matrices: Vec<Vec<f32>> = shared.into_iter().map(|t| t.data).collect();
+        let mut rows_of: Vec<f64> = matrices.iter().map(|_| self.stats.tokens as f64).collect();
         let shared = (!matrices.is_empty()).then_some(0);
         if !p.class.is_expert() {
-            return Ok(shared.map(|_| ParamHessians { cols, rows_per_block: p.rows().max(1), matrices, of_block: vec![shared], per_expert: false }));
+            return Ok(shared.map(|_| ParamHessians { cols, rows_per_block: p.rows().max(1), matrices, rows: rows_of, of_block: vec![shared], per_expert: false }));
         }
         let (experts, rows) = (p.shape[0], p.shape[1]);
         let counts = p.layer.and_then(|l| self.stats.expert_tokens(l)).unwrap_or(&[]);
@@ -194,6 +197,7 @@ impl CalibrationUse {
                 if counts.get(e).is_some_and(|&n| n >= MIN_EXPERT_HESSIAN_TOKENS) {
                     of_block[e] = Some(matrices.len());
                     matrices.push(h.to_vec());
+                    rows_of.push(f64::from(counts[e]));
                     per_expert = true;
                 }
             }
@@ -201,7 +205,7 @@ impl CalibrationUse {
         if of_block.iter().all(Option::is_none) {
             return Ok(None);
         }
-        Ok(Some(ParamHessians { cols, rows_per_block: rows.max(1), matrices, of_block, per_expert }))
+        Ok(Some(ParamHessians { cols, rows_per_block: rows.max(1), matrices, rows: rows_of, of_block, per_expert }))
     }
 }
 
@@ -260,7 +264,10 @@ mod tests {
         assert_ne!(own, shared);
         assert_eq!(gate.run_end(0, 64), 32, "expert 0's rows are one run");
         let ratio = gate.factor(own).unwrap().importance()[0] / gate.factor(shared).unwrap().importance()[0];
-        assert!((ratio - 2.0).abs() < 1e-5, "expert 0's own Hessian is twice the shared one: {ratio}");
+        // Identity Hessians, twice as large for expert 0, damped by n / rows: 64/500 of its own
+        // (500 routed tokens), 64/100 of the shared one (100 tokens).
+        let expected = (2.0 * (1.0 + 64.0 / 500.0)) / (1.0 * (1.0 + 64.0 / 100.0));
+        assert!((ratio - expected).abs() < 1e-5, "importance ratio {ratio}, expected {expected}");
         // Down: expert 0 its own, expert 1 none (the shared sum is never used for down).
         let down = use_.hessians(&param("model.layers.0.mlp.experts.down_proj.weight")).unwrap().unwrap();
         assert!(down.matrix_of_row(0).is_some() && down.matrix_of_row(64).is_none());
