@@ -10,7 +10,7 @@
 //! quantizer to minmax, against the target of 0.45x at the `gpt-oss-120b-3.6bit` allocation, and
 //! the stretch goal: the 3.6-bit model as good as the 4-bit-experts one made with minmax.
 //!
-//! Environment: `MIXQ_QUALITY_CALIBRATION_TOKENS` (default 32768), `MIXQ_QUALITY_EVAL_TOKENS`
+//! Environment: `MIXQ_QUALITY_CALIBRATION_TOKENS` (default 131072: all of the first half, 72,709 tokens; Hessians want every token), `MIXQ_QUALITY_EVAL_TOKENS`
 //! (default 16384).
 
 use std::path::Path;
@@ -55,7 +55,7 @@ fn main() {
     let (calib_text, held_out) = (work.join("calibration.txt"), work.join("held-out.txt"));
     std::fs::write(&calib_text, &text[..cut]).expect("writing the calibration half");
     std::fs::write(&held_out, &text[cut..]).expect("writing the held-out half");
-    let calib_tokens = env_count("MIXQ_QUALITY_CALIBRATION_TOKENS", 32768).to_string();
+    let calib_tokens = env_count("MIXQ_QUALITY_CALIBRATION_TOKENS", 131072).to_string();
     let eval_tokens = env_count("MIXQ_QUALITY_EVAL_TOKENS", 16384).to_string();
     let s = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
 

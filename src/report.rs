@@ -15,7 +15,7 @@ fn size_json(bytes: usize, params: usize) -> Value {
         "gb": gb(bytes),
         "gib": gib(bytes),
         "parameters": params,
-        "bits_per_weight": 8.0 * bytes as f64 / params as f64,
+        "bits_per_weight": mixq_loader::bits_per_weight(bytes, params),
     })
 }
 
@@ -81,7 +81,7 @@ pub fn plan_text(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (u
         thousands(sb),
         gb(sb),
         gib(sb),
-        8.0 * sb as f64 / sp as f64
+        mixq_loader::bits_per_weight(sb, sp)
     ));
     out
 }

@@ -192,7 +192,7 @@ fn demo_runs_on_the_bundled_model() {
     let o = mixq(&["demo", "--out", out.to_str().unwrap()], &[]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
-    for step in ["== 1. plan ==", "== 2. calibrate", "== 3. convert (quantizer mse, calibrated) ==", "== 4. inspect ==", "== 5. verify ==", ": OK (", "== 6. generate with the converted model ==", "Generation: 48 tokens", "== 7. validate against the source", "KL mean"] {
+    for step in ["== 1. plan ==", "== 2. calibrate", "== 3. convert (quantizer gptq, calibrated with Hessians) ==", "== 4. inspect ==", "== 5. verify ==", ": OK (", "== 6. generate with the converted model ==", "Generation: 48 tokens", "== 7. validate against the source", "KL mean"] {
         assert!(stdout.contains(step), "{step} missing: {stdout}");
     }
 }

@@ -84,8 +84,8 @@ fn gptq_beats_mse_on_held_out_text() {
         "calibrate", "--model", TRAINED, "--text", calib_text.to_str().unwrap(), "--max-tokens", "16384", "--out",
         stats.to_str().unwrap(), "--expert-hessians", "--json",
     ]);
-    // Per layer: q/k/v, o_proj, mlp and down inputs shared, mlp and down per expert; and lm_head.
-    assert_eq!(v["hessians"], 6 * 6 + 1);
+    // Per layer: q/k/v, o_proj and mlp inputs shared, mlp and down inputs per expert; and lm_head.
+    assert_eq!(v["hessians"], 6 * 5 + 1);
     let recipe = "gpt-oss-120b-3.6bit";
     let (mse, gptq) = (tmp.path().join("mse"), tmp.path().join("gptq"));
     convert(&mse, recipe, &["--quantizer", "mse", "--calibration", stats.to_str().unwrap()]);
@@ -102,6 +102,44 @@ fn gptq_beats_mse_on_held_out_text() {
     assert!(card.contains("GPTQ error feedback") && card.contains("second-moment matrices"), "{card}");
     let o = mixq(&["verify", gptq.to_str().unwrap()], &[]);
     assert!(o.status.success(), "{}", text(&o).0);
+}
+
+#[test]
+fn gptq_without_an_experts_own_hessian_is_mse_for_its_down_projection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (calib_text, _) = common::dev_text_halves(tmp.path(), "calibration.txt", "held-out.txt");
+    // Few tokens: some experts see fewer than the 64 routed tokens that make their own Hessian count.
+    let stats = tmp.path().join("few.safetensors");
+    run_json(&["calibrate", "--model", TRAINED, "--text", calib_text.to_str().unwrap(), "--max-tokens", "256", "--ctx", "256", "--out", stats.to_str().unwrap(), "--expert-hessians", "--json"]);
+    let bytes = std::fs::read(&stats).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let recipe = tmp.path().join("r.yaml");
+    std::fs::write(&recipe, "name: all-3-bit\nrules:\n  - class: [norm, router, bias, sinks, embed_tokens, lm_head]\n    action: keep\n  - class: [attention, experts]\n    action: {affine: {bits: 3, group_size: 64}}\n").unwrap();
+    let (mse, gptq) = (tmp.path().join("mse"), tmp.path().join("gptq"));
+    convert(&mse, recipe.to_str().unwrap(), &["--quantizer", "mse", "--calibration", stats.to_str().unwrap()]);
+    convert(&gptq, recipe.to_str().unwrap(), &["--quantizer", "gptq", "--calibration", stats.to_str().unwrap()]);
+    let (a, b) = (tensors(&mse), tensors(&gptq));
+    let (mut own, mut without) = (0, 0);
+    for l in 0..6 {
+        let counts: Vec<f32> = st.tensor(&format!("model.layers.{l}.mlp.experts.token_count")).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        for t in ["weight", "scales", "biases"] {
+            let name = format!("model.layers.{l}.mlp.experts.down_proj.{t}");
+            let per_expert = a[&name].len() / counts.len();
+            for (e, &n) in counts.iter().enumerate() {
+                let (x, y) = (&a[&name][e * per_expert..(e + 1) * per_expert], &b[&name][e * per_expert..(e + 1) * per_expert]);
+                if n < 64.0 {
+                    // No shared Hessian describes an expert's own down input: these rows get the mse
+                    // search with this expert's weighting, exactly as --quantizer mse gives them.
+                    assert_eq!(x, y, "{name}, expert {e} ({n} tokens)");
+                    without += 1;
+                } else if t == "weight" {
+                    assert_ne!(x, y, "{name}, expert {e} ({n} tokens) gets error feedback");
+                    own += 1;
+                }
+            }
+        }
+    }
+    assert!(own > 0 && without > 0, "both kinds of experts occur: {own} with their own Hessian, {without} without");
 }
 
 /// sha256 of a file, as the manifest records it.
@@ -230,4 +268,12 @@ fn quantizer_flag_is_checked() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("plain.safetensors holds none"), "{err}");
     assert!(!out.exists(), "nothing is written");
+
+    // Sensitivity measures row-by-row quantizers only, and says so.
+    let sens = tmp.path().join("s.json");
+    let o = mixq(&["sensitivity", "--model", TRAINED, "--quantizer", "gptq", "--out", sens.to_str().unwrap()], &[]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--quantizer gptq") && err.contains("not modelled"), "{err}");
+    assert!(!sens.exists());
 }

@@ -6,9 +6,9 @@
 //! `[experts, in]` for an expert projection (each expert's mean over the tokens routed to it), and
 //! `model.layers.N.mlp.experts.token_count` is `[experts]`. With Hessians (`mixq calibrate
 //! --hessian`), `{site}.hessian` is the mean of x xᵀ over the rows at an input site (see
-//! [`InputSite::name`]), its upper triangle packed row by row into `[n (n + 1) / 2]`; the down
-//! projections' site sums every expert's own rows; `{site}.expert_hessian` is `[experts, n (n + 1)
-//! / 2]`, one per expert over the tokens routed to it (`--expert-hessians`). Hessians are read
+//! [`InputSite::name`]), its upper triangle packed row by row into `[n (n + 1) / 2]` (none for the
+//! experts' down input, whose space is each expert's own); `{site}.expert_hessian` is `[experts,
+//! n (n + 1) / 2]`, one per expert over the tokens routed to it (`--expert-hessians`). Hessians are read
 //! from the file when asked for, one at a time, so a converter holds one. The metadata names the
 //! format, the model (architecture and weights fingerprints), the text's sha256 and the token
 //! count.

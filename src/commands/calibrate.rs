@@ -31,13 +31,14 @@ pub struct CalibrateArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
-    /// Also record each linear input's second-moment matrix (Hessian), which `convert --quantizer
-    /// gptq` needs and then uses by default: one per layer input (q/k/v, o_proj, router and
-    /// experts' gate/up, experts' down) and for lm_head.
+    /// Also record the linear inputs' second-moment matrices (Hessians), which `convert
+    /// --quantizer gptq` needs and then uses by default: per layer one for q/k/v, one for o_proj,
+    /// one for the router and the experts' gate/up, and one for lm_head (gpt-oss-120b: 2.4 GB).
     #[arg(long)]
     hessian: bool,
-    /// With --hessian, also one Hessian per expert at the gate/up and down inputs (large: experts x
-    /// the shared ones' size; gptq uses them for experts with enough routed tokens).
+    /// Also one Hessian per expert at the gate/up and at the down input (gptq uses each expert's
+    /// own where it saw at least 64 tokens; down projections get feedback only from these). Large:
+    /// gpt-oss-120b would need 153 GB.
     #[arg(long)]
     expert_hessians: bool,
     #[command(flatten)]

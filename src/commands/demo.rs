@@ -112,7 +112,7 @@ impl Demo<'_> {
         let calib_text = parent.join("calibration.txt");
         std::fs::write(&calib_text, &body[cut..]).with_context(|| format!("writing {}", calib_text.display()))?;
         let progress = progress::CountProgress::new("calibrate", "tokens", self.json);
-        let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192), hessians: Default::default() };
+        let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192), hessians: mixq_validate::calibrate::HessianScope::PerExpert };
         let run = mixq_validate::calibrate(self.model, source, &calib_text, opts, &|d, t| progress.update(d, t));
         progress.finish();
         let run = run?;
@@ -128,9 +128,10 @@ impl Demo<'_> {
         Ok(stats)
     }
 
-    /// Step 3: converts with the mse quantizer, calibrated when there are statistics.
+    /// Step 3: converts with the default quantizer: gptq with the statistics' Hessians when there
+    /// are statistics, else mse.
     fn convert(&self, recipe: &Recipe, calibration: Option<PathBuf>) -> Result<(Converted, &'static str)> {
-        self.say("\n== 3. convert (quantizer mse, calibrated) ==\n");
+        self.say(if calibration.is_some() { "\n== 3. convert (quantizer gptq, calibrated with Hessians) ==\n" } else { "\n== 3. convert (quantizer mse) ==\n" });
         let progress = progress::StderrProgress::new(self.json);
         let opts = ConvertOptions { force: true, source_label: "tiny-gpt-oss-shakespeare".into(), calibration, ..Default::default() };
         let start = std::time::Instant::now();

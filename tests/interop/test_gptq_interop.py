@@ -6,18 +6,13 @@ import json
 import mlx_lm
 import pytest
 
-from conftest import TRAINED, mixq
+from conftest import TRAINED, calibrate, mixq
 from test_runtime_interop import N_TOKENS, assert_agrees, mixq_logits, reference_logits
 
 
 @pytest.fixture(scope="module")
 def hessian_stats(workdir):
-    text = (TRAINED.parent / "shakespeare-dev.txt").read_text()
-    part = workdir / "calibration-gptq.txt"
-    part.write_text(text[len(text) // 2 :])
-    stats = workdir / "hessians.safetensors"
-    mixq("calibrate", "--model", TRAINED, "--text", part, "--max-tokens", 4096, "--out", stats, "--force", "--quiet", "--expert-hessians")
-    return stats
+    return calibrate(workdir, "hessians.safetensors", "--expert-hessians")
 
 
 @pytest.mark.parametrize("recipe", ["gpt-oss-120b-3.6bit", "mixed_3_6"])

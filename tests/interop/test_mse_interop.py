@@ -9,7 +9,7 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from conftest import TRAINED, mixq
+from conftest import TRAINED, calibrate, mixq
 from test_quantize_interop import BITS, GROUPS, adversarial_source, convert_adversarial  # noqa: F401 (fixture)
 from test_runtime_interop import N_TOKENS, assert_agrees, mixq_logits, reference_logits
 
@@ -52,12 +52,7 @@ def test_mse_is_never_worse_than_mx_quantize_for_any_group(workdir, adversarial_
 
 @pytest.fixture(scope="module")
 def calibration(workdir):
-    text = (TRAINED.parent / "shakespeare-dev.txt").read_text()
-    part = workdir / "calibration.txt"
-    part.write_text(text[len(text) // 2 :])
-    stats = workdir / "stats.safetensors"
-    mixq("calibrate", "--model", TRAINED, "--text", part, "--max-tokens", 4096, "--out", stats, "--force", "--quiet")
-    return stats
+    return calibrate(workdir, "stats.safetensors")
 
 
 def mse_conversion(workdir, src, name, recipe, stats=None):

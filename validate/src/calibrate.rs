@@ -31,8 +31,8 @@ pub enum HessianScope {
     /// None: per-channel means only (what `mse` uses).
     #[default]
     None,
-    /// One per input site: q/k/v, o_proj, the router and experts' gate/up (all tokens), the
-    /// experts' down input (every expert's rows summed), lm_head.
+    /// One per input site shared by its layers: q/k/v, o_proj, the router and the experts'
+    /// gate/up (all tokens), lm_head. The experts' down inputs (each expert's own space) get none.
     Shared,
     /// Also one per expert at the gate/up and down inputs, over the tokens routed to it.
     PerExpert,
@@ -78,7 +78,7 @@ struct Sums<T> {
 
 /// A run's f64 sums of x xᵀ (packed upper triangles) with their row counts, one lock each.
 struct HessianSums {
-    /// Site → Σ x xᵀ over its rows (for a routed site: every expert's rows).
+    /// Site → Σ x xᵀ over every token's row (all sites but the experts' down input).
     shared: HashMap<InputSite, Mutex<(Vec<f64>, u64)>>,
     /// Routed site → per expert Σ x xᵀ over the rows routed to it.
     experts: HashMap<InputSite, Vec<Mutex<(Vec<f64>, u64)>>>,
@@ -91,7 +91,10 @@ impl HessianSums {
         if scope != HessianScope::None {
             for site in InputSite::all(c) {
                 let n = packed_len(site.width(c));
-                shared.insert(site, Mutex::new((vec![0.0; n], 0)));
+                // Every expert's down input is its own space: there is no shared down Hessian.
+                if !matches!(site, InputSite::ExpertDown(_)) {
+                    shared.insert(site, Mutex::new((vec![0.0; n], 0)));
+                }
                 if scope == HessianScope::PerExpert && site.is_routed() {
                     experts.insert(site, (0..c.num_local_experts).map(|_| Mutex::new((vec![0.0; n], 0))).collect());
                 }
@@ -170,8 +173,8 @@ impl ActivationObserver for WindowSums<'_> {
         let (acc, n) = self.sums.tokens.entry(site).or_insert_with(|| (vec![0.0; width], 0));
         add_squares(acc, rows);
         *n += (rows.len() / width) as u64;
-        // A routed site's shared Hessian is over every token (the router's input; for gate/up the
-        // routed rows' sum is the same matrix counted top-k times), except down's, which is only routed.
+        // The mlp input's shared Hessian is over every token: the router's input, and for gate/up
+        // the same matrix the routed rows sum to (each token counted top-k times).
         if let Some(acc) = self.hessians.shared.get(&site) {
             HessianSums::add(acc, rows, width);
         }
@@ -187,11 +190,6 @@ impl ActivationObserver for WindowSums<'_> {
             .or_insert_with(|| (vec![0.0; c.num_local_experts * width], vec![0; c.num_local_experts]));
         add_squares(&mut acc[expert * width..(expert + 1) * width], rows);
         counts[expert] += (rows.len() / width) as u64;
-        if matches!(site, InputSite::ExpertDown(_)) {
-            if let Some(acc) = self.hessians.shared.get(&site) {
-                HessianSums::add(acc, rows, width);
-            }
-        }
         if let Some(acc) = self.hessians.experts.get(&site).and_then(|v| v.get(expert)) {
             HessianSums::add(acc, rows, width);
         }

@@ -122,17 +122,9 @@ pub fn score(
 ) -> Result<Scored, ValidateError> {
     let ws: Vec<Window> = windows(tokens.len(), opts.ctx, opts.stride);
     let total: usize = ws.iter().map(|w| w.end - w.score_from).sum();
-    if let Reference::Saved(saved) = reference {
-        if saved.len() != total {
-            return Err(ValidateError::Reference(format!(
-                "the saved reference scores {} tokens but these windows score {total}",
-                saved.len()
-            )));
-        }
-    }
     let vocab = model.config().vocab_size;
     if let Reference::Saved(saved) = reference {
-        check_saved_vocab(saved, vocab)?;
+        check_saved(saved, total, vocab)?;
     }
     let mut offsets = Vec::with_capacity(ws.len());
     let mut acc = 0;
@@ -153,31 +145,9 @@ pub fn score(
         for (k, t) in (w.score_from..w.end).enumerate() {
             // Logits at input position t-1 predict token t.
             let row = t - 1 - w.begin;
-            let m = &logits[row * vocab..(row + 1) * vocab];
-            let target = tokens[t];
-            let s = match (reference, &ref_logits) {
-                (Reference::Model(_), Some(rl)) => {
-                    let r = &rl[row * vocab..(row + 1) * vocab];
-                    summaries.push(RefToken::from_logits(r, target, opts.top_k));
-                    compare_full(m, r, target as usize)
-                }
-                (Reference::Saved(saved), _) => {
-                    let r = &saved[offset + k];
-                    if r.target != target {
-                        return Err(ValidateError::Reference(format!(
-                            "the saved reference was computed on other text: token {} differs",
-                            offset + k
-                        )));
-                    }
-                    compare_saved(m, r)
-                }
-                _ => {
-                    summaries.push(RefToken::from_logits(m, target, opts.top_k));
-                    let lm = log_sum_exp(m);
-                    TokenStats { nll: -log_softmax_at(m, lm, target as usize), ..Default::default() }
-                }
-            };
-            stats.push(s);
+            let position = Position { logits: &logits[row * vocab..(row + 1) * vocab], target: tokens[t], saved_index: offset + k };
+            let r = ref_logits.as_deref().map(|l| &l[row * vocab..(row + 1) * vocab]);
+            stats.push(position.score(reference, r, opts.top_k, &mut summaries)?);
         }
         let n = done.fetch_add(stats.len(), std::sync::atomic::Ordering::Relaxed) + stats.len();
         progress(n, total);
@@ -197,6 +167,54 @@ pub fn score(
         summaries.extend(r);
     }
     Ok(Scored { tokens: tokens_out, summaries })
+}
+
+/// Refuses a saved reference that does not fit these windows: another token count or vocabulary.
+fn check_saved(saved: &[RefToken], total: usize, vocab: usize) -> Result<(), ValidateError> {
+    if saved.len() != total {
+        return Err(ValidateError::Reference(format!(
+            "the saved reference scores {} tokens but these windows score {total}",
+            saved.len()
+        )));
+    }
+    check_saved_vocab(saved, vocab)
+}
+
+/// One scored position: the model's logits there, the token they predict, and its index among the
+/// scored tokens (where a saved reference keeps it).
+struct Position<'a> {
+    logits: &'a [f32],
+    target: u32,
+    saved_index: usize,
+}
+
+impl Position<'_> {
+    /// The position's figures against `reference` (`reference_logits`: a reference model's logits
+    /// at the same position); records the reference summary to save where one is made.
+    fn score(&self, reference: &Reference<'_>, reference_logits: Option<&[f32]>, top_k: usize, summaries: &mut Vec<RefToken>) -> Result<TokenStats, ValidateError> {
+        let (m, target) = (self.logits, self.target);
+        Ok(match (reference, reference_logits) {
+            (Reference::Model(_), Some(r)) => {
+                summaries.push(RefToken::from_logits(r, target, top_k));
+                compare_full(m, r, target as usize)
+            }
+            (Reference::Saved(saved), _) => {
+                let r = &saved[self.saved_index];
+                if r.target != target {
+                    return Err(ValidateError::Reference(format!(
+                        "the saved reference was computed on other text: token {} differs",
+                        self.saved_index
+                    )));
+                }
+                compare_saved(m, r)
+            }
+            _ => {
+                summaries.push(RefToken::from_logits(m, target, top_k));
+                let lm = log_sum_exp(m);
+                TokenStats { nll: -log_softmax_at(m, lm, target as usize), ..Default::default() }
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -91,6 +91,12 @@ pub fn sensitivity(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<Sensitivity, ValidateError> {
     let start = std::time::Instant::now();
+    if opts.quantizer.needs_hessians() {
+        return Err(ValidateError::Input(format!(
+            "--quantizer {}: sensitivity measures units quantized row by row (minmax or mse); gptq's error feedback is not modelled in it yet, so rank units with mse and convert with gptq",
+            opts.quantizer
+        )));
+    }
     let among = |(b, g): (u32, u32)| opts.bits.contains(&b) && opts.group_sizes.contains(&g);
     let measures = matches!(source, SensitivitySource::Checkpoint { text: Some(_), .. }) && opts.tokens > 0;
     let opts = &if measures {
@@ -144,16 +150,7 @@ fn measured(
     let config = ckpt.config().clone();
     let calib = calibration.map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
     let model = Model::load(&ckpt)?;
-    let (tokens, text_sha256) = match text {
-        Some(t) if opts.tokens > 0 => {
-            let corpus = Corpus::read(dir, t, Some(opts.tokens))?;
-            if corpus.tokens.len() < 2 {
-                return Err(ValidateError::Input(format!("{}: fewer than 2 tokens to measure KL on", t.display())));
-            }
-            (corpus.tokens, Some(corpus.sha256))
-        }
-        _ => (Vec::new(), None),
-    };
+    let (tokens, text_sha256) = measuring_tokens(dir, text, opts)?;
     let windows: Vec<&[u32]> = tokens.chunks(opts.ctx.max(2)).filter(|w| w.len() >= 2).collect();
     let vocab = config.vocab_size;
     let reference: Vec<Vec<f32>> =
@@ -167,15 +164,7 @@ fn measured(
             Some(c) => c.importance(p)?,
             None => None,
         };
-        // Each expert's rows count by the fraction of tokens routed to it.
-        let fractions: Option<Vec<f64>> = p.class.is_expert().then(|| {
-            let counts = calib.as_ref().and_then(|c| c.stats.expert_tokens(p.layer.unwrap_or(0)).map(|x| x.to_vec()));
-            let tokens = calib.as_ref().map_or(0, |c| c.stats.tokens) as f64;
-            match counts {
-                Some(c) if tokens > 0.0 => c.iter().map(|&x| f64::from(x) / tokens).collect(),
-                _ => vec![k as f64 / e as f64; e],
-            }
-        });
+        let fractions = p.class.is_expert().then(|| expert_fractions(p, calib.as_ref(), e, k));
         let rows_per_expert = if p.class.is_expert() { p.shape[1] } else { 1 };
         let row_weight = |r: usize| fractions.as_ref().map_or(1.0, |f| f[r / rows_per_expert]);
         let mut settings = Vec::new();
@@ -190,25 +179,7 @@ fn measured(
             settings.push(SettingCost { bits, group_size: gs, bytes: affine_bytes(p, bits, gs), proxy, cost: proxy });
         }
         let mut u = UnitCost::new(p, settings);
-        let proxy_at = |u: &UnitCost, s: (u32, u32)| u.setting(s).map_or(0.0, |x| x.proxy);
-        let kl_at = |s: (u32, u32)| measured.iter().find(|m| m.0 == s).map(|m| m.1);
-        if let Some(kl) = kl_at(opts.reference) {
-            let p1 = proxy_at(&u, opts.reference);
-            let second = opts.second.and_then(|s| kl_at(s).map(|k| (s, k)));
-            let exponent = second
-                .and_then(|(s, k2)| {
-                    let p2 = proxy_at(&u, s);
-                    let e = (k2 / kl).ln() / (p2 / p1).ln();
-                    e.is_finite().then(|| e.clamp(0.2, 1.5))
-                })
-                .unwrap_or(DEFAULT_EXPONENT);
-            for s in &mut u.settings {
-                s.cost = if p1 > 0.0 && s.proxy > 0.0 { kl * (s.proxy / p1).powf(exponent) } else { kl };
-            }
-            u.measured_kl = Some(kl);
-            u.second_kl = second.map(|((b, g), k)| (b, g, k));
-            u.exponent = Some(exponent);
-        }
+        carry_measured_kl(&mut u, &measured, opts);
         out.push(u);
         progress(n + 1, params.len());
     }
@@ -237,6 +208,54 @@ fn measured(
         seconds: start.elapsed().as_secs_f64(),
         units: out,
     })
+}
+
+/// The tokens KL is measured on (none without `--text` or with `--tokens 0`) and the text's sha256.
+fn measuring_tokens(dir: &Path, text: Option<&Path>, opts: &SensitivityOptions) -> Result<(Vec<u32>, Option<String>), ValidateError> {
+    match text {
+        Some(t) if opts.tokens > 0 => {
+            let corpus = Corpus::read(dir, t, Some(opts.tokens))?;
+            if corpus.tokens.len() < 2 {
+                return Err(ValidateError::Input(format!("{}: fewer than 2 tokens to measure KL on", t.display())));
+            }
+            Ok((corpus.tokens, Some(corpus.sha256)))
+        }
+        _ => Ok((Vec::new(), None)),
+    }
+}
+
+/// The fraction of tokens routed to each of an expert parameter's `e` experts, from the
+/// calibration's counts (uniform `k / e` without them): how much each expert's rows count.
+fn expert_fractions(p: &Param, calib: Option<&CalibrationUse>, e: usize, k: usize) -> Vec<f64> {
+    let counts = calib.and_then(|c| c.stats.expert_tokens(p.layer.unwrap_or(0)).map(|x| x.to_vec()));
+    let tokens = calib.map_or(0, |c| c.stats.tokens) as f64;
+    match counts {
+        Some(c) if tokens > 0.0 => c.iter().map(|&x| f64::from(x) / tokens).collect(),
+        _ => vec![k as f64 / e as f64; e],
+    }
+}
+
+/// Carries a unit's measured KL at the reference setting to every setting through KL ∝
+/// proxy^exponent, the exponent fitted from the second measured setting where there is one.
+fn carry_measured_kl(u: &mut UnitCost, measured: &[((u32, u32), f64)], opts: &SensitivityOptions) {
+    let proxy_at = |u: &UnitCost, s: (u32, u32)| u.setting(s).map_or(0.0, |x| x.proxy);
+    let kl_at = |s: (u32, u32)| measured.iter().find(|m| m.0 == s).map(|m| m.1);
+    let Some(kl) = kl_at(opts.reference) else { return };
+    let p1 = proxy_at(u, opts.reference);
+    let second = opts.second.and_then(|s| kl_at(s).map(|k| (s, k)));
+    let exponent = second
+        .and_then(|(s, k2)| {
+            let p2 = proxy_at(u, s);
+            let e = (k2 / kl).ln() / (p2 / p1).ln();
+            e.is_finite().then(|| e.clamp(0.2, 1.5))
+        })
+        .unwrap_or(DEFAULT_EXPONENT);
+    for s in &mut u.settings {
+        s.cost = if p1 > 0.0 && s.proxy > 0.0 { kl * (s.proxy / p1).powf(exponent) } else { kl };
+    }
+    u.measured_kl = Some(kl);
+    u.second_kl = second.map(|((b, g), k)| (b, g, k));
+    u.exponent = Some(exponent);
 }
 
 /// Deterministic heavy-tailed rows (a Gaussian scaled by a random per-row factor and an

@@ -151,7 +151,7 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
         return Err(SearchJobError::Input(format!("internal error: the planned size {planned} exceeds the target {target}")));
     }
     std::fs::write(r.out, &text).map_err(|e| SearchJobError::Write(r.out.to_path_buf(), e))?;
-    let bpw = |bytes: u64| 8.0 * bytes as f64 / problem.params as f64;
+    let bpw = |bytes: u64| mixq_loader::bits_per_weight(bytes as usize, problem.params as usize);
     let rows = if r.frontier { frontier(&problem, &FRONTIER_BPW) } else { Vec::new() };
     let svg = r.frontier.then(|| r.out.with_file_name(format!("{}.frontier.svg", stem(r.out, "recipe"))));
     if let Some(p) = &svg {

@@ -539,12 +539,13 @@ fn quantize_rows(
     let mut r = 0;
     while r < n {
         let row = first + r;
-        let end = match (job.importance, job.hessians) {
-            (_, Some(h)) if job.method == QuantMethod::Gptq => h.run_end(row, all_rows),
-            (Some(imp), _) => imp.block_end(row, all_rows),
+        // A run ends where its Hessian or its importance (one per expert) changes.
+        let hessian_end = match job.hessians {
+            Some(h) if job.method == QuantMethod::Gptq => h.run_end(row, all_rows),
             _ => all_rows,
-        }
-        .min(first + n);
+        };
+        let importance_end = job.importance.map_or(all_rows, |imp| imp.block_end(row, all_rows));
+        let end = hessian_end.min(importance_end).min(first + n);
         let factor = match job.hessians {
             Some(h) if job.method == QuantMethod::Gptq => h.matrix_of_row(row).and_then(|m| factors.get(h, m)),
             _ => None,
