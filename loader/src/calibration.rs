@@ -43,21 +43,6 @@ pub fn packed_len(n: usize) -> usize {
     n * (n + 1) / 2
 }
 
-/// The full row-major `n x n` symmetric matrix of a packed upper triangle.
-pub fn unpack_symmetric(packed: &[f32], n: usize) -> Vec<f64> {
-    let mut full = vec![0f64; n * n];
-    let mut k = 0;
-    for i in 0..n {
-        for j in i..n {
-            let v = f64::from(packed[k]);
-            full[i * n + j] = v;
-            full[j * n + i] = v;
-            k += 1;
-        }
-    }
-    full
-}
-
 /// Where a Hessian is: in memory (just measured) or in the statistics file (read on demand).
 #[derive(Debug, Clone, PartialEq)]
 pub enum HessianEntry {
@@ -404,7 +389,6 @@ mod tests {
         assert_eq!(back.hessians.values().next(), Some(&HessianEntry::InFile(vec![3])));
         assert_eq!(back.site_hessian(InputSite::Final).unwrap(), Some(h));
         assert_eq!(back.site_hessian(InputSite::Mlp(0)).unwrap(), None);
-        assert_eq!(unpack_symmetric(&[4.0, 1.0, 9.0], 2), vec![4.0, 1.0, 1.0, 9.0]);
         // A negative diagonal element is refused when the Hessian is read, naming it.
         let bad = StatTensor { shape: vec![3], data: vec![4.0, 1.0, -9.0] };
         c.hessians.insert(format!("{}.{HESSIAN}", InputSite::Final.name()), HessianEntry::Loaded(bad));

@@ -14,7 +14,7 @@
 //! Rows are independent given `H`: bands of rows run in parallel.
 
 use faer::linalg::solvers::DenseSolveCore;
-use faer::{Mat, MatRef, Side};
+use faer::{Mat, Side};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -56,17 +56,46 @@ impl HessianFactor {
     /// errors through: a zero or non-finite diagonal (an expert no token reached), or a matrix
     /// that stays indefinite after damping it up to 10,000 times more.
     pub fn new(h: &[f64], n: usize, rows: f64) -> Option<Self> {
-        if n == 0 || h.len() != n * n || h.iter().any(|x| !x.is_finite()) {
+        if h.len() != n * n {
             return None;
         }
-        let mean_diag = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+        Self::from_fn(n, rows, |i, j| h[i * n + j])
+    }
+
+    /// [`HessianFactor::new`] of a Hessian stored as its packed upper triangle (row by row, as
+    /// calibration files keep it), without unpacking it first.
+    pub fn from_packed(packed: &[f32], n: usize, rows: f64) -> Option<Self> {
+        if packed.len() != n * (n + 1) / 2 {
+            return None;
+        }
+        // Row i of the triangle starts after rows 0..i, of n, n - 1, ... elements.
+        let at = |i: usize, j: usize| {
+            let (i, j) = if i <= j { (i, j) } else { (j, i) };
+            f64::from(packed[i * n - i * i.saturating_sub(1) / 2 + (j - i)])
+        };
+        Self::from_fn(n, rows, at)
+    }
+
+    fn from_fn(n: usize, rows: f64, h: impl Fn(usize, usize) -> f64) -> Option<Self> {
+        if n == 0 || (0..n).any(|i| !h(i, i).is_finite()) {
+            return None;
+        }
+        let mean_diag = (0..n).map(|i| h(i, i)).sum::<f64>() / n as f64;
         if !(mean_diag > 0.0) {
             return None;
         }
         let mut damping = damping_fraction(n, rows) * mean_diag;
         for _ in 0..5 {
-            let damped = Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j] + if i == j { damping } else { 0.0 });
-            if let Some(upper) = inverse_upper_factor(damped.as_ref()) {
+            let finite = std::cell::Cell::new(true);
+            let damped = Mat::<f64>::from_fn(n, n, |i, j| {
+                let v = h(i, j) + if i == j { damping } else { 0.0 };
+                finite.set(finite.get() && v.is_finite());
+                v
+            });
+            if !finite.get() {
+                return None;
+            }
+            if let Some(upper) = inverse_upper_factor(damped) {
                 let importance = (0..n).map(|i| 1.0 / (upper[i * n + i] * upper[i * n + i])).collect();
                 return Some(HessianFactor { cols: n, upper, importance });
             }
@@ -87,11 +116,16 @@ impl HessianFactor {
 }
 
 /// `U` with `H⁻¹ = Uᵀ U`, row-major f32, for a symmetric positive definite `H`.
-fn inverse_upper_factor(h: MatRef<'_, f64>) -> Option<Vec<f32>> {
-    let inverse = h.llt(Side::Lower).ok()?.inverse();
-    let lower = inverse.llt(Side::Lower).ok()?;
-    let l = lower.L();
+fn inverse_upper_factor(h: Mat<f64>) -> Option<Vec<f32>> {
+    // Each step drops what it no longer needs: at most two n x n f64 matrices live at once.
     let n = h.nrows();
+    let factor = h.llt(Side::Lower).ok()?;
+    drop(h);
+    let inverse = factor.inverse();
+    drop(factor);
+    let lower = inverse.llt(Side::Lower).ok()?;
+    drop(inverse);
+    let l = lower.L();
     // U = Lᵀ: row i of U is column i of L.
     let mut upper = vec![0f32; n * n];
     for i in 0..n {
@@ -291,6 +325,17 @@ mod tests {
             let e_gptq = output_error(&held_out, &w, &quantize("gptq", &w, n, &h, bits, gs), n);
             assert!(e_gptq < 0.8 * e_mse, "{bits}-bit g{gs}: gptq {e_gptq:.4e} vs mse {e_mse:.4e}");
         }
+    }
+
+    #[test]
+    fn a_packed_hessian_factors_as_the_full_one() {
+        let n = 48;
+        let h = gram(&inputs(200, n, 4), n);
+        let packed: Vec<f32> = (0..n).flat_map(|i| (i..n).map(move |j| (i, j))).map(|(i, j)| h[i * n + j] as f32).collect();
+        let full: Vec<f64> = (0..n * n).map(|k| f64::from(h[k] as f32)).collect();
+        let (a, b) = (HessianFactor::from_packed(&packed, n, 200.0).unwrap(), HessianFactor::new(&full, n, 200.0).unwrap());
+        assert_eq!(a.upper, b.upper);
+        assert!(HessianFactor::from_packed(&packed[1..], n, 200.0).is_none(), "a wrong length is refused");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mixq_loader::calibration::{packed_len, unpack_symmetric};
+use mixq_loader::calibration::packed_len;
 use mixq_loader::{Calibration, Checkpoint, InputSite, ModelFingerprint, StatTensor};
 
 use crate::kernels::gptq::HessianFactor;
@@ -100,7 +100,7 @@ impl ParamHessians {
 
     /// Matrix `m` factored (`None`: it carries nothing to feed errors through).
     pub fn factor(&self, m: usize) -> Option<HessianFactor> {
-        HessianFactor::new(&unpack_symmetric(self.matrices.get(m)?, self.cols), self.cols, *self.rows.get(m)?)
+        HessianFactor::from_packed(self.matrices.get(m)?, self.cols, *self.rows.get(m)?)
     }
 }
 

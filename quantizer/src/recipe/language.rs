@@ -489,8 +489,10 @@ mod tests {
         let r = Recipe::parse(text, "t.yaml").unwrap();
         assert_eq!(r.rules[0].quantizer, Some(QuantMethod::MinMax));
         assert_eq!(r.rules[1].quantizer, Some(QuantMethod::Mse));
-        let e = err("name: x\nrules:\n  - class: q_proj\n    action: {affine: {bits: 3, group_size: 64, quantizer: gptq}}\n");
-        assert!(e.starts_with("r.yaml:3:") && e.contains("gptq") && e.contains("minmax, mse"), "{e}");
+        let r = Recipe::parse("name: x\nrules:\n  - class: q_proj\n    action: {affine: {bits: 3, group_size: 64, quantizer: gptq}}\n", "t.yaml").unwrap();
+        assert_eq!(r.rules[0].quantizer, Some(QuantMethod::Gptq));
+        let e = err("name: x\nrules:\n  - class: q_proj\n    action: {affine: {bits: 3, group_size: 64, quantizer: awq}}\n");
+        assert!(e.starts_with("r.yaml:3:") && e.contains("awq") && e.contains("minmax, mse, gptq"), "{e}");
     }
 
     #[test]
