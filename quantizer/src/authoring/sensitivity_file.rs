@@ -146,9 +146,8 @@ pub fn units(config: &mixq_loader::GptOssConfig) -> Vec<Param> {
 
 /// Bytes of a `[.., rows, cols]` weight at an affine setting.
 pub fn affine_bytes(p: &Param, bits: u32, group_size: u32) -> u64 {
-    let cols = p.in_features();
-    let rows = (p.numel() / cols) as u64;
-    rows * (cols as u64 * u64::from(bits) / 8 + 4 * (cols as u64 / u64::from(group_size)))
+    let format = mixq_loader::QuantFormat::Affine { bits, group_size };
+    (p.rows() * format.row_bytes(p.in_features())) as u64
 }
 
 /// Spearman rank correlation of two equally long samples (average ranks for ties).
