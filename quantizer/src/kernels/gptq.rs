@@ -248,15 +248,10 @@ mod tests {
     use super::*;
     use crate::kernels::affine::dequantize_row;
 
-    /// A deterministic pseudo-random stream in [-1, 1).
+    /// A deterministic pseudo-random stream in [-1, 1): the mse tests' uniform one, stretched.
     fn noise(seed: u64) -> impl FnMut() -> f32 {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
+        let mut u = crate::kernels::mse::tests::uniform(seed);
+        move || 2.0 * u() - 1.0
     }
 
     /// Correlated inputs: each token's features are a shared factor plus noise, with a few

@@ -309,7 +309,7 @@ fn stored_error<const G: usize, const W: bool>(w: &[f32; G], a: &[f32; G], scale
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::affine::{dequantize_row, quantize_row, AFFINE_BITS, AFFINE_GROUP_SIZES};
 
@@ -336,7 +336,7 @@ mod tests {
     }
 
     /// A deterministic pseudo-random stream in [0, 1).
-    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    pub(crate) fn uniform(seed: u64) -> impl FnMut() -> f32 {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         move || {
             s ^= s << 13;

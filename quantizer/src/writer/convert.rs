@@ -431,6 +431,7 @@ impl ShardLayout {
 struct ParamJob<'a> {
     method: QuantMethod,
     importance: Option<&'a Importance>,
+    /// Only for `gptq`: the Hessians its errors are fed through.
     hessians: Option<&'a ParamHessians>,
     ckpt: &'a Checkpoint,
 }
@@ -540,16 +541,10 @@ fn quantize_rows(
     while r < n {
         let row = first + r;
         // A run ends where its Hessian or its importance (one per expert) changes.
-        let hessian_end = match job.hessians {
-            Some(h) if job.method == QuantMethod::Gptq => h.run_end(row, all_rows),
-            _ => all_rows,
-        };
+        let hessian_end = job.hessians.map_or(all_rows, |h| h.run_end(row, all_rows));
         let importance_end = job.importance.map_or(all_rows, |imp| imp.block_end(row, all_rows));
         let end = hessian_end.min(importance_end).min(first + n);
-        let factor = match job.hessians {
-            Some(h) if job.method == QuantMethod::Gptq => h.matrix_of_row(row).and_then(|m| factors.get(h, m)),
-            _ => None,
-        };
+        let factor = job.hessians.and_then(|h| h.matrix_of_row(row).and_then(|m| factors.get(h, m)));
         let inputs = match (&factor, job.importance.and_then(|m| m.row(row))) {
             (Some(f), _) => InputStats::Hessian(f),
             (None, Some(imp)) => InputStats::Importance(imp),
