@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::GptOssConfig;
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, FloatDtype};
 use crate::error::{LoaderError, Result};
 use crate::schema::InputSite;
 use crate::shard::{encode_header, ShardFile};
@@ -77,7 +77,8 @@ const ARCHITECTURE_KEYS: &[&str] = &[
 pub struct ModelFingerprint {
     /// sha256 of the architecture fields of config.json (canonical JSON).
     pub config_sha256: String,
-    /// sha256 of every RMSNorm weight (BF16 in the upstream checkpoint and in every conversion).
+    /// sha256 of every RMSNorm weight as BF16 (how the upstream checkpoint and every conversion
+    /// store them; other float types are rounded to BF16 first).
     pub weights_sha256: String,
 }
 
@@ -92,10 +93,18 @@ impl ModelFingerprint {
             names.push(format!("model.layers.{l}.input_layernorm.weight"));
             names.push(format!("model.layers.{l}.post_attention_layernorm.weight"));
         }
+        let mut values = vec![0f32; c.hidden_size];
         for name in names {
             let t = ckpt.tensor(&name)?;
-            t.expect(Dtype::BF16, &[c.hidden_size])?;
-            h.update(t.data);
+            let dtype = t.expect_float(&[c.hidden_size])?;
+            if dtype == FloatDtype::BF16 {
+                h.update(t.data);
+            } else {
+                // F16/F32 checkpoints (as mlx-lm may write them) hash their values rounded to
+                // BF16, so a model's F32 copy has the fingerprint of its BF16 original.
+                crate::decode::floats_to_f32(dtype, t.data, &mut values);
+                h.update(values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect::<Vec<u8>>());
+            }
         }
         Ok(ModelFingerprint { config_sha256, weights_sha256: format!("{:x}", h.finalize()) })
     }

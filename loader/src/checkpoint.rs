@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::config::GptOssConfig;
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, FloatDtype};
 use crate::error::{LoaderError, Result};
 use crate::shard::{ShardFile, TensorInfo};
 
@@ -64,6 +64,19 @@ impl TensorRef<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// Checks that the tensor is a float tensor (BF16, F16 or F32: how mlx-lm may store weights,
+    /// scales, biases and vectors) of the shape its role needs, and returns its float type.
+    pub fn expect_float(&self, shape: &[usize]) -> Result<FloatDtype> {
+        let dtype = FloatDtype::of(self.info.dtype).ok_or_else(|| {
+            LoaderError::tensor(
+                self.name,
+                format!("expected a float dtype (BF16, F16 or F32) for its role, found {} (in {})", self.info.dtype, self.shard.display()),
+            )
+        })?;
+        self.expect(self.info.dtype, shape)?;
+        Ok(dtype)
     }
 }
 

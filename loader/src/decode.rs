@@ -1,5 +1,8 @@
-//! Decoding stored numbers to f32: BF16 and MXFP4 (FP4 E2M1 codes with E8M0 scales).
+//! Decoding stored numbers to f32: BF16, F16, F32 and MXFP4 (FP4 E2M1 codes with E8M0 scales).
 
+use half::f16;
+
+use crate::dtype::FloatDtype;
 use crate::format::MXFP4_BLOCK;
 
 /// The 16 FP4 E2M1 values, by code.
@@ -13,6 +16,36 @@ pub fn bf16_to_f32(bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * 2);
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
         *o = f32::from_bits((u32::from(u16::from_le_bytes([b[0], b[1]]))) << 16);
+    }
+}
+
+/// Decodes little-endian floats of type `dtype` into f32 (`out.len()` elements); every BF16 and
+/// F16 value is exact in f32.
+#[inline]
+pub fn floats_to_f32(dtype: FloatDtype, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * dtype.size());
+    match dtype {
+        FloatDtype::BF16 => bf16_to_f32(bytes, out),
+        FloatDtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        FloatDtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+/// Element `i` of little-endian floats of type `dtype`, as f32.
+#[inline(always)]
+pub fn float_at(dtype: FloatDtype, bytes: &[u8], i: usize) -> f32 {
+    match dtype {
+        FloatDtype::BF16 => f32::from_bits(u32::from(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])) << 16),
+        FloatDtype::F16 => f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32(),
+        FloatDtype::F32 => f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]),
     }
 }
 
@@ -55,6 +88,27 @@ mod tests {
         let mut out = [0f32; 4];
         bf16_to_f32(&bytes, &mut out);
         assert_eq!(out, vals);
+    }
+
+    #[test]
+    fn every_float_type_decodes_to_the_same_values() {
+        // Values exact in all three types, written by `half` (an independent encoder).
+        let vals = [1.0f32, -2.5, 0.0, 3.140625, -0.0078125, 57344.0];
+        for dtype in FloatDtype::ALL {
+            let bytes: Vec<u8> = vals
+                .iter()
+                .flat_map(|&v| match dtype {
+                    FloatDtype::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                    FloatDtype::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
+                    FloatDtype::F32 => v.to_le_bytes().to_vec(),
+                })
+                .collect();
+            let mut out = [0f32; 6];
+            floats_to_f32(dtype, &bytes, &mut out);
+            assert_eq!(out, vals, "{dtype}");
+            let one_by_one: Vec<f32> = (0..vals.len()).map(|i| float_at(dtype, &bytes, i)).collect();
+            assert_eq!(one_by_one, vals, "{dtype}");
+        }
     }
 
     #[test]

@@ -84,6 +84,53 @@ impl Dtype {
     }
 }
 
+/// The float types a weight, a scale or bias, or a vector (norm, bias, sinks) may be stored in:
+/// mixq writes BF16, and mlx-lm also writes F16 and F32 (its CPU GPTQ saves everything in F32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FloatDtype {
+    /// Brain float 16.
+    BF16,
+    /// IEEE half precision.
+    F16,
+    /// IEEE single precision.
+    F32,
+}
+
+impl FloatDtype {
+    /// Every float type, for error messages and tests.
+    pub const ALL: [FloatDtype; 3] = [FloatDtype::BF16, FloatDtype::F16, FloatDtype::F32];
+
+    /// The float type of a safetensors dtype, if it is one of these.
+    pub fn of(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::BF16 => Some(FloatDtype::BF16),
+            Dtype::F16 => Some(FloatDtype::F16),
+            Dtype::F32 => Some(FloatDtype::F32),
+            _ => None,
+        }
+    }
+
+    /// The safetensors dtype.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            FloatDtype::BF16 => Dtype::BF16,
+            FloatDtype::F16 => Dtype::F16,
+            FloatDtype::F32 => Dtype::F32,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        self.dtype().size()
+    }
+}
+
+impl fmt::Display for FloatDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.dtype().fmt(f)
+    }
+}
+
 impl fmt::Display for Dtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, FloatDtype};
 
 /// Bit widths MLX affine quantization supports.
 pub const AFFINE_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
@@ -155,12 +155,19 @@ impl QuantFormat {
     }
 
     /// Bytes stored per row of `cols` elements in each of the codes, the scales (bf16 for affine,
-    /// E8M0 bytes for mxfp4) and the biases (bf16, affine only).
+    /// E8M0 bytes for mxfp4) and the biases (bf16, affine only), as mixq writes them.
     pub fn row_parts(self, cols: usize) -> (usize, usize, usize) {
+        self.stored_row_parts(cols, FloatDtype::BF16)
+    }
+
+    /// [`QuantFormat::row_parts`] for a checkpoint whose floats (unquantized values, affine scales
+    /// and biases) are stored as `floats`, as mlx-lm may write them.
+    pub fn stored_row_parts(self, cols: usize, floats: FloatDtype) -> (usize, usize, usize) {
         let groups = self.groups(cols);
+        let f = floats.size();
         match self {
-            QuantFormat::Bf16 => (self.code_bytes(cols), 0, 0),
-            QuantFormat::Affine { .. } => (self.code_bytes(cols), 2 * groups, 2 * groups),
+            QuantFormat::Bf16 => (cols * f, 0, 0),
+            QuantFormat::Affine { .. } => (self.code_bytes(cols), f * groups, f * groups),
             QuantFormat::Mxfp4 => (self.code_bytes(cols), groups, 0),
         }
     }

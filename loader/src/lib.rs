@@ -20,7 +20,7 @@ pub mod source;
 pub use calibration::{Calibration, ModelFingerprint, StatTensor};
 pub use checkpoint::{Checkpoint, CheckpointFormat, TensorRef, INDEX_FILE};
 pub use config::{GptOssConfig, LayerType, QuantMode, QuantSpec, QuantizationMap, RopeScaling};
-pub use dtype::Dtype;
+pub use dtype::{Dtype, FloatDtype};
 pub use format::{bits_per_weight, QuantFormat, TensorSpec};
 pub use schema::{classify_name, mlx_params, InputSite, Param, TensorClass, UpstreamRows};
 pub use rowmap::RowMap;
