@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{mixq, synth, text};
+use common::{mixq, recast_floats, synth, text};
 use mixq_loader::Checkpoint;
 use mixq_runtime::gpu::{GpuContext, GpuModel, GpuOptions, GpuSampling};
 use mixq_runtime::Model;
@@ -196,6 +196,21 @@ fn split_tensors_give_the_same_logits() {
         let want = cpu.forward(&ids, &mut cpu.new_cache(), true).unwrap();
         let got = gpu.session(70).unwrap().forward(&ids, true).unwrap();
         assert_agree(&format!("split {}", dir.display()), &want, &got, cpu.config.vocab_size);
+    }
+}
+
+/// Checkpoints whose floats (dense weights, scales, biases, vectors) are F32 or F16, as mlx-lm
+/// writes them, give the CPU's logits on the GPU, whole (F32) and split into parts (F16).
+#[test]
+fn float32_and_float16_checkpoints_agree_across_backends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = convert(Path::new(TRAINED), "gpt-oss-120b-3.6bit", &tmp.path().join("q"));
+    let ids = tokens(80, 2048, 5);
+    for (dtype, max_binding) in [("F32", None), ("F16", Some(32 << 10))] {
+        let Some(ctx) = gpu(max_binding) else { return };
+        let dir = recast_floats(&q, &tmp.path().join(dtype), dtype);
+        let (want, got, vocab) = both(&dir, &ctx, &ids, 72);
+        assert_agree(&format!("{dtype} floats, binding {max_binding:?}"), &want, &got, vocab);
     }
 }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{mixq, synth, text};
+use common::{mixq, recast_floats, synth, text};
 use serde_json::Value;
 
 const TRAINED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-shakespeare");
@@ -112,6 +112,62 @@ fn config_and_tensors_that_disagree() {
     let e = text(&o).1;
     assert!(!o.status.success() && !e.contains("panicked"), "{e}");
     assert!(e.contains("model.layers.1.self_attn.v_proj.weight") && e.contains("config and tensors disagree"), "{e}");
+}
+
+/// `mixq logits` of `tokens` on the CPU, as f32 values (the .npy's data after its header).
+fn cpu_logits(model: &std::path::Path, tokens: &std::path::Path, out: &std::path::Path) -> Vec<f32> {
+    let o = mixq(&["logits", "--model", model.to_str().unwrap(), "--tokens", tokens.to_str().unwrap(), "--out", out.to_str().unwrap(), "--backend", "cpu"], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let bytes = std::fs::read(out).unwrap();
+    let header = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + header..].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+#[test]
+fn float32_and_float16_checkpoints_run_as_mlx_lm_writes_them() {
+    // The hand recipe keeps the routers unquantized, so the copies hold F32/F16 dense matrices,
+    // affine scales and biases, norms, biases and sinks.
+    let tmp = tempfile::tempdir().unwrap();
+    let bf16 = tmp.path().join("bf16");
+    let args = ["convert", "--source", TRAINED, "--recipe", "gpt-oss-120b-3.6bit", "--quantizer", "minmax", "--quiet", "--out"];
+    assert!(mixq(&[&args[..], &[bf16.to_str().unwrap()]].concat(), &[]).status.success());
+    let tokens = tmp.path().join("t.json");
+    std::fs::write(&tokens, serde_json::to_string(&(0..80u32).map(|i| (i * 37 + 11) % 2048).collect::<Vec<_>>()).unwrap()).unwrap();
+    let want = cpu_logits(&bf16, &tokens, &tmp.path().join("bf16.npy"));
+    // Every BF16 value is exact in F32, so the F32 copy must give the very same logits.
+    let f32_copy = recast_floats(&bf16, &tmp.path().join("f32"), "F32");
+    assert_eq!(cpu_logits(&f32_copy, &tokens, &tmp.path().join("f32.npy")), want);
+    // Calibration runs on it too, and its statistics (fingerprint included) are the original's.
+    let text_file = tmp.path().join("text.txt");
+    std::fs::write(&text_file, "ROMEO:\nBut soft, what light through yonder window breaks?\n".repeat(8)).unwrap();
+    let stats = |model: &std::path::Path, out: &str| {
+        let out = tmp.path().join(out);
+        let args = ["calibrate", "--model", model.to_str().unwrap(), "--text", text_file.to_str().unwrap(), "--max-tokens", "128", "--quiet", "--out"];
+        let o = mixq(&[&args[..], &[out.to_str().unwrap()]].concat(), &[]);
+        assert!(o.status.success(), "{}", text(&o).1);
+        let mut raw = common::RawShard::read(&out);
+        // The model's folder name is recorded too; everything else must agree.
+        raw.header["__metadata__"].as_object_mut().unwrap().remove("model");
+        raw
+    };
+    let (a, b) = (stats(&bf16, "bf16.stats"), stats(&f32_copy, "f32.stats"));
+    assert!(a.header == b.header && a.data == b.data, "the F32 copy's statistics differ");
+    // F16 rounds values below its range, so only nearly the same.
+    let f16_copy = recast_floats(&bf16, &tmp.path().join("f16"), "F16");
+    let got = cpu_logits(&f16_copy, &tokens, &tmp.path().join("f16.npy"));
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 0.05 && worst > 0.0, "F16 copy: largest logit difference {worst}");
+    // Scales and biases of two float types in one module are not what mlx writes: refused by name.
+    let mixed = tmp.path().join("mixed");
+    recast_floats(&bf16, &mixed, "BF16");
+    let shard = mixed.join("model.safetensors");
+    let mut raw = common::RawShard::read(&shard);
+    let name = "model.layers.0.self_attn.q_proj.biases";
+    raw.header.get_mut(name).unwrap()["dtype"] = "F16".into();
+    raw.write(&shard);
+    let o = mixq(&["logits", "--model", mixed.to_str().unwrap(), "--tokens", tokens.to_str().unwrap(), "--out", tmp.path().join("m.npy").to_str().unwrap(), "--backend", "cpu"], &[]);
+    let e = text(&o).1;
+    assert!(!o.status.success() && e.contains(name) && e.contains("F16") && e.contains("BF16"), "{e}");
 }
 
 #[test]

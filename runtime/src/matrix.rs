@@ -2,31 +2,34 @@
 //!
 //! A product `y = W x` (or `Y = X W^T` for several tokens) walks the rows of `W`: each row is
 //! decoded once into a small f32 scratch (`scale * q + bias` for affine codes, `lut[q] * 2^e` for
-//! MXFP4, a widening for BF16: exactly the reference's dequantized values) and dotted with every
-//! input. The model is never dequantized as a whole; rows are spread over threads.
+//! MXFP4, a widening for BF16 and F16: exactly the reference's dequantized values) and dotted with
+//! every input. The model is never dequantized as a whole; rows are spread over threads.
 
-use half::bf16;
-use mixq_loader::decode::{bf16_to_f32, mxfp4_row_to_f32};
+use mixq_loader::decode::{float_at, floats_to_f32, mxfp4_row_to_f32};
 pub use mixq_loader::RowMap;
-use mixq_loader::QuantFormat;
+use mixq_loader::{FloatDtype, QuantFormat};
 use rayon::prelude::*;
 
 /// How a matrix's rows are stored.
 #[derive(Debug, Clone, Copy)]
 pub enum Codes<'a> {
-    /// Dense BF16.
-    Bf16 {
-        /// `[stored_rows, cols]` little-endian bf16.
+    /// Unquantized floats (BF16 as mixq writes them; F16 or F32 as mlx-lm may).
+    Dense {
+        /// `[stored_rows, cols]` little-endian floats.
         data: &'a [u8],
+        /// Their type.
+        dtype: FloatDtype,
     },
-    /// MLX affine: `bits`-bit codes in a little-endian bit stream per row, bf16 scales and biases.
+    /// MLX affine: `bits`-bit codes in a little-endian bit stream per row, scales and biases.
     Affine {
         /// Packed codes, `cols * bits / 8` bytes per row.
         weight: &'a [u8],
-        /// bf16 scales, `cols / group_size` per row.
+        /// Scales, `cols / group_size` per row.
         scales: &'a [u8],
-        /// bf16 biases, `cols / group_size` per row.
+        /// Biases, `cols / group_size` per row.
         biases: &'a [u8],
+        /// The float type of the scales and biases (BF16 as mixq writes them).
+        floats: FloatDtype,
         /// Bits per code.
         bits: u32,
         /// Elements per group.
@@ -45,9 +48,18 @@ impl Codes<'_> {
     /// The storage format these codes are in.
     pub fn format(&self) -> QuantFormat {
         match *self {
-            Codes::Bf16 { .. } => QuantFormat::Bf16,
+            Codes::Dense { .. } => QuantFormat::Bf16,
             Codes::Affine { bits, group_size, .. } => QuantFormat::Affine { bits, group_size: group_size as u32 },
             Codes::Mxfp4 { .. } => QuantFormat::Mxfp4,
+        }
+    }
+
+    /// The float type of the stored values, scales and biases (BF16 for MXFP4, which has none).
+    pub fn floats(&self) -> FloatDtype {
+        match *self {
+            Codes::Dense { dtype, .. } => dtype,
+            Codes::Affine { floats, .. } => floats,
+            Codes::Mxfp4 { .. } => FloatDtype::BF16,
         }
     }
 }
@@ -65,20 +77,17 @@ pub struct Matrix<'a> {
     pub map: RowMap,
 }
 
-fn bf16_at(bytes: &[u8], i: usize) -> f32 {
-    bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
-}
-
 impl<'a> Matrix<'a> {
     /// Bytes of packed weight data read per row (for bandwidth figures).
     pub fn row_bytes(&self) -> usize {
-        self.codes.format().row_bytes(self.cols)
+        let (codes, scales, biases) = self.codes.format().stored_row_parts(self.cols, self.codes.floats());
+        codes + scales + biases
     }
 
     /// Bytes of the stored tensor (codes, scales and biases), all rows.
     pub fn stored_bytes(&self) -> usize {
         match self.codes {
-            Codes::Bf16 { data } => data.len(),
+            Codes::Dense { data, .. } => data.len(),
             Codes::Affine { weight, scales, biases, .. } => weight.len() + scales.len() + biases.len(),
             Codes::Mxfp4 { blocks, scales } => blocks.len() + scales.len(),
         }
@@ -90,24 +99,28 @@ impl<'a> Matrix<'a> {
         let s = self.map.stored(r);
         let c = self.cols;
         match self.codes {
-            Codes::Bf16 { data } => bf16_to_f32(&data[s * c * 2..(s + 1) * c * 2], out),
+            Codes::Dense { data, dtype } => floats_to_f32(dtype, &data[s * c * dtype.size()..(s + 1) * c * dtype.size()], out),
             Codes::Mxfp4 { blocks, scales } => {
                 let (bb, sb) = (c / 2, c / 32);
                 mxfp4_row_to_f32(&blocks[s * bb..(s + 1) * bb], &scales[s * sb..(s + 1) * sb], out)
             }
-            Codes::Affine { weight, scales, biases, bits, group_size } => {
+            Codes::Affine { weight, scales, biases, floats, bits, group_size } => {
                 let row_bytes = c * bits as usize / 8;
-                let groups = c / group_size;
+                let group_bytes = c / group_size * floats.size();
                 let packed = &weight[s * row_bytes..(s + 1) * row_bytes];
-                let scales = &scales[s * groups * 2..(s + 1) * groups * 2];
-                let biases = &biases[s * groups * 2..(s + 1) * groups * 2];
+                let groups = Groups {
+                    scales: &scales[s * group_bytes..(s + 1) * group_bytes],
+                    biases: &biases[s * group_bytes..(s + 1) * group_bytes],
+                    floats,
+                    size: group_size,
+                };
                 match bits {
-                    2 => decode_affine::<2>(packed, scales, biases, group_size, out),
-                    3 => decode_affine::<3>(packed, scales, biases, group_size, out),
-                    4 => decode_affine::<4>(packed, scales, biases, group_size, out),
-                    5 => decode_affine::<5>(packed, scales, biases, group_size, out),
-                    6 => decode_affine::<6>(packed, scales, biases, group_size, out),
-                    8 => decode_affine::<8>(packed, scales, biases, group_size, out),
+                    2 => decode_affine::<2>(packed, groups, out),
+                    3 => decode_affine::<3>(packed, groups, out),
+                    4 => decode_affine::<4>(packed, groups, out),
+                    5 => decode_affine::<5>(packed, groups, out),
+                    6 => decode_affine::<6>(packed, groups, out),
+                    8 => decode_affine::<8>(packed, groups, out),
                     other => unreachable!("affine matrices are built from a validated QuantFormat; {other} bits is not one"),
                 }
             }
@@ -195,14 +208,24 @@ const LANE_SHIFTS: [[u32; 8]; 9] = {
     t
 };
 
+/// One affine row's scales and biases.
+#[derive(Clone, Copy)]
+struct Groups<'a> {
+    scales: &'a [u8],
+    biases: &'a [u8],
+    floats: FloatDtype,
+    /// Elements per group.
+    size: usize,
+}
+
 /// Decodes one affine row of `B`-bit codes: every 8 codes occupy `B` bytes of the bit stream.
 #[inline(always)]
-fn decode_affine<const B: usize>(packed: &[u8], scales: &[u8], biases: &[u8], group_size: usize, out: &mut [f32]) {
+fn decode_affine<const B: usize>(packed: &[u8], groups: Groups<'_>, out: &mut [f32]) {
     let mask = (1u32 << B) - 1;
-    let group_bytes = group_size * B / 8;
-    for (g, (src, dst)) in packed.chunks_exact(group_bytes).zip(out.chunks_exact_mut(group_size)).enumerate() {
-        let scale = bf16_at(scales, g);
-        let bias = bf16_at(biases, g);
+    let group_bytes = groups.size * B / 8;
+    for (g, (src, dst)) in packed.chunks_exact(group_bytes).zip(out.chunks_exact_mut(groups.size)).enumerate() {
+        let scale = float_at(groups.floats, groups.scales, g);
+        let bias = float_at(groups.floats, groups.biases, g);
         for (eight, o) in src.chunks_exact(B).zip(dst.chunks_exact_mut(8)) {
             let mut word = [0u8; 8];
             word[..B].copy_from_slice(eight);
@@ -240,38 +263,65 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    /// `v` stored as `dtype`, written by `half` (an encoder independent of the decoder).
+    fn stored(dtype: FloatDtype, v: f32) -> Vec<u8> {
+        match dtype {
+            FloatDtype::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            FloatDtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+            FloatDtype::F32 => v.to_le_bytes().to_vec(),
+        }
+    }
+
     #[test]
     fn affine_rows_decode_as_scale_q_plus_bias() {
-        // One row of 32 codes at 3 bits: codes 0..7 repeated, scale 0.5, bias -1.
-        let codes: Vec<u8> = (0..32).map(|i| (i % 8) as u8).collect();
-        let mut packed = vec![0u8; 12];
+        // One row of 64 codes at 3 bits in two groups of 32: codes 0..7 repeated, scales 0.5 and
+        // 0.25, biases -1 and 3, with the scales and biases in each float type mlx-lm writes.
+        let codes: Vec<u8> = (0..64).map(|i| (i % 8) as u8).collect();
+        let mut packed = vec![0u8; 24];
         for (eight, dst) in codes.chunks(8).zip(packed.chunks_mut(3)) {
             let w: u64 = eight.iter().enumerate().map(|(k, &c)| u64::from(c) << (3 * k)).sum();
             dst.copy_from_slice(&w.to_le_bytes()[..3]);
         }
-        let scales = bf16::from_f32(0.5).to_bits().to_le_bytes();
-        let biases = bf16::from_f32(-1.0).to_bits().to_le_bytes();
-        let m = Matrix {
-            codes: Codes::Affine { weight: &packed, scales: &scales, biases: &biases, bits: 3, group_size: 32 },
-            rows: 1,
-            cols: 32,
-            map: RowMap::identity(1),
-        };
-        let mut out = vec![0f32; 32];
-        m.decode_row(0, &mut out);
-        for (i, v) in out.iter().enumerate() {
-            assert_eq!(*v, 0.5 * (i % 8) as f32 - 1.0);
+        for floats in FloatDtype::ALL {
+            let scales = [stored(floats, 0.5), stored(floats, 0.25)].concat();
+            let biases = [stored(floats, -1.0), stored(floats, 3.0)].concat();
+            let m = Matrix {
+                codes: Codes::Affine { weight: &packed, scales: &scales, biases: &biases, floats, bits: 3, group_size: 32 },
+                rows: 1,
+                cols: 64,
+                map: RowMap::identity(1),
+            };
+            let mut out = vec![0f32; 64];
+            m.decode_row(0, &mut out);
+            for (i, v) in out.iter().enumerate() {
+                let (scale, bias) = if i < 32 { (0.5, -1.0) } else { (0.25, 3.0) };
+                assert_eq!(*v, scale * (i % 8) as f32 + bias, "{floats} element {i}");
+            }
+            let x = vec![1.0f32; 64];
+            let mut y = [0f32];
+            m.matmul(&x, &mut y);
+            assert_eq!(y[0], out.iter().sum::<f32>());
+            assert_eq!(m.row_bytes(), 24 + 4 * floats.size(), "{floats}");
         }
-        let x = vec![1.0f32; 32];
-        let mut y = [0f32];
-        m.matmul(&x, &mut y);
-        assert_eq!(y[0], out.iter().sum::<f32>());
+    }
+
+    #[test]
+    fn dense_rows_decode_in_every_float_type() {
+        let vals: Vec<f32> = (0..2 * 32).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
+        for dtype in FloatDtype::ALL {
+            let data: Vec<u8> = vals.iter().flat_map(|&v| stored(dtype, v)).collect();
+            let m = Matrix { codes: Codes::Dense { data: &data, dtype }, rows: 2, cols: 32, map: RowMap::identity(2) };
+            let mut row = vec![0f32; 32];
+            m.decode_row(1, &mut row);
+            assert_eq!(row, vals[32..], "{dtype}");
+            assert_eq!(m.row_bytes(), 32 * dtype.size());
+        }
     }
 
     #[test]
     fn matmul_of_several_tokens_matches_one_by_one() {
-        let data: Vec<u8> = (0..6 * 32).flat_map(|i| bf16::from_f32((i % 7) as f32 - 3.0).to_bits().to_le_bytes()).collect();
-        let m = Matrix { codes: Codes::Bf16 { data: &data }, rows: 6, cols: 32, map: RowMap::identity(6) };
+        let data: Vec<u8> = (0..6 * 32).flat_map(|i| stored(FloatDtype::BF16, (i % 7) as f32 - 3.0)).collect();
+        let m = Matrix { codes: Codes::Dense { data: &data, dtype: FloatDtype::BF16 }, rows: 6, cols: 32, map: RowMap::identity(6) };
         let xs: Vec<f32> = (0..3 * 32).map(|i| (i as f32).sin()).collect();
         let mut all = vec![0f32; 18];
         m.matmul(&xs, &mut all);

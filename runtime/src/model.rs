@@ -4,7 +4,7 @@
 
 use mixq_loader::mlx_layout::param_format;
 use mixq_loader::schema::{Schema, UpstreamRows};
-use mixq_loader::{Checkpoint, CheckpointFormat, Dtype, GptOssConfig, LayerType, QuantFormat};
+use mixq_loader::{Checkpoint, CheckpointFormat, Dtype, FloatDtype, GptOssConfig, LayerType, QuantFormat};
 use rayon::prelude::*;
 
 use crate::cache::{KvCache, LayerCache};
@@ -91,7 +91,15 @@ impl<'a> Loader<'a, '_> {
         Ok(t.data)
     }
 
-    /// A BF16 vector (norm, bias, sinks) as f32, from where the checkpoint keeps it.
+    /// The float tensor `name` (BF16, F16 or F32) with the shape it must have, and its type.
+    fn fetch_floats(&self, name: &str, shape: &[usize]) -> Result<(&'a [u8], FloatDtype)> {
+        let t = self.ckpt.tensor(name)?;
+        let dtype = t.expect_float(shape).map_err(disagree)?;
+        Ok((t.data, dtype))
+    }
+
+    /// A vector (norm, bias, sinks) as f32, from where the checkpoint keeps it (upstream BF16; an
+    /// MLX checkpoint's BF16, F16 or F32).
     fn vector(&self, name: &str) -> Result<Vec<f32>> {
         let p = self.schema.param(name)?;
         let (tensor, start, step) = match &p.upstream {
@@ -99,9 +107,9 @@ impl<'a> Loader<'a, '_> {
             _ => (name, 0, 1),
         };
         let expected = if step == 1 { p.shape.clone() } else { p.upstream_tensors().remove(0).shape };
-        let data = self.fetch(tensor, Dtype::BF16, &expected)?;
+        let (data, dtype) = if self.upstream { (self.fetch(tensor, Dtype::BF16, &expected)?, FloatDtype::BF16) } else { self.fetch_floats(tensor, &expected)? };
         let mut all = vec![0f32; expected.iter().product()];
-        mixq_loader::decode::bf16_to_f32(data, &mut all);
+        mixq_loader::decode::floats_to_f32(dtype, data, &mut all);
         Ok(if step == 1 { all } else { all.into_iter().skip(start).step_by(step).collect() })
     }
 
@@ -126,11 +134,23 @@ impl<'a> Loader<'a, '_> {
         }
         let outs = format.outputs(&p.module, p.leaf, &p.shape);
         let data = |k: usize| self.fetch(&outs[k].name, outs[k].dtype, &outs[k].shape);
+        let floats = |k: usize| self.fetch_floats(&outs[k].name, &outs[k].shape);
         let codes = match format {
-            QuantFormat::Bf16 => Codes::Bf16 { data: data(0)? },
+            QuantFormat::Bf16 if self.upstream => Codes::Dense { data: data(0)?, dtype: FloatDtype::BF16 },
+            QuantFormat::Bf16 => {
+                let (data, dtype) = floats(0)?;
+                Codes::Dense { data, dtype }
+            }
             QuantFormat::Mxfp4 => Codes::Mxfp4 { blocks: data(0)?, scales: data(1)? },
             QuantFormat::Affine { bits, group_size } => {
-                Codes::Affine { weight: data(0)?, scales: data(1)?, biases: data(2)?, bits, group_size: group_size as usize }
+                let ((scales, floats), (biases, bias_floats)) = (floats(1)?, floats(2)?);
+                if bias_floats != floats {
+                    return Err(RuntimeError::Checkpoint(format!(
+                        "tensor {}: its biases are {bias_floats} but its scales {floats}; mlx stores both in one type",
+                        outs[2].name
+                    )));
+                }
+                Codes::Affine { weight: data(0)?, scales, biases, floats, bits, group_size: group_size as usize }
             }
         };
         Ok(Matrix { codes, rows, cols, map: RowMap::identity(rows) })

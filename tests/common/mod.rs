@@ -92,3 +92,47 @@ pub fn dev_text_halves(dir: &Path, first: &str, second: &str) -> (PathBuf, PathB
     std::fs::write(&b, &t[cut..]).expect("writable");
     (a, b)
 }
+
+/// Copies the checkpoint folder `src` to `dst` with every BF16 tensor (unquantized weights,
+/// scales, biases, norms, sinks) stored as `dtype` (`"F32"` or `"F16"`), the other tensors and
+/// files as they are (`"BF16"`: a plain copy): the forms mlx-lm writes with float32 or float16
+/// parameters.
+pub fn recast_floats(src: &Path, dst: &Path, dtype: &str) -> PathBuf {
+    std::fs::create_dir_all(dst).expect("writable");
+    for name in entries(src) {
+        let from = src.join(&name);
+        if !name.ends_with(".safetensors") {
+            if from.is_file() {
+                std::fs::copy(&from, dst.join(&name)).expect("copyable");
+            }
+            continue;
+        }
+        let raw = RawShard::read(&from);
+        let mut out = RawShard { header: serde_json::Map::new(), data: Vec::new() };
+        let mut names: Vec<&String> = raw.header.keys().filter(|k| *k != "__metadata__").collect();
+        names.sort_by_key(|k| raw.range(k).start);
+        for k in names {
+            let mut entry = raw.header[k].clone();
+            let bytes = &raw.data[raw.range(k)];
+            let bytes = if entry["dtype"] == "BF16" && dtype != "BF16" {
+                entry["dtype"] = Value::from(dtype);
+                let values = bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32());
+                match dtype {
+                    "F32" => values.flat_map(f32::to_le_bytes).collect(),
+                    "F16" => values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                    other => panic!("recast_floats: {other} is not F32 or F16"),
+                }
+            } else {
+                bytes.to_vec()
+            };
+            entry["data_offsets"] = serde_json::json!([out.data.len(), out.data.len() + bytes.len()]);
+            out.data.extend_from_slice(&bytes);
+            out.header.insert(k.clone(), entry);
+        }
+        if let Some(m) = raw.header.get("__metadata__") {
+            out.header.insert("__metadata__".into(), m.clone());
+        }
+        out.write(&dst.join(&name));
+    }
+    dst.to_path_buf()
+}

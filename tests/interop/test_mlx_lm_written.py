@@ -18,17 +18,23 @@ shapes alone (mlx_lm.utils.infer_quant_config). The models:
   fallback, saved with mlx_lm.utils.save exactly as its main() does: float32 scales and params.
 - gptq-bf16: the same GPTQ output with every float tensor cast to bf16 before saving, which is
   what the same run on a bf16 model with a GPU writes (gptq restores each layer's dtype).
+- convert-q-f16: `mlx_lm.convert(quantize=True, dtype="float16")` of the dequantized copy: float16
+  scales, biases, norms and sinks.
+- dense-f32: `mlx_lm.convert(dtype="float32")` of the dequantized copy, not quantized: every
+  weight a float32 matrix (runnable forms only; it has nothing quantized to inspect).
 - wrong-default: convert-q-bf16 with a top-level default (8-bit gs32) that no module uses;
   mlx-lm still loads it identically, inferring each module from its tensors.
 
 Every model is checked three ways: `mixq inspect --json` counts exactly the modules mlx-lm
 quantizes, by setting, with mlx-lm's bytes, parameters and bits per weight; `mixq logits` on the
 CPU matches mlx-lm's float32 reference (weights dequantized in f32) of that same model; and
-`mixq validate` gives mlx-lm's float32 perplexity.
+`mixq validate` gives mlx-lm's float32 perplexity. The float32 and float16 forms also run on the
+GPU backend (where an adapter exists) with the same logits.
 """
 
 import json
 import math
+import os
 import shutil
 import struct
 import subprocess
@@ -49,11 +55,10 @@ TEXT = TRAINED.parent / "shakespeare-dev.txt"
 N_TOKENS = 150
 VALIDATE_TOKENS = 256
 
-FORMS = ["convert-q", "convert-q-bf16", "gptq-f32", "gptq-bf16", "wrong-default"]
-# mixq's runtimes read bf16 scales, biases and norms (what mlx-lm writes for a bf16 model); the
-# float32 checkpoint that mlx-lm's GPTQ writes on a CPU is inspected but refused for running, by
-# name (test_float32_checkpoints_are_refused_by_name).
-RUNNABLE = [f for f in FORMS if f != "gptq-f32"]
+FORMS = ["convert-q", "convert-q-bf16", "gptq-f32", "gptq-bf16", "convert-q-f16", "wrong-default"]
+RUNNABLE = FORMS + ["dense-f32"]
+# Forms whose floats are not bf16: the GPU widens or reads them as f32.
+WIDE_FLOATS = ["gptq-f32", "convert-q-f16", "dense-f32"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +111,11 @@ def mlx_lm_models(tmp_path_factory):
     _gptq(bf16, models["gptq-f32"], cast_bf16=False)
     models["gptq-bf16"] = root / "gptq-bf16"
     _gptq(bf16, models["gptq-bf16"], cast_bf16=True)
+    models["convert-q-f16"] = root / "convert-q-f16"
+    mlx_lm.convert(hf_path=str(bf16), mlx_path=str(models["convert-q-f16"]), quantize=True, q_bits=4, q_group_size=64,
+                   dtype="float16")
+    models["dense-f32"] = root / "dense-f32"
+    mlx_lm.convert(hf_path=str(bf16), mlx_path=str(models["dense-f32"]), dtype="float32")
     models["wrong-default"] = root / "wrong-default"
     shutil.copytree(models["convert-q-bf16"], models["wrong-default"])
     _set_quantization(models["wrong-default"], lambda q: {**q, "group_size": 32, "bits": 8, "mode": "affine"})
@@ -148,7 +158,8 @@ def _mlx_quantized(model):
 
 def test_the_models_are_what_mlx_lm_writes(mlx_lm_models):
     """Pins the config.json shapes this file is about, so a change in mlx-lm's writers shows."""
-    q = {f: json.loads((d / "config.json").read_text())["quantization"] for f, d in mlx_lm_models.items()}
+    q = {f: json.loads((mlx_lm_models[f] / "config.json").read_text())["quantization"] for f in FORMS}
+    assert "quantization" not in json.loads((mlx_lm_models["dense-f32"] / "config.json").read_text())
     entries = {f: {k for k, v in qq.items() if isinstance(v, dict)} for f, qq in q.items()}
     routers = {f"model.layers.{i}.mlp.router" for i in range(6)}
     assert (q["convert-q"]["mode"], q["convert-q"]["bits"], q["convert-q"]["group_size"]) == ("mxfp4", 4, 32)
@@ -162,6 +173,9 @@ def test_the_models_are_what_mlx_lm_writes(mlx_lm_models):
     dtypes = {f: {v[0] for k, v in _headers(d).items() if k.endswith(".scales")} for f, d in mlx_lm_models.items()}
     assert dtypes["gptq-f32"] == {"F32"} and dtypes["gptq-bf16"] == {"BF16"}
     assert dtypes["convert-q"] == {"BF16", "U8"}
+    assert dtypes["convert-q-f16"] == {"F16"} and dtypes["dense-f32"] == set()
+    floats = {f: {v[0] for k, v in _headers(d).items() if v[0] not in ("U32", "U8")} for f, d in mlx_lm_models.items()}
+    assert floats["gptq-f32"] == floats["dense-f32"] == {"F32"} and floats["convert-q-f16"] == {"F16"}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -225,15 +239,23 @@ def test_validate_gives_mlx_lm_perplexity(mlx_lm_models, tokens, form):
     assert abs(got["ppl"] / want - 1) < 1e-3, f"mixq {got['ppl']} vs mlx-lm {want}"
 
 
-def test_float32_checkpoints_are_refused_by_name(mlx_lm_models, tmp_path):
-    """An all-float32 mlx-lm checkpoint is not run with a wrong reading: the error names a tensor
-    and the dtype found."""
-    tok_file = tmp_path / "t.json"
-    tok_file.write_text("[1, 2, 3]")
-    r = subprocess.run([mixq_bin(), "logits", "--model", str(mlx_lm_models["gptq-f32"]), "--tokens", str(tok_file),
-                        "--out", str(tmp_path / "l.npy"), "--backend", "cpu"], capture_output=True, text=True)
-    assert r.returncode == 1, r.stderr
-    assert "tensor model." in r.stderr and "found F32" in r.stderr and "panicked" not in r.stderr, r.stderr
+@pytest.mark.parametrize("form", WIDE_FLOATS)
+def test_float32_and_float16_forms_run_on_the_gpu(mlx_lm_models, tokens, tmp_path, form):
+    """The GPU backend reads f32 floats as they are and widens f16 ones: mlx-lm's float32
+    reference again. Skipped where no GPU adapter exists, except under CI (lavapipe is there)."""
+    model_dir = mlx_lm_models[form]
+    toks = tokens[:N_TOKENS]
+    tok_file = tmp_path / "tokens.json"
+    tok_file.write_text(json.dumps(toks))
+    out = tmp_path / "gpu.npy"
+    r = subprocess.run([mixq_bin(), "logits", "--model", str(model_dir), "--tokens", str(tok_file), "--out", str(out),
+                        "--backend", "gpu"], capture_output=True, text=True)
+    if r.returncode != 0 and "adapter" in r.stderr and os.environ.get("CI", "") in ("", "false"):
+        pytest.skip(f"no GPU adapter: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    model, _ = float32_model(model_dir)
+    ref = np.array(model(mx.array([toks]))[0].astype(mx.float32))
+    assert_agrees(ref, np.load(out))
 
 
 def test_wrong_default_changes_nothing(mlx_lm_models, tmp_path, tokens):

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use mixq_loader::{Checkpoint, CheckpointFormat, GptOssConfig, ModelFingerprint};
+use mixq_loader::{Checkpoint, CheckpointFormat, FloatDtype, GptOssConfig, ModelFingerprint};
 use mixq_quantizer::kernels::affine::AFFINE_GROUP_SIZES;
 use mixq_quantizer::kernels::importance::CalibrationUse;
 use mixq_loader::schema::Param;
@@ -172,7 +172,7 @@ fn measured(
         for (bits, gs) in settings_of(p, opts) {
             let q = quantize_unit(&ckpt, p, bits, gs as usize, opts.quantizer, importance.as_ref(), &row_weight)?;
             if ((bits, gs) == opts.reference || Some((bits, gs)) == opts.second) && !windows.is_empty() {
-                let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, bits, group_size: gs as usize };
+                let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, floats: FloatDtype::BF16, bits, group_size: gs as usize };
                 measured.push(((bits, gs), mean_kl(&model.with_weight(&p.module, codes)?, &windows, &reference, vocab)?));
             }
             let proxy = if q.signal > 0.0 { q.error / q.signal } else { q.error };

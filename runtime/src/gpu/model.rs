@@ -69,7 +69,7 @@ impl Uploader<'_, '_> {
     /// expert's for expert matrices), sharing storage already uploaded for the same bytes.
     fn matrix(&mut self, what: &str, m: &Matrix<'_>, bias: &[f32], rows: usize) -> Result<GpuMatrix> {
         let key = match m.codes {
-            crate::matrix::Codes::Bf16 { data } => (data.as_ptr() as usize, data.len()),
+            crate::matrix::Codes::Dense { data, .. } => (data.as_ptr() as usize, data.len()),
             crate::matrix::Codes::Affine { weight, .. } => (weight.as_ptr() as usize, weight.len()),
             crate::matrix::Codes::Mxfp4 { blocks, .. } => (blocks.as_ptr() as usize, blocks.len()),
         };
@@ -378,9 +378,9 @@ fn matmul_ops<'b>(
         let (base, rows) = if dense_identity { (part.first as u32, part.rows as u32) } else { (0, m.rows as u32) };
         w[10] = base;
         let (kernel, grid) = if experts {
-            (Kernel::ExpertMatmul(m.storage.format), Grid::ExpertRows { rows, slots: w[14] })
+            (Kernel::ExpertMatmul(m.storage.format, m.storage.floats), Grid::ExpertRows { rows, slots: w[14] })
         } else {
-            (Kernel::Matmul(m.storage.format), Grid::Rows { rows, last_only: w[17] == 1 })
+            (Kernel::Matmul(m.storage.format, m.storage.floats), Grid::Rows { rows, last_only: w[17] == 1 })
         };
         ops.push(PendingOp {
             kernel,
@@ -445,7 +445,7 @@ impl GpuModel {
         for part in &self.embed.storage.parts {
             let w = self.embed.params(part);
             body.push(PendingOp {
-                kernel: Kernel::Embed(self.embed.storage.format),
+                kernel: Kernel::Embed(self.embed.storage.format, self.embed.storage.floats),
                 params: blocks.push(&w),
                 buffers: vec![
                     &part.codes,

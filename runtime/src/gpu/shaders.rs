@@ -1,40 +1,45 @@
 //! The WGSL kernels of the GPU backend and the variants the weight formats need.
 //!
 //! Kernels that read packed weights are specialised per format at module-build time: a prelude of
-//! constants (`FORMAT`, `BITS`, `GROUP`, `EXPERTS`) is put in front of the shared decoding code
-//! and the kernel body, so every variant is one self-contained WGSL module.
+//! constants (`FORMAT`, `BITS`, `GROUP`, `WIDE`, `EXPERTS`) is put in front of the shared decoding
+//! code and the kernel body, so every variant is one self-contained WGSL module.
 
-use mixq_loader::QuantFormat;
+use mixq_loader::{FloatDtype, QuantFormat};
 
-/// Every format the kernels are built for.
-pub fn all_formats() -> Vec<QuantFormat> {
-    let mut v = vec![QuantFormat::Bf16, QuantFormat::Mxfp4];
+/// Every weight format the kernels are built for, with the float type of its unquantized values,
+/// scales and biases in GPU memory (BF16 or F32; MXFP4 has none, so BF16 only).
+pub fn all_formats() -> Vec<(QuantFormat, FloatDtype)> {
+    let mut formats = vec![QuantFormat::Bf16, QuantFormat::Mxfp4];
     for bits in mixq_loader::format::AFFINE_BITS {
         for group_size in mixq_loader::format::AFFINE_GROUP_SIZES {
-            v.push(QuantFormat::Affine { bits, group_size });
+            formats.push(QuantFormat::Affine { bits, group_size });
         }
     }
-    v
+    let floats = |f: &QuantFormat| if *f == QuantFormat::Mxfp4 { vec![FloatDtype::BF16] } else { vec![FloatDtype::BF16, FloatDtype::F32] };
+    formats.iter().flat_map(|f| floats(f).into_iter().map(move |d| (*f, d))).collect()
 }
 
 /// The constants that specialise a kernel to one weight format.
-fn prelude(format: &QuantFormat, experts: bool) -> String {
+fn prelude(format: &QuantFormat, floats: FloatDtype, experts: bool) -> String {
     let (format, bits, group) = match *format {
         QuantFormat::Bf16 => (0, 4, 32),
         QuantFormat::Affine { bits, group_size } => (1, bits, group_size),
         QuantFormat::Mxfp4 => (2, 4, 32),
     };
-    format!("const FORMAT: u32 = {format}u;\nconst BITS: u32 = {bits}u;\nconst GROUP: u32 = {group}u;\nconst EXPERTS: bool = {experts};\n\n")
+    let wide = floats == FloatDtype::F32;
+    format!(
+        "const FORMAT: u32 = {format}u;\nconst BITS: u32 = {bits}u;\nconst GROUP: u32 = {group}u;\nconst WIDE: bool = {wide};\nconst EXPERTS: bool = {experts};\n\n"
+    )
 }
 /// One compute kernel (entry point `main`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// Dense `y = W x (+ b)` over a tile of tokens.
-    Matmul(QuantFormat),
+    Matmul(QuantFormat, FloatDtype),
     /// Routed-expert products for the k experts each token selected.
-    ExpertMatmul(QuantFormat),
+    ExpertMatmul(QuantFormat, FloatDtype),
     /// Embedding rows of token ids.
-    Embed(QuantFormat),
+    Embed(QuantFormat, FloatDtype),
     /// RMSNorm.
     Norm,
     /// RoPE of q and k, and the KV-cache store.
@@ -72,8 +77,8 @@ impl Kernel {
     /// Every kernel variant the backend can build.
     pub fn all() -> Vec<Kernel> {
         let mut v = Vec::new();
-        for f in all_formats() {
-            v.extend([Kernel::Matmul(f), Kernel::ExpertMatmul(f), Kernel::Embed(f)]);
+        for (f, d) in all_formats() {
+            v.extend([Kernel::Matmul(f, d), Kernel::ExpertMatmul(f, d), Kernel::Embed(f, d)]);
         }
         v.extend([
             Kernel::Norm,
@@ -91,21 +96,22 @@ impl Kernel {
     /// A short name for labels and test messages.
     pub fn name(&self) -> String {
         match self {
-            Kernel::Matmul(f) => format!("matmul {f:?}"),
-            Kernel::ExpertMatmul(f) => format!("expert matmul {f:?}"),
-            Kernel::Embed(f) => format!("embed {f:?}"),
+            Kernel::Matmul(f, d) => format!("matmul {f:?} {d}"),
+            Kernel::ExpertMatmul(f, d) => format!("expert matmul {f:?} {d}"),
+            Kernel::Embed(f, d) => format!("embed {f:?} {d}"),
             k => format!("{k:?}").to_lowercase(),
         }
     }
 
     /// The complete WGSL source of this kernel.
     pub fn source(&self) -> String {
-        let weights = |f: &QuantFormat, experts: bool, body: &str| format!("{}{STEP}\n{WEIGHTS}\n{body}", prelude(f, experts));
+        let weights =
+            |f: &QuantFormat, d: &FloatDtype, experts: bool, body: &str| format!("{}{STEP}\n{WEIGHTS}\n{body}", prelude(f, *d, experts));
         let plain = |body: &str| format!("{STEP}\n{body}");
         match self {
-            Kernel::Matmul(f) => weights(f, false, include_str!("wgsl/matmul.wgsl")),
-            Kernel::ExpertMatmul(f) => weights(f, true, include_str!("wgsl/matmul.wgsl")),
-            Kernel::Embed(f) => weights(f, false, include_str!("wgsl/embed.wgsl")),
+            Kernel::Matmul(f, d) => weights(f, d, false, include_str!("wgsl/matmul.wgsl")),
+            Kernel::ExpertMatmul(f, d) => weights(f, d, true, include_str!("wgsl/matmul.wgsl")),
+            Kernel::Embed(f, d) => weights(f, d, false, include_str!("wgsl/embed.wgsl")),
             Kernel::Norm => plain(include_str!("wgsl/norm.wgsl")),
             Kernel::Rope => plain(include_str!("wgsl/rope.wgsl")),
             Kernel::Attention => plain(include_str!("wgsl/attention.wgsl")),
@@ -121,8 +127,8 @@ impl Kernel {
     pub fn bindings(&self) -> &'static [Binding] {
         use Binding::{Read as R, ReadWrite as W, Uniform as U};
         match self {
-            Kernel::Matmul(_) | Kernel::ExpertMatmul(_) => &[U, U, R, R, R, R, R, W, R],
-            Kernel::Embed(_) => &[U, U, R, R, R, R, W],
+            Kernel::Matmul(..) | Kernel::ExpertMatmul(..) => &[U, U, R, R, R, R, R, W, R],
+            Kernel::Embed(..) => &[U, U, R, R, R, R, W],
             Kernel::Norm => &[U, U, R, R, W],
             Kernel::Rope => &[U, U, R, W, R, R, W, W],
             Kernel::Attention => &[U, U, R, R, R, R, W],
@@ -151,6 +157,7 @@ mod tests {
         let all = Kernel::all();
         let sources: std::collections::HashSet<String> = all.iter().map(Kernel::source).collect();
         assert_eq!(sources.len(), all.len());
-        assert_eq!(all.len(), 20 * 3 + 8);
+        // bf16 and 18 affine formats with BF16 or F32 floats, mxfp4 with none.
+        assert_eq!(all.len(), (19 * 2 + 1) * 3 + 8);
     }
 }

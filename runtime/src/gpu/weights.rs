@@ -1,13 +1,14 @@
 //! Weight matrices in GPU memory: the checkpoint's packed bytes uploaded as they are (streamed from
-//! the memory map in chunks), split by rows into parts when a tensor exceeds the largest storage
-//! binding, or synthetic weights filled in place.
+//! the memory map in chunks; F16 floats widened to F32 on the way), split by rows into parts when a
+//! tensor exceeds the largest storage binding, or synthetic weights filled in place.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::shaders::{Kernel, WORKGROUP};
-use mixq_loader::QuantFormat;
+use mixq_loader::{FloatDtype, QuantFormat};
 use crate::matrix::{Codes, Matrix, RowMap};
 
 /// Bytes copied per write while uploading.
@@ -21,11 +22,11 @@ pub struct Part {
     pub first: usize,
     /// Stored rows.
     pub rows: usize,
-    /// Codes (or bf16 values).
+    /// Codes (or unquantized values).
     pub codes: wgpu::Buffer,
-    /// bf16 scales (affine) or E8M0 bytes (MXFP4).
+    /// Scales (affine) or E8M0 bytes (MXFP4).
     pub scales: Option<wgpu::Buffer>,
-    /// bf16 biases (affine).
+    /// Biases (affine).
     pub biases: Option<wgpu::Buffer>,
 }
 
@@ -33,6 +34,9 @@ pub struct Part {
 pub struct Storage {
     /// Encoding of the rows.
     pub format: QuantFormat,
+    /// The float type of unquantized values, scales and biases in GPU memory: BF16, or F32 (a
+    /// checkpoint's F32 as it is, its F16 widened).
+    pub floats: FloatDtype,
     /// Columns.
     pub cols: usize,
     /// Stored rows (all experts' rows for expert tensors).
@@ -44,17 +48,18 @@ pub struct Storage {
 impl Storage {
     /// Bytes per stored row (codes, scales and biases together).
     pub fn row_bytes(&self) -> usize {
-        self.format.row_bytes(self.cols)
+        let (codes, scales, biases) = self.format.stored_row_parts(self.cols, self.floats);
+        codes + scales + biases
     }
 
     /// Row ranges that keep each buffer within the largest storage binding.
-    fn split(ctx: &GpuContext, what: &str, format: QuantFormat, cols: usize, stored_rows: usize) -> Result<Vec<(usize, usize)>> {
+    fn split(ctx: &GpuContext, what: &str, format: QuantFormat, floats: FloatDtype, cols: usize, stored_rows: usize) -> Result<Vec<(usize, usize)>> {
         if !cols.is_multiple_of(32) {
             return Err(RuntimeError::Checkpoint(format!(
                 "{what}: the GPU kernels need {format:?} weights with a multiple of 32 columns (got {cols})"
             )));
         }
-        let (c, s, b) = format.row_parts(cols);
+        let (c, s, b) = format.stored_row_parts(cols, floats);
         let widest = c.max(s).max(b) as u64;
         let per_part = (ctx.split_binding() / widest) as usize;
         if per_part == 0 {
@@ -69,19 +74,27 @@ impl Storage {
     /// Uploads a CPU matrix's stored bytes, calling `progress(bytes)` after each chunk.
     pub fn upload(ctx: &GpuContext, what: &str, m: &Matrix<'_>, progress: &dyn Fn(u64)) -> Result<Storage> {
         let format = m.codes.format();
-        let (c, s, b) = format.row_parts(m.cols);
+        let stored = m.codes.floats();
+        // The kernels read BF16 or F32 floats; F16 is widened (exactly) as it is sent.
+        let floats = if stored == FloatDtype::BF16 { FloatDtype::BF16 } else { FloatDtype::F32 };
+        let (c_in, _, _) = format.stored_row_parts(m.cols, stored);
+        let (c, s, b) = format.stored_row_parts(m.cols, floats);
         let (codes, scales, biases): (&[u8], &[u8], &[u8]) = match m.codes {
-            Codes::Bf16 { data } => (data, &[], &[]),
+            Codes::Dense { data, .. } => (data, &[], &[]),
             Codes::Affine { weight, scales, biases, .. } => (weight, scales, biases),
             Codes::Mxfp4 { blocks, scales } => (blocks, scales, &[]),
         };
-        let stored_rows = codes.len() / c;
+        let stored_rows = codes.len() / c_in;
+        let widen = stored == FloatDtype::F16;
         let mut written = 0u64;
-        let mut send = |buf: &wgpu::Buffer, bytes: &[u8]| -> Result<()> {
-            for (i, chunk) in bytes.chunks(UPLOAD_CHUNK).enumerate() {
-                ctx.write(buf, (i * UPLOAD_CHUNK) as u64, chunk);
+        let mut send = |buf: &wgpu::Buffer, bytes: &[u8], is_float: bool| -> Result<()> {
+            let (per_chunk, grow) = if widen && is_float { (UPLOAD_CHUNK / 2, 2) } else { (UPLOAD_CHUNK, 1) };
+            for (i, source) in bytes.chunks(per_chunk).enumerate() {
+                let chunk = if grow == 2 { Cow::Owned(f16_to_f32_bytes(source)) } else { Cow::Borrowed(source) };
+                ctx.write(buf, (i * per_chunk * grow) as u64, &chunk);
                 written += chunk.len() as u64;
-                progress(chunk.len() as u64);
+                // Progress counts the checkpoint's bytes, as the total it is measured against does.
+                progress(source.len() as u64);
                 if written >= UPLOAD_FLUSH {
                     ctx.queue.submit([]);
                     ctx.wait()?;
@@ -91,23 +104,26 @@ impl Storage {
             Ok(())
         };
         let mut parts = Vec::new();
-        for (first, rows) in Self::split(ctx, what, format, m.cols, stored_rows)? {
-            let mut piece = |per: usize, data: &[u8], leaf: &str| -> Result<Option<wgpu::Buffer>> {
-                if per == 0 {
+        let (source_s, source_b) = (scales.len() / stored_rows.max(1), biases.len() / stored_rows.max(1));
+        for (first, rows) in Self::split(ctx, what, format, floats, m.cols, stored_rows)? {
+            // `per` bytes per row in the source, `gpu_per` in GPU memory.
+            let mut piece = |per: usize, gpu_per: usize, data: &[u8], leaf: &str, is_float: bool| -> Result<Option<wgpu::Buffer>> {
+                if gpu_per == 0 {
                     return Ok(None);
                 }
                 let bytes = &data[first * per..(first + rows) * per];
-                let buf =
-                    ctx.buffer(&format!("{what}.{leaf}"), bytes.len() as u64, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)?;
-                send(&buf, bytes)?;
+                let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+                let buf = ctx.buffer(&format!("{what}.{leaf}"), (rows * gpu_per) as u64, usage)?;
+                send(&buf, bytes, is_float)?;
                 Ok(Some(buf))
             };
-            let codes = piece(c, codes, "weight")?.expect("codes have bytes in every format");
-            let scales = piece(s, scales, "scales")?;
-            let biases = piece(b, biases, "biases")?;
+            let dense = format == QuantFormat::Bf16;
+            let codes = piece(c_in, c, codes, "weight", dense)?.expect("codes have bytes in every format");
+            let scales = piece(source_s, s, scales, "scales", !matches!(format, QuantFormat::Mxfp4))?;
+            let biases = piece(source_b, b, biases, "biases", true)?;
             parts.push(Part { first, rows, codes, scales, biases });
         }
-        Ok(Storage { format, cols: m.cols, stored_rows, parts })
+        Ok(Storage { format, floats, cols: m.cols, stored_rows, parts })
     }
 
     /// Random weights of the given shape made directly in GPU memory.
@@ -115,7 +131,7 @@ impl Storage {
         let (c, s, b) = format.row_parts(cols);
         let fill = ctx.pipeline(Kernel::Fill)?;
         let mut parts = Vec::new();
-        for (first, rows) in Self::split(ctx, what, format, cols, stored_rows)? {
+        for (first, rows) in Self::split(ctx, what, format, FloatDtype::BF16, cols, stored_rows)? {
             let make = |per: usize, kind: u32, leaf: &str| -> Result<Option<wgpu::Buffer>> {
                 if per == 0 {
                     return Ok(None);
@@ -130,8 +146,15 @@ impl Storage {
             let codes = make(c, code_kind, "weight")?.expect("codes have bytes in every format");
             parts.push(Part { first, rows, codes, scales: make(s, scale_kind, "scales")?, biases: make(b, 2, "biases")? });
         }
-        Ok(Storage { format, cols, stored_rows, parts })
+        Ok(Storage { format, floats: FloatDtype::BF16, cols, stored_rows, parts })
     }
+}
+
+/// Little-endian F16 bytes as little-endian F32 bytes (exact).
+fn f16_to_f32_bytes(bytes: &[u8]) -> Vec<u8> {
+    let mut values = vec![0f32; bytes.len() / 2];
+    mixq_loader::decode::floats_to_f32(FloatDtype::F16, bytes, &mut values);
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 fn fill_buffer(ctx: &GpuContext, fill: &crate::gpu::context::Pipeline, buf: &wgpu::Buffer, kind: u32, seed: u32) -> Result<()> {
@@ -187,7 +210,7 @@ impl GpuMatrix {
     /// The uniform words of `matmul.wgsl`'s `WeightParams` for one part, before the per-op fields.
     pub fn params(&self, part: &Part) -> [u32; 20] {
         let s = &self.storage;
-        let c = s.format.code_bytes(s.cols);
+        let (c, _, _) = s.format.stored_row_parts(s.cols, s.floats);
         let groups = s.format.groups(s.cols);
         let mut w = [0u32; 20];
         w[0] = self.rows as u32;

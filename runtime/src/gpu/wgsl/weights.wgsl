@@ -1,5 +1,6 @@
 // Packed weight storage and its decoding, shared by the kernels that read checkpoint weights.
-// The prelude defines FORMAT (0 bf16, 1 affine, 2 mxfp4), BITS and GROUP.
+// The prelude defines FORMAT (0 unquantized, 1 affine, 2 mxfp4), BITS, GROUP and WIDE (unquantized
+// values, scales and biases stored as f32 words rather than packed bf16 pairs).
 
 
 // Where one part of a (possibly split) weight tensor lives, and how rows are addressed.
@@ -41,11 +42,17 @@ fn bf16_in(words_index: u32, which: u32) -> f32 {
     return bitcast<f32>(select(words_index << 16u, words_index & 0xffff0000u, which == 1u));
 }
 
-fn bf16_scale(i: u32) -> f32 {
+fn group_scale(i: u32) -> f32 {
+    if (WIDE) {
+        return bitcast<f32>(scales[i]);
+    }
     return bf16_in(scales[i >> 1u], i & 1u);
 }
 
-fn bf16_bias(i: u32) -> f32 {
+fn group_bias(i: u32) -> f32 {
+    if (WIDE) {
+        return bitcast<f32>(biases[i]);
+    }
     return bf16_in(biases[i >> 1u], i & 1u);
 }
 
@@ -70,7 +77,12 @@ fn fp4(code: u32) -> f32 {
 
 // The 32 values of chunk `c` (columns 32c..32c+32) of local stored row `ls`.
 fn decode_chunk(ls: u32, c: u32, vals: ptr<function, array<f32, 32>>) {
-    if (FORMAT == 0u) {
+    if (FORMAT == 0u && WIDE) {
+        let base = ls * p.row_words + c * 32u;
+        for (var k = 0u; k < 32u; k++) {
+            (*vals)[k] = bitcast<f32>(codes[base + k]);
+        }
+    } else if (FORMAT == 0u) {
         let base = ls * p.row_words + c * 16u;
         for (var k = 0u; k < 16u; k++) {
             let w = codes[base + k];
@@ -85,8 +97,8 @@ fn decode_chunk(ls: u32, c: u32, vals: ptr<function, array<f32, 32>>) {
         }
         w[BITS] = 0u;
         let g = ls * p.groups + (c * 32u) / GROUP;
-        let scale = bf16_scale(g);
-        let bias = bf16_bias(g);
+        let scale = group_scale(g);
+        let bias = group_bias(g);
         for (var i = 0u; i < 32u; i++) {
             let bit = i * BITS;
             let sh = bit & 31u;
@@ -110,7 +122,9 @@ fn decode_chunk(ls: u32, c: u32, vals: ptr<function, array<f32, 32>>) {
 
 // One value: column `col` of local stored row `ls`.
 fn decode_value(ls: u32, col: u32) -> f32 {
-    if (FORMAT == 0u) {
+    if (FORMAT == 0u && WIDE) {
+        return bitcast<f32>(codes[ls * p.cols + col]);
+    } else if (FORMAT == 0u) {
         let i = ls * p.cols + col;
         return bf16_in(codes[i >> 1u], i & 1u);
     } else if (FORMAT == 1u) {
@@ -122,7 +136,7 @@ fn decode_value(ls: u32, col: u32) -> f32 {
             q = q | (codes[base + 1u] << (32u - sh));
         }
         let g = ls * p.groups + col / GROUP;
-        return bf16_scale(g) * f32(q & MASK) + bf16_bias(g);
+        return group_scale(g) * f32(q & MASK) + group_bias(g);
     } else {
         let w = codes[ls * p.row_words + (col >> 3u)];
         return fp4((w >> (4u * (col & 7u))) & 15u) * e8m0(ls * p.groups + (col >> 5u));
