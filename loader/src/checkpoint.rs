@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::config::GptOssConfig;
 use crate::dtype::{Dtype, FloatDtype};
 use crate::error::{LoaderError, Result};
+use crate::schema::SourceLayout;
 use crate::shard::{ShardFile, TensorInfo};
 
 /// Name of the shard index file.
@@ -20,6 +21,9 @@ pub enum CheckpointFormat {
     UpstreamMxfp4,
     /// MLX checkpoint with a `quantization` map in config.json.
     MlxQuantized,
+    /// transformers' `save_pretrained` of a dequantized gpt-oss (fine-tunes): dense transposed
+    /// experts (`mlp.experts.gate_up_proj` and `down_proj`), every tensor in one float type.
+    TransformersDense(FloatDtype),
     /// Unquantized weights.
     Unquantized,
 }
@@ -30,7 +34,19 @@ impl CheckpointFormat {
         match self {
             CheckpointFormat::UpstreamMxfp4 => "upstream gpt-oss (MXFP4 experts, BF16 rest)",
             CheckpointFormat::MlxQuantized => "MLX quantized",
+            CheckpointFormat::TransformersDense(FloatDtype::BF16) => "transformers dense gpt-oss (fine-tune layout: dense transposed experts, BF16)",
+            CheckpointFormat::TransformersDense(FloatDtype::F16) => "transformers dense gpt-oss (fine-tune layout: dense transposed experts, F16)",
+            CheckpointFormat::TransformersDense(FloatDtype::F32) => "transformers dense gpt-oss (fine-tune layout: dense transposed experts, F32)",
             CheckpointFormat::Unquantized => "unquantized",
+        }
+    }
+
+    /// The layout of a source checkpoint convert reads (`None` for MLX and other unquantized ones).
+    pub fn source_layout(self) -> Option<SourceLayout> {
+        match self {
+            CheckpointFormat::UpstreamMxfp4 => Some(SourceLayout::Mxfp4),
+            CheckpointFormat::TransformersDense(f) => Some(SourceLayout::Dense(f)),
+            CheckpointFormat::MlxQuantized | CheckpointFormat::Unquantized => None,
         }
     }
 }
@@ -214,9 +230,19 @@ impl Checkpoint {
             CheckpointFormat::MlxQuantized
         } else if self.tensors.keys().any(|k| k.ends_with("_blocks")) {
             CheckpointFormat::UpstreamMxfp4
+        } else if let Some(f) = self.dense_experts_dtype() {
+            CheckpointFormat::TransformersDense(f)
         } else {
             CheckpointFormat::Unquantized
         }
+    }
+
+    /// The float type of transformers' dense expert tensors (`mlp.experts.gate_up_proj`), when the
+    /// checkpoint has them.
+    fn dense_experts_dtype(&self) -> Option<FloatDtype> {
+        let name = self.tensors.keys().find(|k| k.ends_with(".mlp.experts.gate_up_proj"))?;
+        let shard = &self.shards[self.tensors[name]];
+        FloatDtype::of(shard.tensors()[name.as_str()].dtype)
     }
 
     /// Total bytes of tensor data.

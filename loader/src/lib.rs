@@ -22,7 +22,7 @@ pub use checkpoint::{Checkpoint, CheckpointFormat, TensorRef, INDEX_FILE};
 pub use config::{GptOssConfig, LayerType, QuantMode, QuantSpec, QuantizationMap, RopeScaling};
 pub use dtype::{Dtype, FloatDtype};
 pub use format::{bits_per_weight, QuantFormat, TensorSpec};
-pub use schema::{classify_name, mlx_params, InputSite, Param, TensorClass, UpstreamRows};
+pub use schema::{classify_name, mlx_params, InputSite, Param, SourceLayout, TensorClass, UpstreamRows};
 pub use rowmap::RowMap;
 pub use error::{LoaderError, Result};
 pub use shard::{ShardFile, TensorInfo};

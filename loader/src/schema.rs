@@ -4,7 +4,7 @@
 //! sensitivity) knows the model through this table.
 
 use crate::config::{GptOssConfig, LayerType};
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, FloatDtype};
 use crate::format::{TensorSpec, MXFP4_BLOCK};
 use crate::rowmap::RowMap;
 
@@ -192,6 +192,19 @@ pub enum UpstreamRows {
         /// Column stride.
         step: usize,
     },
+    /// Dense expert weights stored transposed (transformers' layout): output row `r` (expert
+    /// `r / per`, row `o = r % per` of it), element `j` is element `[r / per, j, start + o * step]`
+    /// of a float tensor `[experts, cols, per * step]`.
+    DenseTransposed {
+        /// The source tensor.
+        tensor: String,
+        /// Output rows per expert.
+        per: usize,
+        /// First source column.
+        start: usize,
+        /// Column stride.
+        step: usize,
+    },
     /// MXFP4 expert rows: output row `r` is stored row `map.stored(r)` of the blocks and scales.
     Mxfp4 {
         /// `[experts, stored_rows, cols / 32, 16]` uint8 codes.
@@ -201,6 +214,16 @@ pub enum UpstreamRows {
         /// Output row to stored row.
         map: RowMap,
     },
+}
+
+/// Where the expert weights of a checkpoint are: the two layouts the parameter table reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceLayout {
+    /// OpenAI's upstream files: MXFP4 expert blocks and scales, BF16 elsewhere.
+    Mxfp4,
+    /// transformers' `save_pretrained` of a dequantized model (fine-tunes): dense transposed
+    /// experts with gate/up interleaved on the last axis, every tensor in one float type.
+    Dense(FloatDtype),
 }
 
 /// One parameter of the MLX model.
@@ -269,13 +292,40 @@ impl Param {
 
     /// The upstream tensors this parameter reads, with their dtypes and shapes.
     pub fn upstream_tensors(&self) -> Vec<TensorSpec> {
+        self.source_tensors(SourceLayout::Mxfp4)
+    }
+
+    /// Where this parameter's rows are in a checkpoint of `layout`: the expert weights of a dense
+    /// checkpoint are its transposed `gate_up_proj` / `down_proj` (the MXFP4 tensors' stem).
+    pub fn rows_in(&self, layout: SourceLayout) -> UpstreamRows {
+        match (&self.upstream, layout) {
+            (UpstreamRows::Mxfp4 { blocks, map, .. }, SourceLayout::Dense(_)) => UpstreamRows::DenseTransposed {
+                tensor: blocks.strip_suffix("_blocks").unwrap_or(blocks).to_string(),
+                per: map.per,
+                start: map.start,
+                step: map.step,
+            },
+            (rows, _) => rows.clone(),
+        }
+    }
+
+    /// The tensors this parameter reads in a checkpoint of `layout`, with their dtypes and shapes.
+    pub fn source_tensors(&self, layout: SourceLayout) -> Vec<TensorSpec> {
         let cols = self.in_features();
         let outer = &self.shape[..self.shape.len().saturating_sub(1)];
-        match &self.upstream {
-            UpstreamRows::Bf16 { tensor } => vec![TensorSpec { name: tensor.clone(), dtype: Dtype::BF16, shape: self.shape.clone() }],
+        let float = match layout {
+            SourceLayout::Mxfp4 => Dtype::BF16,
+            SourceLayout::Dense(f) => f.dtype(),
+        };
+        match &self.rows_in(layout) {
+            UpstreamRows::Bf16 { tensor } => vec![TensorSpec { name: tensor.clone(), dtype: float, shape: self.shape.clone() }],
             UpstreamRows::Bf16Strided { tensor, step, .. } => {
                 let shape = outer.iter().copied().chain([cols * step]).collect();
-                vec![TensorSpec { name: tensor.clone(), dtype: Dtype::BF16, shape }]
+                vec![TensorSpec { name: tensor.clone(), dtype: float, shape }]
+            }
+            UpstreamRows::DenseTransposed { tensor, per, step, .. } => {
+                let experts = self.rows() / per.max(&1);
+                vec![TensorSpec { name: tensor.clone(), dtype: float, shape: vec![experts, cols, per * step] }]
             }
             UpstreamRows::Mxfp4 { blocks, scales, map } => {
                 let experts = self.rows() / map.per.max(1);
@@ -386,12 +436,17 @@ impl Schema {
 /// Every tensor of the upstream gpt-oss layout for a config, in a stable order (the model-wide
 /// tensors first, then layer by layer), derived from the parameter table.
 pub fn upstream_tensors(c: &GptOssConfig) -> Vec<TensorSpec> {
+    source_tensors(c, SourceLayout::Mxfp4)
+}
+
+/// Every tensor of a checkpoint of `layout` for a config, in the order of [`upstream_tensors`].
+pub fn source_tensors(c: &GptOssConfig, layout: SourceLayout) -> Vec<TensorSpec> {
     let params = mlx_params(c);
     let (global, layered): (Vec<&Param>, Vec<&Param>) = params.iter().partition(|p| p.layer.is_none());
     let mut seen = std::collections::HashSet::new();
     let mut out: Vec<TensorSpec> = Vec::new();
     for p in global.into_iter().chain(layered) {
-        for t in p.upstream_tensors() {
+        for t in p.source_tensors(layout) {
             if seen.insert(t.name.clone()) {
                 out.push(t);
             }

@@ -34,8 +34,8 @@ pub enum ConvertError {
     /// The output would replace the source.
     #[error("{0}: output folder is the source checkpoint or contains it")]
     OutIsSource(PathBuf),
-    /// The source is not an upstream checkpoint.
-    #[error("{path}: convert reads upstream gpt-oss checkpoints (MXFP4 experts); this one is {found}")]
+    /// The source is neither an upstream nor a transformers dense checkpoint.
+    #[error("{path}: convert reads upstream gpt-oss checkpoints (MXFP4 experts) and transformers' dense layout (fine-tunes); this one is {found}")]
     NotUpstream {
         /// The source folder.
         path: PathBuf,

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
-use mixq_loader::{Checkpoint, CheckpointFormat};
+use mixq_loader::Checkpoint;
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -159,10 +159,10 @@ pub fn convert(
 ) -> Result<ConvertReport, ConvertError> {
     let ckpt = Checkpoint::open(source)?;
     let format = ckpt.format();
-    if format != CheckpointFormat::UpstreamMxfp4 {
+    let Some(layout) = format.source_layout() else {
         return Err(ConvertError::NotUpstream { path: source.to_path_buf(), found: format.describe() });
-    }
-    mixq_loader::layout::validate_upstream(&ckpt)?;
+    };
+    mixq_loader::layout::validate_source(&ckpt, layout)?;
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
     let calibration = opts.calibration.as_deref().map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
     let quantizer = default_quantizer(opts.quantizer, calibration.as_ref());

@@ -1,9 +1,10 @@
-//! Row access to source tensors: BF16 rows (optionally strided, for de-interleaving) and MXFP4
-//! expert rows (optionally de-interleaved), decoded one row at a time.
+//! Row access to source tensors: float rows (BF16, F16 or F32; optionally strided, for
+//! de-interleaving), dense transposed expert columns (transformers' layout, de-interleaved) and
+//! MXFP4 expert rows (optionally de-interleaved), decoded one row at a time.
 
-use mixq_loader::decode::{bf16_to_f32, mxfp4_row_to_f32};
+use mixq_loader::decode::{float_at, floats_to_f32, mxfp4_row_to_f32};
 use mixq_loader::format::MXFP4_BLOCK;
-use mixq_loader::{Checkpoint, RowMap};
+use mixq_loader::{Checkpoint, CheckpointFormat, FloatDtype, RowMap, SourceLayout};
 
 use crate::error::ConvertError;
 use mixq_loader::schema::{Param, UpstreamRows};
@@ -11,14 +12,34 @@ use mixq_loader::schema::{Param, UpstreamRows};
 /// Where the rows of one output parameter come from.
 #[derive(Debug, Clone, Copy)]
 pub enum RowSource<'a> {
-    /// BF16 elements: output row `r`, element `j` is source element `r*src_cols + start + j*step`.
-    Bf16 {
+    /// Float elements: output row `r`, element `j` is source element `r*src_cols + start + j*step`.
+    Floats {
         /// Source bytes.
         data: &'a [u8],
+        /// Their float type.
+        dtype: FloatDtype,
         /// Output row length.
         cols: usize,
         /// Source row length.
         src_cols: usize,
+        /// First source column.
+        start: usize,
+        /// Column stride.
+        step: usize,
+    },
+    /// Dense transposed experts `[experts, cols, src_cols]`: output row `r` (expert `r / per`, row
+    /// `o = r % per`), element `j` is source element `[r / per, j, start + o * step]`, a column.
+    Dense {
+        /// Source bytes.
+        data: &'a [u8],
+        /// Their float type.
+        dtype: FloatDtype,
+        /// Output row length (source rows per expert).
+        cols: usize,
+        /// Source row length (`per * step`).
+        src_cols: usize,
+        /// Output rows per expert.
+        per: usize,
         /// First source column.
         start: usize,
         /// Column stride.
@@ -38,21 +59,33 @@ pub enum RowSource<'a> {
 }
 
 impl<'a> RowSource<'a> {
-    /// The rows of `p` (in the MLX module's order) in the upstream checkpoint `ckpt`, where the
-    /// schema says they are; each tensor checked against the dtype and shape it must have.
+    /// The rows of `p` (in the MLX module's order) in the source checkpoint `ckpt` (upstream MXFP4
+    /// or transformers' dense layout), where the schema says they are; each tensor checked against
+    /// the dtype and shape it must have.
     pub fn for_param(ckpt: &'a Checkpoint, p: &Param) -> Result<Self, ConvertError> {
         let cols = p.in_features();
-        let expected = p.upstream_tensors();
+        let layout = match ckpt.format() {
+            CheckpointFormat::TransformersDense(f) => SourceLayout::Dense(f),
+            _ => SourceLayout::Mxfp4,
+        };
+        let dtype = match layout {
+            SourceLayout::Dense(f) => f,
+            SourceLayout::Mxfp4 => FloatDtype::BF16,
+        };
+        let expected = p.source_tensors(layout);
         let fetch = |k: usize| -> Result<&'a [u8], ConvertError> {
             let e = &expected[k];
             let t = ckpt.tensor(&e.name)?;
             t.expect(e.dtype, &e.shape)?;
             Ok(t.data)
         };
-        Ok(match &p.upstream {
-            UpstreamRows::Bf16 { .. } => RowSource::Bf16 { data: fetch(0)?, cols, src_cols: cols, start: 0, step: 1 },
+        Ok(match &p.rows_in(layout) {
+            UpstreamRows::Bf16 { .. } => RowSource::Floats { data: fetch(0)?, dtype, cols, src_cols: cols, start: 0, step: 1 },
             UpstreamRows::Bf16Strided { start, step, .. } => {
-                RowSource::Bf16 { data: fetch(0)?, cols, src_cols: cols * step, start: *start, step: *step }
+                RowSource::Floats { data: fetch(0)?, dtype, cols, src_cols: cols * step, start: *start, step: *step }
+            }
+            &UpstreamRows::DenseTransposed { per, start, step, .. } => {
+                RowSource::Dense { data: fetch(0)?, dtype, cols, src_cols: per * step, per, start, step }
             }
             UpstreamRows::Mxfp4 { map, .. } => RowSource::Mxfp4 { blocks: fetch(0)?, scales: fetch(1)?, cols, map: *map },
         })
@@ -61,20 +94,28 @@ impl<'a> RowSource<'a> {
     /// The source byte slices this reads from.
     pub fn slices(&self) -> Vec<&[u8]> {
         match *self {
-            RowSource::Bf16 { data, .. } => vec![data],
+            RowSource::Floats { data, .. } | RowSource::Dense { data, .. } => vec![data],
             RowSource::Mxfp4 { blocks, scales, .. } => vec![blocks, scales],
         }
     }
 
     /// The source bytes that output rows `first..first + n` read, where they are contiguous
-    /// (all but the strided BF16 expert biases, which are small), for releasing once consumed.
+    /// (all but the strided expert biases, which are small; for dense transposed experts, the
+    /// experts these rows finish), for releasing once consumed.
     pub fn row_slices(&self, first: usize, n: usize) -> Vec<&'a [u8]> {
         if n == 0 {
             return Vec::new();
         }
         match *self {
-            RowSource::Bf16 { data, src_cols, step: 1, .. } => vec![&data[first * src_cols * 2..(first + n) * src_cols * 2]],
-            RowSource::Bf16 { .. } => Vec::new(),
+            RowSource::Floats { data, dtype, src_cols, step: 1, .. } => {
+                let f = dtype.size();
+                vec![&data[first * src_cols * f..(first + n) * src_cols * f]]
+            }
+            RowSource::Floats { .. } => Vec::new(),
+            RowSource::Dense { data, dtype, cols, src_cols, per, .. } => {
+                let expert_bytes = cols * src_cols * dtype.size();
+                vec![&data[first / per * expert_bytes..(first + n) / per * expert_bytes]]
+            }
             RowSource::Mxfp4 { blocks, scales, cols, map } => {
                 // Stored rows grow with output rows, so the chunk reads one stored range.
                 let (lo, hi) = (map.stored(first), map.stored(first + n - 1) + 1);
@@ -87,21 +128,21 @@ impl<'a> RowSource<'a> {
     /// Output row length in elements.
     pub fn cols(&self) -> usize {
         match *self {
-            RowSource::Bf16 { cols, .. } | RowSource::Mxfp4 { cols, .. } => cols,
+            RowSource::Floats { cols, .. } | RowSource::Dense { cols, .. } | RowSource::Mxfp4 { cols, .. } => cols,
         }
     }
 
     /// Source bytes read per output row (for progress).
     pub fn source_bytes_per_row(&self) -> usize {
         match *self {
-            RowSource::Bf16 { cols, .. } => cols * 2,
+            RowSource::Floats { cols, dtype, .. } | RowSource::Dense { cols, dtype, .. } => cols * dtype.size(),
             RowSource::Mxfp4 { cols, .. } => cols / 2 + cols / MXFP4_BLOCK,
         }
     }
 
     fn mxfp4_row(&self, r: usize) -> (&[u8], &[u8]) {
         let RowSource::Mxfp4 { blocks, scales, cols, map } = *self else {
-            unreachable!("mxfp4_row on a BF16 source")
+            unreachable!("mxfp4_row on a float source")
         };
         let src = map.stored(r);
         let (bb, sb) = (cols / 2, cols / MXFP4_BLOCK);
@@ -111,15 +152,21 @@ impl<'a> RowSource<'a> {
     /// Decodes output row `r` to f32.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         match *self {
-            RowSource::Bf16 { data, cols, src_cols, start, step } => {
+            RowSource::Floats { data, dtype, cols, src_cols, start, step } => {
                 let base = r * src_cols + start;
                 if step == 1 {
-                    bf16_to_f32(&data[base * 2..(base + cols) * 2], out);
+                    floats_to_f32(dtype, &data[base * dtype.size()..(base + cols) * dtype.size()], out);
                 } else {
                     for (j, o) in out.iter_mut().enumerate() {
-                        let k = (base + j * step) * 2;
-                        *o = f32::from_bits(u32::from(u16::from_le_bytes([data[k], data[k + 1]])) << 16);
+                        *o = float_at(dtype, data, base + j * step);
                     }
+                }
+            }
+            RowSource::Dense { data, dtype, cols, src_cols, per, start, step } => {
+                // Expert e's rows are contiguous: column `start + o*step` of each of its `cols` rows.
+                let base = (r / per) * cols * src_cols + start + (r % per) * step;
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = float_at(dtype, data, base + j * src_cols);
                 }
             }
             RowSource::Mxfp4 { .. } => {
@@ -129,9 +176,10 @@ impl<'a> RowSource<'a> {
         }
     }
 
-    /// Writes output row `r` as BF16 bytes (exact: MXFP4 values are representable in bf16).
+    /// Writes output row `r` as BF16 bytes: BF16 and MXFP4 values exactly, F16 and F32 ones rounded
+    /// to nearest, ties to even (as mlx's `astype(mx.bfloat16)` rounds).
     pub fn row_bf16(&self, r: usize, scratch: &mut [f32], out: &mut [u8]) {
-        if let RowSource::Bf16 { data, cols, src_cols, start, step: 1 } = *self {
+        if let RowSource::Floats { data, dtype: FloatDtype::BF16, cols, src_cols, start, step: 1 } = *self {
             let base = (r * src_cols + start) * 2;
             out.copy_from_slice(&data[base..base + cols * 2]);
             return;
@@ -142,7 +190,7 @@ impl<'a> RowSource<'a> {
         }
     }
 
-    /// Copies output row `r`'s MXFP4 blocks and scales unchanged; `None` for a BF16 source.
+    /// Copies output row `r`'s MXFP4 blocks and scales unchanged; `None` for a float source.
     pub fn row_mxfp4(&self, r: usize) -> Option<(&[u8], &[u8])> {
         matches!(self, RowSource::Mxfp4 { .. }).then(|| self.mxfp4_row(r))
     }
