@@ -194,3 +194,15 @@ fn mislabelled_dense_shape_is_named_with_the_expected_shape() {
     assert!(!r.status.success());
     assert!(err.contains(name) && err.contains("expected shape [16, 256, 512], found [16, 512, 256]"), "{err}");
 }
+
+#[test]
+fn mxfp4_experts_from_a_dense_source_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = write_dense(&tmp.path().join("dense"), Float::Bf16, false, |_| {});
+    let (s, o) = (dense.to_str().unwrap(), tmp.path().join("out"));
+    let r = mixq(&["convert", "--source", s, "--recipe", "mxfp4-experts", "--out", o.to_str().unwrap(), "--quiet"], &[]);
+    let err = text(&r).1;
+    assert!(!r.status.success());
+    assert!(err.contains("model.layers.0.mlp.experts.gate_proj.weight is dense") && err.contains("MXFP4"), "{err}");
+    assert!(!o.exists(), "nothing is written");
+}

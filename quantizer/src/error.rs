@@ -42,6 +42,14 @@ pub enum ConvertError {
         /// What it is.
         found: &'static str,
     },
+    /// A recipe keeps experts as MXFP4, which a dense source cannot supply yet.
+    #[error("{path}: {tensor} is dense in this checkpoint and mixq does not re-encode dense experts to MXFP4 yet; use a recipe that quantizes experts with affine")]
+    DenseToMxfp4 {
+        /// The source folder.
+        path: PathBuf,
+        /// The parameter the recipe stores as MXFP4.
+        tensor: String,
+    },
     /// Calibration statistics do not fit the model.
     #[error("{path}: {message}")]
     Calibration {

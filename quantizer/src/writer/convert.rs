@@ -164,6 +164,9 @@ pub fn convert(
     };
     mixq_loader::layout::validate_source(&ckpt, layout)?;
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
+    if let (mixq_loader::SourceLayout::Dense(_), Some(a)) = (layout, alloc.assigned.iter().find(|a| a.action == QuantFormat::Mxfp4)) {
+        return Err(ConvertError::DenseToMxfp4 { path: source.to_path_buf(), tensor: a.param.name() });
+    }
     let calibration = opts.calibration.as_deref().map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
     let quantizer = default_quantizer(opts.quantizer, calibration.as_ref());
     check_quantizers(&alloc, quantizer, calibration.as_ref())?;
