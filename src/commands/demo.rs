@@ -192,7 +192,9 @@ impl Demo<'_> {
             gates: mixq_validate::Gates::default(),
             card: Some(&card),
         };
-        let v = super::validate::measure(&request, &auto_backend(), self.json)?.summary;
+        let validation = super::validate::measure(&request, &auto_backend(), self.json)?;
+        validation.save(&request)?;
+        let v = validation.summary;
         self.say(&format!("{}(first 4096 tokens of {}, windows of 256; added to the model card)\n", v.to_text(), text.display()));
         Ok(v.to_json())
     }

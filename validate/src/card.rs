@@ -35,19 +35,24 @@ pub fn section(s: &Summary, ctx: &CardContext<'_>) -> String {
     md
 }
 
-/// Adds the section to a model card, replacing an earlier "## Validation" section up to the next
-/// second-level heading.
+/// Adds the section to a model card (a new file when there is none), replacing an earlier
+/// "## Validation" section up to the next second-level heading; the card is replaced atomically.
 pub fn update_card(path: &Path, section_md: &str) -> Result<(), ValidateError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ValidateError::Io(path.to_path_buf(), e))?;
+    let text = match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        r => r.map_err(|e| ValidateError::Io(path.to_path_buf(), e))?,
+    };
     let out = match text.find("\n## Validation\n") {
         Some(start) => {
             let after = &text[start + 1..];
             let end = after[3..].find("\n## ").map(|i| start + 1 + 3 + i + 1).unwrap_or(text.len());
             format!("{}\n{}{}", &text[..start], section_md, if end < text.len() { format!("\n{}", &text[end..]) } else { String::new() })
         }
+        None if text.trim().is_empty() => section_md.to_string(),
         None => format!("{}\n\n{}", text.trim_end(), section_md),
     };
-    std::fs::write(path, out).map_err(|e| ValidateError::Io(path.to_path_buf(), e))
+    mixq_quantizer::writer::manifest::replace_file(path, out.as_bytes())?;
+    Ok(())
 }
 
 #[cfg(test)]
