@@ -137,10 +137,23 @@ fn existing_output_needs_force() {
     assert!(!o.status.success());
     assert!(text(&o).1.contains("not empty; pass --force"), "{}", text(&o).1);
     assert_eq!(entries(&out), ["keep.txt"], "nothing was touched");
+    // --force replaces a mixq output only: a folder of other things is named and kept.
     let o = convert(&src, "gpt-oss-120b-3.6bit", &out, &["--force"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("--force replaces only an empty folder or a mixq output"), "{}", text(&o).1);
+    assert!(text(&o).1.contains("holds 1 entry and no mixq-manifest.json (keep.txt), which it would delete"), "{}", text(&o).1);
+    assert_eq!(entries(&out), ["keep.txt"], "nothing was touched");
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
+    assert!(convert(&src, "gpt-oss-120b-3.6bit", &out, &[]).status.success());
+    let o = convert(&src, "mixed_3_6", &out, &["--force"]);
     assert!(o.status.success(), "{}", text(&o).1);
-    assert!(!out.join("keep.txt").exists());
     assert!(mixq(&["verify", out.to_str().unwrap()], &[]).status.success());
+    // A regular file is never an output folder, with or without --force.
+    let file = tmp.path().join("some-file");
+    std::fs::write(&file, b"data").unwrap();
+    let o = convert(&src, "gpt-oss-120b-3.6bit", &file, &["--force"]);
+    assert!(text(&o).1.contains("some-file: --out is a regular file"), "{}", text(&o).1);
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
     // An empty folder is fine without --force; the source itself never is.
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();

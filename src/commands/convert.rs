@@ -28,8 +28,8 @@ pub struct ConvertArgs {
     force: bool,
     #[command(flatten)]
     threads: Threads,
-    /// Largest shard in bytes (default 5 GiB, as mlx-lm).
-    #[arg(long, default_value_t = mixq_quantizer::writer::convert::MAX_SHARD_BYTES)]
+    /// Largest shard: bytes or a size such as 2GiB, at least 64 KiB (default 5 GiB, as mlx-lm).
+    #[arg(long, default_value_t = mixq_quantizer::writer::convert::MAX_SHARD_BYTES, value_parser = crate::args::shard_bytes)]
     max_shard_bytes: u64,
     /// How affine groups get their scale and bias where the recipe does not say: `mse`
     /// searches for the least (calibration-weighted) error; `gptq` adds error feedback through

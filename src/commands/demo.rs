@@ -156,6 +156,7 @@ impl Demo<'_> {
             ignore_eos: false,
             backend: auto_backend(),
             stream: false,
+            quiet: false,
         };
         let g = generate_text(&run)?;
         self.say(&format!(
@@ -192,7 +193,7 @@ impl Demo<'_> {
             gates: mixq_validate::Gates::default(),
             card: Some(&card),
         };
-        let validation = super::validate::measure(&request, &auto_backend(), self.json)?;
+        let validation = super::validate::measure(&request, &auto_backend(), self.json, false)?;
         validation.save(&request)?;
         let v = validation.summary;
         self.say(&format!("{}(first 4096 tokens of {}, windows of 256; added to the model card)\n", v.to_text(), text.display()));
@@ -209,5 +210,5 @@ struct Converted {
 
 /// The backend the demo runs on: auto, default context.
 fn auto_backend() -> BackendArgs {
-    BackendArgs { backend: mixq_runtime::Backend::Auto, max_context: None }
+    BackendArgs { backend: mixq_runtime::Backend::Auto, max_context: None, verbose: false }
 }

@@ -26,6 +26,8 @@ pub struct LogitsArgs {
     #[command(flatten)]
     backend: BackendArgs,
     #[command(flatten)]
+    quiet: crate::args::Quiet,
+    #[command(flatten)]
     json: Json,
 }
 
@@ -33,7 +35,7 @@ pub struct LogitsArgs {
 pub fn run(a: LogitsArgs) -> Result<ExitCode> {
     let ids = read_token_ids(&a.tokens)?;
     let ckpt = Checkpoint::open(&a.model)?;
-    let m = backend::load(&ckpt, &a.backend, a.json.json)?;
+    let m = backend::load(&ckpt, &a.backend, a.json.json, a.quiet.quiet)?;
     let (secs, vocab) = write_logits(&m, &ids, &a.out)?;
     if a.json.json {
         print_json(&serde_json::json!({"out": a.out, "tokens": ids.len(), "vocab": vocab, "seconds": secs, "backend": m.backend()}));

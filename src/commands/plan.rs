@@ -24,6 +24,9 @@ pub struct PlanArgs {
 /// Runs `mixq plan`.
 pub fn run(a: PlanArgs) -> Result<ExitCode> {
     let plan = mixq_quantizer::writer::jobs::plan_source(&a.source, &a.recipe)?;
+    for w in &plan.unused_rules {
+        eprintln!("warning: {w}");
+    }
     if a.json.json {
         print_json(&report::plan_json(&a.source, &plan.recipe, &plan.summary, plan.source_size));
     } else {

@@ -21,16 +21,16 @@ pub struct SearchArgs {
     #[arg(long)]
     source: String,
     /// Size budget in bits per weight.
-    #[arg(long, conflicts_with = "target_size", required_unless_present = "target_size")]
+    #[arg(long, conflicts_with = "target_size", required_unless_present = "target_size", value_parser = crate::args::positive)]
     target_bpw: Option<f64>,
-    /// Size budget: 48GiB, 51.9GB or a byte count.
+    /// Size budget: 48GiB, 51.9GB, 900MiB (units in any case) or a whole number of bytes.
     #[arg(long)]
     target_size: Option<String>,
     /// The recipe to write (YAML).
     #[arg(long)]
     out: PathBuf,
-    /// Smallest affine bit width allowed.
-    #[arg(long, default_value_t = 3)]
+    /// Smallest affine bit width allowed: 2, 3, 4, 5, 6 or 8.
+    #[arg(long, default_value_t = 3, value_parser = crate::args::bit_width)]
     min_bits: u32,
     /// Classes kept in bf16.
     #[arg(long, value_delimiter = ',', default_value = "norm,router,bias,sinks")]

@@ -25,7 +25,7 @@ pub struct RunCommandArgs {
     #[arg(long, required_unless_present = "prompt_tokens")]
     prompt: Option<String>,
     /// Use N deterministic pseudo-random token ids as the prompt (for timing).
-    #[arg(long, conflicts_with = "prompt")]
+    #[arg(long, conflicts_with = "prompt", value_parser = crate::args::at_least_1)]
     prompt_tokens: Option<usize>,
     /// Time a model of this config.json's shape with random weights made in GPU memory
     /// (no checkpoint file); needs --recipe.
@@ -41,13 +41,13 @@ pub struct RunCommandArgs {
     #[arg(long)]
     chat: bool,
     /// Tokens to generate at most.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::args::at_least_1)]
     max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, 0 or more; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = crate::args::non_negative, allow_hyphen_values = true)]
     temp: f32,
-    /// Nucleus sampling mass (1 keeps every token).
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling mass, above 0 and at most 1 (1 keeps every token).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::args::probability_mass, allow_hyphen_values = true)]
     top_p: f32,
     /// Keep only the k most likely tokens (0 keeps all).
     #[arg(long, default_value_t = 0)]
@@ -57,6 +57,8 @@ pub struct RunCommandArgs {
     seed: u64,
     #[command(flatten)]
     backend: BackendArgs,
+    #[command(flatten)]
+    quiet: crate::args::Quiet,
     #[command(flatten)]
     json: crate::args::Json,
 }
@@ -78,6 +80,7 @@ pub fn run(a: RunCommandArgs) -> Result<ExitCode> {
         ignore_eos: a.ignore_eos,
         backend: a.backend,
         stream: !a.json.json,
+        quiet: a.quiet.quiet,
     };
     let figures = generate_text(&args)?;
     if a.json.json {
@@ -106,17 +109,19 @@ pub struct RunArgs<'a> {
     pub ignore_eos: bool,
     pub backend: BackendArgs,
     pub stream: bool,
+    /// No notes or progress on stderr.
+    pub quiet: bool,
 }
 
 /// Loads the engine (and, for a checkpoint, its tokenizer) that `a` asks for.
 fn load_engine<'c>(a: &RunArgs<'_>, ckpt: Option<&'c Checkpoint>) -> Result<(Engine<'c>, Option<TextCodec>)> {
     match (&a.source, ckpt) {
-        (Source::Checkpoint(dir), Some(ckpt)) => Ok((backend::load(ckpt, &a.backend, !a.stream)?, Some(TextCodec::load(dir)?))),
+        (Source::Checkpoint(dir), Some(ckpt)) => Ok((backend::load(ckpt, &a.backend, !a.stream, a.quiet)?, Some(TextCodec::load(dir)?))),
         (Source::Synthetic { config, recipe }, _) => {
             if a.backend.backend == mixq_runtime::Backend::Cpu {
                 bail!("--synthetic-config makes its weights in GPU memory: it needs --backend gpu or auto");
             }
-            Ok((backend::synthetic(config, recipe, !a.stream)?, None))
+            Ok((backend::synthetic(config, recipe, a.quiet || !a.stream)?, None))
         }
         _ => unreachable!("a checkpoint source always has an open checkpoint"),
     }

@@ -39,10 +39,10 @@ pub struct SensitivityArgs {
     #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
     group_sizes: Vec<u32>,
     /// Tokens of the text the KL is measured on.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::args::at_least_1)]
     tokens: usize,
     /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::args::at_least_1)]
     ctx: usize,
     /// The quantizer the settings are made with.
     #[arg(long, default_value = "mse", value_parser = parse_quantizer)]

@@ -23,16 +23,16 @@ pub struct SynthArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override the layer count.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_1)]
     layers: Option<usize>,
     /// Override the model width.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_1)]
     hidden: Option<usize>,
     /// Override the expert width.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_1)]
     intermediate: Option<usize>,
     /// Override the expert count.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_1)]
     experts: Option<usize>,
     /// Override the RNG seed.
     #[arg(long)]

@@ -37,7 +37,7 @@ pub struct ValidateArgs {
     #[arg(long)]
     stride: Option<usize>,
     /// Evaluate only the first N tokens of the text.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_1)]
     max_tokens: Option<usize>,
     /// Logits kept per token in a saved reference (at most the vocabulary: larger values are
     /// capped to it).
@@ -82,7 +82,7 @@ pub fn run(a: ValidateArgs) -> Result<ExitCode> {
     };
     let quiet = a.quiet.quiet || a.json.json;
     let pool = a.threads.pool()?;
-    let v = pool.install(|| measure(&request, &a.backend, quiet))?;
+    let v = pool.install(|| measure(&request, &a.backend, quiet, a.quiet.quiet))?;
     // The figures first: a failed write or gate below must not lose them.
     if a.json.json {
         let mut j = v.summary.to_json();
@@ -109,10 +109,11 @@ pub fn run(a: ValidateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs a validation on `backend`, with progress on stderr unless `quiet`.
-pub fn measure(request: &ValidateRequest<'_>, backend: &BackendArgs, quiet: bool) -> Result<Validation> {
-    let progress = CountProgress::new("validate", "tokens", quiet);
-    let result = validate_model(request, &|c| backend::load(c, backend, quiet), &|done, total| progress.update(done, total));
+/// Runs a validation on `backend`, with progress on stderr unless `no_progress`, and the
+/// backend's note unless `quiet`.
+pub fn measure(request: &ValidateRequest<'_>, backend: &BackendArgs, no_progress: bool, quiet: bool) -> Result<Validation> {
+    let progress = CountProgress::new("validate", "tokens", no_progress || quiet);
+    let result = validate_model(request, &|c| backend::load(c, backend, no_progress, quiet), &|done, total| progress.update(done, total));
     progress.finish();
     result
 }

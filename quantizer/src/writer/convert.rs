@@ -25,7 +25,7 @@ use crate::writer::card::model_card;
 use crate::error::{io, ConvertError};
 use crate::writer::provenance::Provenance;
 use crate::writer::hash::{sha256_file, sha256_hex};
-use crate::writer::manifest::write_manifest;
+use crate::writer::manifest::{write_manifest, MANIFEST_FILE};
 use crate::recipe::plan::{Allocation, Assigned, PlanSummary};
 use mixq_loader::TensorSpec;
 use crate::recipe::language::{QuantFormat, Recipe};
@@ -133,20 +133,37 @@ fn check_quantizers(alloc: &Allocation, default: QuantMethod, calibration: Optio
     }
 }
 
-/// Checks that `out` may be written (absent, empty, or `force`) and is not the source.
+/// Checks that `out` may be written and is not the source: absent, an empty folder, or (with
+/// `force`) a folder holding a mixq output. A regular file, and with `force` a folder of other
+/// things, is refused with what it holds.
 pub fn check_out_dir(out: &Path, source: &Path, force: bool) -> Result<(), ConvertError> {
-    if out.exists() {
-        let canon_out = out.canonicalize().map_err(io(out))?;
-        let canon_src = source.canonicalize().map_err(io(source))?;
-        if canon_src.starts_with(&canon_out) {
-            return Err(ConvertError::OutIsSource(out.to_path_buf()));
-        }
-        let non_empty = !out.is_dir() || std::fs::read_dir(out).map_err(io(out))?.next().is_some();
-        if non_empty && !force {
-            return Err(ConvertError::OutExists(out.to_path_buf()));
-        }
+    if !out.exists() {
+        return Ok(());
     }
-    Ok(())
+    if !out.is_dir() {
+        return Err(ConvertError::OutIsFile(out.to_path_buf()));
+    }
+    let canon_out = out.canonicalize().map_err(io(out))?;
+    let canon_src = source.canonicalize().map_err(io(source))?;
+    if canon_src.starts_with(&canon_out) {
+        return Err(ConvertError::OutIsSource(out.to_path_buf()));
+    }
+    let mut names: Vec<String> =
+        std::fs::read_dir(out).map_err(io(out))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        return Err(ConvertError::OutExists(out.to_path_buf()));
+    }
+    if out.join(MANIFEST_FILE).is_file() {
+        return Ok(());
+    }
+    names.sort();
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let more = if names.len() > shown.len() { format!(", ... ({} more)", names.len() - shown.len()) } else { String::new() };
+    let what = format!("{} entr{} and no mixq-manifest.json ({}{more})", names.len(), if names.len() == 1 { "y" } else { "ies" }, shown.join(", "));
+    Err(ConvertError::OutNotOurs { path: out.to_path_buf(), what })
 }
 
 /// Converts the upstream checkpoint in `source` to an MLX checkpoint in `out` following `recipe`.
@@ -164,6 +181,15 @@ pub fn convert(
     }
     mixq_loader::layout::validate_upstream(&ckpt)?;
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
+    for w in alloc.unused_rules(recipe) {
+        progress.notice(&format!("warning: {w}"));
+    }
+    if !source.join(crate::writer::verify::TOKENIZER_FILE).is_file() {
+        progress.notice(&format!(
+            "warning: {}: no tokenizer.json; the output will have none, so it cannot encode text (mlx-lm load, mixq run) and mixq verify will report it",
+            source.display()
+        ));
+    }
     let calibration = opts.calibration.as_deref().map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
     let quantizer = default_quantizer(opts.quantizer, calibration.as_ref());
     check_quantizers(&alloc, quantizer, calibration.as_ref())?;
