@@ -113,6 +113,15 @@ pub fn shard_bytes(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
+/// A hub repo id, `owner/name`.
+pub fn repo_id(s: &str) -> Result<String, String> {
+    if mixq_loader::source::looks_like_repo_id(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("expected a hub repo id such as openai/gpt-oss-120b (owner/name), not {s:?}"))
+    }
+}
+
 /// An affine bit width mlx supports (`--min-bits`).
 pub fn bit_width(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {

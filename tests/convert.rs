@@ -54,8 +54,13 @@ fn converted_checkpoint_has_the_mlx_layout() {
     sorted.sort();
     assert_eq!(names, sorted, "weight_map is sorted");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.starts_with("---\nlibrary_name: mlx\nbase_model: "), "{card}");
+    assert!(card.starts_with("---\nlibrary_name: mlx\n"), "{card}");
+    assert!(!card.contains("base_model:"), "a local folder is never a base model: {card}");
     assert!(card.contains("pipeline_tag: text-generation") && card.contains("bits per weight"), "{card}");
+    assert!(card.contains("\n# src MLX, "), "titled by the model, not the output folder: {card}");
+    assert!(card.contains(" GB → ") && card.contains(" bits per weight (source: MXFP4 experts, BF16 rest)"), "{card}");
+    assert!(card.contains(&format!("## Reproduce\n\nWith mixq {}:", env!("CARGO_PKG_VERSION"))), "{card}");
+    assert!(card.contains(&format!("mixq convert --source {} --recipe gpt-oss-120b-3.6bit --quantizer mse --out out", src.display())), "{card}");
     let manifest = read_json(&out.join("mixq-manifest.json"));
     assert_eq!(manifest["recipe"]["name"], "gpt-oss-120b-3.6bit");
     assert_eq!(manifest["files"].as_array().unwrap().len(), 8);
@@ -179,7 +184,23 @@ fn hub_repo_id_resolves_from_the_offline_cache() {
     );
     assert!(o.status.success(), "{}", text(&o).1);
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.contains("base_model: openai/gpt-oss-tiny"), "{card}");
+    assert!(card.contains("base_model: openai/gpt-oss-tiny\nbase_model_relation: quantized\n"), "{card}");
+    assert!(card.contains("# gpt-oss-tiny MLX, ") && card.contains("mixq convert --source openai/gpt-oss-tiny --recipe mxfp4-experts"), "{card}");
+    // --base-model and --license name what the card cannot know from a local folder.
+    let snapshot = repo.join("snapshots/c0ffee");
+    std::fs::write(snapshot.join("chat_template.jinja"), "{{ messages }}").unwrap();
+    let local = tmp.path().join("local");
+    let o = mixq(
+        &["convert", "--source", snapshot.to_str().unwrap(), "--recipe", "mxfp4-experts", "--out", local.to_str().unwrap(), "--quiet",
+          "--base-model", "openai/gpt-oss-tiny", "--license", "apache-2.0"],
+        &env,
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let card = std::fs::read_to_string(local.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nlibrary_name: mlx\nlicense: apache-2.0\nbase_model: openai/gpt-oss-tiny\nbase_model_relation: quantized\n"), "{card}");
+    assert!(card.contains("tokenizer.apply_chat_template(messages, add_generation_prompt=True)") && card.contains("--chat --prompt"), "{card}");
+    let o = mixq(&["convert", "--source", snapshot.to_str().unwrap(), "--recipe", "mxfp4-experts", "--out", "/tmp/never", "--base-model", "/data/models/x"], &env);
+    assert!(text(&o).1.contains("--base-model") && text(&o).1.contains("expected a hub repo id"), "{}", text(&o).1);
     let o = mixq(&["plan", "--source", "openai/gpt-oss-tiny", "--recipe", "mixed_3_6"], &env);
     assert!(o.status.success(), "{}", text(&o).1);
     let o = mixq(&["plan", "--source", "openai/not-cached", "--recipe", "mixed_3_6"], &env);

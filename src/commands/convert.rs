@@ -49,6 +49,13 @@ pub struct ConvertArgs {
     /// Skip the free-space check (for filesystems that misreport it, e.g. with compression).
     #[arg(long)]
     no_space_check: bool,
+    /// The model card's `base_model`: the hub repo (owner/name) this model derives from
+    /// (default: --source when it is a repo id; a local path is never written).
+    #[arg(long, value_parser = crate::args::repo_id)]
+    base_model: Option<String>,
+    /// The model card's `license` (e.g. apache-2.0; default: the source card's, if it has one).
+    #[arg(long)]
+    license: Option<String>,
     #[command(flatten)]
     quiet: Quiet,
     #[command(flatten)]
@@ -66,6 +73,8 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
         calibration: a.calibration,
         resume: a.resume,
         check_space: !a.no_space_check,
+        base_model: a.base_model,
+        license: a.license,
     };
     let pool = a.threads.pool()?;
     let progress = StderrProgress::new(a.quiet.quiet || json);

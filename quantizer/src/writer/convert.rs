@@ -21,12 +21,12 @@ use crate::kernels::affine::packed_row_bytes;
 use crate::kernels::gptq::HessianFactor;
 use crate::kernels::importance::{CalibrationUse, Importance, ParamHessians};
 use crate::kernels::method::InputStats;
-use crate::writer::card::model_card;
+use crate::writer::card::{base_model_of, has_chat_template, license_of_card, model_card, CardInput};
 use crate::error::{io, ConvertError};
 use crate::writer::provenance::Provenance;
 use crate::writer::hash::{sha256_file, sha256_hex};
 use crate::writer::manifest::{write_manifest, MANIFEST_FILE};
-use crate::recipe::plan::{Allocation, Assigned, PlanSummary};
+use crate::recipe::plan::{source_size, Allocation, Assigned, PlanSummary};
 use mixq_loader::TensorSpec;
 use crate::recipe::language::{QuantFormat, Recipe};
 use crate::writer::rows::RowSource;
@@ -78,6 +78,10 @@ pub struct ConvertOptions {
     pub resume: bool,
     /// Refuse to start when the output's filesystem has less free space than the output needs.
     pub check_space: bool,
+    /// The card's `base_model` (a hub repo id); `None`: the source when it is a repo id.
+    pub base_model: Option<String>,
+    /// The card's `license`; `None`: the source card's, if any.
+    pub license: Option<String>,
 }
 
 impl Default for ConvertOptions {
@@ -90,6 +94,8 @@ impl Default for ConvertOptions {
             calibration: None,
             resume: false,
             check_space: true,
+            base_model: None,
+            license: None,
         }
     }
 }
@@ -348,13 +354,25 @@ impl Job<'_> {
             }
         }
         let name = output_name(self.out);
-        let base_model = if self.opts.source_label.is_empty() { source.display().to_string() } else { self.opts.source_label.clone() };
+        let label = if self.opts.source_label.is_empty() { source.display().to_string() } else { self.opts.source_label.clone() };
         let provenance = Provenance::of(alloc, self.quantizer, self.calibration);
-        let card = model_card(&name, &base_model, self.recipe, &summary, &provenance);
+        let base_model = base_model_of(self.opts.base_model.as_deref(), &label);
+        let license = self.opts.license.clone().or_else(|| license_of_card(source));
+        let card = model_card(&CardInput {
+            name: &name,
+            base_model: base_model.as_deref(),
+            license: license.as_deref(),
+            source_label: &label,
+            recipe: self.recipe,
+            summary: &summary,
+            source_size: source_size(self.ckpt.config()),
+            provenance: &provenance,
+            chat_template: has_chat_template(source),
+        });
         std::fs::write(dir.join("README.md"), card).map_err(io(&dir))?;
         progress.phase("hashing");
         crate::writer::fault::point("manifest");
-        write_manifest(&dir, staging.shards(), &base_model, self.recipe, &summary, &provenance)?;
+        write_manifest(&dir, staging.shards(), &label, self.recipe, &summary, &provenance)?;
         self.watch.check()?;
         Ok((summary, source_bytes.iter().sum()))
     }
