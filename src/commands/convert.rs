@@ -56,6 +56,12 @@ pub struct ConvertArgs {
     /// The model card's `license` (e.g. apache-2.0; default: the source card's, if it has one).
     #[arg(long)]
     license: Option<String>,
+    /// After converting, verify the output and upload it to this hub repo (owner/name), as
+    /// `mixq publish` does.
+    #[arg(long, value_parser = crate::args::repo_id)]
+    upload_repo: Option<String>,
+    #[command(flatten)]
+    hub: super::publish::HubTarget,
     #[command(flatten)]
     quiet: Quiet,
     #[command(flatten)]
@@ -81,6 +87,10 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
     let result = pool.install(|| mixq_quantizer::writer::jobs::convert_source(&a.source, &a.recipe, &a.out, &opts, &progress));
     progress.finish();
     let run = result?;
+    let uploaded = match &a.upload_repo {
+        Some(repo) => Some(super::publish::upload(&a.out, repo, &a.hub, a.quiet.quiet || json)?),
+        None => None,
+    };
     let (rep, s, secs) = (&run.report, &run.report.summary, run.seconds);
     if json {
         print_json(&serde_json::json!({
@@ -88,6 +98,7 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
             "kept_shards": rep.kept_shards,
             "source_bytes": rep.source_bytes, "bytes": s.bytes, "parameters": s.params,
             "bits_per_weight": s.bits_per_weight(),
+            "uploaded_to": a.upload_repo, "commit_url": uploaded.as_ref().and_then(|u| u.commit_url.clone()),
         }));
     } else {
         println!(
@@ -99,6 +110,9 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
             secs,
             run.source_mib_per_second()
         );
+        if let (Some(repo), Some(u)) = (&a.upload_repo, &uploaded) {
+            println!("uploaded to {repo} ({}): {} files{}", a.hub.revision, u.files, u.commit_url.as_ref().map(|c| format!("; {c}")).unwrap_or_default());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
