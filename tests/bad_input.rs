@@ -465,16 +465,24 @@ fn recipe_search_targets_are_checked() {
         a.extend_from_slice(target);
         mixq(&a, &[])
     };
+    // Each case is its own search, so each fails on its own.
     let e = text(&search(&["--target-size", "0.5"])).1;
     assert!(e.contains("--target-size 0.5: expected a size such as 48GiB") && e.contains("a whole number of bytes"), "{e}");
-    let e = text(&search(&["--target-size", "1GB"])).1;
-    assert!(e.contains("target 1GB (1000000000 bytes) is at or above the model's size with every unit in bf16"), "{e}");
     let lower = search(&["--target-size", "10mb"]);
     let upper = search(&["--target-size", "10MB"]);
     assert!(lower.status.success() && upper.status.success(), "{}", text(&lower).1);
-    // Not a sensitivity file at all: said so, not a UTF-8 error.
+    let e = text(&search(&["--target-size", "1GB"])).1;
+    assert!(e.contains("target 1GB (1000000000 bytes) is at or above the model's size with every unit in bf16"), "{e}");
+}
+
+#[test]
+fn a_file_that_is_not_text_is_not_a_sensitivity_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sens = tmp.path().join("sens.json");
     std::fs::write(&sens, [0xffu8, 0xfe, 0x00, 0x01]).unwrap();
-    let e = text(&search(&["--target-size", "10MB"])).1;
+    let out = tmp.path().join("r.yaml");
+    let o = mixq(&["recipe", "search", "--sensitivity", sens.to_str().unwrap(), "--source", TRAINED, "--target-size", "10MB", "--out", out.to_str().unwrap()], &[]);
+    let e = text(&o).1;
     assert!(e.contains("sens.json: not a sensitivity file: it is not text") && !e.contains("stream did not contain"), "{e}");
 }
 
@@ -519,4 +527,19 @@ fn model_load_errors_keep_the_path_as_given() {
     let dir = upstream_with_hidden_48(&tmp.path().join("Models/A6"));
     let e = refused(&["run", "--model", dir.to_str().unwrap(), "--prompt", "hi", "--backend", "cpu"]);
     assert!(e.contains(&format!("loading {} on the cpu backend", dir.display())), "{e}");
+}
+
+#[test]
+fn every_command_help_has_an_example() {
+    for cmd in [
+        &["plan"][..], &["convert"], &["calibrate"], &["sensitivity"], &["recipe", "search"], &["inspect"], &["verify"], &["publish"],
+        &["run"], &["logits"], &["validate"], &["adapters"], &["recipes"], &["demo"], &["synth"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let o = mixq(&args, &[]);
+        let (stdout, _) = text(&o);
+        assert!(o.status.success(), "{cmd:?}");
+        assert!(stdout.contains("Example:\n  ") && stdout.contains(&format!("mixq {}", cmd.join(" "))), "{cmd:?}: {stdout}");
+    }
 }

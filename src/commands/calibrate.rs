@@ -13,6 +13,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq calibrate`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq calibrate --model openai/gpt-oss-120b --text calibration.txt --max-tokens 65536 --hessian --out gpt-oss-120b.stats.safetensors\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(
     mut_arg("out", |a| a.help("The statistics file to write (safetensors)")),
     mut_arg("force", |a| a.help("Replace an existing statistics file")),

@@ -12,6 +12,7 @@ use crate::report::{print_json, thousands};
 
 /// Arguments of `mixq convert`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq convert --source openai/gpt-oss-120b --recipe gpt-oss-120b-3.6bit --out gpt-oss-120b-mlx-3.6bit\n  mixq convert --source models/tiny-gpt-oss-shakespeare --recipe mixed_3_6 --out /tmp/tiny --base-model me/tiny --license apache-2.0 --upload-repo me/tiny-mlx\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(mut_arg("json", |a| a.help("Print one JSON object when done")))]
 pub struct ConvertArgs {
     /// Checkpoint folder or hub repo id (owner/name).

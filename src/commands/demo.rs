@@ -17,6 +17,7 @@ use crate::report::{self, print_json};
 
 /// Arguments of `mixq demo`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq demo --out /tmp/demo\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(mut_arg("json", |a| a.help("Print one JSON object with every step's result instead of the narration")))]
 pub struct DemoArgs {
     /// Where to write the converted model.

@@ -13,6 +13,7 @@ use crate::report::{print_json, thousands};
 
 /// Arguments of `mixq recipe search`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq recipe search --sensitivity sens.json --source openai/gpt-oss-120b --target-size 48GiB --out searched.yaml --frontier\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct SearchArgs {
     /// The sensitivity file (`mixq sensitivity`).
     #[arg(long)]
@@ -20,7 +21,7 @@ pub struct SearchArgs {
     /// The model (folder, repo id or config.json) the recipe is for.
     #[arg(long)]
     source: String,
-    /// Size budget in bits per weight.
+    /// Size budget in bits per weight (give this or --target-size).
     #[arg(long, conflicts_with = "target_size", required_unless_present = "target_size", value_parser = crate::args::positive)]
     target_bpw: Option<f64>,
     /// Size budget: 48GiB, 51.9GB, 900MiB (units in any case) or a whole number of bytes.

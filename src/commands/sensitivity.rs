@@ -16,6 +16,7 @@ use crate::report::{print_json, thousands};
 
 /// Arguments of `mixq sensitivity`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq sensitivity --model models/tiny-gpt-oss-shakespeare --text search.txt --tokens 8192 --out sens.json\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(
     mut_arg("out", |a| a.help("The sensitivity file to write (JSON)"))
 )]

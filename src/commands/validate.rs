@@ -14,6 +14,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq validate`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq validate --model /tmp/tiny --reference models/tiny-gpt-oss-shakespeare --text held-out.txt --max-kl 0.02 --min-top1 0.9 --card /tmp/tiny/README.md\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct ValidateArgs {
     /// The model to measure (converted or upstream).
     #[arg(long)]
@@ -36,20 +37,20 @@ pub struct ValidateArgs {
     /// Advance between windows (default: --ctx, non-overlapping).
     #[arg(long)]
     stride: Option<usize>,
-    /// Evaluate only the first N tokens of the text.
+    /// Evaluate only the first N tokens of the text (default: all of it).
     #[arg(long, value_parser = crate::args::at_least_1)]
     max_tokens: Option<usize>,
     /// Logits kept per token in a saved reference (at most the vocabulary: larger values are
     /// capped to it).
     #[arg(long, default_value_t = 32)]
     top_k: usize,
-    /// Gate: largest acceptable mean KL.
+    /// Gate: largest acceptable mean KL (default: not checked).
     #[arg(long, allow_hyphen_values = true)]
     max_kl: Option<f64>,
-    /// Gate: largest acceptable PPL(model)/PPL(reference).
+    /// Gate: largest acceptable PPL(model)/PPL(reference) (default: not checked).
     #[arg(long, allow_hyphen_values = true)]
     max_ppl_ratio: Option<f64>,
-    /// Gate: smallest acceptable top-1 agreement, as a fraction (0.9 = 90%).
+    /// Gate: smallest acceptable top-1 agreement, a fraction from 0 to 1 (0.9 = 90%; default: not checked).
     #[arg(long, allow_hyphen_values = true)]
     min_top1: Option<f64>,
     /// Add (or replace) a "Validation" section in this model card.
