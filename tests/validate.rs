@@ -191,3 +191,19 @@ fn human_table_and_bad_arguments() {
     let o = mixq(&["validate", "--model", TRAINED, "--text", TEXT, "--ctx", "64", "--stride", "100"], &[]);
     assert!(text(&o).1.contains("--stride between 1 and --ctx"), "{}", text(&o).1);
 }
+
+#[test]
+fn run_bench_adds_a_speed_table_to_the_card_and_the_model_still_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    convert("mxfp4-experts", &out);
+    for _ in 0..2 {
+        let o = mixq(&["run", "--model", out.to_str().unwrap(), "--prompt", "ROMEO:", "--max-tokens", "8", "--backend", "cpu", "--bench", "--quiet"], &[]);
+        assert!(o.status.success(), "{}", text(&o).1);
+    }
+    let md = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert_eq!(md.matches("## Speed and memory").count(), 1, "{md}");
+    assert!(md.contains("| backend | prompt tokens | prefill tok/s | generated tokens | decode tok/s | weights read | peak memory | GPU memory |"), "{md}");
+    let o = mixq(&["verify", out.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o).0);
+}

@@ -16,6 +16,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq run`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq run --model gpt-oss-120b-mlx-3.6bit --chat --prompt \"Explain MXFP4\" --max-tokens 200\n  mixq run --model /tmp/tiny --prompt \"ROMEO:\" --temp 0.8 --top-p 0.95 --seed 7\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(mut_arg("json", |a| a.help("Print one JSON object (text, tokens, figures) instead of streaming")))]
 pub struct RunCommandArgs {
     /// Checkpoint folder (upstream or converted).
@@ -34,6 +35,10 @@ pub struct RunCommandArgs {
     /// Recipe that quantizes the synthetic model.
     #[arg(long, requires = "synthetic_config")]
     recipe: Option<String>,
+    /// Add (or replace) a "Speed and memory" table with this run's figures in the model's card
+    /// (MODEL/README.md), refreshing its entry in mixq-manifest.json.
+    #[arg(long, requires = "model")]
+    bench: bool,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -86,7 +91,28 @@ pub fn run(a: RunCommandArgs) -> Result<ExitCode> {
     if a.json.json {
         print_json(&figures);
     }
+    if let (true, Some(dir)) = (a.bench, &a.model) {
+        let card = dir.join("README.md");
+        mixq_validate::card::write_card_section(&card, &mixq_validate::card::bench_section(&bench_row(&figures)))?;
+        if !a.quiet.quiet {
+            eprintln!("added the speed and memory table to {}", card.display());
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The card's benchmark row from a run's figures.
+fn bench_row(f: &Value) -> mixq_validate::card::BenchRow {
+    let n = |k: &str| f[k].as_u64().unwrap_or(0);
+    let x = |k: &str| f[k].as_f64().unwrap_or(0.0);
+    mixq_validate::card::BenchRow {
+        device: f["device"].as_str().unwrap_or_default().to_string(),
+        prefill: (n("prompt_tokens") as usize, x("prefill_tokens_per_second")),
+        decode: (n("generated_tokens") as usize, x("decode_tokens_per_second")),
+        weight_bytes_per_second: x("weight_bytes_per_second"),
+        peak_rss: f["peak_rss_bytes"].as_u64(),
+        gpu_memory: n("gpu_memory_bytes"),
+    }
 }
 
 /// Where the model comes from.

@@ -6,7 +6,7 @@ use std::path::Path;
 use mixq_loader::Checkpoint;
 use mixq_runtime::Engine;
 
-use crate::card::{section, update_card, CardContext};
+use crate::card::{section, write_card_section, CardContext};
 use crate::reference::{self, RefHeader, RefToken};
 use crate::{score, tokens_sha256, Corpus, EvalOptions, Gates, Reference, Summary, ValidateError};
 
@@ -215,8 +215,7 @@ impl Validation {
             wrote.push(format!("saved the reference's top-{} logits of {} tokens to {}", header.top_k, tokens.len(), p.display()));
         }
         if let (Some(card), Some(md)) = (r.card, &self.card_section) {
-            update_card(card, md)?;
-            let manifest = mixq_quantizer::writer::manifest::refresh_entry(card)?;
+            let manifest = write_card_section(card, md)?;
             wrote.push(match manifest {
                 Some(m) => format!("added the validation to {} and its entry in {}", card.display(), m.display()),
                 None => format!("added the validation to {}", card.display()),
