@@ -134,7 +134,10 @@ impl Hub<'_> {
                 let body = resp.into_string().unwrap_or_default();
                 Err(UploadError::Status { url: url.to_string(), status, message: status_message(status, self.repo, &body) })
             }
-            Err(ureq::Error::Transport(t)) => Err(UploadError::Transport { url: url.to_string(), message: t.to_string() }),
+            Err(ureq::Error::Transport(t)) => {
+                let message = format!("{}{}", t.kind(), t.message().map(|m| format!(": {m}")).unwrap_or_default());
+                Err(UploadError::Transport { url: url.to_string(), message })
+            }
         }
     }
 

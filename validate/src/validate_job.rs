@@ -111,14 +111,17 @@ pub fn check_request(r: &ValidateRequest<'_>) -> Result<(), ValidateError> {
 /// model of `vocab` tokens.
 pub fn read_saved_reference(path: &Path, tokens_sha: &str, ctx: usize, stride: usize, vocab: usize) -> Result<Vec<RefToken>, ValidateError> {
     let (h, t) = reference::read(path)?;
-    let bad = |m: String| Err(ValidateError::Input(format!("{}: {m}; save the reference again for this run", path.display())));
+    let bad = |m: String| {
+        let sep = if m.ends_with(", or") { " " } else { "; " };
+        Err(ValidateError::Input(format!("{}: {m}{sep}save the reference again for this run", path.display())))
+    };
     if let Some(v) = h.vocab.filter(|&v| v != vocab) {
         return bad(format!("saved for a model with a vocabulary of {v} tokens ({}), but this model's has {vocab}", h.model));
     }
     if h.ctx != ctx || h.stride != stride {
         return bad(format!(
-            "saved with windows of {} tokens advancing by {}, but this run has --ctx {ctx} --stride {stride}; pass those, or",
-            h.ctx, h.stride
+            "saved with windows of {} tokens advancing by {}, but this run has --ctx {ctx} --stride {stride}; pass --ctx {} --stride {}, or",
+            h.ctx, h.stride, h.ctx, h.stride
         ));
     }
     if h.tokens_sha256 != tokens_sha {
