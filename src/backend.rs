@@ -17,9 +17,49 @@ pub struct BackendArgs {
     /// included), or auto (a hardware GPU when there is one, else the CPU).
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
     pub backend: Backend,
-    /// GPU KV-cache size in tokens (default: what the command needs).
-    #[arg(long)]
+    /// GPU KV-cache size in tokens, at least 1 (default: what the command needs).
+    #[arg(long, value_parser = crate::args::at_least_1)]
     pub max_context: Option<usize>,
+    /// Show what the GPU drivers print while mixq looks for an adapter (the Vulkan loader's
+    /// messages, such as `XDG_RUNTIME_DIR is invalid`); hidden by default.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// Stderr sent to /dev/null until dropped: keeps the drivers' probing messages off a run's
+/// output (they write to the file descriptor directly, not through Rust).
+struct MutedStderr {
+    saved: libc::c_int,
+}
+
+impl MutedStderr {
+    /// Mutes stderr, or does nothing (returns `None`) when it cannot.
+    fn new() -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null").ok()?;
+        // SAFETY: dup and dup2 on open descriptors; the saved copy of fd 2 is put back in drop.
+        unsafe {
+            let saved = libc::dup(2);
+            if saved < 0 {
+                return None;
+            }
+            if libc::dup2(null.as_raw_fd(), 2) < 0 {
+                libc::close(saved);
+                return None;
+            }
+            Some(MutedStderr { saved })
+        }
+    }
+}
+
+impl Drop for MutedStderr {
+    fn drop(&mut self) {
+        // SAFETY: `saved` is the descriptor dup'ed in `new`, still open.
+        unsafe {
+            libc::dup2(self.saved, 2);
+            libc::close(self.saved);
+        }
+    }
 }
 
 fn parse_backend(s: &str) -> Result<Backend, String> {
@@ -38,20 +78,27 @@ fn upload_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
     })
 }
 
-/// Loads a checkpoint on the chosen backend.
-pub fn load<'a>(ckpt: &'a Checkpoint, args: &BackendArgs, quiet: bool) -> Result<Engine<'a>> {
-    let bar = upload_bar(quiet);
-    let (engine, choice) = Engine::load(ckpt, args.backend, &GpuOptions::default(), &|done, total| {
+/// Loads a checkpoint on the chosen backend; `no_bar` hides the upload bar, `quiet` (`--quiet`)
+/// also the note on a fallback to the CPU.
+pub fn load<'a>(ckpt: &'a Checkpoint, args: &BackendArgs, no_bar: bool, quiet: bool) -> Result<Engine<'a>> {
+    let bar = upload_bar(no_bar || quiet);
+    // Muted while adapters are probed; the upload (first progress call) or the return unmutes.
+    let muted = std::sync::Mutex::new(if args.verbose || args.backend == mixq_runtime::Backend::Cpu { None } else { MutedStderr::new() });
+    let unmute = || drop(muted.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let loaded = Engine::load(ckpt, args.backend, &GpuOptions::default(), &|done, total| {
+        unmute();
         if let Some(b) = &bar {
             b.set_length(total);
             b.set_position(done);
         }
-    })
-    .with_context(|| format!("loading {} on the {:?} backend", ckpt.dir().display(), args.backend).to_lowercase())?;
+    });
+    unmute();
+    let (engine, choice) =
+        loaded.with_context(|| format!("loading {} on the {} backend", ckpt.dir().display(), format!("{:?}", args.backend).to_lowercase()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if let Some(why) = choice.fallback {
+    if let (Some(why), false) = (choice.fallback, quiet) {
         eprintln!("note: running on the CPU ({why})");
     }
     Ok(engine)

@@ -45,6 +45,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Check a converted checkpoint against its manifest, index and config; exit 1 on any mismatch.
     Verify(verify::VerifyArgs),
+    /// Verify a converted model, then upload it to a hub repo (HF_ENDPOINT, HF_TOKEN).
+    Publish(publish::PublishArgs),
     /// Generate text with a model, streaming it; ends with prefill/decode tokens/s and peak memory.
     Run(run::RunCommandArgs),
     /// Float32 logits `[n_tokens, vocab]` of a JSON list of token ids, written as .npy.
@@ -90,6 +92,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Recipe { command: RecipeCommand::Search(a) } => recipe_search::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Publish(a) => publish::run(a),
         Command::Run(a) => run::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Validate(a) => validate::run(a),

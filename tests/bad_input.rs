@@ -414,3 +414,132 @@ fn reference_logits_saved_for_another_vocabulary() {
         "{e}"
     );
 }
+
+#[test]
+fn reference_logits_header_names_another_vocabulary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("ref.bin");
+    let args = saved_reference(&p);
+    let (mut header, tokens) = mixq_validate::reference::read(&p).unwrap();
+    assert_eq!(header.vocab, Some(2048), "a saved reference records its vocabulary");
+    header.vocab = Some(201088);
+    mixq_validate::reference::write(&p, &header, &tokens).unwrap();
+    let mut run = args.clone();
+    run.extend(["--reference-logits", p.to_str().unwrap()]);
+    let e = refused(&run);
+    assert!(e.contains("ref.bin: saved for a model with a vocabulary of 201088 tokens") && e.contains("but this model's has 2048"), "{e}");
+}
+
+/// Runs mixq expecting clap's usage error (exit 2) that names `flag` and says what it expects.
+fn usage_error(args: &[&str], flag: &str, expected: &str) {
+    let o = mixq(args, &[]);
+    let (_, e) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+    assert!(e.contains(flag) && e.contains(expected), "{args:?}: {e}");
+}
+
+#[test]
+fn numeric_flags_out_of_range_are_refused_naming_the_flag() {
+    let m = TRAINED;
+    let base = ["run", "--model", m, "--prompt", "hi"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { base.iter().copied().chain(extra.iter().copied()).collect() };
+    usage_error(&with(&["--top-p", "5"]), "--top-p", "expected a fraction above 0 and at most 1");
+    usage_error(&with(&["--temp", "-1"]), "--temp", "expected a number of 0 or more");
+    usage_error(&with(&["--max-tokens", "0"]), "--max-tokens", "expected a whole number of at least 1");
+    usage_error(&["convert", "--source", m, "--recipe", "mixed_3_6", "--out", "/tmp/never", "--threads", "0"], "--threads", "at least 1");
+    usage_error(&["convert", "--source", m, "--recipe", "mixed_3_6", "--out", "/tmp/never", "--max-shard-bytes", "0"], "--max-shard-bytes", "expected a size");
+    usage_error(&["convert", "--source", m, "--recipe", "mixed_3_6", "--out", "/tmp/never", "--max-shard-bytes", "1000"], "--max-shard-bytes", "below the smallest shard size");
+    usage_error(&["validate", "--model", m, "--text", DEV_TEXT, "--threads", "0"], "--threads", "at least 1");
+    assert!(!Path::new("/tmp/never").exists());
+}
+
+#[test]
+fn recipe_search_targets_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sens = tmp.path().join("sens.json");
+    let o = mixq(&["sensitivity", "--synthetic-config", &format!("{TRAINED}/config.json"), "--bits", "3,4", "--group-sizes", "64", "--out", sens.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let out = tmp.path().join("r.yaml");
+    let search = |target: &[&str]| {
+        let mut a = vec!["recipe", "search", "--sensitivity", sens.to_str().unwrap(), "--source", TRAINED, "--out", out.to_str().unwrap(), "--force"];
+        a.extend_from_slice(target);
+        mixq(&a, &[])
+    };
+    // Each case is its own search, so each fails on its own.
+    let e = text(&search(&["--target-size", "0.5"])).1;
+    assert!(e.contains("--target-size 0.5: expected a size such as 48GiB") && e.contains("a whole number of bytes"), "{e}");
+    let e = text(&search(&["--target-size", "1GB"])).1;
+    assert!(e.contains("target 1GB (1000000000 bytes) is at or above the model's size with every unit in bf16"), "{e}");
+    let lower = search(&["--target-size", "10mb"]);
+    let upper = search(&["--target-size", "10MB"]);
+    assert!(lower.status.success() && upper.status.success(), "{}", text(&lower).1);
+}
+
+#[test]
+fn a_file_that_is_not_text_is_not_a_sensitivity_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sens = tmp.path().join("sens.json");
+    std::fs::write(&sens, [0xffu8, 0xfe, 0x00, 0x01]).unwrap();
+    let out = tmp.path().join("r.yaml");
+    let o = mixq(&["recipe", "search", "--sensitivity", sens.to_str().unwrap(), "--source", TRAINED, "--target-size", "10MB", "--out", out.to_str().unwrap()], &[]);
+    let e = text(&o).1;
+    assert!(e.contains("sens.json: not a sensitivity file: it is not text") && !e.contains("stream did not contain"), "{e}");
+}
+
+#[test]
+fn recipe_messages_name_what_was_written_and_dead_rules_warn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path().join("r.yaml");
+    let plan = |yaml: &str| {
+        std::fs::write(&r, yaml).unwrap();
+        mixq(&["plan", "--source", TRAINED, "--recipe", r.to_str().unwrap()], &[])
+    };
+    let e = text(&plan("name: x\nrules:\n  - class: [norm, bias, sinks, router]\n    action: keep\n  - class: [embed_tokens, lm_head, attention, experts]\n    action: {afine: {bits: 4, group_size: 64}}\n")).1;
+    assert!(e.contains("r.yaml:5: unknown action \"afine\"; expected"), "{e}");
+    let e = text(&plan("")).1;
+    assert!(e.contains("r.yaml: the recipe is empty") && !e.contains(":0:"), "{e}");
+    let o = plan("name: x\nrules:\n  - class: [norm, bias, sinks, router]\n    action: keep\n  - class: q_proj\n    layers: [40-45]\n    action: {affine: {bits: 8, group_size: 64}}\n  - class: [embed_tokens, lm_head, attention, experts]\n    action: {affine: {bits: 4, group_size: 64}}\n  - class: experts\n    action: keep\n");
+    let (_, e) = text(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("warning: ") && e.contains("r.yaml:5: rule for q_proj has no effect: it selects no tensor of this model (6 layers)"), "{e}");
+    assert!(e.contains("r.yaml:10: rule for experts_gate, experts_up, experts_down has no effect: every tensor it selects is decided by an earlier rule"), "{e}");
+}
+
+#[test]
+fn verify_names_what_is_not_a_mixq_output_and_a_missing_tokenizer() {
+    let c = case("tiny");
+    let e = refused(&["verify", c.src.to_str().unwrap()]);
+    assert!(e.contains("not a mixq output (no mixq-manifest.json)"), "{e}");
+    assert!(e.contains(": 1 problem(s)"), "one problem, not one per file: {e}");
+    assert!(e.contains(&format!("{}: not a mixq output", c.src.display())), "{e}");
+    std::fs::remove_file(c.src.join("tokenizer.json")).unwrap();
+    let o = mixq(&["convert", "--source", c.src.to_str().unwrap(), "--recipe", "mixed_3_6", "--out", c.out.to_str().unwrap(), "--quiet"], &[]);
+    let (_, e) = text(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("warning: ") && e.contains("no tokenizer.json; the output will have none"), "{e}");
+    let e = refused(&["verify", c.out.to_str().unwrap()]);
+    assert!(e.contains("tokenizer.json: missing"), "{e}");
+}
+
+#[test]
+fn model_load_errors_keep_the_path_as_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = upstream_with_hidden_48(&tmp.path().join("Models/A6"));
+    let e = refused(&["run", "--model", dir.to_str().unwrap(), "--prompt", "hi", "--backend", "cpu"]);
+    assert!(e.contains(&format!("loading {} on the cpu backend", dir.display())), "{e}");
+}
+
+#[test]
+fn every_command_help_has_an_example() {
+    for cmd in [
+        &["plan"][..], &["convert"], &["calibrate"], &["sensitivity"], &["recipe", "search"], &["inspect"], &["verify"], &["publish"],
+        &["run"], &["logits"], &["validate"], &["adapters"], &["recipes"], &["demo"], &["synth"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let o = mixq(&args, &[]);
+        let (stdout, _) = text(&o);
+        assert!(o.status.success(), "{cmd:?}");
+        assert!(stdout.contains("Example:\n  ") && stdout.contains(&format!("mixq {}", cmd.join(" "))), "{cmd:?}: {stdout}");
+    }
+}

@@ -54,8 +54,13 @@ fn converted_checkpoint_has_the_mlx_layout() {
     sorted.sort();
     assert_eq!(names, sorted, "weight_map is sorted");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.starts_with("---\nlibrary_name: mlx\nbase_model: "), "{card}");
+    assert!(card.starts_with("---\nlibrary_name: mlx\n"), "{card}");
+    assert!(!card.contains("base_model:"), "a local folder is never a base model: {card}");
     assert!(card.contains("pipeline_tag: text-generation") && card.contains("bits per weight"), "{card}");
+    assert!(card.contains("\n# src MLX, "), "titled by the model, not the output folder: {card}");
+    assert!(card.contains(" GB → ") && card.contains(" bits per weight (source: MXFP4 experts, BF16 rest)"), "{card}");
+    assert!(card.contains(&format!("## Reproduce\n\nWith mixq {}:", env!("CARGO_PKG_VERSION"))), "{card}");
+    assert!(card.contains(&format!("mixq convert --source {} --recipe gpt-oss-120b-3.6bit --quantizer mse --out out", src.display())), "{card}");
     let manifest = read_json(&out.join("mixq-manifest.json"));
     assert_eq!(manifest["recipe"]["name"], "gpt-oss-120b-3.6bit");
     assert_eq!(manifest["files"].as_array().unwrap().len(), 8);
@@ -137,10 +142,23 @@ fn existing_output_needs_force() {
     assert!(!o.status.success());
     assert!(text(&o).1.contains("not empty; pass --force"), "{}", text(&o).1);
     assert_eq!(entries(&out), ["keep.txt"], "nothing was touched");
+    // --force replaces a mixq output only: a folder of other things is named and kept.
     let o = convert(&src, "gpt-oss-120b-3.6bit", &out, &["--force"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("--force replaces only an empty folder or a mixq output"), "{}", text(&o).1);
+    assert!(text(&o).1.contains("holds 1 entry and no mixq-manifest.json (keep.txt), which it would delete"), "{}", text(&o).1);
+    assert_eq!(entries(&out), ["keep.txt"], "nothing was touched");
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
+    assert!(convert(&src, "gpt-oss-120b-3.6bit", &out, &[]).status.success());
+    let o = convert(&src, "mixed_3_6", &out, &["--force"]);
     assert!(o.status.success(), "{}", text(&o).1);
-    assert!(!out.join("keep.txt").exists());
     assert!(mixq(&["verify", out.to_str().unwrap()], &[]).status.success());
+    // A regular file is never an output folder, with or without --force.
+    let file = tmp.path().join("some-file");
+    std::fs::write(&file, b"data").unwrap();
+    let o = convert(&src, "gpt-oss-120b-3.6bit", &file, &["--force"]);
+    assert!(text(&o).1.contains("some-file: --out is a regular file"), "{}", text(&o).1);
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
     // An empty folder is fine without --force; the source itself never is.
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -166,7 +184,23 @@ fn hub_repo_id_resolves_from_the_offline_cache() {
     );
     assert!(o.status.success(), "{}", text(&o).1);
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.contains("base_model: openai/gpt-oss-tiny"), "{card}");
+    assert!(card.contains("base_model: openai/gpt-oss-tiny\nbase_model_relation: quantized\n"), "{card}");
+    assert!(card.contains("# gpt-oss-tiny MLX, ") && card.contains("mixq convert --source openai/gpt-oss-tiny --recipe mxfp4-experts"), "{card}");
+    // --base-model and --license name what the card cannot know from a local folder.
+    let snapshot = repo.join("snapshots/c0ffee");
+    std::fs::write(snapshot.join("chat_template.jinja"), "{{ messages }}").unwrap();
+    let local = tmp.path().join("local");
+    let o = mixq(
+        &["convert", "--source", snapshot.to_str().unwrap(), "--recipe", "mxfp4-experts", "--out", local.to_str().unwrap(), "--quiet",
+          "--base-model", "openai/gpt-oss-tiny", "--license", "apache-2.0"],
+        &env,
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let card = std::fs::read_to_string(local.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nlibrary_name: mlx\nlicense: apache-2.0\nbase_model: openai/gpt-oss-tiny\nbase_model_relation: quantized\n"), "{card}");
+    assert!(card.contains("tokenizer.apply_chat_template(messages, add_generation_prompt=True)") && card.contains("--chat --prompt"), "{card}");
+    let o = mixq(&["convert", "--source", snapshot.to_str().unwrap(), "--recipe", "mxfp4-experts", "--out", "/tmp/never", "--base-model", "/data/models/x"], &env);
+    assert!(text(&o).1.contains("--base-model") && text(&o).1.contains("expected a hub repo id"), "{}", text(&o).1);
     let o = mixq(&["plan", "--source", "openai/gpt-oss-tiny", "--recipe", "mixed_3_6"], &env);
     assert!(o.status.success(), "{}", text(&o).1);
     let o = mixq(&["plan", "--source", "openai/not-cached", "--recipe", "mixed_3_6"], &env);

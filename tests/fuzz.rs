@@ -536,7 +536,7 @@ fn reference_logits_files() {
     let eval = EvalOptions { ctx: 8, stride: 4, top_k: 6 };
     let scored = mixq_validate::score(&engine, &tokens, &Reference::None, eval, &|_, _| {}).expect("scores");
     let dir = tempfile::tempdir().expect("temp dir");
-    let header = RefHeader { model: "tiny".into(), tokens_sha256: mixq_validate::tokens_sha256(&tokens), ctx: 8, stride: 4, top_k: 6 };
+    let header = RefHeader { model: "tiny".into(), tokens_sha256: mixq_validate::tokens_sha256(&tokens), ctx: 8, stride: 4, top_k: 6, vocab: None };
     let seed_path = dir.path().join("seed.ref");
     reference::write(&seed_path, &header, &scored.summaries).expect("writable");
     let seed = std::fs::read(&seed_path).expect("readable");

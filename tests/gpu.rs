@@ -299,6 +299,23 @@ fn no_adapter_is_a_clear_error_and_auto_falls_back() {
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["backend"], "cpu");
 }
 
+/// The Vulkan loader's probing messages (`XDG_RUNTIME_DIR is invalid ...`, once per probe) stay
+/// off a successful run's stderr unless `--verbose` asks for them.
+#[cfg(target_os = "linux")]
+#[test]
+fn driver_probing_is_silent_unless_verbose() {
+    if gpu(None).is_none() {
+        return;
+    }
+    let env = [("XDG_RUNTIME_DIR", "/nonexistent-mixq-test")];
+    for backend in ["gpu", "auto"] {
+        let o = mixq(&["run", "--model", TRAINED, "--prompt", "ROMEO:", "--max-tokens", "2", "--backend", backend, "--json"], &env);
+        let (_, err) = text(&o);
+        assert!(o.status.success(), "{backend}: {err}");
+        assert!(!err.contains("XDG_RUNTIME_DIR"), "{backend}: {err}");
+    }
+}
+
 /// `validate` and `logits` give the same figures on both backends.
 #[test]
 fn cli_validate_and_logits_agree_across_backends() {

@@ -175,3 +175,16 @@ fn chat_without_a_template_is_a_clear_error() {
     let o = mixq(&["run", "--model", TRAINED, "--prompt", "hi", "--chat"], &[]);
     assert!(text(&o).1.contains("the model has no chat template"), "{}", text(&o).1);
 }
+
+#[test]
+fn quiet_runs_print_nothing_on_stderr() {
+    // Whatever the backend `auto` finds here (a GPU, or the CPU with its note), --quiet keeps
+    // stderr empty, and the figures still come on stdout.
+    let o = mixq(&["run", "--model", TRAINED, "--prompt", "ROMEO:", "--max-tokens", "4", "--quiet"], &[("XDG_RUNTIME_DIR", "/nonexistent")]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert_eq!(stderr, "", "--quiet covers every line");
+    assert!(stdout.contains("Generation: 4 tokens"), "{stdout}");
+    let o = mixq(&["run", "--model", TRAINED, "--prompt", "ROMEO:", "--max-tokens", "4", "--backend", "cpu"], &[]);
+    assert_eq!(text(&o).1, "", "an explicit CPU run has nothing to note");
+}

@@ -97,7 +97,69 @@ fn saved_reference_logits_are_reused() {
     let (code, _, e) =
         validate(&["--model", out.to_str().unwrap(), "--reference-logits", saved.to_str().unwrap(), "--max-tokens", "400"]);
     assert_eq!(code, Some(1));
-    assert!(e.contains("ref.bin: saved for other text or windows"), "{e}");
+    assert!(e.contains("ref.bin: saved for other text: its 496 scored tokens came from another --text, --max-tokens or tokenizer"), "{e}");
+    let (code, _, e) = validate(&[
+        "--model", out.to_str().unwrap(), "--reference-logits", saved.to_str().unwrap(), "--max-tokens", "500", "--stride", "64",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(e.contains("ref.bin: saved with windows of 128 tokens advancing by 128, but this run has --ctx 128 --stride 64"), "{e}");
+}
+
+#[test]
+fn save_reference_caps_top_k_at_the_vocabulary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let saved = tmp.path().join("r.bin");
+    let (code, v, e) = validate(&["--model", TRAINED, "--max-tokens", "300", "--top-k", "999999", "--save-reference", saved.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{e}");
+    let (header, tokens) = mixq_validate::reference::read(&saved).unwrap();
+    assert_eq!((header.top_k, header.vocab), (2048, Some(2048)));
+    assert_eq!(tokens.len() as u64, v["tokens"].as_u64().unwrap());
+    let size = std::fs::metadata(&saved).unwrap().len();
+    assert!(size <= mixq_validate::reference::file_bytes(tokens.len(), 2048, TRAINED.len()), "{size}");
+}
+
+#[test]
+fn paths_gates_and_flags_are_checked_before_any_token_is_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nodir = tmp.path().join("nodir/card.md");
+    // --json prints the figures after scoring: no JSON means nothing was scored.
+    for (args, want) in [
+        (vec!["--card", nodir.to_str().unwrap()], "nodir/card.md: --card's folder"),
+        (vec!["--save-reference", tmp.path().to_str().unwrap()], ": --save-reference names a folder; expected a file path"),
+        (vec!["--max-kl", "0.02"], "gates need a reference (--reference or --reference-logits)"),
+        (vec!["--reference", TRAINED, "--min-top1", "92"], "--min-top1 92: expected a fraction from 0 to 1 (0.9 = 90%)"),
+        (vec!["--reference", TRAINED, "--max-kl", "-1"], "--max-kl -1: expected a mean KL of 0 or more"),
+        (vec!["--top-k", "0", "--save-reference", "/tmp/never.bin"], "--top-k 0: expected at least 1"),
+    ] {
+        let mut all = vec!["--model", TRAINED, "--max-tokens", "300"];
+        all.extend(args);
+        let (code, v, e) = validate(&all);
+        assert_eq!(code, Some(1), "{e}");
+        assert!(e.contains(want), "want {want:?}: {e}");
+        assert_eq!(v, Value::Null, "nothing was evaluated");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+    assert!(!nodir.parent().unwrap().exists());
+}
+
+#[test]
+fn passing_gates_say_so_and_the_figures_come_before_failing_ones() {
+    let o = mixq(
+        &["validate", "--model", TRAINED, "--reference", TRAINED, "--text", TEXT, "--ctx", "64", "--max-tokens", "200", "--min-top1", "0.99", "--max-kl", "0.001", "--threads", "1"],
+        &[],
+    );
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stdout.contains("KL mean"), "{stdout}");
+    assert!(stderr.contains("gates passed: --max-kl 0.001: mean KL is 0.000000; --min-top1 0.99: top-1 agreement is 1.00000"), "{stderr}");
+    let o = mixq(
+        &["validate", "--model", TRAINED, "--reference", TRAINED, "--text", TEXT, "--ctx", "64", "--max-tokens", "200", "--max-ppl-ratio", "0.5", "--quiet"],
+        &[],
+    );
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout.contains("PPL ratio"), "the figures are printed although a gate fails: {stdout}");
+    assert_eq!(stderr.trim(), "gate failed: --max-ppl-ratio 0.5: PPL ratio is 1.00000");
 }
 
 #[test]
@@ -115,6 +177,9 @@ fn card_gets_a_validation_section() {
     assert_eq!(md.matches("## Validation").count(), 1, "{md}");
     assert!(md.contains("shakespeare-dev.txt") && md.contains("| KL mean |") && md.contains("mixq "), "{md}");
     assert!(md.contains("## Use with mlx"), "the rest of the card is kept");
+    // The manifest's entry follows the card, so the finished model still verifies.
+    let o = mixq(&["verify", out.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o).0);
 }
 
 #[test]
@@ -125,4 +190,20 @@ fn human_table_and_bad_arguments() {
     assert!(stdout.contains("perplexity") && stdout.contains("±"), "{stdout}");
     let o = mixq(&["validate", "--model", TRAINED, "--text", TEXT, "--ctx", "64", "--stride", "100"], &[]);
     assert!(text(&o).1.contains("--stride between 1 and --ctx"), "{}", text(&o).1);
+}
+
+#[test]
+fn run_bench_adds_a_speed_table_to_the_card_and_the_model_still_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    convert("mxfp4-experts", &out);
+    for _ in 0..2 {
+        let o = mixq(&["run", "--model", out.to_str().unwrap(), "--prompt", "ROMEO:", "--max-tokens", "8", "--backend", "cpu", "--bench", "--quiet"], &[]);
+        assert!(o.status.success(), "{}", text(&o).1);
+    }
+    let md = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert_eq!(md.matches("## Speed and memory").count(), 1, "{md}");
+    assert!(md.contains("| backend | prompt tokens | prefill tok/s | generated tokens | decode tok/s | weights read | peak memory | GPU memory |"), "{md}");
+    let o = mixq(&["verify", out.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o).0);
 }

@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod error;
 pub mod file_name;
 pub mod format;
+pub mod hub_upload;
 pub mod layout;
 pub mod mlx_layout;
 pub mod rowmap;

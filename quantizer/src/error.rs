@@ -29,7 +29,7 @@ pub enum ConvertError {
         value: f32,
     },
     /// The output folder exists and is not empty.
-    #[error("{0}: output folder exists and is not empty; pass --force to replace it")]
+    #[error("{0}: output folder exists and is not empty; pass --force to replace it (a mixq output only)")]
     OutExists(PathBuf),
     /// The output would replace the source.
     #[error("{0}: output folder is the source checkpoint or contains it")]
@@ -111,6 +111,25 @@ pub enum ConvertError {
         partial: PathBuf,
         /// Why not.
         why: String,
+    },
+    /// A manifest could not be updated.
+    #[error("{path}: {message}")]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// `--out` is a file, not a folder.
+    #[error("{0}: --out is a regular file; convert writes a folder: pick a folder path (the file is left alone)")]
+    OutIsFile(PathBuf),
+    /// `--force` would delete a folder that holds something other than a mixq output.
+    #[error("{path}: --force replaces only an empty folder or a mixq output (one with mixq-manifest.json); this folder holds {what}, which it would delete; remove it yourself or pick another --out")]
+    OutNotOurs {
+        /// The output folder.
+        path: PathBuf,
+        /// What it holds (a count and the first names).
+        what: String,
     },
     /// A write failed.
     #[error("{path}: {error}")]

@@ -9,6 +9,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq adapters`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq adapters --json\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct AdaptersArgs {
     #[command(flatten)]
     json: Json,

@@ -13,6 +13,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq calibrate`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq calibrate --model openai/gpt-oss-120b --text calibration.txt --max-tokens 65536 --hessian --out gpt-oss-120b.stats.safetensors\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(
     mut_arg("out", |a| a.help("The statistics file to write (safetensors)")),
     mut_arg("force", |a| a.help("Replace an existing statistics file")),
@@ -25,11 +26,11 @@ pub struct CalibrateArgs {
     /// A UTF-8 text file, tokenized with the model's tokenizer.
     #[arg(long)]
     text: PathBuf,
-    /// Use at most this many tokens of the text.
-    #[arg(long)]
+    /// Use at most this many tokens of the text (default: all of it).
+    #[arg(long, value_parser = crate::args::at_least_1)]
     max_tokens: Option<usize>,
     /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::args::at_least_1)]
     ctx: usize,
     /// Also record the linear inputs' second-moment matrices (Hessians), which `convert
     /// --quantizer gptq` needs and then uses by default: per layer one for q/k/v, one for o_proj,

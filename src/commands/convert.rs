@@ -12,6 +12,7 @@ use crate::report::{print_json, thousands};
 
 /// Arguments of `mixq convert`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq convert --source openai/gpt-oss-120b --recipe gpt-oss-120b-3.6bit --out gpt-oss-120b-mlx-3.6bit\n  mixq convert --source models/tiny-gpt-oss-shakespeare --recipe mixed_3_6 --out /tmp/tiny --base-model me/tiny --license apache-2.0 --upload-repo me/tiny-mlx\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(mut_arg("json", |a| a.help("Print one JSON object when done")))]
 pub struct ConvertArgs {
     /// Checkpoint folder or hub repo id (owner/name).
@@ -28,8 +29,8 @@ pub struct ConvertArgs {
     force: bool,
     #[command(flatten)]
     threads: Threads,
-    /// Largest shard in bytes (default 5 GiB, as mlx-lm).
-    #[arg(long, default_value_t = mixq_quantizer::writer::convert::MAX_SHARD_BYTES)]
+    /// Largest shard: bytes or a size such as 2GiB, at least 64 KiB (default 5 GiB, as mlx-lm).
+    #[arg(long, default_value_t = mixq_quantizer::writer::convert::MAX_SHARD_BYTES, value_parser = crate::args::shard_bytes)]
     max_shard_bytes: u64,
     /// How affine groups get their scale and bias where the recipe does not say: `mse`
     /// searches for the least (calibration-weighted) error; `gptq` adds error feedback through
@@ -49,6 +50,19 @@ pub struct ConvertArgs {
     /// Skip the free-space check (for filesystems that misreport it, e.g. with compression).
     #[arg(long)]
     no_space_check: bool,
+    /// The model card's `base_model`: the hub repo (owner/name) this model derives from
+    /// (default: --source when it is a repo id; a local path is never written).
+    #[arg(long, value_parser = crate::args::repo_id)]
+    base_model: Option<String>,
+    /// The model card's `license` (e.g. apache-2.0; default: the source card's, if it has one).
+    #[arg(long)]
+    license: Option<String>,
+    /// After converting, verify the output and upload it to this hub repo (owner/name), as
+    /// `mixq publish` does.
+    #[arg(long, value_parser = crate::args::repo_id)]
+    upload_repo: Option<String>,
+    #[command(flatten)]
+    hub: super::publish::HubTarget,
     #[command(flatten)]
     quiet: Quiet,
     #[command(flatten)]
@@ -66,12 +80,18 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
         calibration: a.calibration,
         resume: a.resume,
         check_space: !a.no_space_check,
+        base_model: a.base_model,
+        license: a.license,
     };
     let pool = a.threads.pool()?;
     let progress = StderrProgress::new(a.quiet.quiet || json);
     let result = pool.install(|| mixq_quantizer::writer::jobs::convert_source(&a.source, &a.recipe, &a.out, &opts, &progress));
     progress.finish();
     let run = result?;
+    let uploaded = match &a.upload_repo {
+        Some(repo) => Some(super::publish::upload(&a.out, repo, &a.hub, a.quiet.quiet || json)?),
+        None => None,
+    };
     let (rep, s, secs) = (&run.report, &run.report.summary, run.seconds);
     if json {
         print_json(&serde_json::json!({
@@ -79,6 +99,7 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
             "kept_shards": rep.kept_shards,
             "source_bytes": rep.source_bytes, "bytes": s.bytes, "parameters": s.params,
             "bits_per_weight": s.bits_per_weight(),
+            "uploaded_to": a.upload_repo, "commit_url": uploaded.as_ref().and_then(|u| u.commit_url.clone()),
         }));
     } else {
         println!(
@@ -90,6 +111,9 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
             secs,
             run.source_mib_per_second()
         );
+        if let (Some(repo), Some(u)) = (&a.upload_repo, &uploaded) {
+            println!("uploaded to {repo} ({}): {} files{}", a.hub.revision, u.files, u.commit_url.as_ref().map(|c| format!("; {c}")).unwrap_or_default());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

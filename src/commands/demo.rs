@@ -17,6 +17,7 @@ use crate::report::{self, print_json};
 
 /// Arguments of `mixq demo`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq demo --out /tmp/demo\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(mut_arg("json", |a| a.help("Print one JSON object with every step's result instead of the narration")))]
 pub struct DemoArgs {
     /// Where to write the converted model.
@@ -156,6 +157,7 @@ impl Demo<'_> {
             ignore_eos: false,
             backend: auto_backend(),
             stream: false,
+            quiet: false,
         };
         let g = generate_text(&run)?;
         self.say(&format!(
@@ -192,7 +194,9 @@ impl Demo<'_> {
             gates: mixq_validate::Gates::default(),
             card: Some(&card),
         };
-        let v = super::validate::measure(&request, &auto_backend(), self.json)?.summary;
+        let validation = super::validate::measure(&request, &auto_backend(), self.json, false)?;
+        validation.save(&request)?;
+        let v = validation.summary;
         self.say(&format!("{}(first 4096 tokens of {}, windows of 256; added to the model card)\n", v.to_text(), text.display()));
         Ok(v.to_json())
     }
@@ -207,5 +211,5 @@ struct Converted {
 
 /// The backend the demo runs on: auto, default context.
 fn auto_backend() -> BackendArgs {
-    BackendArgs { backend: mixq_runtime::Backend::Auto, max_context: None }
+    BackendArgs { backend: mixq_runtime::Backend::Auto, max_context: None, verbose: false }
 }

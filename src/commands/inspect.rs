@@ -11,6 +11,7 @@ use crate::report::{self, print_json};
 
 /// Arguments of `mixq inspect`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq inspect gpt-oss-120b-mlx-3.6bit\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct InspectArgs {
     /// Checkpoint folder.
     dir: PathBuf,

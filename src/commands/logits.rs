@@ -13,6 +13,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq logits`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  echo '[1, 2, 3]' > t.json && mixq logits --model /tmp/tiny --tokens t.json --out l.npy\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct LogitsArgs {
     /// Checkpoint folder (upstream or converted).
     #[arg(long)]
@@ -26,6 +27,8 @@ pub struct LogitsArgs {
     #[command(flatten)]
     backend: BackendArgs,
     #[command(flatten)]
+    quiet: crate::args::Quiet,
+    #[command(flatten)]
     json: Json,
 }
 
@@ -33,7 +36,7 @@ pub struct LogitsArgs {
 pub fn run(a: LogitsArgs) -> Result<ExitCode> {
     let ids = read_token_ids(&a.tokens)?;
     let ckpt = Checkpoint::open(&a.model)?;
-    let m = backend::load(&ckpt, &a.backend, a.json.json)?;
+    let m = backend::load(&ckpt, &a.backend, a.json.json, a.quiet.quiet)?;
     let (secs, vocab) = write_logits(&m, &ids, &a.out)?;
     if a.json.json {
         print_json(&serde_json::json!({"out": a.out, "tokens": ids.len(), "vocab": vocab, "seconds": secs, "backend": m.backend()}));

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod inspect;
 pub mod logits;
 pub mod plan;
+pub mod publish;
 pub mod recipe_search;
 pub mod recipes;
 pub mod run;

@@ -9,6 +9,7 @@ use crate::report::{self, print_json};
 
 /// Arguments of `mixq plan`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq plan --source openai/gpt-oss-120b --recipe gpt-oss-120b-3.6bit\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(mut_arg("json", |a| a.help("Print one JSON object instead of the table")))]
 pub struct PlanArgs {
     /// Checkpoint folder, hub repo id (owner/name) or a bare config.json.
@@ -24,6 +25,9 @@ pub struct PlanArgs {
 /// Runs `mixq plan`.
 pub fn run(a: PlanArgs) -> Result<ExitCode> {
     let plan = mixq_quantizer::writer::jobs::plan_source(&a.source, &a.recipe)?;
+    for w in &plan.unused_rules {
+        eprintln!("warning: {w}");
+    }
     if a.json.json {
         print_json(&report::plan_json(&a.source, &plan.recipe, &plan.summary, plan.source_size));
     } else {

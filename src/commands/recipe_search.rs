@@ -13,6 +13,7 @@ use crate::report::{print_json, thousands};
 
 /// Arguments of `mixq recipe search`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq recipe search --sensitivity sens.json --source openai/gpt-oss-120b --target-size 48GiB --out searched.yaml --frontier\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct SearchArgs {
     /// The sensitivity file (`mixq sensitivity`).
     #[arg(long)]
@@ -20,17 +21,17 @@ pub struct SearchArgs {
     /// The model (folder, repo id or config.json) the recipe is for.
     #[arg(long)]
     source: String,
-    /// Size budget in bits per weight.
-    #[arg(long, conflicts_with = "target_size", required_unless_present = "target_size")]
+    /// Size budget in bits per weight (give this or --target-size).
+    #[arg(long, conflicts_with = "target_size", required_unless_present = "target_size", value_parser = crate::args::positive)]
     target_bpw: Option<f64>,
-    /// Size budget: 48GiB, 51.9GB or a byte count.
+    /// Size budget: 48GiB, 51.9GB, 900MiB (units in any case) or a whole number of bytes.
     #[arg(long)]
     target_size: Option<String>,
     /// The recipe to write (YAML).
     #[arg(long)]
     out: PathBuf,
-    /// Smallest affine bit width allowed.
-    #[arg(long, default_value_t = 3)]
+    /// Smallest affine bit width allowed: 2, 3, 4, 5, 6 or 8.
+    #[arg(long, default_value_t = 3, value_parser = crate::args::bit_width)]
     min_bits: u32,
     /// Classes kept in bf16.
     #[arg(long, value_delimiter = ',', default_value = "norm,router,bias,sinks")]

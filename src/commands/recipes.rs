@@ -10,6 +10,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq recipes`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq recipes\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct RecipesArgs {
     #[command(flatten)]
     json: Json,

@@ -16,6 +16,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq run`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq run --model gpt-oss-120b-mlx-3.6bit --chat --prompt \"Explain MXFP4\" --max-tokens 200\n  mixq run --model /tmp/tiny --prompt \"ROMEO:\" --temp 0.8 --top-p 0.95 --seed 7\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(mut_arg("json", |a| a.help("Print one JSON object (text, tokens, figures) instead of streaming")))]
 pub struct RunCommandArgs {
     /// Checkpoint folder (upstream or converted).
@@ -25,7 +26,7 @@ pub struct RunCommandArgs {
     #[arg(long, required_unless_present = "prompt_tokens")]
     prompt: Option<String>,
     /// Use N deterministic pseudo-random token ids as the prompt (for timing).
-    #[arg(long, conflicts_with = "prompt")]
+    #[arg(long, conflicts_with = "prompt", value_parser = crate::args::at_least_1)]
     prompt_tokens: Option<usize>,
     /// Time a model of this config.json's shape with random weights made in GPU memory
     /// (no checkpoint file); needs --recipe.
@@ -34,6 +35,10 @@ pub struct RunCommandArgs {
     /// Recipe that quantizes the synthetic model.
     #[arg(long, requires = "synthetic_config")]
     recipe: Option<String>,
+    /// Add (or replace) a "Speed and memory" table with this run's figures in the model's card
+    /// (MODEL/README.md), refreshing its entry in mixq-manifest.json.
+    #[arg(long, requires = "model")]
+    bench: bool,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -41,13 +46,13 @@ pub struct RunCommandArgs {
     #[arg(long)]
     chat: bool,
     /// Tokens to generate at most.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::args::at_least_1)]
     max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, 0 or more; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = crate::args::non_negative, allow_hyphen_values = true)]
     temp: f32,
-    /// Nucleus sampling mass (1 keeps every token).
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling mass, above 0 and at most 1 (1 keeps every token).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::args::probability_mass, allow_hyphen_values = true)]
     top_p: f32,
     /// Keep only the k most likely tokens (0 keeps all).
     #[arg(long, default_value_t = 0)]
@@ -57,6 +62,8 @@ pub struct RunCommandArgs {
     seed: u64,
     #[command(flatten)]
     backend: BackendArgs,
+    #[command(flatten)]
+    quiet: crate::args::Quiet,
     #[command(flatten)]
     json: crate::args::Json,
 }
@@ -78,12 +85,34 @@ pub fn run(a: RunCommandArgs) -> Result<ExitCode> {
         ignore_eos: a.ignore_eos,
         backend: a.backend,
         stream: !a.json.json,
+        quiet: a.quiet.quiet,
     };
     let figures = generate_text(&args)?;
     if a.json.json {
         print_json(&figures);
     }
+    if let (true, Some(dir)) = (a.bench, &a.model) {
+        let card = dir.join("README.md");
+        mixq_validate::card::write_card_section(&card, &mixq_validate::card::bench_section(&bench_row(&figures)))?;
+        if !a.quiet.quiet {
+            eprintln!("added the speed and memory table to {}", card.display());
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The card's benchmark row from a run's figures.
+fn bench_row(f: &Value) -> mixq_validate::card::BenchRow {
+    let n = |k: &str| f[k].as_u64().unwrap_or(0);
+    let x = |k: &str| f[k].as_f64().unwrap_or(0.0);
+    mixq_validate::card::BenchRow {
+        device: f["device"].as_str().unwrap_or_default().to_string(),
+        prefill: (n("prompt_tokens") as usize, x("prefill_tokens_per_second")),
+        decode: (n("generated_tokens") as usize, x("decode_tokens_per_second")),
+        weight_bytes_per_second: x("weight_bytes_per_second"),
+        peak_rss: f["peak_rss_bytes"].as_u64(),
+        gpu_memory: n("gpu_memory_bytes"),
+    }
 }
 
 /// Where the model comes from.
@@ -106,17 +135,19 @@ pub struct RunArgs<'a> {
     pub ignore_eos: bool,
     pub backend: BackendArgs,
     pub stream: bool,
+    /// No notes or progress on stderr.
+    pub quiet: bool,
 }
 
 /// Loads the engine (and, for a checkpoint, its tokenizer) that `a` asks for.
 fn load_engine<'c>(a: &RunArgs<'_>, ckpt: Option<&'c Checkpoint>) -> Result<(Engine<'c>, Option<TextCodec>)> {
     match (&a.source, ckpt) {
-        (Source::Checkpoint(dir), Some(ckpt)) => Ok((backend::load(ckpt, &a.backend, !a.stream)?, Some(TextCodec::load(dir)?))),
+        (Source::Checkpoint(dir), Some(ckpt)) => Ok((backend::load(ckpt, &a.backend, !a.stream, a.quiet)?, Some(TextCodec::load(dir)?))),
         (Source::Synthetic { config, recipe }, _) => {
             if a.backend.backend == mixq_runtime::Backend::Cpu {
                 bail!("--synthetic-config makes its weights in GPU memory: it needs --backend gpu or auto");
             }
-            Ok((backend::synthetic(config, recipe, !a.stream)?, None))
+            Ok((backend::synthetic(config, recipe, a.quiet || !a.stream)?, None))
         }
         _ => unreachable!("a checkpoint source always has an open checkpoint"),
     }

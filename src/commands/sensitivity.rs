@@ -16,6 +16,7 @@ use crate::report::{print_json, thousands};
 
 /// Arguments of `mixq sensitivity`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq sensitivity --model models/tiny-gpt-oss-shakespeare --text search.txt --tokens 8192 --out sens.json\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(
     mut_arg("out", |a| a.help("The sensitivity file to write (JSON)"))
 )]
@@ -39,10 +40,10 @@ pub struct SensitivityArgs {
     #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
     group_sizes: Vec<u32>,
     /// Tokens of the text the KL is measured on.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::args::at_least_1)]
     tokens: usize,
     /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::args::at_least_1)]
     ctx: usize,
     /// The quantizer the settings are made with.
     #[arg(long, default_value = "mse", value_parser = parse_quantizer)]

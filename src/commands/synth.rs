@@ -11,6 +11,7 @@ use crate::report::print_json;
 
 /// Arguments of `mixq synth`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq synth --preset small --out /tmp/small-src\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct SynthArgs {
     /// Output folder.
     #[arg(long)]
@@ -22,19 +23,19 @@ pub struct SynthArgs {
     /// about 13 GB).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Override the layer count.
-    #[arg(long)]
+    /// Override the layer count (default: the preset's or the config's).
+    #[arg(long, value_parser = crate::args::at_least_1)]
     layers: Option<usize>,
-    /// Override the model width.
-    #[arg(long)]
+    /// Override the model width (default: the preset's or the config's).
+    #[arg(long, value_parser = crate::args::at_least_1)]
     hidden: Option<usize>,
-    /// Override the expert width.
-    #[arg(long)]
+    /// Override the expert width (default: the preset's or the config's).
+    #[arg(long, value_parser = crate::args::at_least_1)]
     intermediate: Option<usize>,
-    /// Override the expert count.
-    #[arg(long)]
+    /// Override the expert count (default: the preset's or the config's).
+    #[arg(long, value_parser = crate::args::at_least_1)]
     experts: Option<usize>,
-    /// Override the RNG seed.
+    /// Override the RNG seed (default: the preset's or the config's).
     #[arg(long)]
     seed: Option<u64>,
     /// Write `rope_scaling.truncate: false` in the config.

@@ -10,6 +10,7 @@ use crate::report::{self, print_json};
 
 /// Arguments of `mixq verify`.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  mixq verify gpt-oss-120b-mlx-3.6bit\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct VerifyArgs {
     /// Converted checkpoint folder.
     dir: PathBuf,

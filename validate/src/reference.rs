@@ -64,16 +64,33 @@ pub struct RefHeader {
     pub stride: usize,
     /// Logits kept per token.
     pub top_k: usize,
+    /// The reference's vocabulary size (absent in files from mixq before 0.1.1).
+    pub vocab: Option<usize>,
+}
+
+/// Bytes of one token's record with `top_k` logits kept.
+pub fn record_bytes(top_k: usize) -> u64 {
+    12 + 8 * top_k as u64
+}
+
+/// Bytes of a saved reference of `count` tokens with `top_k` logits each (an upper bound on the
+/// header: the model's path is at most `model_len` bytes).
+pub fn file_bytes(count: usize, top_k: usize, model_len: usize) -> u64 {
+    let header = 12 + 256 + model_len as u64;
+    header + count as u64 * record_bytes(top_k)
 }
 
 /// Writes a saved reference.
 pub fn write(path: &Path, header: &RefHeader, tokens: &[RefToken]) -> Result<(), ValidateError> {
     let io = |e| ValidateError::Io(path.to_path_buf(), e);
-    let meta = json!({
+    let mut meta = json!({
         "model": header.model, "tokens_sha256": header.tokens_sha256, "ctx": header.ctx,
         "stride": header.stride, "top_k": header.top_k, "count": tokens.len(),
-    })
-    .to_string();
+    });
+    if let Some(v) = header.vocab {
+        meta["vocab"] = json!(v);
+    }
+    let meta = meta.to_string();
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     f.write_all(MAGIC).map_err(io)?;
     f.write_all(&(meta.len() as u32).to_le_bytes()).map_err(io)?;
@@ -110,6 +127,7 @@ pub fn read(path: &Path) -> Result<(RefHeader, Vec<RefToken>), ValidateError> {
         ctx: field("ctx")?,
         stride: field("stride")?,
         top_k: field("top_k")?,
+        vocab: meta.get("vocab").and_then(Value::as_u64).map(|v| v as usize),
     };
     let count = field("count")?;
     let body = &bytes[12 + n..];
@@ -159,7 +177,7 @@ mod tests {
         assert!(t.top_logits.windows(2).all(|w| w[0] >= w[1]));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.bin");
-        let h = RefHeader { model: "m".into(), tokens_sha256: "x".into(), ctx: 8, stride: 8, top_k: 5 };
+        let h = RefHeader { model: "m".into(), tokens_sha256: "x".into(), ctx: 8, stride: 8, top_k: 5, vocab: Some(50) };
         write(&p, &h, &[t.clone(), t.clone()]).unwrap();
         let (h2, ts) = read(&p).unwrap();
         assert_eq!(h2, h);

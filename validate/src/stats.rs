@@ -145,25 +145,52 @@ pub struct Gates {
 }
 
 impl Gates {
+    /// Whether any gate is set.
+    pub fn any(&self) -> bool {
+        self.max_kl.is_some() || self.max_ppl_ratio.is_some() || self.min_top1.is_some()
+    }
+
+    /// Checks each gate's value is in its range, naming the flag and what it expects.
+    pub fn check_ranges(&self) -> Result<(), String> {
+        let bad = |flag: &str, x: f64, expected: &str| Err(format!("{flag} {x}: expected {expected}"));
+        if let Some(x) = self.max_kl.filter(|x| !(x.is_finite() && *x >= 0.0)) {
+            return bad("--max-kl", x, "a mean KL of 0 or more (in nats, e.g. 0.02)");
+        }
+        if let Some(x) = self.max_ppl_ratio.filter(|x| !(x.is_finite() && *x > 0.0)) {
+            return bad("--max-ppl-ratio", x, "a positive ratio (e.g. 1.05)");
+        }
+        if let Some(x) = self.min_top1.filter(|x| !(0.0..=1.0).contains(x)) {
+            return bad("--min-top1", x, "a fraction from 0 to 1 (0.9 = 90%)");
+        }
+        Ok(())
+    }
+
+    /// Every set gate against the figures: (passed, the gate with its limit and the measured value).
+    pub fn outcomes(&self, s: &Summary) -> Vec<(bool, String)> {
+        let Some(c) = &s.comparison else {
+            return if self.any() { vec![(false, "gates need a reference (--reference or --reference-logits)".to_string())] } else { vec![] };
+        };
+        let mut out = Vec::new();
+        if let Some(x) = self.max_kl {
+            out.push((c.kl_mean <= x, format!("--max-kl {x}: mean KL is {:.6}", c.kl_mean)));
+        }
+        if let Some(x) = self.max_ppl_ratio {
+            out.push((c.ppl_ratio <= x, format!("--max-ppl-ratio {x}: PPL ratio is {:.5}", c.ppl_ratio)));
+        }
+        if let Some(x) = self.min_top1 {
+            out.push((c.top1 >= x, format!("--min-top1 {x}: top-1 agreement is {:.5}", c.top1)));
+        }
+        out
+    }
+
     /// Failed gates, each naming the gate, the limit and the measured value.
     pub fn check(&self, s: &Summary) -> Vec<String> {
-        let mut failed = Vec::new();
-        let Some(c) = &s.comparison else {
-            if self.max_kl.is_some() || self.max_ppl_ratio.is_some() || self.min_top1.is_some() {
-                failed.push("gates need a reference (--reference or --reference-logits)".to_string());
-            }
-            return failed;
-        };
-        if let Some(x) = self.max_kl.filter(|&x| c.kl_mean > x) {
-            failed.push(format!("--max-kl {x}: mean KL is {:.6}", c.kl_mean));
-        }
-        if let Some(x) = self.max_ppl_ratio.filter(|&x| c.ppl_ratio > x) {
-            failed.push(format!("--max-ppl-ratio {x}: PPL ratio is {:.5}", c.ppl_ratio));
-        }
-        if let Some(x) = self.min_top1.filter(|&x| c.top1 < x) {
-            failed.push(format!("--min-top1 {x}: top-1 agreement is {:.5}", c.top1));
-        }
-        failed
+        self.outcomes(s).into_iter().filter(|(ok, _)| !ok).map(|(_, m)| m).collect()
+    }
+
+    /// Passed gates, worded as [`Gates::check`] words failures.
+    pub fn passed(&self, s: &Summary) -> Vec<String> {
+        self.outcomes(s).into_iter().filter(|(ok, _)| *ok).map(|(_, m)| m).collect()
     }
 }
 
@@ -183,5 +210,11 @@ mod tests {
         let failed = g.check(&s);
         assert_eq!(failed.len(), 2, "{failed:?}");
         assert!(failed[0].contains("--max-kl 0.05: mean KL is 0.100000"));
+        assert_eq!(g.passed(&s), ["--max-ppl-ratio 1.1: PPL ratio is 1.00000"]);
+        let e = Gates { min_top1: Some(92.0), ..Gates::default() }.check_ranges().unwrap_err();
+        assert_eq!(e, "--min-top1 92: expected a fraction from 0 to 1 (0.9 = 90%)");
+        assert!(Gates { max_kl: Some(-1.0), ..Gates::default() }.check_ranges().is_err());
+        assert!(Gates { max_ppl_ratio: Some(f64::NAN), ..Gates::default() }.check_ranges().is_err());
+        assert!(g.check_ranges().is_ok());
     }
 }

@@ -124,6 +124,11 @@ impl<'s> Problem<'s> {
         Allotment { choices: choices.to_vec(), bytes, cost }
     }
 
+    /// The size with every unit in bf16: the most any allocation can take.
+    pub fn bf16_bytes(&self) -> u64 {
+        self.fixed_bytes + self.units.iter().map(|u| u.bf16_bytes).sum::<u64>()
+    }
+
     /// Every unit at its smallest allowed setting.
     pub fn smallest(&self) -> Allotment {
         let choices: Vec<Choice> = (0..self.units.len())
@@ -324,22 +329,24 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// Parses a size: `48GiB`, `51.9GB`, `900MiB`, `1.5e9` or a plain byte count.
+/// Parses a size: `48GiB`, `51.9GB`, `900MiB`, `1.5e9` or a plain byte count; units are
+/// case-insensitive (`48gb` = `48GB`), and a count without a unit is a whole number of bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
     let t = s.trim();
-    let units: [(&str, f64); 8] = [
-        ("GiB", (1u64 << 30) as f64),
-        ("MiB", (1u64 << 20) as f64),
-        ("KiB", 1024.0),
-        ("GB", 1e9),
-        ("MB", 1e6),
-        ("kB", 1e3),
-        ("KB", 1e3),
-        ("B", 1.0),
-    ];
-    let (num, mult) = units.iter().find_map(|(u, m)| t.strip_suffix(u).map(|n| (n.trim(), *m))).unwrap_or((t, 1.0));
+    let lower = t.to_ascii_lowercase();
+    let units: [(&str, f64); 7] =
+        [("gib", (1u64 << 30) as f64), ("mib", (1u64 << 20) as f64), ("kib", 1024.0), ("gb", 1e9), ("mb", 1e6), ("kb", 1e3), ("b", 1.0)];
+    let (num, mult) = units.iter().find_map(|(u, m)| lower.strip_suffix(u).map(|n| (n.trim(), *m))).unwrap_or((lower.as_str(), 1.0));
     let v: f64 = num.parse().ok()?;
-    (v.is_finite() && v > 0.0).then(|| (v * mult).round() as u64)
+    let bytes = v * mult;
+    (bytes.is_finite() && bytes >= 1.0 && (mult > 1.0 || bytes.fract() == 0.0)).then(|| bytes.round() as u64)
+}
+
+/// Parses a size as [`parse_size`] does, or says what `flag` expects.
+pub fn parse_size_flag(flag: &str, s: &str) -> Result<u64, String> {
+    parse_size(s).ok_or_else(|| {
+        format!("{flag} {s}: expected a size such as 48GiB, 51.9GB or 900MiB (units in any case) or a whole number of bytes")
+    })
 }
 
 #[cfg(test)]
@@ -354,6 +361,11 @@ mod tests {
         assert_eq!(parse_size("1000"), Some(1000));
         assert_eq!(parse_size("-3GB"), None);
         assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("48gb"), parse_size("48GB"));
+        assert_eq!(parse_size("48gib"), Some(48 << 30));
+        assert_eq!(parse_size("0.5"), None, "a byte count is whole");
+        assert_eq!(parse_size("0"), None);
+        assert_eq!(parse_size("0.5kb"), Some(500));
     }
 
     fn toy() -> (Sensitivity, GptOssConfig) {

@@ -7,7 +7,7 @@ use mixq_loader::source::{resolve_source, Need};
 use mixq_loader::{GptOssConfig, LoaderError, ModelFingerprint};
 
 use mixq_loader::schema::TensorClass;
-use crate::authoring::recipe_search::{check_recipe, frontier, frontier_svg, parse_size, write_recipe, Problem, RecipeHeader, SearchError, SearchOptions};
+use crate::authoring::recipe_search::{check_recipe, frontier, frontier_svg, parse_size_flag, write_recipe, Problem, RecipeHeader, SearchError, SearchOptions};
 use crate::authoring::sensitivity_file::{Sensitivity, SensitivityError};
 
 /// Bits per weight of the frontier table.
@@ -74,9 +74,7 @@ pub fn target_bytes(target_bpw: Option<f64>, target_size: Option<&str>, params: 
     match (target_bpw, target_size) {
         (Some(bpw), None) if bpw > 0.0 => Ok(((bpw * params as f64 / 8.0) as u64, format!("{bpw} bits per weight"))),
         (None, Some(size)) => {
-            let bytes = parse_size(size).ok_or_else(|| {
-                SearchJobError::Input(format!("--target-size {size}: expected a size such as 48GiB, 51.9GB or a byte count"))
-            })?;
+            let bytes = parse_size_flag("--target-size", size).map_err(SearchJobError::Input)?;
             Ok((bytes, format!("{size} ({bytes} bytes)")))
         }
         _ => Err(SearchJobError::Input("give exactly one of --target-bpw X (positive) or --target-size SIZE".into())),
@@ -141,6 +139,13 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
     let keep = keep_classes(r.keep_bf16)?;
     let problem = Problem::new(&sens, &config, &SearchOptions { min_bits: r.min_bits, keep: keep.clone() })?;
     let (target, target_label) = target_bytes(r.target_bpw, r.target_size, problem.params)?;
+    let all_bf16 = problem.bf16_bytes();
+    if target >= all_bf16 {
+        return Err(SearchJobError::Input(format!(
+            "target {target_label} is at or above the model's size with every unit in bf16 ({all_bf16} bytes, {:.3} bits per weight): nothing would be quantized; pick a smaller target",
+            mixq_loader::bits_per_weight(all_bf16 as usize, problem.params as usize)
+        )));
+    }
     let allot = problem.solve(target)?;
     let name = r.name.map(str::to_string).unwrap_or_else(|| stem(r.out, "searched"));
     let sens_label = r.sensitivity.display().to_string();

@@ -115,7 +115,9 @@ impl Sensitivity {
     /// Reads and checks a sensitivity file.
     pub fn read(path: &Path) -> Result<Self, SensitivityError> {
         let bad = |message: String| SensitivityError { path: path.display().to_string(), message };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| bad("not a sensitivity file: it is not text (expected the JSON that `mixq sensitivity --out` writes)".into()))?;
         let s: Sensitivity = serde_json::from_str(&text).map_err(|e| bad(format!("not a sensitivity file: {e}")))?;
         if s.format != SENSITIVITY_FORMAT {
             return Err(bad(format!("format is \"{}\", expected \"{SENSITIVITY_FORMAT}\"", s.format)));

@@ -23,7 +23,7 @@ pub enum RecipeError {
     #[error("recipe {0}: not a built-in recipe ({list}) nor a readable file: {1}", list = builtin_names())]
     NotFound(String, std::io::Error),
     /// Malformed YAML or a key/value of the wrong kind.
-    #[error("{origin}:{line}: {message}")]
+    #[error("{origin}{}: {message}", at_line(*line))]
     Invalid {
         /// File or built-in name.
         origin: String,
@@ -33,7 +33,7 @@ pub enum RecipeError {
         message: String,
     },
     /// The recipe does not fit a tensor of the model.
-    #[error("{origin}:{line}: {message}")]
+    #[error("{origin}{}: {message}", at_line(*line))]
     Tensor {
         /// File or built-in name.
         origin: String,
@@ -42,6 +42,20 @@ pub enum RecipeError {
         /// What was expected, naming the tensor.
         message: String,
     },
+}
+
+/// An empty recipe has no line to point at: say what a recipe holds.
+fn refuse_empty(text: &str, origin: &str) -> Result<(), RecipeError> {
+    if text.trim().is_empty() {
+        let message = "the recipe is empty; expected YAML with `name` and a list of `rules` (see recipes/ or `mixq recipes`)".into();
+        return Err(RecipeError::Invalid { origin: origin.into(), line: 0, message });
+    }
+    Ok(())
+}
+
+/// `:LINE` for a known line, nothing for 0 (no line: an empty file, a missing key).
+fn at_line(line: usize) -> String {
+    if line == 0 { String::new() } else { format!(":{line}") }
 }
 
 fn builtin_names() -> String {
@@ -277,19 +291,19 @@ fn parse_action(v: &serde_yaml::Value) -> Result<(QuantFormat, Option<QuantMetho
         Y::Mapping(m) if m.len() == 1 => {
             let (k, inner) = m.iter().next().expect("one entry");
             if k.as_str() != Some("affine") {
-                return Err(format!("unknown action {k:?}; {expected}"));
+                return Err(format!("unknown action {}; {expected}", yaml_brief(k)));
             }
             let inner = inner.as_mapping().ok_or_else(|| format!("affine takes a mapping; {expected}"))?;
             for key in inner.keys() {
                 if !matches!(key.as_str(), Some("bits" | "group_size" | "quantizer")) {
-                    return Err(format!("unknown key {key:?} in affine; expected bits, group_size and optionally quantizer"));
+                    return Err(format!("unknown key {} in affine; expected bits, group_size and optionally quantizer", yaml_brief(key)));
                 }
             }
             let quantizer = match inner.get("quantizer") {
                 None => None,
                 Some(q) => {
                     let names: Vec<&str> = QuantMethod::ALL.iter().map(|m| m.as_str()).collect();
-                    let bad = || format!("quantizer {q:?} is not one of {}", names.join(", "));
+                    let bad = || format!("quantizer {} is not one of {}", yaml_brief(q), names.join(", "));
                     Some(q.as_str().and_then(QuantMethod::parse).ok_or_else(bad)?)
                 }
             };
@@ -302,7 +316,15 @@ fn parse_action(v: &serde_yaml::Value) -> Result<(QuantFormat, Option<QuantMetho
             };
             Ok((QuantFormat::Affine { bits: get("bits")?, group_size: get("group_size")? }, quantizer))
         }
-        other => Err(format!("action {other:?} is not valid; {expected}")),
+        other => Err(format!("action {} is not valid; {expected}", yaml_brief(other))),
+    }
+}
+
+/// A YAML value as the recipe's author wrote it (`"afine"`, `3`, `{a: 1}`), for messages.
+fn yaml_brief(v: &serde_yaml::Value) -> String {
+    match v {
+        serde_yaml::Value::String(s) => format!("{s:?}"),
+        other => serde_yaml::to_string(other).map(|t| t.trim().replace('\n', " ")).unwrap_or_else(|_| "?".into()),
     }
 }
 
@@ -320,6 +342,7 @@ impl Recipe {
     /// Parses and statically validates recipe text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, RecipeError> {
         let invalid = |line: usize, message: String| RecipeError::Invalid { origin: origin.into(), line, message };
+        refuse_empty(text, origin)?;
         let raw: RawRecipe = serde_yaml::from_str(text).map_err(|e| {
             let line = e.location().map(|l| l.line()).unwrap_or(0);
             invalid(line, e.to_string())

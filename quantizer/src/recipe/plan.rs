@@ -92,6 +92,26 @@ impl Allocation {
         Ok(Allocation { assigned, num_layers: n })
     }
 
+    /// The rules of `recipe` that decide no parameter of this model, each as
+    /// `origin:line: why it has no effect`.
+    pub fn unused_rules(&self, recipe: &Recipe) -> Vec<String> {
+        let n = self.num_layers;
+        recipe
+            .rules
+            .iter()
+            .filter(|rule| !self.assigned.iter().any(|a| a.rule_line == rule.line))
+            .map(|rule| {
+                let classes: Vec<&str> = rule.classes.iter().map(|c| c.as_str()).collect();
+                let why = if self.assigned.iter().any(|a| rule.matches(&a.param, n)) {
+                    "every tensor it selects is decided by an earlier rule".to_string()
+                } else {
+                    format!("it selects no tensor of this model ({n} layers)")
+                };
+                format!("{}:{}: rule for {} has no effect: {why}", recipe.origin, rule.line, classes.join(", "))
+            })
+            .collect()
+    }
+
     /// All output tensors, in model order.
     pub fn outputs(&self) -> Vec<TensorSpec> {
         self.assigned.iter().flat_map(Assigned::outputs).collect()

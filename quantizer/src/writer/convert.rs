@@ -21,12 +21,12 @@ use crate::kernels::affine::packed_row_bytes;
 use crate::kernels::gptq::HessianFactor;
 use crate::kernels::importance::{CalibrationUse, Importance, ParamHessians};
 use crate::kernels::method::InputStats;
-use crate::writer::card::model_card;
+use crate::writer::card::{base_model_of, has_chat_template, license_of_card, model_card, CardInput};
 use crate::error::{io, ConvertError};
 use crate::writer::provenance::Provenance;
 use crate::writer::hash::{sha256_file, sha256_hex};
-use crate::writer::manifest::write_manifest;
-use crate::recipe::plan::{Allocation, Assigned, PlanSummary};
+use crate::writer::manifest::{write_manifest, MANIFEST_FILE};
+use crate::recipe::plan::{source_size, Allocation, Assigned, PlanSummary};
 use mixq_loader::TensorSpec;
 use crate::recipe::language::{QuantFormat, Recipe};
 use crate::writer::rows::RowSource;
@@ -78,6 +78,10 @@ pub struct ConvertOptions {
     pub resume: bool,
     /// Refuse to start when the output's filesystem has less free space than the output needs.
     pub check_space: bool,
+    /// The card's `base_model` (a hub repo id); `None`: the source when it is a repo id.
+    pub base_model: Option<String>,
+    /// The card's `license`; `None`: the source card's, if any.
+    pub license: Option<String>,
 }
 
 impl Default for ConvertOptions {
@@ -90,6 +94,8 @@ impl Default for ConvertOptions {
             calibration: None,
             resume: false,
             check_space: true,
+            base_model: None,
+            license: None,
         }
     }
 }
@@ -133,20 +139,37 @@ fn check_quantizers(alloc: &Allocation, default: QuantMethod, calibration: Optio
     }
 }
 
-/// Checks that `out` may be written (absent, empty, or `force`) and is not the source.
+/// Checks that `out` may be written and is not the source: absent, an empty folder, or (with
+/// `force`) a folder holding a mixq output. A regular file, and with `force` a folder of other
+/// things, is refused with what it holds.
 pub fn check_out_dir(out: &Path, source: &Path, force: bool) -> Result<(), ConvertError> {
-    if out.exists() {
-        let canon_out = out.canonicalize().map_err(io(out))?;
-        let canon_src = source.canonicalize().map_err(io(source))?;
-        if canon_src.starts_with(&canon_out) {
-            return Err(ConvertError::OutIsSource(out.to_path_buf()));
-        }
-        let non_empty = !out.is_dir() || std::fs::read_dir(out).map_err(io(out))?.next().is_some();
-        if non_empty && !force {
-            return Err(ConvertError::OutExists(out.to_path_buf()));
-        }
+    if !out.exists() {
+        return Ok(());
     }
-    Ok(())
+    if !out.is_dir() {
+        return Err(ConvertError::OutIsFile(out.to_path_buf()));
+    }
+    let canon_out = out.canonicalize().map_err(io(out))?;
+    let canon_src = source.canonicalize().map_err(io(source))?;
+    if canon_src.starts_with(&canon_out) {
+        return Err(ConvertError::OutIsSource(out.to_path_buf()));
+    }
+    let mut names: Vec<String> =
+        std::fs::read_dir(out).map_err(io(out))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        return Err(ConvertError::OutExists(out.to_path_buf()));
+    }
+    if out.join(MANIFEST_FILE).is_file() {
+        return Ok(());
+    }
+    names.sort();
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let more = if names.len() > shown.len() { format!(", ... ({} more)", names.len() - shown.len()) } else { String::new() };
+    let what = format!("{} entr{} and no mixq-manifest.json ({}{more})", names.len(), if names.len() == 1 { "y" } else { "ies" }, shown.join(", "));
+    Err(ConvertError::OutNotOurs { path: out.to_path_buf(), what })
 }
 
 /// Converts the upstream checkpoint in `source` to an MLX checkpoint in `out` following `recipe`.
@@ -166,6 +189,15 @@ pub fn convert(
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
     if let (mixq_loader::SourceLayout::Dense(_), Some(a)) = (layout, alloc.assigned.iter().find(|a| a.action == QuantFormat::Mxfp4)) {
         return Err(ConvertError::DenseToMxfp4 { path: source.to_path_buf(), tensor: a.param.name() });
+    }
+    for w in alloc.unused_rules(recipe) {
+        progress.notice(&format!("warning: {w}"));
+    }
+    if !source.join(crate::writer::verify::TOKENIZER_FILE).is_file() {
+        progress.notice(&format!(
+            "warning: {}: no tokenizer.json; the output will have none, so it cannot encode text (mlx-lm load, mixq run) and mixq verify will report it",
+            source.display()
+        ));
     }
     let calibration = opts.calibration.as_deref().map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
     let quantizer = default_quantizer(opts.quantizer, calibration.as_ref());
@@ -325,13 +357,25 @@ impl Job<'_> {
             }
         }
         let name = output_name(self.out);
-        let base_model = if self.opts.source_label.is_empty() { source.display().to_string() } else { self.opts.source_label.clone() };
+        let label = if self.opts.source_label.is_empty() { source.display().to_string() } else { self.opts.source_label.clone() };
         let provenance = Provenance::of(alloc, self.quantizer, self.calibration);
-        let card = model_card(&name, &base_model, self.recipe, &summary, &provenance);
+        let base_model = base_model_of(self.opts.base_model.as_deref(), &label);
+        let license = self.opts.license.clone().or_else(|| license_of_card(source));
+        let card = model_card(&CardInput {
+            name: &name,
+            base_model: base_model.as_deref(),
+            license: license.as_deref(),
+            source_label: &label,
+            recipe: self.recipe,
+            summary: &summary,
+            source_size: source_size(self.ckpt.config()),
+            provenance: &provenance,
+            chat_template: has_chat_template(source),
+        });
         std::fs::write(dir.join("README.md"), card).map_err(io(&dir))?;
         progress.phase("hashing");
         crate::writer::fault::point("manifest");
-        write_manifest(&dir, staging.shards(), &base_model, self.recipe, &summary, &provenance)?;
+        write_manifest(&dir, staging.shards(), &label, self.recipe, &summary, &provenance)?;
         self.watch.check()?;
         Ok((summary, source_bytes.iter().sum()))
     }

@@ -36,6 +36,8 @@ pub struct Plan {
     pub summary: PlanSummary,
     /// The source checkpoint's bytes and parameters.
     pub source_size: (usize, usize),
+    /// Recipe rules that decide nothing here, each naming its line.
+    pub unused_rules: Vec<String>,
 }
 
 /// Plans `recipe` (a name or YAML path) on `source` (folder, repo id or config.json), reading no weight.
@@ -43,8 +45,9 @@ pub fn plan_source(source: &str, recipe: &str) -> Result<Plan, JobError> {
     let recipe = Recipe::load(recipe)?;
     let resolved = resolve_source(source, Need::Config)?;
     let config = GptOssConfig::from_file(&resolved.config_path())?;
-    let summary = Allocation::resolve(&config, &recipe)?.summary();
-    Ok(Plan { recipe, summary, source_size: source_size(&config) })
+    let alloc = Allocation::resolve(&config, &recipe)?;
+    let unused_rules = alloc.unused_rules(&recipe);
+    Ok(Plan { summary: alloc.summary(), recipe, source_size: source_size(&config), unused_rules })
 }
 
 /// A finished conversion job.

@@ -62,7 +62,90 @@ pub fn write_manifest(
         "files": files,
     });
     let path = dir.join(MANIFEST_FILE);
-    let mut text = serde_json::to_string_pretty(&manifest).expect("JSON values always serialize");
+    std::fs::write(&path, manifest_text(&manifest)).map_err(io(&path))
+}
+
+/// The manifest as written: pretty JSON and a final newline.
+fn manifest_text(manifest: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(manifest).expect("JSON values always serialize");
     text.push('\n');
-    std::fs::write(&path, text).map_err(io(&path))
+    text
+}
+
+/// Writes `bytes` to `path` through a hidden file beside it and a rename, so a reader sees the
+/// old content or the new, never a part.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), ConvertError> {
+    use std::io::Write;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.mixq-tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&tmp)(e));
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// After `file` in a mixq output was rewritten (a model card given a validation section): when
+/// its folder holds a manifest, records the file's new size and sha256 there (adding the entry
+/// if the manifest lacks it), replacing the manifest atomically. Returns the manifest's path, or
+/// `None` when the folder holds none.
+pub fn refresh_entry(file: &Path) -> Result<Option<std::path::PathBuf>, ConvertError> {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let path = dir.join(MANIFEST_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let bad = |why: &str| ConvertError::Manifest { path: path.clone(), message: why.to_string() };
+    let mut manifest: Value = serde_json::from_str(&text).map_err(|e| bad(&format!("not valid JSON ({e})")))?;
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).ok_or_else(|| bad("the file has no name"))?;
+    let (sha, size) = sha256_file(file).map_err(io(file))?;
+    let files = manifest.get_mut("files").and_then(Value::as_array_mut).ok_or_else(|| bad("no `files` list"))?;
+    let entry = json!({"name": name, "size": size, "sha256": sha});
+    match files.iter_mut().find(|f| f.get("name").and_then(Value::as_str) == Some(name.as_str())) {
+        Some(f) => *f = entry,
+        None => {
+            files.push(entry);
+            files.sort_by(|a, b| a.get("name").and_then(Value::as_str).cmp(&b.get("name").and_then(Value::as_str)));
+        }
+    }
+    replace_file(&path, manifest_text(&manifest).as_bytes())?;
+    Ok(Some(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewritten_file_gets_its_entry_refreshed_or_added() {
+        let tmp = tempfile::tempdir().unwrap();
+        let card = tmp.path().join("README.md");
+        std::fs::write(&card, "old").unwrap();
+        let m = json!({"format": "mixq-manifest/1", "files": [{"name": "README.md", "size": 3, "sha256": "x"}, {"name": "z", "size": 0, "sha256": "y"}]});
+        std::fs::write(tmp.path().join(MANIFEST_FILE), manifest_text(&m)).unwrap();
+        std::fs::write(&card, "new card").unwrap();
+        assert!(refresh_entry(&card).unwrap().is_some());
+        let other = tmp.path().join("VALIDATION.md");
+        std::fs::write(&other, "v").unwrap();
+        refresh_entry(&other).unwrap();
+        let got: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+        let names: Vec<&str> = got["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["README.md", "VALIDATION.md", "z"]);
+        assert_eq!(got["files"][0]["size"], 8);
+        assert_eq!(got["files"][0]["sha256"].as_str().unwrap(), sha256_hex(b"new card"));
+        assert!(!tmp.path().join(".mixq-manifest.json.mixq-tmp").exists());
+        let elsewhere = tempfile::tempdir().unwrap();
+        let lone = elsewhere.path().join("card.md");
+        std::fs::write(&lone, "x").unwrap();
+        assert!(refresh_entry(&lone).unwrap().is_none(), "no manifest, nothing to refresh");
+    }
 }

@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod jobs;
 pub mod manifest;
 pub mod provenance;
+pub mod publish;
 pub mod rows;
 pub mod source_watch;
 pub mod staging;

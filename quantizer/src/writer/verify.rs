@@ -10,6 +10,9 @@ use serde_json::Value;
 
 use crate::writer::hash::sha256_file;
 use crate::writer::manifest::MANIFEST_FILE;
+
+/// The tokenizer file a usable model folder holds.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 use mixq_loader::schema::mlx_params;
 
 /// The outcome of a verification: what was checked and every mismatch found.
@@ -45,7 +48,22 @@ pub fn expected_mlx_tensors(ckpt: &Checkpoint) -> Result<Vec<TensorSpec>, Loader
 /// what the config implies.
 pub fn verify(dir: &Path) -> VerifyReport {
     let mut r = VerifyReport::default();
+    if dir.is_dir() && !dir.join(MANIFEST_FILE).exists() {
+        // Anything else (an upstream folder, another converter's output) would list every file
+        // and tensor as a problem.
+        r.problems.push(format!(
+            "{}: not a mixq output (no {MANIFEST_FILE}); verify checks what mixq convert wrote; `mixq inspect` describes any checkpoint",
+            dir.display()
+        ));
+        if let Err(e) = Checkpoint::open(dir) {
+            r.problems.push(e.to_string());
+        }
+        return r;
+    }
     check_manifest(dir, &mut r);
+    if dir.is_dir() && !dir.join(TOKENIZER_FILE).is_file() {
+        r.problems.push(format!("{TOKENIZER_FILE}: missing; mlx-lm cannot tokenize text for this model (copy the source's tokenizer files in, then refresh the manifest by converting again)"));
+    }
     let ckpt = match Checkpoint::open(dir) {
         Ok(c) => c,
         Err(e) => {
