@@ -226,6 +226,16 @@ pub enum SourceLayout {
     Dense(FloatDtype),
 }
 
+impl SourceLayout {
+    /// The float type of the layout's unquantized tensors (BF16 upstream).
+    pub fn float_dtype(self) -> FloatDtype {
+        match self {
+            SourceLayout::Mxfp4 => FloatDtype::BF16,
+            SourceLayout::Dense(f) => f,
+        }
+    }
+}
+
 /// One parameter of the MLX model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Param {
@@ -313,10 +323,7 @@ impl Param {
     pub fn source_tensors(&self, layout: SourceLayout) -> Vec<TensorSpec> {
         let cols = self.in_features();
         let outer = &self.shape[..self.shape.len().saturating_sub(1)];
-        let float = match layout {
-            SourceLayout::Mxfp4 => Dtype::BF16,
-            SourceLayout::Dense(f) => f.dtype(),
-        };
+        let float = layout.float_dtype().dtype();
         match &self.rows_in(layout) {
             UpstreamRows::Bf16 { tensor } => vec![TensorSpec { name: tensor.clone(), dtype: float, shape: self.shape.clone() }],
             UpstreamRows::Bf16Strided { tensor, step, .. } => {

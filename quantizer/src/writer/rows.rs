@@ -4,7 +4,7 @@
 
 use mixq_loader::decode::{float_at, floats_to_f32, mxfp4_row_to_f32};
 use mixq_loader::format::MXFP4_BLOCK;
-use mixq_loader::{Checkpoint, CheckpointFormat, FloatDtype, RowMap, SourceLayout};
+use mixq_loader::{Checkpoint, FloatDtype, RowMap, SourceLayout};
 
 use crate::error::ConvertError;
 use mixq_loader::schema::{Param, UpstreamRows};
@@ -64,14 +64,8 @@ impl<'a> RowSource<'a> {
     /// the dtype and shape it must have.
     pub fn for_param(ckpt: &'a Checkpoint, p: &Param) -> Result<Self, ConvertError> {
         let cols = p.in_features();
-        let layout = match ckpt.format() {
-            CheckpointFormat::TransformersDense(f) => SourceLayout::Dense(f),
-            _ => SourceLayout::Mxfp4,
-        };
-        let dtype = match layout {
-            SourceLayout::Dense(f) => f,
-            SourceLayout::Mxfp4 => FloatDtype::BF16,
-        };
+        let layout = ckpt.format().source_layout().unwrap_or(SourceLayout::Mxfp4);
+        let dtype = layout.float_dtype();
         let expected = p.source_tensors(layout);
         let fetch = |k: usize| -> Result<&'a [u8], ConvertError> {
             let e = &expected[k];
