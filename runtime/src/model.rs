@@ -98,8 +98,8 @@ impl<'a> Loader<'a, '_> {
         Ok((t.data, dtype))
     }
 
-    /// A vector (norm, bias, sinks) as f32, from where the checkpoint keeps it (upstream BF16; an
-    /// MLX checkpoint's BF16, F16 or F32).
+    /// A vector (norm, bias, sinks) as f32, from where the checkpoint keeps it (BF16, or an MLX
+    /// checkpoint's F16 or F32; an upstream checkpoint's dtypes were checked when it was opened).
     fn vector(&self, name: &str) -> Result<Vec<f32>> {
         let p = self.schema.param(name)?;
         let (tensor, start, step) = match &p.upstream {
@@ -107,7 +107,7 @@ impl<'a> Loader<'a, '_> {
             _ => (name, 0, 1),
         };
         let expected = if step == 1 { p.shape.clone() } else { p.upstream_tensors().remove(0).shape };
-        let (data, dtype) = if self.upstream { (self.fetch(tensor, Dtype::BF16, &expected)?, FloatDtype::BF16) } else { self.fetch_floats(tensor, &expected)? };
+        let (data, dtype) = self.fetch_floats(tensor, &expected)?;
         let mut all = vec![0f32; expected.iter().product()];
         mixq_loader::decode::floats_to_f32(dtype, data, &mut all);
         Ok(if step == 1 { all } else { all.into_iter().skip(start).step_by(step).collect() })
@@ -136,7 +136,6 @@ impl<'a> Loader<'a, '_> {
         let data = |k: usize| self.fetch(&outs[k].name, outs[k].dtype, &outs[k].shape);
         let floats = |k: usize| self.fetch_floats(&outs[k].name, &outs[k].shape);
         let codes = match format {
-            QuantFormat::Bf16 if self.upstream => Codes::Dense { data: data(0)?, dtype: FloatDtype::BF16 },
             QuantFormat::Bf16 => {
                 let (data, dtype) = floats(0)?;
                 Codes::Dense { data, dtype }
