@@ -77,7 +77,7 @@ impl Storage {
         let stored = m.codes.floats();
         // The kernels read BF16 or F32 floats; F16 is widened (exactly) as it is sent.
         let floats = if stored == FloatDtype::BF16 { FloatDtype::BF16 } else { FloatDtype::F32 };
-        let (c_in, _, _) = format.stored_row_parts(m.cols, stored);
+        let (c_in, s_in, b_in) = format.stored_row_parts(m.cols, stored);
         let (c, s, b) = format.stored_row_parts(m.cols, floats);
         let (codes, scales, biases): (&[u8], &[u8], &[u8]) = match m.codes {
             Codes::Dense { data, .. } => (data, &[], &[]),
@@ -85,10 +85,10 @@ impl Storage {
             Codes::Mxfp4 { blocks, scales } => (blocks, scales, &[]),
         };
         let stored_rows = codes.len() / c_in;
-        let widen = stored == FloatDtype::F16;
         let mut written = 0u64;
-        let mut send = |buf: &wgpu::Buffer, bytes: &[u8], is_float: bool| -> Result<()> {
-            let (per_chunk, grow) = if widen && is_float { (UPLOAD_CHUNK / 2, 2) } else { (UPLOAD_CHUNK, 1) };
+        // `grow` is 2 where F16 floats are widened to F32 on the way, else 1.
+        let mut send = |buf: &wgpu::Buffer, bytes: &[u8], grow: usize| -> Result<()> {
+            let per_chunk = UPLOAD_CHUNK / grow;
             for (i, source) in bytes.chunks(per_chunk).enumerate() {
                 let chunk = if grow == 2 { Cow::Owned(f16_to_f32_bytes(source)) } else { Cow::Borrowed(source) };
                 ctx.write(buf, (i * per_chunk * grow) as u64, &chunk);
@@ -104,23 +104,21 @@ impl Storage {
             Ok(())
         };
         let mut parts = Vec::new();
-        let (source_s, source_b) = (scales.len() / stored_rows.max(1), biases.len() / stored_rows.max(1));
         for (first, rows) in Self::split(ctx, what, format, floats, m.cols, stored_rows)? {
             // `per` bytes per row in the source, `gpu_per` in GPU memory.
-            let mut piece = |per: usize, gpu_per: usize, data: &[u8], leaf: &str, is_float: bool| -> Result<Option<wgpu::Buffer>> {
+            let mut piece = |per: usize, gpu_per: usize, data: &[u8], leaf: &str| -> Result<Option<wgpu::Buffer>> {
                 if gpu_per == 0 {
                     return Ok(None);
                 }
                 let bytes = &data[first * per..(first + rows) * per];
                 let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
                 let buf = ctx.buffer(&format!("{what}.{leaf}"), (rows * gpu_per) as u64, usage)?;
-                send(&buf, bytes, is_float)?;
+                send(&buf, bytes, gpu_per / per)?;
                 Ok(Some(buf))
             };
-            let dense = format == QuantFormat::Bf16;
-            let codes = piece(c_in, c, codes, "weight", dense)?.expect("codes have bytes in every format");
-            let scales = piece(source_s, s, scales, "scales", !matches!(format, QuantFormat::Mxfp4))?;
-            let biases = piece(source_b, b, biases, "biases", true)?;
+            let codes = piece(c_in, c, codes, "weight")?.expect("codes have bytes in every format");
+            let scales = piece(s_in, s, scales, "scales")?;
+            let biases = piece(b_in, b, biases, "biases")?;
             parts.push(Part { first, rows, codes, scales, biases });
         }
         Ok(Storage { format, floats, cols: m.cols, stored_rows, parts })
