@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use mixq_loader::format::AFFINE_BITS;
 use mixq_quantizer::QuantMethod;
 
 /// `--threads N`, for the commands that compute.
@@ -125,8 +126,11 @@ pub fn repo_id(s: &str) -> Result<String, String> {
 /// An affine bit width mlx supports (`--min-bits`).
 pub fn bit_width(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
-        Ok(b) if [2, 3, 4, 5, 6, 8].contains(&b) => Ok(b),
-        _ => Err(format!("expected one of 2, 3, 4, 5, 6, 8, not {s:?}")),
+        Ok(b) if AFFINE_BITS.contains(&b) => Ok(b),
+        _ => {
+            let widths: Vec<String> = AFFINE_BITS.iter().map(u32::to_string).collect();
+            Err(format!("expected one of {}, not {s:?}", widths.join(", ")))
+        }
     }
 }
 
