@@ -62,6 +62,22 @@ impl Drop for MutedStderr {
     }
 }
 
+/// Stderr muted while the GPU drivers are probed for adapters (unless `--verbose`), until
+/// `release` or drop: the first progress call of an upload releases it, so errors and bars show.
+pub struct ProbeMute(std::sync::Mutex<Option<MutedStderr>>);
+
+impl ProbeMute {
+    /// Mutes stderr when `active`.
+    pub fn new(active: bool) -> Self {
+        ProbeMute(std::sync::Mutex::new(if active { MutedStderr::new() } else { None }))
+    }
+
+    /// Puts stderr back; later calls do nothing.
+    pub fn release(&self) {
+        drop(self.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
+
 fn parse_backend(s: &str) -> Result<Backend, String> {
     s.parse()
 }
@@ -82,17 +98,15 @@ fn upload_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
 /// also the note on a fallback to the CPU.
 pub fn load<'a>(ckpt: &'a Checkpoint, args: &BackendArgs, no_bar: bool, quiet: bool) -> Result<Engine<'a>> {
     let bar = upload_bar(no_bar || quiet);
-    // Muted while adapters are probed; the upload (first progress call) or the return unmutes.
-    let muted = std::sync::Mutex::new(if args.verbose || args.backend == mixq_runtime::Backend::Cpu { None } else { MutedStderr::new() });
-    let unmute = || drop(muted.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let mute = ProbeMute::new(!args.verbose && args.backend != mixq_runtime::Backend::Cpu);
     let loaded = Engine::load(ckpt, args.backend, &GpuOptions::default(), &|done, total| {
-        unmute();
+        mute.release();
         if let Some(b) = &bar {
             b.set_length(total);
             b.set_position(done);
         }
     });
-    unmute();
+    mute.release();
     let (engine, choice) =
         loaded.with_context(|| format!("loading {} on the {} backend", ckpt.dir().display(), format!("{:?}", args.backend).to_lowercase()))?;
     if let Some(b) = bar {
@@ -105,7 +119,7 @@ pub fn load<'a>(ckpt: &'a Checkpoint, args: &BackendArgs, no_bar: bool, quiet: b
 }
 
 /// A model of `config`'s shape quantized by `recipe`, with random weights made in GPU memory.
-pub fn synthetic(config_path: &Path, recipe: &str, quiet: bool) -> Result<Engine<'static>> {
+pub fn synthetic(config_path: &Path, recipe: &str, quiet: bool, verbose: bool) -> Result<Engine<'static>> {
     let config = GptOssConfig::from_file(config_path)?;
     let recipe = mixq_quantizer::Recipe::load(recipe)?;
     let alloc = mixq_quantizer::Allocation::resolve(&config, &recipe)?;
@@ -113,13 +127,17 @@ pub fn synthetic(config_path: &Path, recipe: &str, quiet: bool) -> Result<Engine
     let bar = upload_bar(quiet);
     let total = alloc.summary().bytes as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
+    let mute = ProbeMute::new(!verbose);
     let engine = synthetic_gpu_engine(&config, &|n| {
+        mute.release();
         let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         if let Some(b) = &bar {
             b.set_length(total);
             b.set_position(d);
         }
-    })?;
+    });
+    mute.release();
+    let engine = engine?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

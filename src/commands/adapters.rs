@@ -13,11 +13,17 @@ use crate::report::print_json;
 pub struct AdaptersArgs {
     #[command(flatten)]
     json: Json,
+    /// Show what the GPU drivers print while they are probed (the Vulkan loader's messages, such
+    /// as `XDG_RUNTIME_DIR is invalid`); hidden by default.
+    #[arg(long)]
+    verbose: bool,
 }
 
 /// Runs `mixq adapters`.
 pub fn run(a: AdaptersArgs) -> Result<ExitCode> {
+    let mute = crate::backend::ProbeMute::new(!a.verbose);
     let all = mixq_runtime::gpu::adapters();
+    mute.release();
     if a.json.json {
         print_json(&serde_json::json!(all
             .iter()
