@@ -24,6 +24,9 @@ struct State {
     lfs: BTreeMap<String, Vec<u8>>,
     parts: BTreeMap<String, Vec<u8>>,
     requests: Vec<String>,
+    /// Part numbers whose first PUT (per object) the storage answers with a 500.
+    flaky_parts: Vec<u64>,
+    failed: std::collections::BTreeSet<String>,
 }
 
 /// Objects larger than this go up in parts of `PART` bytes.
@@ -103,6 +106,11 @@ fn answer(stream: TcpStream, state: &Mutex<State>, url: &str) -> std::io::Result
     }
     let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
     let mut st = state.lock().unwrap();
+    let part = r.path.strip_prefix("/lfs-part/").and_then(|p| p.rsplit('/').next()).and_then(|n| n.parse::<u64>().ok());
+    if part.is_some_and(|n| st.flaky_parts.contains(&n)) && st.failed.insert(r.path.clone()) {
+        drop(st);
+        return reply(stream, "500 Internal Server Error", r#"{"error":"storage hiccup"}"#);
+    }
     let (status, out) = route(&r, &body, &mut st, url);
     drop(st);
     reply(stream, status, &out)
@@ -242,7 +250,11 @@ fn bad_tokens_and_unverified_folders_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let out = converted(tmp.path());
     let hub = Hub::start();
-    let o = mixq(&["publish", out.to_str().unwrap(), "--repo", "me/m"], &[("HF_ENDPOINT", hub.url.as_str()), ("HF_TOKEN", "")]);
+    let no_login = tmp.path().join("no-login");
+    let o = mixq(
+        &["publish", out.to_str().unwrap(), "--repo", "me/m"],
+        &[("HF_ENDPOINT", hub.url.as_str()), ("HF_TOKEN", ""), ("HF_HOME", no_login.to_str().unwrap()), ("HF_TOKEN_PATH", "")],
+    );
     let e = text(&o).1;
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("/api/repos/create: HTTP 401: the hub did not accept the token: set HF_TOKEN"), "{e}");
@@ -279,4 +291,36 @@ fn convert_upload_repo_converts_then_publishes_on_a_branch() {
     assert_eq!(st.repos["me/up"].len(), entries(&out).len());
     assert!(st.requests.iter().any(|r| r == "POST /api/models/me/up/branch/v1%2Ftest"), "{:?}", st.requests);
     assert!(st.requests.iter().any(|r| r == "POST /api/models/me/up/commit/v1%2Ftest"), "{:?}", st.requests);
+}
+
+#[test]
+fn a_failed_part_is_sent_again_and_the_stored_login_token_is_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = converted(tmp.path());
+    let hub = Hub::start();
+    hub.state.lock().unwrap().flaky_parts = vec![2];
+    // No HF_TOKEN: the token `huggingface-cli login` stored in HF_HOME is used.
+    let home = tmp.path().join("hf-home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("token"), format!("{TOKEN}\n")).unwrap();
+    let env = [("HF_ENDPOINT", hub.url.as_str()), ("HF_TOKEN", ""), ("HF_HOME", home.to_str().unwrap()), ("HF_TOKEN_PATH", "")];
+    let o = mixq(&["publish", out.to_str().unwrap(), "--repo", "me/flaky", "--json"], &env);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let st = hub.state.lock().unwrap();
+    for (name, bytes) in &st.repos["me/flaky"] {
+        assert_eq!(bytes, &std::fs::read(out.join(name)).unwrap(), "{name}");
+    }
+    // Each multipart object: part 2 failed once and was sent again; no other part was resent.
+    let puts = |suffix: &str| st.requests.iter().filter(|r| r.starts_with("PUT /lfs-part/") && r.ends_with(suffix)).count();
+    let objects = puts("/1");
+    assert!(objects > 0, "some object went up in parts: {:?}", st.requests);
+    assert_eq!(puts("/2"), 2 * objects, "{:?}", st.requests);
+    assert_eq!(st.failed.len(), objects);
+    drop(st);
+    // HF_TOKEN_PATH names the stored token's file instead.
+    let elsewhere = tmp.path().join("token-file");
+    std::fs::write(&elsewhere, TOKEN).unwrap();
+    let env = [("HF_ENDPOINT", hub.url.as_str()), ("HF_TOKEN", ""), ("HF_HOME", tmp.path().to_str().unwrap()), ("HF_TOKEN_PATH", elsewhere.to_str().unwrap())];
+    let o = mixq(&["publish", out.to_str().unwrap(), "--repo", "me/flaky", "--json"], &env);
+    assert!(o.status.success(), "{}", text(&o).1);
 }

@@ -3,7 +3,7 @@
 //! LFS, upload those the LFS batch API asks for (single PUT or multipart), then one commit that
 //! adds every file. A re-run uploads only the LFS objects the hub does not hold yet.
 
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -286,7 +286,35 @@ fn with_headers(mut req: ureq::Request, action: &Value) -> ureq::Request {
     req
 }
 
-/// PUTs one LFS object: whole, or in the parts the hub's multipart answer names.
+/// Attempts at one storage PUT (a whole object or one part) before the upload fails.
+const STORAGE_ATTEMPTS: u32 = 4;
+
+/// Whether a failed storage PUT is worth another attempt: the connection failed or the
+/// storage answered 5xx or 429 (a presigned URL's 4xx will not change).
+fn transient(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Status(code, _) => *code >= 500 || *code == 429,
+        ureq::Error::Transport(_) => true,
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or has failed `STORAGE_ATTEMPTS` times,
+/// waiting 0.5 s, 1 s, 2 s between attempts.
+fn with_retries(mut attempt: impl FnMut() -> Result<ureq::Response, ureq::Error>) -> Result<ureq::Response, ureq::Error> {
+    let mut n = 0;
+    loop {
+        match attempt() {
+            Err(e) if transient(&e) && n + 1 < STORAGE_ATTEMPTS => {
+                std::thread::sleep(std::time::Duration::from_millis(500 << n));
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// PUTs one LFS object: whole, or in the parts the hub's multipart answer names. Each PUT is
+/// retried on a transient failure, so a dropped connection costs one part, not the object.
 fn send_object(hub: &Hub<'_>, path: &Path, f: &UploadFile, upload: &Value, progress: &UploadProgress<'_>) -> Result<(), UploadError> {
     let href = href_of(upload, path.to_string_lossy().as_ref())?;
     let header = upload.get("header").and_then(Value::as_object).cloned().unwrap_or_default();
@@ -294,10 +322,13 @@ fn send_object(hub: &Hub<'_>, path: &Path, f: &UploadFile, upload: &Value, progr
     let io = |e| UploadError::Io(path.to_path_buf(), e);
     let Some(chunk) = chunk.filter(|&c| c > 0) else {
         let file = std::fs::File::open(path).map_err(io)?;
-        let reader = Counted { inner: file, done: 0, total: f.size, name: &f.name, progress };
-        // A set length keeps ureq from chunking, which presigned storage URLs refuse.
-        let req = with_headers(hub.agent.request("PUT", &href), upload).set("Content-Length", &f.size.to_string());
-        return hub.call(&href, &[], || req.send(reader)).map(|_| ());
+        let sent = with_retries(|| {
+            (&file).seek(std::io::SeekFrom::Start(0))?;
+            let reader = Counted { inner: &file, done: 0, total: f.size, name: &f.name, progress };
+            // A set length keeps ureq from chunking, which presigned storage URLs refuse.
+            with_headers(hub.agent.request("PUT", &href), upload).set("Content-Length", &f.size.to_string()).send(reader)
+        });
+        return hub.call(&href, &[], || sent).map(|_| ());
     };
     let mut parts: Vec<(u64, String)> =
         header.iter().filter_map(|(k, v)| Some((k.parse::<u64>().ok()?, v.as_str()?.to_string()))).collect();
@@ -308,8 +339,7 @@ fn send_object(hub: &Hub<'_>, path: &Path, f: &UploadFile, upload: &Value, progr
     for (number, part_url) in &parts {
         let mut buf = Vec::new();
         (&mut file).take(chunk).read_to_end(&mut buf).map_err(io)?;
-        let resp = hub.agent.request("PUT", part_url).send_bytes(&buf);
-        let etag = match resp {
+        let etag = match with_retries(|| hub.agent.request("PUT", part_url).send_bytes(&buf)) {
             Ok(r) => r.header("etag").unwrap_or_default().to_string(),
             Err(e) => return hub.call(part_url, &[], || Err(e)).map(|_| ()),
         };

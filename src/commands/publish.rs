@@ -28,7 +28,7 @@ pub struct HubTarget {
 /// Arguments of `mixq publish`.
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  HF_TOKEN=hf_... mixq publish gpt-oss-120b-mlx-3.6bit --repo me/gpt-oss-120b-mlx-3.6bit\n\n\
-The hub is HF_ENDPOINT (default https://huggingface.co); the token is HF_TOKEN. A re-run sends only the large (LFS) files the hub lacks.")]
+The hub is HF_ENDPOINT (default https://huggingface.co); the token is HF_TOKEN, else the one `huggingface-cli login` stored (HF_TOKEN_PATH, default HF_HOME/token). A failed part is retried; a re-run sends only the large (LFS) files the hub lacks.")]
 pub struct PublishArgs {
     /// The converted model folder (it must pass `mixq verify`).
     dir: PathBuf,
