@@ -193,17 +193,29 @@ fn human_table_and_bad_arguments() {
 }
 
 #[test]
-fn run_bench_adds_a_speed_table_to_the_card_and_the_model_still_verifies() {
+fn run_and_validate_bench_fill_one_speed_table_in_the_card_and_the_model_still_verifies() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m");
     convert("mxfp4-experts", &out);
+    let dir = out.to_str().unwrap();
     for _ in 0..2 {
-        let o = mixq(&["run", "--model", out.to_str().unwrap(), "--prompt", "ROMEO:", "--max-tokens", "8", "--backend", "cpu", "--bench", "--quiet"], &[]);
+        let o = mixq(&["run", "--model", dir, "--prompt", "ROMEO:", "--max-tokens", "8", "--backend", "cpu", "--bench", "--quiet"], &[]);
         assert!(o.status.success(), "{}", text(&o).1);
+        let (code, v, e) = validate(&["--model", dir, "--reference", TRAINED, "--max-tokens", "300", "--backend", "cpu", "--bench"]);
+        assert_eq!(code, Some(0), "{e}");
+        assert!(v["tokens"].as_u64().unwrap() > 0, "{v}");
     }
     let md = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert_eq!(md.matches("## Speed and memory").count(), 1, "{md}");
-    assert!(md.contains("| backend | prompt tokens | prefill tok/s | generated tokens | decode tok/s | weights read | peak memory | GPU memory |"), "{md}");
-    let o = mixq(&["verify", out.to_str().unwrap()], &[]);
+    assert!(md.contains("| measured | backend | tokens | tokens/s | weights read | peak memory | GPU memory |"), "{md}");
+    // One row per measurement, the latest of each: prefill, decode and validate.
+    let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| `mixq ")).collect();
+    assert_eq!(rows.len(), 3, "{md}");
+    assert!(rows[0].starts_with("| `mixq run` prefill | cpu") || rows[0].starts_with("| `mixq validate`"), "{md}");
+    let decode = rows.iter().find(|r| r.starts_with("| `mixq run` decode | cpu")).expect("a decode row");
+    assert!(decode.contains(" | 8 | ") && decode.contains(" GB/s | ") && decode.contains(" MiB |"), "{decode}");
+    let scored = rows.iter().find(|r| r.starts_with("| `mixq validate` (windows of 128, with the reference model's time) | cpu")).expect("a validate row");
+    assert!(scored.contains(" | - | ") && scored.contains(" MiB |"), "{scored}");
+    let o = mixq(&["verify", dir], &[]);
     assert!(o.status.success(), "{}", text(&o).0);
 }

@@ -35,7 +35,7 @@ pub struct RunCommandArgs {
     /// Recipe that quantizes the synthetic model.
     #[arg(long, requires = "synthetic_config")]
     recipe: Option<String>,
-    /// Add (or replace) a "Speed and memory" table with this run's figures in the model's card
+    /// Add (or replace) this run's prefill and decode rows in the "Speed and memory" table of the model's card
     /// (MODEL/README.md), refreshing its entry in mixq-manifest.json.
     #[arg(long, requires = "model")]
     bench: bool,
@@ -93,26 +93,31 @@ pub fn run(a: RunCommandArgs) -> Result<ExitCode> {
     }
     if let (true, Some(dir)) = (a.bench, &a.model) {
         let card = dir.join("README.md");
-        mixq_validate::card::write_card_section(&card, &mixq_validate::card::bench_section(&bench_row(&figures)))?;
+        mixq_validate::card::write_bench_rows(&card, "run", &bench_rows(&figures))?;
         if !a.quiet.quiet {
-            eprintln!("added the speed and memory table to {}", card.display());
+            eprintln!("added this run's speed and memory to {}", card.display());
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The card's benchmark row from a run's figures.
-fn bench_row(f: &Value) -> mixq_validate::card::BenchRow {
+/// The card's prefill and decode rows from a run's figures.
+fn bench_rows(f: &Value) -> Vec<mixq_validate::card::BenchRow> {
     let n = |k: &str| f[k].as_u64().unwrap_or(0);
     let x = |k: &str| f[k].as_f64().unwrap_or(0.0);
-    mixq_validate::card::BenchRow {
+    let row = |measured: &str, tokens: &str, rate: &str, weights: Option<f64>| mixq_validate::card::BenchRow {
+        measured: measured.to_string(),
         device: f["device"].as_str().unwrap_or_default().to_string(),
-        prefill: (n("prompt_tokens") as usize, x("prefill_tokens_per_second")),
-        decode: (n("generated_tokens") as usize, x("decode_tokens_per_second")),
-        weight_bytes_per_second: x("weight_bytes_per_second"),
+        tokens: n(tokens) as usize,
+        tokens_per_second: x(rate),
+        weight_bytes_per_second: weights,
         peak_rss: f["peak_rss_bytes"].as_u64(),
         gpu_memory: n("gpu_memory_bytes"),
-    }
+    };
+    vec![
+        row("`mixq run` prefill", "prompt_tokens", "prefill_tokens_per_second", None),
+        row("`mixq run` decode", "generated_tokens", "decode_tokens_per_second", Some(x("weight_bytes_per_second"))),
+    ]
 }
 
 /// Where the model comes from.
@@ -147,7 +152,7 @@ fn load_engine<'c>(a: &RunArgs<'_>, ckpt: Option<&'c Checkpoint>) -> Result<(Eng
             if a.backend.backend == mixq_runtime::Backend::Cpu {
                 bail!("--synthetic-config makes its weights in GPU memory: it needs --backend gpu or auto");
             }
-            Ok((backend::synthetic(config, recipe, a.quiet || !a.stream)?, None))
+            Ok((backend::synthetic(config, recipe, a.quiet || !a.stream, a.backend.verbose)?, None))
         }
         _ => unreachable!("a checkpoint source always has an open checkpoint"),
     }

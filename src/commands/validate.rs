@@ -56,6 +56,10 @@ pub struct ValidateArgs {
     /// Add (or replace) a "Validation" section in this model card.
     #[arg(long)]
     card: Option<PathBuf>,
+    /// Add (or replace) this run's scoring speed and peak memory in the "Speed and memory" table
+    /// of the card (--card, else MODEL/README.md), refreshing its entry in mixq-manifest.json.
+    #[arg(long)]
+    bench: bool,
     #[command(flatten)]
     backend: BackendArgs,
     #[command(flatten)]
@@ -80,6 +84,7 @@ pub fn run(a: ValidateArgs) -> Result<ExitCode> {
         top_k: a.top_k,
         gates: mixq_validate::Gates { max_kl: a.max_kl, max_ppl_ratio: a.max_ppl_ratio, min_top1: a.min_top1 },
         card: a.card.as_deref(),
+        bench: a.bench,
     };
     let quiet = a.quiet.quiet || a.json.json;
     let pool = a.threads.pool()?;

@@ -42,47 +42,89 @@ pub fn write_card_section(card: &Path, section_md: &str) -> Result<Option<std::p
     Ok(mixq_quantizer::writer::manifest::refresh_entry(card)?)
 }
 
-/// One `mixq run --bench` measurement for the card.
+/// One measured row of the card's "Speed and memory" table.
 pub struct BenchRow {
+    /// What was measured, starting with the command (`` `mixq run` decode ``).
+    pub measured: String,
     /// The backend and device.
     pub device: String,
-    /// Prompt tokens and prefill tokens per second.
-    pub prefill: (usize, f64),
-    /// Generated tokens and decode tokens per second.
-    pub decode: (usize, f64),
-    /// Weight bytes read per second while decoding.
-    pub weight_bytes_per_second: f64,
+    /// Tokens processed.
+    pub tokens: usize,
+    /// Tokens per second.
+    pub tokens_per_second: f64,
+    /// Weight bytes read per second, where the measurement streams the weights once per token.
+    pub weight_bytes_per_second: Option<f64>,
     /// Peak resident memory of the process, when known.
     pub peak_rss: Option<u64>,
     /// GPU memory held (0 on the CPU).
     pub gpu_memory: u64,
 }
 
-/// Markdown of the "Speed and memory" section.
-pub fn bench_section(r: &BenchRow) -> String {
-    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
-    format!(
-        "## Speed and memory\n\nMeasured by `mixq run --bench` (mixq {}).\n\n| backend | prompt tokens | prefill tok/s | generated tokens | decode tok/s | weights read | peak memory | GPU memory |\n|---|---|---|---|---|---|---|---|\n| {} | {} | {:.1} | {} | {:.1} | {:.2} GB/s | {} | {} |\n",
-        crate::VERSION,
-        r.device,
-        r.prefill.0,
-        r.prefill.1,
-        r.decode.0,
-        r.decode.1,
-        r.weight_bytes_per_second / 1e9,
-        r.peak_rss.map(mib).unwrap_or_else(|| "unknown".into()),
-        if r.gpu_memory > 0 { mib(r.gpu_memory) } else { "-".into() }
-    )
+/// The first line of the "Speed and memory" section.
+const BENCH_HEADING: &str = "## Speed and memory";
+
+/// The table's header and rule.
+const BENCH_TABLE_HEAD: &str =
+    "| measured | backend | tokens | tokens/s | weights read | peak memory | GPU memory |\n|---|---|---|---|---|---|---|\n";
+
+impl BenchRow {
+    /// The row's markdown line.
+    fn line(&self) -> String {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+        format!(
+            "| {} | {} | {} | {:.1} | {} | {} | {} |",
+            self.measured,
+            self.device,
+            self.tokens,
+            self.tokens_per_second,
+            self.weight_bytes_per_second.map(|b| format!("{:.2} GB/s", b / 1e9)).unwrap_or_else(|| "-".into()),
+            self.peak_rss.map(mib).unwrap_or_else(|| "unknown".into()),
+            if self.gpu_memory > 0 { mib(self.gpu_memory) } else { "-".into() }
+        )
+    }
+}
+
+/// Markdown of the "Speed and memory" section of `card_text` with `rows` measured by `command`
+/// (`run`, `validate`): they replace that command's earlier rows; other commands' rows stay.
+pub fn bench_section(card_text: &str, command: &str, rows: &[BenchRow]) -> String {
+    let own = format!("| `mixq {command}`");
+    let kept: Vec<&str> = card_text
+        .split_once(&format!("{BENCH_HEADING}\n"))
+        .map(|(_, rest)| rest.split("\n## ").next().unwrap_or(""))
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.starts_with("| `mixq ") && !l.starts_with(&own))
+        .collect();
+    let mut md = format!(
+        "{BENCH_HEADING}\n\nMeasured by mixq {} with `--bench` (`mixq run` streams the weights once per generated token; `mixq validate` scores windows of text).\n\n{BENCH_TABLE_HEAD}",
+        crate::VERSION
+    );
+    for line in kept.into_iter().map(str::to_string).chain(rows.iter().map(BenchRow::line)) {
+        md.push_str(&line);
+        md.push('\n');
+    }
+    md
+}
+
+/// Puts `rows` measured by `command` into the card's "Speed and memory" table (see
+/// [`bench_section`]) and refreshes the card's manifest entry; returns the manifest's path, if any.
+pub fn write_bench_rows(card: &Path, command: &str, rows: &[BenchRow]) -> Result<Option<std::path::PathBuf>, ValidateError> {
+    write_card_section(card, &bench_section(&read_card(card)?, command, rows))
+}
+
+/// A card's text; empty when there is no card yet.
+fn read_card(path: &Path) -> Result<String, ValidateError> {
+    match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        r => r.map_err(|e| ValidateError::Io(path.to_path_buf(), e)),
+    }
 }
 
 /// Adds the section to a model card (a new file when there is none), replacing an earlier
 /// section of the same heading (its first line) up to the next second-level heading; the card
 /// is replaced atomically.
 pub fn update_card(path: &Path, section_md: &str) -> Result<(), ValidateError> {
-    let text = match std::fs::read_to_string(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        r => r.map_err(|e| ValidateError::Io(path.to_path_buf(), e))?,
-    };
+    let text = read_card(path)?;
     let heading = format!("\n{}\n", section_md.lines().next().unwrap_or("## Validation"));
     let out = match text.find(&heading) {
         Some(start) => {
@@ -121,5 +163,23 @@ mod tests {
         let t = std::fs::read_to_string(&p).unwrap();
         assert_eq!(t.matches("## Speed and memory").count(), 1, "{t}");
         assert!(t.contains("faster") && t.contains("## Validation\n\nnew"), "{t}");
+    }
+
+    fn row(measured: &str, tps: f64) -> BenchRow {
+        BenchRow { measured: measured.into(), device: "cpu".into(), tokens: 8, tokens_per_second: tps, weight_bytes_per_second: None, peak_rss: Some(1 << 20), gpu_memory: 0 }
+    }
+
+    #[test]
+    fn bench_rows_of_one_command_replace_only_their_own() {
+        let run = bench_section("# m\n", "run", &[row("`mixq run` prefill", 1.0), row("`mixq run` decode", 2.0)]);
+        let card = format!("# m\n\n{run}\n## Use\n\nx\n");
+        let both = bench_section(&card, "validate", &[row("`mixq validate` (windows of 64)", 3.0)]);
+        assert!(both.contains("| `mixq run` prefill | cpu | 8 | 1.0 |") && both.contains("| `mixq run` decode | cpu | 8 | 2.0 |"), "{both}");
+        assert!(both.contains("| `mixq validate` (windows of 64) | cpu | 8 | 3.0 | - | 1.0 MiB | - |"), "{both}");
+        assert!(!both.contains("## Use"), "the section ends at the next heading: {both}");
+        let card = format!("# m\n\n{both}");
+        let again = bench_section(&card, "run", &[row("`mixq run` decode", 5.0)]);
+        assert_eq!(again.matches("| `mixq run`").count(), 1, "the earlier run rows are replaced: {again}");
+        assert!(again.contains("| `mixq run` decode | cpu | 8 | 5.0 |") && again.contains("`mixq validate` (windows of 64)"), "{again}");
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use mixq_loader::Checkpoint;
 use mixq_runtime::Engine;
 
-use crate::card::{section, write_card_section, CardContext};
+use crate::card::{section, write_bench_rows, write_card_section, BenchRow, CardContext};
 use crate::reference::{self, RefHeader, RefToken};
 use crate::{score, tokens_sha256, Corpus, EvalOptions, Gates, Reference, Summary, ValidateError};
 
@@ -34,6 +34,16 @@ pub struct ValidateRequest<'a> {
     pub gates: Gates,
     /// A model card to add the validation section to.
     pub card: Option<&'a Path>,
+    /// Add this run's speed and peak memory to the card's "Speed and memory" table (`--card`,
+    /// else MODEL/README.md).
+    pub bench: bool,
+}
+
+impl ValidateRequest<'_> {
+    /// The card `--bench` writes to: `--card`, else the model's own README.md.
+    pub fn bench_card(&self) -> Option<std::path::PathBuf> {
+        self.bench.then(|| self.card.map(Path::to_path_buf).unwrap_or_else(|| self.model.join("README.md")))
+    }
 }
 
 /// The figures of a validation, the gates it failed and passed, and what it still has to write.
@@ -48,6 +58,8 @@ pub struct Validation {
     saved: Option<(RefHeader, Vec<RefToken>)>,
     /// The card section for `--card`.
     card_section: Option<String>,
+    /// The "Speed and memory" row for `--bench`.
+    bench_row: Option<BenchRow>,
 }
 
 /// A model loader: opens a checkpoint on whatever backend the caller chose.
@@ -68,10 +80,7 @@ fn check_output_path(flag: &str, path: &Path) -> Result<(), ValidateError> {
     if path.is_dir() {
         return Err(ValidateError::Input(format!("{}: {flag} names a folder; expected a file path", path.display())));
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let parent = mixq_loader::file_name::folder_of(path);
     if !parent.is_dir() {
         return Err(ValidateError::Input(format!(
             "{}: {flag}'s folder {} does not exist; create it or pick another path",
@@ -103,6 +112,9 @@ pub fn check_request(r: &ValidateRequest<'_>) -> Result<(), ValidateError> {
     }
     if let Some(card) = r.card {
         check_output_path("--card", card)?;
+    }
+    if let Some(card) = r.bench_card() {
+        check_output_path("--bench", &card)?;
     }
     Ok(())
 }
@@ -143,10 +155,7 @@ fn scored_count(n: usize, ctx: usize, stride: usize) -> usize {
 /// Sizes the `--save-reference` file before scoring and checks the filesystem can hold it.
 fn check_reference_space(path: &Path, count: usize, top_k: usize, model: &str) -> Result<(), ValidateError> {
     let bytes = reference::file_bytes(count, top_k, model.len());
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let parent = mixq_loader::file_name::folder_of(path);
     let free = mixq_quantizer::writer::staging::free_bytes(parent).map_err(|e| ValidateError::Io(parent.to_path_buf(), e))?;
     let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if bytes > free.saturating_add(existing) {
@@ -191,8 +200,23 @@ pub fn validate_model<E: From<ValidateError>>(
         _ => (Reference::None, None),
     };
     let opts = EvalOptions { ctx: r.ctx, stride: r.stride, top_k };
+    let start = std::time::Instant::now();
     let scored = score(&model, tokens, &reference, opts, progress)?;
+    let seconds = start.elapsed().as_secs_f64();
     let summary = Summary::new(&scored.tokens, method);
+    let bench_row = r.bench.then(|| BenchRow {
+        measured: format!(
+            "`mixq validate` (windows of {}{})",
+            r.ctx,
+            if ref_model.is_some() { ", with the reference model's time" } else { "" }
+        ),
+        device: model.describe(),
+        tokens: summary.tokens,
+        tokens_per_second: summary.tokens as f64 / seconds.max(1e-9),
+        weight_bytes_per_second: None,
+        peak_rss: mixq_runtime::jobs::peak_rss_bytes(),
+        gpu_memory: model.gpu_memory_bytes() + ref_model.as_ref().map_or(0, |m| m.gpu_memory_bytes()),
+    });
     let saved = r.save_reference.map(|_| {
         let header = RefHeader { model: ref_name, tokens_sha256: tokens_sha, ctx: r.ctx, stride: r.stride, top_k, vocab: Some(vocab) };
         (header, scored.summaries)
@@ -204,7 +228,7 @@ pub fn validate_model<E: From<ValidateError>>(
         section(&summary, &ctx)
     });
     let (failed, passed) = (r.gates.check(&summary), r.gates.passed(&summary));
-    Ok(Validation { summary, failed, passed, saved, card_section })
+    Ok(Validation { summary, failed, passed, saved, card_section, bench_row })
 }
 
 impl Validation {
@@ -223,6 +247,10 @@ impl Validation {
                 Some(m) => format!("added the validation to {} and its entry in {}", card.display(), m.display()),
                 None => format!("added the validation to {}", card.display()),
             });
+        }
+        if let (Some(card), Some(row)) = (r.bench_card(), &self.bench_row) {
+            write_bench_rows(&card, "validate", std::slice::from_ref(row))?;
+            wrote.push(format!("added this run's speed and memory to {}", card.display()));
         }
         Ok(wrote)
     }
