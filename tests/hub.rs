@@ -136,6 +136,8 @@ fn mixq_hub(args: &[&str], cache: &Path, hub: &str, offline: bool) -> Output {
 fn download_resume_404_and_offline() {
     let tmp = tempfile::tempdir().unwrap();
     let src = synth(&tmp.path().join("upstream"), "small", |_| {});
+    // The repo's card: fetched for its license, which the converted card then names.
+    std::fs::write(src.join("README.md"), "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# oss-small\n").unwrap();
     let shard = "model-00001-of-00002.safetensors";
     let shard_len = std::fs::metadata(src.join(shard)).unwrap().len() as usize;
     let cut_at = shard_len / 3;
@@ -170,6 +172,13 @@ fn download_resume_404_and_offline() {
     }
     let v = common::mixq(&["verify", out.to_str().unwrap()], &[]);
     assert!(v.status.success(), "{:?}", text(&v));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("\nlicense: apache-2.0\n") && card.contains("base_model: acme/oss-small\n"), "{card}");
+
+    // --quiet: no download lines (a cold cache downloads config.json again).
+    let o = mixq_hub(&["plan", "--source", "acme/oss-small", "--recipe", "mixed_3_6", "--quiet"], &tmp.path().join("quiet"), &hub.url, false);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success() && stdout.contains("bits per weight") && err.is_empty(), "{stdout}{err}");
 
     // A repo the hub does not have: named, with the URL and the status.
     let o = mixq_hub(&["plan", "--source", "acme/missing", "--recipe", "mixed_3_6"], &cache, &hub.url, false);

@@ -6,6 +6,9 @@ use crate::checkpoint::INDEX_FILE;
 use crate::file_name::not_a_file_name;
 use crate::error::{LoaderError, Result};
 
+/// The source's model card: downloaded with a hub source for its `license`, not copied.
+pub const SOURCE_CARD: &str = "README.md";
+
 /// Files copied alongside the weights when present (tokenizer, chat template, generation config).
 pub const SIDE_FILES: &[&str] = &[
     "tokenizer.json",
@@ -57,22 +60,41 @@ pub struct HubSettings {
     pub progress: bool,
     /// The hub's base URL (`HF_ENDPOINT`, default `https://huggingface.co`).
     pub endpoint: String,
-    /// Access token (`HF_TOKEN`) for private or gated repos; None uses hf-hub's stored token.
+    /// Access token for private or gated repos and for uploads: `HF_TOKEN`, else the one
+    /// `huggingface-cli login` stored.
     pub token: Option<String>,
 }
 
+/// A non-empty environment variable.
+fn env_var(key: &str) -> Option<std::ffi::OsString> {
+    std::env::var_os(key).filter(|v| !v.is_empty())
+}
+
+/// huggingface_hub's home folder: `HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else
+/// `~/.cache/huggingface`.
+fn hf_home() -> PathBuf {
+    if let Some(p) = env_var("HF_HOME") {
+        return PathBuf::from(p);
+    }
+    let cache = env_var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        let home = env_var("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        home.join(".cache")
+    });
+    cache.join("huggingface")
+}
+
+/// The token `huggingface-cli login` stored (`HF_TOKEN_PATH`, else `HF_HOME/token`), if any.
+fn stored_token() -> Option<String> {
+    let path = env_var("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home().join("token"));
+    let token = std::fs::read_to_string(path).ok()?;
+    Some(token.trim().to_string()).filter(|t| !t.is_empty())
+}
+
 impl HubSettings {
-    /// Reads `HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE`, `HF_ENDPOINT` and `HF_TOKEN` as
-    /// huggingface_hub does.
+    /// Reads `HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN` and the
+    /// stored token as huggingface_hub does.
     pub fn from_env() -> Self {
-        let cache_dir = if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
-            PathBuf::from(p)
-        } else if let Some(p) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
-            PathBuf::from(p).join("hub")
-        } else {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-            home.join(".cache").join("huggingface").join("hub")
-        };
+        let cache_dir = env_var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| hf_home().join("hub"));
         let offline = std::env::var("HF_HUB_OFFLINE")
             .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
             .unwrap_or(false);
@@ -81,7 +103,10 @@ impl HubSettings {
             .filter(|v| !v.is_empty())
             .map(|v| v.trim_end_matches('/').to_string())
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        let token = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"].iter().find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+        let token = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+            .or_else(stored_token);
         HubSettings { cache_dir, offline, progress: true, endpoint, token }
     }
 
@@ -91,9 +116,10 @@ impl HubSettings {
     }
 }
 
-/// Resolves a source with settings from the environment.
-pub fn resolve_source(source: &str, need: Need) -> Result<ResolvedSource> {
-    resolve_source_with(source, need, &HubSettings::from_env())
+/// Resolves a source with settings from the environment; `show_downloads` reports hub
+/// downloads on stderr.
+pub fn resolve_source(source: &str, need: Need, show_downloads: bool) -> Result<ResolvedSource> {
+    resolve_source_with(source, need, &HubSettings { progress: show_downloads, ..HubSettings::from_env() })
 }
 
 /// Whether a string has the shape of a hub repo id (`owner/name`).
@@ -252,7 +278,8 @@ fn download(repo_id: &str, need: Need, hub: &HubSettings) -> Result<ResolvedSour
     for shard in &shards {
         fetch(shard).map_err(|e| err(download_error(hub, repo_id, shard, &e)))?;
     }
-    for side in SIDE_FILES {
+    // The card is fetched for what it says (its license), never copied into an output.
+    for side in SIDE_FILES.iter().chain([&SOURCE_CARD]) {
         // Side files are optional: a repo without a chat template is still a model.
         match fetch(side) {
             Ok(_) => {}

@@ -41,9 +41,9 @@ pub fn base_model_of(explicit: Option<&str>, source_label: &str) -> Option<Strin
     })
 }
 
-/// The `license` of a model card's front matter (`README.md` in `dir`), if it names one.
+/// The `license` in the front matter of the model card in `dir`, if it names one.
 pub fn license_of_card(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("README.md")).ok()?;
+    let text = std::fs::read_to_string(dir.join(mixq_loader::source::SOURCE_CARD)).ok()?;
     let front = text.strip_prefix("---\n")?.split("\n---").next()?;
     front.lines().find_map(|l| l.strip_prefix("license:")).map(|v| v.trim().trim_matches('"').to_string()).filter(|v| !v.is_empty())
 }
