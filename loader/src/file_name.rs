@@ -1,7 +1,13 @@
-//! The check that a name read from a file (an index's shard, a manifest's entry) is a plain file
-//! name in one folder, so joining it to that folder cannot reach outside it.
+//! File names and the folders that hold them: the check that a name read from a file (an index's
+//! shard, a manifest's entry) is a plain file name in one folder, so joining it to that folder
+//! cannot reach outside it, and the folder of a path given on the command line.
 
 use std::path::Path;
+
+/// The folder holding `path`: its parent, or `.` for a bare file name.
+pub fn folder_of(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
 
 /// Why `name` cannot be a file name within one folder (empty, a NUL byte, a path separator or
 /// an absolute path), if it cannot.

@@ -95,11 +95,7 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), ConvertError> {
 /// if the manifest lacks it), replacing the manifest atomically. Returns the manifest's path, or
 /// `None` when the folder holds none.
 pub fn refresh_entry(file: &Path) -> Result<Option<std::path::PathBuf>, ConvertError> {
-    let dir = match file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let path = dir.join(MANIFEST_FILE);
+    let path = mixq_loader::file_name::folder_of(file).join(MANIFEST_FILE);
     if !path.is_file() {
         return Ok(None);
     }

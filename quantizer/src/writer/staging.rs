@@ -114,11 +114,7 @@ pub fn output_name(out: &Path) -> String {
 /// `.NAME.mixq-partial` beside `out`, and `.NAME.mixq-lock`.
 fn sibling(out: &Path, suffix: &str) -> PathBuf {
     let name = output_name(out);
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    parent.join(format!(".{name}.{suffix}"))
+    mixq_loader::file_name::folder_of(out).join(format!(".{name}.{suffix}"))
 }
 
 /// Removes a file, or a folder with everything in it.
