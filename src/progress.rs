@@ -17,13 +17,18 @@ pub struct StderrProgress {
     tensors: AtomicUsize,
     total_tensors: AtomicUsize,
     last_line: Mutex<Instant>,
+    /// No bar or progress lines.
+    no_progress: bool,
+    /// No notes either.
     quiet: bool,
 }
 
 impl StderrProgress {
-    /// A bar when stderr is a terminal, plain lines every few seconds otherwise, nothing if quiet.
-    pub fn new(quiet: bool) -> Self {
-        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+    /// A bar when stderr is a terminal, plain lines every few seconds otherwise; none of it with
+    /// `no_progress` (`--json`), and no notes either with `quiet` (`--quiet`). Warnings always show.
+    pub fn new(no_progress: bool, quiet: bool) -> Self {
+        let no_progress = no_progress || quiet;
+        let bar = (!no_progress && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(
@@ -41,6 +46,7 @@ impl StderrProgress {
             tensors: AtomicUsize::new(0),
             total_tensors: AtomicUsize::new(0),
             last_line: Mutex::new(Instant::now()),
+            no_progress,
             quiet,
         }
     }
@@ -53,7 +59,7 @@ impl StderrProgress {
     }
 
     fn line(&self, force: bool) {
-        if self.quiet || self.bar.is_some() {
+        if self.no_progress || self.bar.is_some() {
             return;
         }
         let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
@@ -75,6 +81,16 @@ impl StderrProgress {
             rate / 1048576.0,
             eta
         );
+    }
+}
+
+impl StderrProgress {
+    /// A line on stderr, above the bar when there is one.
+    fn say(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
     }
 }
 
@@ -106,18 +122,20 @@ impl Progress for StderrProgress {
     fn phase(&self, what: &str) {
         if let Some(bar) = &self.bar {
             bar.set_message(what.to_string());
-        } else if !self.quiet {
+        } else if !self.no_progress {
             self.line(true);
             eprintln!("convert: {what}");
         }
     }
 
     fn notice(&self, what: &str) {
-        // Shown even with --quiet: it says what happened to files on disk.
-        match &self.bar {
-            Some(bar) => bar.println(format!("convert: {what}")),
-            None => eprintln!("convert: {what}"),
+        if !self.quiet {
+            self.say(&format!("convert: {what}"));
         }
+    }
+
+    fn warning(&self, what: &str) {
+        self.say(&format!("warning: {what}"));
     }
 }
 

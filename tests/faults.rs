@@ -271,10 +271,10 @@ fn a_full_disk_is_refused_up_front_or_reported_mid_write_and_resume_finishes_aft
     let script = r#"
 set -u
 mount -t tmpfs -o size=1m none "$MNT" || exit 90
-conv() { "$BIN" convert --source "$SRC" --recipe gpt-oss-120b-3.6bit --out "$MNT/o" --max-shard-bytes 200000 --threads 1 --quiet "$@"; }
-conv; echo "preflight_rc=$?"
+conv() { "$BIN" convert --source "$SRC" --recipe gpt-oss-120b-3.6bit --out "$MNT/o" --max-shard-bytes 200000 --threads 1 "$@"; }
+conv --quiet; echo "preflight_rc=$?"
 ls -A "$MNT" | sed 's/^/after_preflight: /'
-conv --no-space-check; echo "midwrite_rc=$?"
+conv --quiet --no-space-check; echo "midwrite_rc=$?"
 ls -A "$MNT" | sed 's/^/after_midwrite: /'
 mount -o remount,size=8m "$MNT" || exit 91
 conv --resume; echo "resume_rc=$?"

@@ -63,7 +63,7 @@ pub fn run(a: CalibrateArgs) -> Result<ExitCode> {
         (true, false) => HessianScope::Shared,
         (false, false) => HessianScope::None,
     };
-    let opts = mixq_validate::CalibrateOptions { ctx: a.ctx, max_tokens: a.max_tokens, hessians };
+    let opts = mixq_validate::CalibrateOptions { ctx: a.ctx, max_tokens: a.max_tokens, hessians, show_downloads: !a.quiet.quiet };
     let out = &a.out.out;
     let job = pool.install(|| mixq_validate::calibrate_job::calibrate_source(&a.model, &a.text, opts, out, &|d, t| progress.update(d, t)));
     progress.finish();

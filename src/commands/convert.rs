@@ -82,9 +82,10 @@ pub fn run(a: ConvertArgs) -> Result<ExitCode> {
         check_space: !a.no_space_check,
         base_model: a.base_model,
         license: a.license,
+        show_downloads: !a.quiet.quiet,
     };
     let pool = a.threads.pool()?;
-    let progress = StderrProgress::new(a.quiet.quiet || json);
+    let progress = StderrProgress::new(json, a.quiet.quiet);
     let result = pool.install(|| mixq_quantizer::writer::jobs::convert_source(&a.source, &a.recipe, &a.out, &opts, &progress));
     progress.finish();
     let run = result?;

@@ -108,12 +108,12 @@ impl Demo<'_> {
         while !body.is_char_boundary(cut) {
             cut += 1;
         }
-        let parent = self.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = mixq_loader::file_name::folder_of(self.out);
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         let calib_text = parent.join("calibration.txt");
         std::fs::write(&calib_text, &body[cut..]).with_context(|| format!("writing {}", calib_text.display()))?;
         let progress = progress::CountProgress::new("calibrate", "tokens", self.json);
-        let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192), hessians: mixq_validate::calibrate::HessianScope::PerExpert };
+        let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192), hessians: mixq_validate::calibrate::HessianScope::PerExpert, show_downloads: false };
         let run = mixq_validate::calibrate(self.model, source, &calib_text, opts, &|d, t| progress.update(d, t));
         progress.finish();
         let run = run?;
@@ -133,7 +133,7 @@ impl Demo<'_> {
     /// are statistics, else mse.
     fn convert(&self, recipe: &Recipe, calibration: Option<PathBuf>) -> Result<(Converted, &'static str)> {
         self.say(if calibration.is_some() { "\n== 3. convert (quantizer gptq, calibrated with Hessians) ==\n" } else { "\n== 3. convert (quantizer mse) ==\n" });
-        let progress = progress::StderrProgress::new(self.json);
+        let progress = progress::StderrProgress::new(self.json, false);
         let opts = ConvertOptions { force: true, source_label: "tiny-gpt-oss-shakespeare".into(), calibration, ..Default::default() };
         let start = std::time::Instant::now();
         let rep = mixq_quantizer::convert(self.model, recipe, self.out, &opts, &progress);
@@ -193,6 +193,7 @@ impl Demo<'_> {
             top_k: 32,
             gates: mixq_validate::Gates::default(),
             card: Some(&card),
+            bench: false,
         };
         let validation = super::validate::measure(&request, &auto_backend(), self.json, false)?;
         validation.save(&request)?;

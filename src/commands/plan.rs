@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::args::Json;
+use crate::args::{Json, Quiet};
 use crate::report::{self, print_json};
 
 /// Arguments of `mixq plan`.
@@ -19,12 +19,14 @@ pub struct PlanArgs {
     #[arg(long)]
     recipe: String,
     #[command(flatten)]
+    quiet: Quiet,
+    #[command(flatten)]
     json: Json,
 }
 
 /// Runs `mixq plan`.
 pub fn run(a: PlanArgs) -> Result<ExitCode> {
-    let plan = mixq_quantizer::writer::jobs::plan_source(&a.source, &a.recipe)?;
+    let plan = mixq_quantizer::writer::jobs::plan_source(&a.source, &a.recipe, !a.quiet.quiet)?;
     for w in &plan.unused_rules {
         eprintln!("warning: {w}");
     }

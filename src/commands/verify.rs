@@ -16,6 +16,9 @@ pub struct VerifyArgs {
     dir: PathBuf,
     #[command(flatten)]
     json: Json,
+    /// Print nothing when the model verifies (the exit status says it); the problems otherwise.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// Runs `mixq verify`; exits 1 on any mismatch.
@@ -24,7 +27,7 @@ pub fn run(a: VerifyArgs) -> Result<ExitCode> {
     let name = a.dir.display().to_string();
     if a.json.json {
         print_json(&report::verify_json(&name, &r));
-    } else {
+    } else if !(a.quiet && r.ok()) {
         print!("{}", report::verify_text(&name, &r));
     }
     Ok(if r.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -47,6 +47,8 @@ pub struct CalibrateOptions {
     pub max_tokens: Option<usize>,
     /// Which Hessians to accumulate.
     pub hessians: HessianScope,
+    /// Report a hub download of the model on stderr.
+    pub show_downloads: bool,
 }
 
 /// The statistics of a run and how long it took.

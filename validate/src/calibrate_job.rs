@@ -34,7 +34,7 @@ pub fn calibrate_source(
     out: &Path,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<CalibrateJob, ValidateError> {
-    let ResolvedSource::Folder(dir) = resolve_source(model, Need::Everything)? else {
+    let ResolvedSource::Folder(dir) = resolve_source(model, Need::Everything, opts.show_downloads)? else {
         return Err(ValidateError::Input(format!("{model}: calibrating needs a checkpoint folder, not a bare config file")));
     };
     let run = calibrate(&dir, model, text, opts, progress)?;

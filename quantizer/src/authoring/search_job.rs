@@ -134,7 +134,7 @@ pub struct SearchedRecipe {
 /// Searches the least-cost recipe within the budget, checks it against the plan and writes it.
 pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobError> {
     let sens = Sensitivity::read(r.sensitivity)?;
-    let config = GptOssConfig::from_file(&resolve_source(r.source, Need::Config)?.config_path())?;
+    let config = GptOssConfig::from_file(&resolve_source(r.source, Need::Config, true)?.config_path())?;
     check_architecture(&sens, r.sensitivity, &config, r.source)?;
     let keep = keep_classes(r.keep_bf16)?;
     let problem = Problem::new(&sens, &config, &SearchOptions { min_bits: r.min_bits, keep: keep.clone() })?;

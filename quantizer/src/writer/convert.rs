@@ -51,8 +51,11 @@ pub trait Progress: Sync {
     fn tensor_done(&self, _name: &str) {}
     /// A new phase (hashing, finishing).
     fn phase(&self, _what: &str) {}
-    /// Something the user should read (stale output removed, shards kept for --resume).
+    /// Something worth a line (what --resume kept); `--quiet` hides it.
     fn notice(&self, _what: &str) {}
+    /// Something the user must read (a dead recipe rule, no tokenizer, stale output removed,
+    /// --resume that cannot resume, shards kept after a failure); shown even with `--quiet`.
+    fn warning(&self, _what: &str) {}
 }
 
 /// A progress sink that reports nothing.
@@ -82,6 +85,8 @@ pub struct ConvertOptions {
     pub base_model: Option<String>,
     /// The card's `license`; `None`: the source card's, if any.
     pub license: Option<String>,
+    /// Report a hub download of the source on stderr.
+    pub show_downloads: bool,
 }
 
 impl Default for ConvertOptions {
@@ -95,6 +100,7 @@ impl Default for ConvertOptions {
             resume: false,
             check_space: true,
             base_model: None,
+            show_downloads: false,
             license: None,
         }
     }
@@ -191,11 +197,11 @@ pub fn convert(
         return Err(ConvertError::DenseToMxfp4 { path: source.to_path_buf(), tensor: a.param.name() });
     }
     for w in alloc.unused_rules(recipe) {
-        progress.notice(&format!("warning: {w}"));
+        progress.warning(&w.to_string());
     }
     if !source.join(crate::writer::verify::TOKENIZER_FILE).is_file() {
-        progress.notice(&format!(
-            "warning: {}: no tokenizer.json; the output will have none, so it cannot encode text (mlx-lm load, mixq run) and mixq verify will report it",
+        progress.warning(&format!(
+            "{}: no tokenizer.json; the output will have none, so it cannot encode text (mlx-lm load, mixq run) and mixq verify will report it",
             source.display()
         ));
     }
@@ -210,10 +216,10 @@ pub fn convert(
     // Again under the lock: a conversion that held it may have finished `out` in the meantime.
     check_out_dir(out, source, opts.force)?;
     for (path, bytes) in &found.removed {
-        progress.notice(&format!("removed {}: {} left by an interrupted conversion", path.display(), human_bytes(*bytes)));
+        progress.warning(&format!("removed {}: {} left by an interrupted conversion", path.display(), human_bytes(*bytes)));
     }
     if let Some(why) = &found.unverified {
-        progress.notice(&format!("nothing to resume: {why}; writing every shard"));
+        progress.warning(&format!("nothing to resume: {why}; writing every shard"));
     }
     if opts.resume {
         let kept: u64 = found.kept.values().map(|r| r.size).sum();
@@ -240,7 +246,7 @@ pub fn convert(
         e => e,
     });
     if written.is_err() && !staging.shards().is_empty() {
-        progress.notice(&format!(
+        progress.warning(&format!(
             "kept {} finished shard(s) in {}; rerun with --resume to write only the rest",
             staging.shards().len(),
             staging.dir().display()

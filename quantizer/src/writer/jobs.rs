@@ -40,10 +40,11 @@ pub struct Plan {
     pub unused_rules: Vec<String>,
 }
 
-/// Plans `recipe` (a name or YAML path) on `source` (folder, repo id or config.json), reading no weight.
-pub fn plan_source(source: &str, recipe: &str) -> Result<Plan, JobError> {
+/// Plans `recipe` (a name or YAML path) on `source` (folder, repo id or config.json), reading no
+/// weight; `show_downloads` reports a hub download on stderr.
+pub fn plan_source(source: &str, recipe: &str, show_downloads: bool) -> Result<Plan, JobError> {
     let recipe = Recipe::load(recipe)?;
-    let resolved = resolve_source(source, Need::Config)?;
+    let resolved = resolve_source(source, Need::Config, show_downloads)?;
     let config = GptOssConfig::from_file(&resolved.config_path())?;
     let alloc = Allocation::resolve(&config, &recipe)?;
     let unused_rules = alloc.unused_rules(&recipe);
@@ -70,7 +71,7 @@ impl ConvertRun {
 /// Loads `recipe`, resolves the checkpoint folder `source` and converts it to `out`.
 pub fn convert_source(source: &str, recipe: &str, out: &Path, opts: &ConvertOptions, progress: &dyn Progress) -> Result<ConvertRun, JobError> {
     let recipe = Recipe::load(recipe)?;
-    let ResolvedSource::Folder(dir) = resolve_source(source, Need::Everything)? else {
+    let ResolvedSource::Folder(dir) = resolve_source(source, Need::Everything, opts.show_downloads)? else {
         return Err(JobError::NotAFolder(source.to_string()));
     };
     let start = std::time::Instant::now();
