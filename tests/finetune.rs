@@ -17,7 +17,7 @@ const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-sh
 type Tensor = (StDtype, Vec<usize>, Vec<u8>);
 
 /// The float type of the dense copy.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Float {
     Bf16,
     F32,
@@ -195,14 +195,89 @@ fn mislabelled_dense_shape_is_named_with_the_expected_shape() {
     assert!(err.contains(name) && err.contains("expected shape [16, 256, 512], found [16, 512, 256]"), "{err}");
 }
 
-#[test]
-fn mxfp4_experts_from_a_dense_source_is_refused_by_name() {
+/// What `mxfp4-experts` of a dense copy keeps of the upstream original's MXFP4 experts.
+#[derive(Debug, Default, PartialEq)]
+struct BlockCounts {
+    blocks: usize,
+    /// Blocks whose codes or scale differ from the original's.
+    differing: usize,
+    /// Of those, blocks whose largest value is below 4 x their scale: mlx picks a smaller scale.
+    rescaled: usize,
+    /// Of those, blocks holding a -0 code (8), which mlx writes as code 0.
+    negative_zero: usize,
+}
+
+/// The E2M1 code of each element of one block (16 bytes, low nibble first).
+fn block_codes(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    bytes.iter().flat_map(|b| [b & 0x0f, b >> 4])
+}
+
+/// Compares the experts of the two conversions block by block. The dense copy holds the
+/// original's exact values, and mx.quantize's scale is the smallest power of two at least
+/// max|w|/6, so every value must dequantize identically; a block's bytes must equal the
+/// original's exactly when the original is what that rule gives: its largest code magnitude 4 or
+/// 6 (the scale is then already the smallest that holds it), no -0 code, or all zero at scale 2^0.
+fn compare_mxfp4_experts(original: &[u8], original_scales: &[u8], dense: &[u8], dense_scales: &[u8], counts: &mut BlockCounts) {
+    assert_eq!((original.len(), original_scales.len()), (dense.len(), dense_scales.len()));
+    for (k, (a, b)) in original.chunks_exact(16).zip(dense.chunks_exact(16)).enumerate() {
+        let (sa, sb) = (original_scales[k], dense_scales[k]);
+        let value = |code: u8, s: u8| E2M1[usize::from(code)] * 2f32.powi(i32::from(s) - 127);
+        for (ca, cb) in block_codes(a).zip(block_codes(b)) {
+            assert_eq!(value(ca, sa), value(cb, sb), "block {k}: a value changed");
+        }
+        let max = block_codes(a).map(|c| c & 7).max().unwrap_or(0);
+        let has_negative_zero = block_codes(a).any(|c| c == 8);
+        let canonical = !has_negative_zero && (max >= 6 || (max == 0 && sa == 127));
+        let same = a == b && sa == sb;
+        assert_eq!(same, canonical, "block {k}: original scale {sa} codes {a:?}, from dense scale {sb} codes {b:?}");
+        counts.blocks += 1;
+        if !same {
+            counts.differing += 1;
+            counts.rescaled += usize::from(max != 0 && max < 6);
+            counts.negative_zero += usize::from(has_negative_zero);
+        }
+    }
+}
+
+/// `mxfp4-experts` of a dense copy against the upstream original's: every tensor but the expert
+/// weights is byte-identical, and the experts are re-encoded as mx.quantize(mode="mxfp4") encodes
+/// the dense values (byte for byte: tests/interop/test_mxfp4_interop.py), which keeps every value
+/// and the original's bytes where they are what mlx would pick (see [`compare_mxfp4_experts`]).
+fn assert_mxfp4_experts_from_dense(float: Float, sharded: bool) -> BlockCounts {
     let tmp = tempfile::tempdir().unwrap();
-    let dense = write_dense(&tmp.path().join("dense"), Float::Bf16, false, |_| {});
-    let (s, o) = (dense.to_str().unwrap(), tmp.path().join("out"));
-    let r = mixq(&["convert", "--source", s, "--recipe", "mxfp4-experts", "--out", o.to_str().unwrap(), "--quiet"], &[]);
-    let err = text(&r).1;
-    assert!(!r.status.success());
-    assert!(err.contains("model.layers.0.mlp.experts.gate_proj.weight is dense") && err.contains("MXFP4"), "{err}");
-    assert!(!o.exists(), "nothing is written");
+    let dense = write_dense(&tmp.path().join("dense"), float, sharded, |_| {});
+    let (a, b) = (tmp.path().join("from-upstream"), tmp.path().join("from-dense"));
+    convert(Path::new(MODEL), "mxfp4-experts", &a, "minmax");
+    convert(&dense, "mxfp4-experts", &b, "minmax");
+    let (ta, tb) = (tensors_of(&a), tensors_of(&b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    let mut counts = BlockCounts::default();
+    for (name, x) in &ta {
+        let Some(module) = name.strip_suffix(".weight").filter(|m| m.contains(".mlp.experts.")) else {
+            if !(name.contains(".mlp.experts.") && name.ends_with(".scales")) {
+                assert!(x == &tb[name], "tensor {name} differs between the upstream and the dense conversion");
+            }
+            continue;
+        };
+        let scales = format!("{module}.scales");
+        let (wa, sa, wb, sb) = (&x.2, &ta[&scales].2, &tb[name].2, &tb[&scales].2);
+        assert_eq!((&x.0, &x.1), (&tb[name].0, &tb[name].1), "{name}: dtype and shape");
+        assert_eq!((&ta[&scales].0, &ta[&scales].1), (&tb[&scales].0, &tb[&scales].1), "{scales}: dtype and shape");
+        compare_mxfp4_experts(wa, sa, wb, sb, &mut counts);
+    }
+    // 6 layers of 16 experts: gate and up 256 rows each, down 256 rows, 256 / 32 blocks a row.
+    assert_eq!(counts.blocks, 6 * 16 * (256 + 256 + 256) * (256 / 32), "every expert block of the model was compared");
+    eprintln!("{float:?}: {counts:?}");
+    counts
+}
+
+#[test]
+fn mxfp4_experts_from_a_bf16_dense_copy_keeps_every_value() {
+    assert_mxfp4_experts_from_dense(Float::Bf16, true);
+}
+
+#[test]
+fn mxfp4_experts_from_an_f32_dense_copy_is_the_bf16_result() {
+    let (bf16, f32) = (assert_mxfp4_experts_from_dense(Float::Bf16, false), assert_mxfp4_experts_from_dense(Float::F32, false));
+    assert_eq!(bf16, f32);
 }

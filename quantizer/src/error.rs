@@ -42,13 +42,15 @@ pub enum ConvertError {
         /// What it is.
         found: &'static str,
     },
-    /// A recipe keeps experts as MXFP4, which a dense source cannot supply yet.
-    #[error("{path}: {tensor} is dense in this checkpoint and mixq does not re-encode dense experts to MXFP4 yet; use a recipe that quantizes experts with affine")]
-    DenseToMxfp4 {
-        /// The source folder.
-        path: PathBuf,
-        /// The parameter the recipe stores as MXFP4.
+    /// A dense expert row cannot be encoded as MXFP4.
+    #[error("tensor {tensor}: output row {row}: {error}; refusing to encode it as MXFP4")]
+    Mxfp4 {
+        /// The parameter being encoded.
         tensor: String,
+        /// Output row.
+        row: usize,
+        /// What is wrong with the row.
+        error: crate::kernels::mxfp4::Mxfp4Error,
     },
     /// Calibration statistics do not fit the model.
     #[error("{path}: {message}")]

@@ -1,17 +1,17 @@
-//! `mixq synth`: a deterministic synthetic upstream-layout checkpoint.
+//! `mixq synth`: a deterministic synthetic checkpoint, upstream or transformers dense layout.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use mixq_loader::GptOssConfig;
+use mixq_loader::{FloatDtype, GptOssConfig, SourceLayout};
 
 use crate::args::Json;
 use crate::report::print_json;
 
 /// Arguments of `mixq synth`.
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  mixq synth --preset small --out /tmp/small-src\n\nA flag's default is shown as [default: ...] or in its help.")]
+#[command(after_help = "Example:\n  mixq synth --preset small --out /tmp/small-src\n  mixq synth --preset small --dense bf16 --out /tmp/small-finetune\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct SynthArgs {
     /// Output folder.
     #[arg(long)]
@@ -41,8 +41,20 @@ pub struct SynthArgs {
     /// Write `rope_scaling.truncate: false` in the config.
     #[arg(long)]
     no_truncate: bool,
+    /// Write transformers' dense layout of a fine-tune in this float type instead of the
+    /// upstream MXFP4 layout (dense experts are 2.7 times larger in bf16).
+    #[arg(long, value_enum)]
+    dense: Option<DenseFloat>,
     #[command(flatten)]
     json: Json,
+}
+
+/// The float type of a dense synthetic checkpoint.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DenseFloat {
+    Bf16,
+    F16,
+    F32,
 }
 
 /// Runs `mixq synth`.
@@ -58,7 +70,13 @@ pub fn run(a: SynthArgs) -> Result<ExitCode> {
     shape.experts = a.experts.unwrap_or(shape.experts);
     shape.seed = a.seed.unwrap_or(shape.seed);
     shape.truncate = shape.truncate && !a.no_truncate;
-    mixq_synth::write_checkpoint(&a.out, &shape)?;
+    let layout = match a.dense {
+        None => SourceLayout::Mxfp4,
+        Some(DenseFloat::Bf16) => SourceLayout::Dense(FloatDtype::BF16),
+        Some(DenseFloat::F16) => SourceLayout::Dense(FloatDtype::F16),
+        Some(DenseFloat::F32) => SourceLayout::Dense(FloatDtype::F32),
+    };
+    mixq_synth::write_checkpoint_as(&a.out, &shape, layout)?;
     if a.json.json {
         print_json(&serde_json::json!({"out": a.out, "preset": a.preset, "config": shape.config_json()}));
     } else {

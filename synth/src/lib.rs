@@ -1,13 +1,15 @@
-//! mixq-synth: writes deterministic upstream-layout gpt-oss checkpoints of any shape, for tests
-//! and benchmarks: config.json, a byte-level tokenizer, generation config, shards and index, with
-//! heavy-tailed BF16 weights and MXFP4-encoded experts.
+//! mixq-synth: writes deterministic gpt-oss checkpoints of any shape, for tests and benchmarks:
+//! config.json, a byte-level tokenizer, generation config, shards and index, with heavy-tailed
+//! weights; upstream layout (BF16, MXFP4-encoded experts) or transformers' dense layout of a
+//! fine-tune (BF16, F16 or F32 throughout).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use mixq_loader::schema::upstream_tensors;
-use mixq_loader::TensorSpec;
+use mixq_loader::decode::FP4_VALUES;
+use mixq_loader::schema::{source_tensors, upstream_tensors};
+use mixq_loader::{FloatDtype, SourceLayout, TensorSpec};
 use mixq_loader::GptOssConfig;
 use serde_json::{json, Value};
 
@@ -185,16 +187,30 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// The bytes of one generated tensor.
-fn tensor_bytes(t: &TensorSpec, seed: u64) -> Vec<u8> {
+/// Writes the bytes of one generated tensor, element by element (a dense expert tensor of a
+/// large model is a gigabyte). Float tensors are written in `float`; dense expert weights are
+/// E2M1 values at the upstream blocks' scales, so they hold what a dequantized checkpoint holds.
+fn write_tensor(w: &mut impl Write, t: &TensorSpec, seed: u64, float: FloatDtype) -> std::io::Result<()> {
     let mut rng = Rng(name_seed(seed, &t.name));
     let n: usize = t.shape.iter().product();
     if t.name.ends_with("_blocks") {
-        return (0..n).map(|_| rng.next_u64() as u8).collect();
+        return (0..n).try_for_each(|_| w.write_all(&[rng.next_u64() as u8]));
     }
     if t.name.ends_with("_scales") {
         // 2^-9 .. 2^-7: expert weights of a few hundredths, as in gpt-oss.
-        return (0..n).map(|_| 118 + (rng.next_u64() % 3) as u8).collect();
+        return (0..n).try_for_each(|_| w.write_all(&[118 + (rng.next_u64() % 3) as u8]));
+    }
+    let put = |w: &mut dyn Write, v: f32| match float {
+        FloatDtype::BF16 => w.write_all(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
+        FloatDtype::F16 => w.write_all(&half::f16::from_f32(v).to_bits().to_le_bytes()),
+        FloatDtype::F32 => w.write_all(&v.to_le_bytes()),
+    };
+    if t.name.ends_with("_proj") {
+        // Dense experts (`mlp.experts.gate_up_proj`, `down_proj`).
+        return (0..n).try_for_each(|_| {
+            let r = rng.next_u64();
+            put(w, FP4_VALUES[(r & 15) as usize] * 2f32.powi(-7 - ((r >> 4) % 3) as i32))
+        });
     }
     let (center, spread) = if t.name.ends_with("layernorm.weight") || t.name == "model.norm.weight" {
         (1.0, 0.1)
@@ -205,12 +221,7 @@ fn tensor_bytes(t: &TensorSpec, seed: u64) -> Vec<u8> {
     } else {
         (0.0, 1.0 / (*t.shape.last().unwrap_or(&1) as f32).sqrt())
     };
-    let mut out = Vec::with_capacity(n * 2);
-    for _ in 0..n {
-        let v = half::bf16::from_f32(center + spread * rng.heavy());
-        out.extend_from_slice(&v.to_bits().to_le_bytes());
-    }
-    out
+    (0..n).try_for_each(|_| put(w, center + spread * rng.heavy()))
 }
 
 /// GPT-2's byte-to-unicode map used by byte-level BPE vocabularies.
@@ -260,6 +271,13 @@ fn write_json(path: &Path, v: &Value) -> Result<(), SynthError> {
 
 /// Writes a generated upstream-layout checkpoint into `dir` (created if needed).
 pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
+    write_checkpoint_as(dir, shape, SourceLayout::Mxfp4)
+}
+
+/// Writes a generated checkpoint of `layout` into `dir`: upstream (MXFP4 experts) or
+/// transformers' dense layout of a fine-tune (every tensor in one float type, no
+/// `quantization_config`).
+pub fn write_checkpoint_as(dir: &Path, shape: &Shape, layout: SourceLayout) -> Result<(), SynthError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| SynthError::Io { path: p, error: source }
@@ -268,7 +286,12 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
         return Err(SynthError::Shape("hidden and intermediate must be multiples of 32 (MXFP4 blocks)".into()));
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let config_value = shape.config_json();
+    let mut config_value = shape.config_json();
+    if layout != SourceLayout::Mxfp4 {
+        if let Some(c) = config_value.as_object_mut() {
+            c.remove("quantization_config");
+        }
+    }
     let config = GptOssConfig::from_json_str(&config_value.to_string(), Path::new("config.json"))
         .map_err(|e| SynthError::Shape(e.to_string()))?;
     write_json(&dir.join("config.json"), &config_value)?;
@@ -282,7 +305,7 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
     )?;
     write_json(&dir.join("special_tokens_map.json"), &json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))?;
 
-    let tensors = upstream_tensors(&config);
+    let tensors = source_tensors(&config, layout);
     let total: usize = tensors.iter().map(|t| t.nbytes()).sum();
     let per_shard = total.div_ceil(shape.shards.max(1));
     let mut groups: Vec<Vec<&TensorSpec>> = vec![Vec::new()];
@@ -310,7 +333,7 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape) -> Result<(), SynthError> {
         let mut w = BufWriter::with_capacity(8 << 20, File::create(&path).map_err(io(&path))?);
         w.write_all(&header).map_err(io(&path))?;
         for t in group {
-            w.write_all(&tensor_bytes(t, shape.seed)).map_err(io(&path))?;
+            write_tensor(&mut w, t, shape.seed, layout.float_dtype()).map_err(io(&path))?;
         }
         w.flush().map_err(io(&path))?;
     }
@@ -340,6 +363,18 @@ mod tests {
         write_checkpoint(&tmp, &shape).unwrap();
         assert_eq!(a, std::fs::read(tmp.join("model-00001-of-00002.safetensors")).unwrap());
         std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn dense_checkpoint_validates_in_every_float_type() {
+        for float in FloatDtype::ALL {
+            let tmp = std::env::temp_dir().join(format!("mixq-synth-dense-{float}-{}", std::process::id()));
+            write_checkpoint_as(&tmp, &Shape::preset("tiny").unwrap(), SourceLayout::Dense(float)).unwrap();
+            let ckpt = mixq_loader::Checkpoint::open(&tmp).unwrap();
+            assert_eq!(ckpt.format().source_layout(), Some(SourceLayout::Dense(float)));
+            mixq_loader::layout::validate_source(&ckpt, SourceLayout::Dense(float)).unwrap();
+            std::fs::remove_dir_all(&tmp).unwrap();
+        }
     }
 
     #[test]

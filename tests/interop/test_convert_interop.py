@@ -22,8 +22,12 @@ def as_bytes(a):
     return np.array(a.view(mx.uint8)) if a.dtype != mx.uint8 else np.array(a)
 
 
-def check_against_mlx(src, out, recipe):
+def check_against_mlx(src, out, recipe, edit_reference=None):
+    """`out` against mlx's conversion of `src` under `recipe` (after `edit_reference(model)`, for
+    tensors mlx computes from another source): same tensors, map, and logits in mlx-lm."""
     ref, ref_map = reference_model(src, recipe)
+    if edit_reference is not None:
+        edit_reference(ref)
     ours = {}
     for f in glob.glob(str(out / "model*.safetensors")):
         ours.update(mx.load(f))

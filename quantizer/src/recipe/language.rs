@@ -411,7 +411,7 @@ impl Recipe {
                 if let Some(c) = classes.iter().find(|c| !c.is_expert()) {
                     return Err(invalid(
                         line,
-                        format!("mxfp4 passes upstream MXFP4 experts through; class {} is not an expert projection", c.as_str()),
+                        format!("mxfp4 keeps experts as MLX MXFP4 (upstream blocks passed through, dense ones encoded); class {} is not an expert projection", c.as_str()),
                     ));
                 }
             }

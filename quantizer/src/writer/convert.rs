@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use crate::kernels::affine::packed_row_bytes;
+use crate::kernels::mxfp4::encode_row;
 use crate::kernels::gptq::HessianFactor;
 use crate::kernels::importance::{CalibrationUse, Importance, ParamHessians};
 use crate::kernels::method::InputStats;
@@ -193,9 +194,6 @@ pub fn convert(
     };
     mixq_loader::layout::validate_source(&ckpt, layout)?;
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
-    if let (mixq_loader::SourceLayout::Dense(_), Some(a)) = (layout, alloc.assigned.iter().find(|a| a.action == QuantFormat::Mxfp4)) {
-        return Err(ConvertError::DenseToMxfp4 { path: source.to_path_buf(), tensor: a.param.name() });
-    }
     for w in alloc.unused_rules(recipe) {
         progress.warning(&w.to_string());
     }
@@ -529,9 +527,7 @@ fn write_param(
         match a.action {
             QuantFormat::Bf16 => {
                 let buf = &mut bytes_a[..n * row_bytes[0]];
-                buf.par_chunks_mut(row_bytes[0])
-                    .enumerate()
-                    .for_each_init(|| vec![0f32; cols], |scratch, (i, out)| src.row_bf16(first + i, scratch, out));
+                src.rows_bf16(first, &mut rows_f32, buf);
                 put(0, first, buf)?;
             }
             QuantFormat::Affine { bits, group_size } => {
@@ -546,12 +542,29 @@ fn write_param(
             QuantFormat::Mxfp4 => {
                 let (bb, sb) = (row_bytes[0], row_bytes[1]);
                 let (blocks, block_scales) = (&mut bytes_a[..n * bb], &mut bytes_b[..n * sb]);
-                for i in 0..n {
-                    let (b, s) = src
-                        .row_mxfp4(first + i)
-                        .ok_or_else(|| ConvertError::NotUpstream { path: dir.to_path_buf(), found: "not MXFP4 for this tensor" })?;
-                    blocks[i * bb..(i + 1) * bb].copy_from_slice(b);
-                    block_scales[i * sb..(i + 1) * sb].copy_from_slice(s);
+                match src.float_dtype() {
+                    // Upstream MXFP4 rows are copied unchanged.
+                    None => {
+                        for i in 0..n {
+                            let (b, s) = src
+                                .row_mxfp4(first + i)
+                                .ok_or_else(|| ConvertError::NotUpstream { path: dir.to_path_buf(), found: "not MXFP4 for this tensor" })?;
+                            blocks[i * bb..(i + 1) * bb].copy_from_slice(b);
+                            block_scales[i * sb..(i + 1) * sb].copy_from_slice(s);
+                        }
+                    }
+                    // Dense rows are encoded as mx.quantize(mode="mxfp4") encodes the tensor's type.
+                    Some(precision) => {
+                        rows_f32.resize(n * cols, 0.0);
+                        src.rows_f32(first, &mut rows_f32[..]);
+                        blocks
+                            .par_chunks_mut(bb)
+                            .zip(block_scales.par_chunks_mut(sb))
+                            .zip(rows_f32.par_chunks(cols))
+                            .enumerate()
+                            .try_for_each(|(i, ((b, s), row))| encode_row(row, precision, b, s).map_err(|error| (i, error)))
+                            .map_err(|(i, error)| ConvertError::Mxfp4 { tensor: a.param.name(), row: first + i, error })?;
+                    }
                 }
                 put(0, first, blocks)?;
                 put(1, first, block_scales)?;
@@ -588,7 +601,7 @@ fn quantize_rows(
     let (rb, gpr) = (packed_row_bytes(cols, bits), cols / group_size);
     let n = packed.len() / rb;
     rows_f32.resize(n * cols, 0.0);
-    rows_f32.par_chunks_mut(cols).enumerate().for_each(|(i, row)| src.row_f32(first + i, row));
+    src.rows_f32(first, rows_f32);
     let all_rows = a.param.numel() / cols;
     let mut r = 0;
     while r < n {

@@ -1,8 +1,9 @@
 //! Row access to source tensors: float rows (BF16, F16 or F32; optionally strided, for
 //! de-interleaving), dense transposed expert columns (transformers' layout, de-interleaved) and
-//! MXFP4 expert rows (optionally de-interleaved), decoded one row at a time.
+//! MXFP4 expert rows (optionally de-interleaved), decoded a row or a chunk of rows at a time.
 
 use mixq_loader::decode::{float_at, floats_to_f32, mxfp4_row_to_f32};
+use rayon::prelude::*;
 use mixq_loader::format::MXFP4_BLOCK;
 use mixq_loader::{Checkpoint, FloatDtype, RowMap, SourceLayout};
 
@@ -32,18 +33,8 @@ pub enum RowSource<'a> {
     Dense {
         /// Source bytes.
         data: &'a [u8],
-        /// Their float type.
-        dtype: FloatDtype,
-        /// Output row length (source rows per expert).
-        cols: usize,
-        /// Source row length (`per * step`).
-        src_cols: usize,
-        /// Output rows per expert.
-        per: usize,
-        /// First source column.
-        start: usize,
-        /// Column stride.
-        step: usize,
+        /// Where the output rows are in them.
+        geometry: DenseGeometry,
     },
     /// MXFP4 expert rows: output row `r` is source row `map.stored(r)`.
     Mxfp4 {
@@ -79,7 +70,7 @@ impl<'a> RowSource<'a> {
                 RowSource::Floats { data: fetch(0)?, dtype, cols, src_cols: cols * step, start: *start, step: *step }
             }
             &UpstreamRows::DenseTransposed { per, start, step, .. } => {
-                RowSource::Dense { data: fetch(0)?, dtype, cols, src_cols: per * step, per, start, step }
+                RowSource::Dense { data: fetch(0)?, geometry: DenseGeometry { dtype, cols, src_cols: per * step, per, start, step } }
             }
             UpstreamRows::Mxfp4 { map, .. } => RowSource::Mxfp4 { blocks: fetch(0)?, scales: fetch(1)?, cols, map: *map },
         })
@@ -106,7 +97,7 @@ impl<'a> RowSource<'a> {
                 vec![&data[first * src_cols * f..(first + n) * src_cols * f]]
             }
             RowSource::Floats { .. } => Vec::new(),
-            RowSource::Dense { data, dtype, cols, src_cols, per, .. } => {
+            RowSource::Dense { data, geometry: DenseGeometry { dtype, cols, src_cols, per, .. } } => {
                 let expert_bytes = cols * src_cols * dtype.size();
                 vec![&data[first / per * expert_bytes..(first + n) / per * expert_bytes]]
             }
@@ -122,14 +113,14 @@ impl<'a> RowSource<'a> {
     /// Output row length in elements.
     pub fn cols(&self) -> usize {
         match *self {
-            RowSource::Floats { cols, .. } | RowSource::Dense { cols, .. } | RowSource::Mxfp4 { cols, .. } => cols,
+            RowSource::Floats { cols, .. } | RowSource::Dense { geometry: DenseGeometry { cols, .. }, .. } | RowSource::Mxfp4 { cols, .. } => cols,
         }
     }
 
     /// Source bytes read per output row (for progress).
     pub fn source_bytes_per_row(&self) -> usize {
         match *self {
-            RowSource::Floats { cols, dtype, .. } | RowSource::Dense { cols, dtype, .. } => cols * dtype.size(),
+            RowSource::Floats { cols, dtype, .. } | RowSource::Dense { geometry: DenseGeometry { cols, dtype, .. }, .. } => cols * dtype.size(),
             RowSource::Mxfp4 { cols, .. } => cols / 2 + cols / MXFP4_BLOCK,
         }
     }
@@ -156,12 +147,8 @@ impl<'a> RowSource<'a> {
                     }
                 }
             }
-            RowSource::Dense { data, dtype, cols, src_cols, per, start, step } => {
-                // Expert e's rows are contiguous: column `start + o*step` of each of its `cols` rows.
-                let base = (r / per) * cols * src_cols + start + (r % per) * step;
-                for (j, o) in out.iter_mut().enumerate() {
-                    *o = float_at(dtype, data, base + j * src_cols);
-                }
+            RowSource::Dense { data, ref geometry } => {
+                dense_rows(data, geometry, r, out);
             }
             RowSource::Mxfp4 { .. } => {
                 let (b, s) = self.mxfp4_row(r);
@@ -170,22 +157,105 @@ impl<'a> RowSource<'a> {
         }
     }
 
-    /// Writes output row `r` as BF16 bytes: BF16 and MXFP4 values exactly, F16 and F32 ones rounded
-    /// to nearest, ties to even (as mlx's `astype(mx.bfloat16)` rounds).
-    pub fn row_bf16(&self, r: usize, scratch: &mut [f32], out: &mut [u8]) {
-        if let RowSource::Floats { data, dtype: FloatDtype::BF16, cols, src_cols, start, step: 1 } = *self {
-            let base = (r * src_cols + start) * 2;
-            out.copy_from_slice(&data[base..base + cols * 2]);
+    /// Decodes output rows `first..first + out.len() / cols` to f32 into `out`, rows in parallel;
+    /// dense transposed experts are read block-transposed (`dense_rows`).
+    pub fn rows_f32(&self, first: usize, out: &mut [f32]) {
+        let cols = self.cols();
+        match *self {
+            RowSource::Dense { data, ref geometry } => {
+                let n = out.len() / cols;
+                let task = n.div_ceil(rayon::current_num_threads()).max(DENSE_TASK_ROWS);
+                out.par_chunks_mut(task * cols).enumerate().for_each(|(k, part)| {
+                    dense_rows(data, geometry, first + k * task, part);
+                });
+            }
+            _ => out.par_chunks_mut(cols).enumerate().for_each(|(i, row)| self.row_f32(first + i, row)),
+        }
+    }
+
+    /// Writes output rows `first..first + out.len() / (2 * cols)` as BF16 bytes into `out`: BF16
+    /// and MXFP4 values exactly, F16 and F32 ones rounded to nearest, ties to even (as mlx's
+    /// `astype(mx.bfloat16)` rounds); `scratch` holds the f32 rows where they must be decoded.
+    pub fn rows_bf16(&self, first: usize, scratch: &mut Vec<f32>, out: &mut [u8]) {
+        let cols = self.cols();
+        if let RowSource::Floats { data, dtype: FloatDtype::BF16, src_cols, start, step: 1, .. } = *self {
+            out.par_chunks_mut(cols * 2).enumerate().for_each(|(i, o)| {
+                let base = ((first + i) * src_cols + start) * 2;
+                o.copy_from_slice(&data[base..base + cols * 2]);
+            });
             return;
         }
-        self.row_f32(r, scratch);
-        for (o, v) in out.chunks_exact_mut(2).zip(scratch.iter()) {
-            o.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
+        scratch.resize(out.len() / 2, 0.0);
+        self.rows_f32(first, scratch);
+        out.par_chunks_mut(2).zip(scratch.par_iter()).for_each(|(o, v)| o.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes()));
+    }
+
+    /// The float type of a float source (`None` for MXFP4 rows).
+    pub fn float_dtype(&self) -> Option<FloatDtype> {
+        match *self {
+            RowSource::Floats { dtype, .. } | RowSource::Dense { geometry: DenseGeometry { dtype, .. }, .. } => Some(dtype),
+            RowSource::Mxfp4 { .. } => None,
         }
     }
 
     /// Copies output row `r`'s MXFP4 blocks and scales unchanged; `None` for a float source.
     pub fn row_mxfp4(&self, r: usize) -> Option<(&[u8], &[u8])> {
         matches!(self, RowSource::Mxfp4 { .. }).then(|| self.mxfp4_row(r))
+    }
+}
+
+/// Output rows one task of [`RowSource::rows_f32`] decodes at least (dense experts).
+const DENSE_TASK_ROWS: usize = 16;
+/// Source rows read per tile by [`dense_rows`].
+const DENSE_TILE_ROWS: usize = 64;
+
+/// Where a dense transposed expert tensor `[experts, cols, src_cols]` keeps the output rows.
+#[derive(Debug, Clone, Copy)]
+pub struct DenseGeometry {
+    /// The source's float type.
+    pub dtype: FloatDtype,
+    /// Output row length (source rows per expert).
+    pub cols: usize,
+    /// Source row length (`per * step`).
+    pub src_cols: usize,
+    /// Output rows per expert.
+    pub per: usize,
+    /// First source column.
+    pub start: usize,
+    /// Column stride.
+    pub step: usize,
+}
+
+/// Decodes output rows `first..first + out.len() / cols` of a dense transposed expert tensor,
+/// block-transposed: for each expert the rows touch, a tile of source rows is read, each row's
+/// needed column range contiguously, and transposed in memory into the output rows. Memory is
+/// one tile (`DENSE_TILE_ROWS` x the column range), and the source is read front to back.
+fn dense_rows(data: &[u8], g: &DenseGeometry, first: usize, out: &mut [f32]) {
+    let (cols, size) = (g.cols, g.dtype.size());
+    let n = out.len() / cols;
+    let mut tile = Vec::new();
+    let mut done = 0;
+    while done < n {
+        let r = first + done;
+        let (expert, o0) = (r / g.per, r % g.per);
+        let take = (g.per - o0).min(n - done);
+        // Source columns start + o*step for o in o0..o0+take: one contiguous range per source row.
+        let (lo, width) = (g.start + o0 * g.step, (take - 1) * g.step + 1);
+        let expert_base = expert * cols * g.src_cols;
+        for j0 in (0..cols).step_by(DENSE_TILE_ROWS) {
+            let rows = DENSE_TILE_ROWS.min(cols - j0);
+            tile.resize(rows * width, 0.0);
+            for (jj, t) in tile.chunks_exact_mut(width).enumerate() {
+                let at = expert_base + (j0 + jj) * g.src_cols + lo;
+                floats_to_f32(g.dtype, &data[at * size..(at + width) * size], t);
+            }
+            for o in 0..take {
+                let dst = &mut out[(done + o) * cols + j0..][..rows];
+                for (jj, d) in dst.iter_mut().enumerate() {
+                    *d = tile[jj * width + o * g.step];
+                }
+            }
+        }
+        done += take;
     }
 }
