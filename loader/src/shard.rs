@@ -74,8 +74,12 @@ impl ShardFile {
         let mut metadata = BTreeMap::new();
         for (name, entry) in entries {
             if name == "__metadata__" {
-                let Value::Object(m) = entry else {
-                    return Err(bad("__metadata__ must be an object of strings".into()));
+                // `null` is no metadata, as the safetensors crate reads it (mx.save_safetensors
+                // writes it when given none).
+                let m = match entry {
+                    Value::Object(m) => m,
+                    Value::Null => continue,
+                    _ => return Err(bad("__metadata__ must be an object of strings (or null)".into())),
                 };
                 for (k, v) in m {
                     let s = v.as_str().ok_or_else(|| bad(format!("__metadata__.{k} must be a string")))?;
@@ -214,4 +218,31 @@ fn parse_entry(entry: &Value) -> std::result::Result<TensorInfo, String> {
         ));
     }
     Ok(TensorInfo { dtype, shape, begin, end })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-tensor safetensors file whose header's `__metadata__` is `meta` (JSON text).
+    fn file_with_metadata(dir: &Path, meta: &str) -> std::path::PathBuf {
+        let header = format!(r#"{{"__metadata__":{meta},"w":{{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[7, 9]);
+        let path = dir.join("m.safetensors");
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn null_metadata_is_no_metadata_and_other_kinds_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = ShardFile::open(&file_with_metadata(dir.path(), "null")).expect("null metadata is accepted");
+        assert!(shard.metadata().is_empty());
+        let shard = ShardFile::open(&file_with_metadata(dir.path(), r#"{"format":"mlx"}"#)).unwrap();
+        assert_eq!(shard.metadata().get("format").map(String::as_str), Some("mlx"));
+        let e = ShardFile::open(&file_with_metadata(dir.path(), "5")).err().expect("a number is refused").to_string();
+        assert!(e.contains("m.safetensors") && e.contains("__metadata__ must be an object of strings (or null)"), "{e}");
+    }
 }
