@@ -289,3 +289,23 @@ fn f16_dense_copy_converts_and_runs() {
         assert!(kl > 0.0 && kl < 1e-4, "{}: mean KL {kl:e}", model.display());
     }
 }
+
+/// `sensitivity` with measured KL on a dense copy gives the upstream model's costs, unit by unit.
+#[test]
+fn sensitivity_of_a_dense_copy_is_the_upstream_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = write_dense(&tmp.path().join("dense"), Float::Bf16, false, |_| {});
+    let measure = |model: &Path, out: &Path| {
+        let args = ["sensitivity", "--model", s(model), "--text", DEV_TEXT, "--tokens", "128", "--bits", "3,5", "--group-sizes", "64", "--out", s(out), "--quiet"];
+        let r = mixq(&args, &[]);
+        assert!(r.status.success(), "{}", text(&r).1);
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+        for k in ["seconds", "model"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    let want = measure(Path::new(MODEL), &tmp.path().join("upstream.json"));
+    assert_eq!(want["cost_kind"], "kl", "{want}");
+    assert_eq!(measure(&dense, &tmp.path().join("dense.json")), want);
+}
