@@ -72,7 +72,7 @@ fn assert_same_conversion(float: Float, sharded: bool, recipe: &str, quantizer: 
         assert!(card.contains(&format!("(source: {named})")), "{card}");
         named
     };
-    assert_eq!(layout(&a), "upstream MXFP4 experts, BF16 rest");
+    assert_eq!(layout(&a), "MXFP4 experts, BF16 rest");
     assert_eq!(layout(&b), format!("transformers dense {}", float.name()));
 }
 
@@ -230,7 +230,7 @@ fn plan_prints_the_dense_source_size() {
     let source = |src: &Path| json(&["plan", "--source", s(src), "--recipe", "gpt-oss-120b-3.6bit"])["source_checkpoint"].clone();
     let upstream = source(Path::new(MODEL));
     assert_eq!(upstream["bytes"].as_u64(), Some(mixq_loader::Checkpoint::open(Path::new(MODEL)).unwrap().tensor_bytes()));
-    assert_eq!(upstream["layout"], "upstream MXFP4 experts, BF16 rest");
+    assert_eq!(upstream["layout"], "MXFP4 experts, BF16 rest");
     for float in [Float::Bf16, Float::F32] {
         let dense = write_dense(&tmp.path().join(float.name()), float, false, |_| {});
         let bytes = mixq_loader::Checkpoint::open(&dense).unwrap().tensor_bytes();

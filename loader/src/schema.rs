@@ -235,11 +235,11 @@ impl SourceLayout {
         }
     }
 
-    /// A short human name for reports, cards and manifests (`upstream MXFP4 experts, BF16 rest`,
-    /// `transformers dense BF16`).
+    /// A short human name for reports, cards and manifests (`MXFP4 experts, BF16 rest`, as plan
+    /// and the card have always named the upstream layout; `transformers dense BF16`).
     pub fn describe(self) -> String {
         match self {
-            SourceLayout::Mxfp4 => "upstream MXFP4 experts, BF16 rest".to_string(),
+            SourceLayout::Mxfp4 => "MXFP4 experts, BF16 rest".to_string(),
             SourceLayout::Dense(f) => format!("transformers dense {f}"),
         }
     }
