@@ -3,7 +3,7 @@
 pub use mixq_quantizer::sizes::thousands;
 use mixq_quantizer::sizes::{gb, gib};
 use mixq_quantizer::writer::inspect::Inspection;
-use mixq_quantizer::recipe::plan::PlanSummary;
+use mixq_quantizer::recipe::plan::{PlanSummary, SourceSize};
 use mixq_quantizer::writer::verify::VerifyReport;
 use mixq_quantizer::Recipe;
 use serde_json::{json, Value};
@@ -19,8 +19,15 @@ fn size_json(bytes: usize, params: usize) -> Value {
     })
 }
 
+/// A source checkpoint's size figures as JSON, with its layout.
+fn source_json(s: SourceSize) -> Value {
+    let mut v = size_json(s.bytes, s.params);
+    v["layout"] = json!(s.layout.describe());
+    v
+}
+
 /// The plan as a JSON object.
-pub fn plan_json(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (usize, usize)) -> Value {
+pub fn plan_json(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: SourceSize) -> Value {
     let rows: Vec<Value> = s
         .rows
         .iter()
@@ -41,12 +48,12 @@ pub fn plan_json(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (u
         "recipe": recipe.name,
         "rows": rows,
         "total": size_json(s.bytes, s.params),
-        "source_checkpoint": size_json(source_size.0, source_size.1),
+        "source_checkpoint": source_json(source_size),
     })
 }
 
 /// The plan as a table.
-pub fn plan_text(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (usize, usize)) -> String {
+pub fn plan_text(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: SourceSize) -> String {
     let mut out = format!("plan: {source} ({} layers) with recipe {}\n\n", s.num_layers, recipe.name);
     out.push_str(&format!("{:<6} {:>5} {:>17} {:>8} {:>17}  {}\n", "bits", "group", "parameters", "%", "bytes", "covers"));
     for r in &s.rows {
@@ -75,9 +82,10 @@ pub fn plan_text(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: (u
         gib(s.bytes),
         s.bits_per_weight()
     ));
-    let (sb, sp) = source_size;
+    let SourceSize { layout, bytes: sb, params: sp } = source_size;
     out.push_str(&format!(
-        "source (MXFP4 experts, BF16 rest): {} bytes = {:.2} GB = {:.2} GiB, {:.3} bits per weight\n",
+        "source ({}): {} bytes = {:.2} GB = {:.2} GiB, {:.3} bits per weight\n",
+        layout.describe(),
         thousands(sb),
         gb(sb),
         gib(sb),

@@ -1,120 +1,32 @@
 //! Fine-tunes in transformers' dense layout (issue 19): a dense copy of the bundled upstream model,
 //! written here with its MXFP4 experts decoded (every E2M1 x 2^e value is exact in bf16 and f32),
-//! converts to the same tensors, byte for byte, as the upstream original.
+//! converts to the same tensors, byte for byte, as the upstream original, and every job that reads
+//! a model (run, logits, calibrate, validate, plan) gives on it what it gives on the original.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{mixq, text, RawShard};
-use safetensors::{tensor::TensorView, Dtype as StDtype, SafeTensors};
+use common::dense::{write_dense, Float, E2M1, MODEL};
+use common::{mixq, text};
+use safetensors::SafeTensors;
 use serde_json::Value;
 
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-shakespeare");
+const DEV_TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare-dev.txt");
 
-/// A tensor as the fixture writes it: dtype, shape, little-endian bytes.
-type Tensor = (StDtype, Vec<usize>, Vec<u8>);
-
-/// The float type of the dense copy.
-#[derive(Clone, Copy, Debug)]
-enum Float {
-    Bf16,
-    F32,
+/// Runs the CLI with `--json` and parses what it prints, failing with its stderr.
+fn json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let r = mixq(&all, &[]);
+    let (out, err) = text(&r);
+    assert!(r.status.success(), "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
-impl Float {
-    fn encode(self, v: f32) -> Vec<u8> {
-        match self {
-            Float::Bf16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
-            Float::F32 => v.to_le_bytes().to_vec(),
-        }
-    }
-
-    fn dtype(self) -> StDtype {
-        match self {
-            Float::Bf16 => StDtype::BF16,
-            Float::F32 => StDtype::F32,
-        }
-    }
-}
-
-/// FP4 E2M1 values by code, decoded here independently of the loader.
-const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
-
-fn shape_of(header: &serde_json::Map<String, Value>, name: &str) -> Vec<usize> {
-    header[name]["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()
-}
-
-/// Decodes `[E, R, C/32, 16]` blocks with `[E, R, C/32]` scales into transformers' transposed
-/// dense tensor `[E, C, R]` (element `[e, c, r]` is upstream row `r`, column `c` of expert `e`).
-fn dense_experts(blocks: &[u8], scales: &[u8], shape: &[usize], float: Float) -> Tensor {
-    let (e, r, c) = (shape[0], shape[1], shape[2] * 32);
-    let mut vals = vec![0f32; e * c * r];
-    for x in 0..e {
-        for row in 0..r {
-            for col in 0..c {
-                let byte = blocks[((x * r + row) * c + col) / 2];
-                let code = if col % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-                let scale = 2f32.powi(i32::from(scales[(x * r + row) * (c / 32) + col / 32]) - 127);
-                vals[(x * c + col) * r + row] = E2M1[usize::from(code)] * scale;
-            }
-        }
-    }
-    (float.dtype(), vec![e, c, r], vals.iter().flat_map(|&v| float.encode(v)).collect())
-}
-
-/// Every tensor of the bundled model in transformers' dense layout, grouped by source shard.
-fn dense_tensors(float: Float) -> Vec<BTreeMap<String, Tensor>> {
-    let mut shards = Vec::new();
-    for file in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
-        let raw = RawShard::read(&Path::new(MODEL).join(file));
-        let mut out = BTreeMap::new();
-        for name in raw.header.keys().filter(|k| *k != "__metadata__") {
-            let bytes = &raw.data[raw.range(name)];
-            if let Some(stem) = name.strip_suffix("_blocks") {
-                let scales = &raw.data[raw.range(&format!("{stem}_scales"))];
-                out.insert(stem.to_string(), dense_experts(bytes, scales, &shape_of(&raw.header, name), float));
-            } else if !name.ends_with("_scales") {
-                assert_eq!(raw.header[name]["dtype"], "BF16", "{name}");
-                let vals = bytes.chunks_exact(2).flat_map(|b| float.encode(f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)));
-                out.insert(name.clone(), (float.dtype(), shape_of(&raw.header, name), vals.collect()));
-            }
-        }
-        shards.push(out);
-    }
-    shards
-}
-
-/// Writes the dense copy: the side files (config.json without `quantization_config`, as
-/// `save_pretrained` writes it after dequantizing), and the tensors in one file or two shards.
-fn write_dense(dir: &Path, float: Float, sharded: bool, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
-        std::fs::copy(Path::new(MODEL).join(f), dir.join(f)).unwrap();
-    }
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(MODEL).join("config.json")).unwrap()).unwrap();
-    config.as_object_mut().unwrap().remove("quantization_config");
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
-    let mut shards = dense_tensors(float);
-    if !sharded {
-        let all = shards.drain(..).flatten().collect();
-        shards.push(all);
-    }
-    edit(shards.first_mut().unwrap());
-    let mut weight_map = serde_json::Map::new();
-    for (i, tensors) in shards.iter().enumerate() {
-        let file = if sharded { format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len()) } else { "model.safetensors".into() };
-        let views: Vec<(String, TensorView<'_>)> =
-            tensors.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
-        weight_map.extend(tensors.keys().map(|n| (n.clone(), Value::String(file.clone()))));
-    }
-    if sharded {
-        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    }
-    dir.to_path_buf()
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 fn convert(src: &Path, recipe: &str, out: &Path, quantizer: &str) {
@@ -152,6 +64,16 @@ fn assert_same_conversion(float: Float, sharded: bool, recipe: &str, quantizer: 
         assert!(x == &tb[name], "{recipe} {quantizer}: tensor {name} differs between the upstream and the dense conversion");
     }
     assert!(ta.len() > 100, "the model has all its tensors");
+    // The card and the manifest name the layout each was converted from.
+    let layout = |dir: &Path| {
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("mixq-manifest.json")).unwrap()).unwrap();
+        let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        let named = m["source_layout"].as_str().unwrap().to_string();
+        assert!(card.contains(&format!("(source: {named})")), "{card}");
+        named
+    };
+    assert_eq!(layout(&a), "MXFP4 experts, BF16 rest");
+    assert_eq!(layout(&b), format!("transformers dense {}", float.name()));
 }
 
 #[test]
@@ -280,4 +202,185 @@ fn mxfp4_experts_from_a_bf16_dense_copy_keeps_every_value() {
 fn mxfp4_experts_from_an_f32_dense_copy_is_the_bf16_result() {
     let (bf16, f32) = (assert_mxfp4_experts_from_dense(Float::Bf16, false), assert_mxfp4_experts_from_dense(Float::F32, false));
     assert_eq!(bf16, f32);
+}
+
+/// Greedy tokens, seeded sampled tokens and the float32 logits (the .npy file's bytes) of a model.
+fn outputs(model: &Path, ids: &Path, out: &Path) -> (Value, Value, Vec<u8>) {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--model", s(model), "--prompt", "ROMEO:\nBut soft", "--max-tokens", "32", "--ignore-eos"];
+        args.extend_from_slice(extra);
+        json(&args)["tokens"].clone()
+    };
+    let greedy = run(&[]);
+    let sampled = run(&["--temp", "0.9", "--top-p", "0.95", "--seed", "5"]);
+    let r = mixq(&["logits", "--model", s(model), "--tokens", s(ids), "--out", s(out)], &[]);
+    assert!(r.status.success(), "{}", text(&r).1);
+    (greedy, sampled, std::fs::read(out).unwrap())
+}
+
+/// 150 token ids: past the sliding window and the 64-token prefill chunks.
+fn token_file(dir: &Path) -> std::path::PathBuf {
+    let ids: Vec<u32> = (0..150u32).map(|i| (i * 7919 + 13) % 2048).collect();
+    let path = dir.join("ids.json");
+    std::fs::write(&path, serde_json::to_string(&ids).unwrap()).unwrap();
+    path
+}
+
+/// `run` (greedy and seeded sampling) and `logits` on the BF16 (sharded) and F32 dense copies give
+/// the upstream model's tokens and bit-identical logits: every weight decodes to the same f32.
+#[test]
+fn dense_copies_run_like_the_upstream_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = token_file(tmp.path());
+    let (greedy, sampled, logits) = outputs(Path::new(MODEL), &ids, &tmp.path().join("upstream.npy"));
+    assert_eq!(greedy.as_array().unwrap().len(), 32);
+    for (float, sharded) in [(Float::Bf16, true), (Float::F32, false)] {
+        let dense = write_dense(&tmp.path().join(float.name()), float, sharded, |_| {});
+        let (g, sm, l) = outputs(&dense, &ids, &tmp.path().join(format!("{}.npy", float.name())));
+        assert_eq!(g, greedy, "{float:?}: greedy tokens");
+        assert_eq!(sm, sampled, "{float:?}: seeded sampled tokens");
+        assert_eq!(l.len(), logits.len());
+        assert!(l == logits, "{float:?}: logits are not bit-identical to the upstream model's");
+    }
+}
+
+/// Every statistics tensor and metadata entry of a calibration file except the model's label.
+fn statistics(path: &Path) -> (BTreeMap<String, String>, BTreeMap<String, Vec<u8>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    assert!(meta.remove("model").is_some(), "the file names its model");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    (meta, st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect())
+}
+
+/// `calibrate` on a dense copy writes the upstream model's statistics, bit for bit, under the same
+/// fingerprint (the norms are the same values; an F32 copy's are hashed as BF16).
+#[test]
+fn calibrating_a_dense_copy_gives_the_upstream_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calibrate = |model: &Path, out: &Path| {
+        json(&["calibrate", "--model", s(model), "--text", DEV_TEXT, "--max-tokens", "300", "--ctx", "128", "--out", s(out)]);
+        statistics(out)
+    };
+    let (meta, tensors) = calibrate(Path::new(MODEL), &tmp.path().join("upstream.safetensors"));
+    assert!(meta.contains_key("weights_sha256") && tensors.len() > 20, "{meta:?}");
+    for float in [Float::Bf16, Float::F32] {
+        let dense = write_dense(&tmp.path().join(float.name()), float, false, |_| {});
+        let (m, t) = calibrate(&dense, &tmp.path().join(format!("{}.safetensors", float.name())));
+        assert_eq!(m, meta, "{float:?}: metadata (fingerprints, text, tokens)");
+        assert_eq!(t.keys().collect::<Vec<_>>(), tensors.keys().collect::<Vec<_>>());
+        for (name, v) in &t {
+            assert!(v == &tensors[name], "{float:?}: statistics {name} differ");
+        }
+    }
+}
+
+/// `validate --reference DENSE_COPY` of a conversion gives the figures it gives with the upstream
+/// model as reference, and `validate` of the dense copy itself its perplexity.
+#[test]
+fn a_dense_copy_is_the_same_reference_for_validate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    convert(Path::new(MODEL), "gpt-oss-120b-3.6bit", &q, "minmax");
+    let dense = write_dense(&tmp.path().join("dense"), Float::Bf16, true, |_| {});
+    let validate = |model: &Path, reference: Option<&Path>| {
+        let mut args = vec!["validate", "--model", s(model), "--text", DEV_TEXT, "--ctx", "64", "--max-tokens", "257", "--quiet"];
+        if let Some(r) = reference {
+            args.extend(["--reference", s(r)]);
+        }
+        json(&args)
+    };
+    let want = validate(&q, Some(Path::new(MODEL)));
+    assert!(want["reference"]["kl_mean"].as_f64().unwrap() > 0.0, "{want}");
+    assert_eq!(validate(&q, Some(&dense)), want);
+    assert_eq!(validate(&dense, None), validate(Path::new(MODEL), None));
+}
+
+/// `plan` sizes a dense source as it is on disk (every tensor in its float type, experts dense),
+/// from a folder's headers and from its config.json alone (`torch_dtype`), and names its layout.
+#[test]
+fn plan_prints_the_dense_source_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = |src: &Path| json(&["plan", "--source", s(src), "--recipe", "gpt-oss-120b-3.6bit"])["source_checkpoint"].clone();
+    let upstream = source(Path::new(MODEL));
+    assert_eq!(upstream["bytes"].as_u64(), Some(mixq_loader::Checkpoint::open(Path::new(MODEL)).unwrap().tensor_bytes()));
+    assert_eq!(upstream["layout"], "MXFP4 experts, BF16 rest");
+    for float in [Float::Bf16, Float::F32] {
+        let dense = write_dense(&tmp.path().join(float.name()), float, false, |_| {});
+        let bytes = mixq_loader::Checkpoint::open(&dense).unwrap().tensor_bytes();
+        for src in [dense.clone(), dense.join("config.json")] {
+            let p = source(&src);
+            assert_eq!(p["bytes"].as_u64(), Some(bytes), "{}", src.display());
+            assert_eq!(p["layout"], format!("transformers dense {}", float.name()));
+            assert_eq!(p["parameters"], upstream["parameters"]);
+        }
+        let r = mixq(&["plan", "--source", s(&dense), "--recipe", "gpt-oss-120b-3.6bit"], &[]);
+        let table = text(&r).0;
+        let line = format!("source (transformers dense {}): {} bytes", float.name(), mixq_quantizer::sizes::thousands(bytes as usize));
+        assert!(table.contains(&line), "{line}\n{table}");
+    }
+}
+
+/// An F16 dense copy: every expert value (E2M1 x 2^e, e in -9..-4 here) is exact in F16, but 321
+/// small BF16 values elsewhere fall below F16's normal range and lose bits. Its conversion's expert
+/// tensors are the upstream conversion's byte for byte, and it runs (directly and converted) with
+/// the upstream model's greedy tokens and logits within a small KL.
+#[test]
+fn f16_dense_copy_converts_and_runs() {
+    let values = common::dense::dense_values();
+    let inexact = |experts: bool| -> usize {
+        values
+            .iter()
+            .flatten()
+            .filter(|(n, _)| n.ends_with("_proj") == experts)
+            .map(|(_, (_, v))| v.iter().filter(|&&x| Float::F16.round(x) != x).count())
+            .sum()
+    };
+    assert_eq!(inexact(true), 0, "expert values are exact in F16");
+    let rounded = inexact(false);
+    eprintln!("F16 copy: {rounded} non-expert values not exact in F16");
+    assert!(rounded > 0 && rounded < 1000, "{rounded}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = write_dense(&tmp.path().join("f16"), Float::F16, false, |_| {});
+    let (a, b) = (tmp.path().join("from-upstream"), tmp.path().join("from-f16"));
+    convert(Path::new(MODEL), "gpt-oss-120b-3.6bit", &a, "minmax");
+    convert(&dense, "gpt-oss-120b-3.6bit", &b, "minmax");
+    let (ta, tb) = (tensors_of(&a), tensors_of(&b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    let differing: Vec<&String> = ta.keys().filter(|n| ta[*n] != tb[*n]).collect();
+    eprintln!("F16 copy: {} of {} converted tensors differ: {differing:?}", differing.len(), ta.len());
+    assert!(differing.iter().all(|n| !n.contains(".mlp.experts.") || n.ends_with(".bias")), "{differing:?}");
+
+    let ids = token_file(tmp.path());
+    let (greedy, _, logits) = outputs(Path::new(MODEL), &ids, &tmp.path().join("upstream.npy"));
+    let (q_greedy, _, q_logits) = outputs(&a, &ids, &tmp.path().join("q.npy"));
+    for (model, want_greedy, want_logits) in [(&dense, &greedy, &logits), (&b, &q_greedy, &q_logits)] {
+        let (g, _, l) = outputs(model, &ids, &tmp.path().join("f16.npy"));
+        assert_eq!(&g, want_greedy, "{}: greedy tokens", model.display());
+        let kl = common::mean_kl(&common::npy_f32(want_logits), &common::npy_f32(&l), 2048);
+        eprintln!("{}: mean KL to the upstream's {kl:.3e}", model.display());
+        assert!(kl > 0.0 && kl < 1e-4, "{}: mean KL {kl:e}", model.display());
+    }
+}
+
+/// `sensitivity` with measured KL on a dense copy gives the upstream model's costs, unit by unit.
+#[test]
+fn sensitivity_of_a_dense_copy_is_the_upstream_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = write_dense(&tmp.path().join("dense"), Float::Bf16, false, |_| {});
+    let measure = |model: &Path, out: &Path| {
+        let args = ["sensitivity", "--model", s(model), "--text", DEV_TEXT, "--tokens", "128", "--bits", "3,5", "--group-sizes", "64", "--out", s(out), "--quiet"];
+        let r = mixq(&args, &[]);
+        assert!(r.status.success(), "{}", text(&r).1);
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+        for k in ["seconds", "model"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    let want = measure(Path::new(MODEL), &tmp.path().join("upstream.json"));
+    assert_eq!(want["cost_kind"], "kl", "{want}");
+    assert_eq!(measure(&dense, &tmp.path().join("dense.json")), want);
 }

@@ -10,7 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{mixq, recast_floats, synth, text};
+use common::dense::{write_dense, Float};
+use common::{kl_per_position, mixq, recast_floats, synth, text};
 use mixq_loader::Checkpoint;
 use mixq_runtime::gpu::{GpuContext, GpuModel, GpuOptions, GpuSampling};
 use mixq_runtime::Model;
@@ -62,44 +63,22 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// two logits are more than 1e-3 apart.
 fn compare(cpu: &[f32], gpu: &[f32], vocab: usize) -> (f64, Vec<usize>) {
     assert_eq!(cpu.len(), gpu.len());
-    let lse = |r: &[f32]| {
-        let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        m + r.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
-    };
-    let (mut kl, mut bad) = (0.0, Vec::new());
-    for (pos, (c, g)) in cpu.chunks_exact(vocab).zip(gpu.chunks_exact(vocab)).enumerate() {
+    let kls = kl_per_position(cpu, gpu, vocab);
+    let mut bad = Vec::new();
+    for (pos, ((c, g), k)) in cpu.chunks_exact(vocab).zip(gpu.chunks_exact(vocab)).zip(&kls).enumerate() {
         assert!(g.iter().all(|v| v.is_finite()), "position {pos}: non-finite GPU logits");
-        let (lc, lg) = (lse(c), lse(g));
-        kl += c
-            .iter()
-            .zip(g)
-            .map(|(&a, &b)| {
-                let p = a as f64 - lc;
-                p.exp() * (p - (b as f64 - lg))
-            })
-            .sum::<f64>();
         let mut order: Vec<usize> = (0..vocab).collect();
         order.sort_by(|&a, &b| c[b].total_cmp(&c[a]));
         let gap = c[order[0]] - c[order[1]];
         let g_top = mixq_runtime::sample::argmax(g) as usize;
-        if std::env::var("MIXQ_DEBUG_KL").is_ok() {
-            let k: f64 = c
-                .iter()
-                .zip(g)
-                .map(|(&a, &b)| {
-                    let p = a as f64 - lc;
-                    p.exp() * (p - (b as f64 - lg))
-                })
-                .sum();
-            if k > 1e-7 {
-                eprintln!("pos {pos}: kl {k:.3e} maxdiff {}", c.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
-            }
+        if std::env::var("MIXQ_DEBUG_KL").is_ok() && *k > 1e-7 {
+            eprintln!("pos {pos}: kl {k:.3e} maxdiff {}", c.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
         }
         if gap > 1e-3 && g_top != order[0] {
             bad.push(pos);
         }
     }
-    (kl / (cpu.len() / vocab) as f64, bad)
+    (kls.iter().sum::<f64>() / kls.len().max(1) as f64, bad)
 }
 
 /// Logits of `ids` on both backends; the GPU runs them as a prefill of `split` tokens followed by
@@ -211,6 +190,26 @@ fn float32_and_float16_checkpoints_agree_across_backends() {
         let dir = recast_floats(&q, &tmp.path().join(dtype), dtype);
         let (want, got, vocab) = both(&dir, &ctx, &ids, 72);
         assert_agree(&format!("{dtype} floats, binding {max_binding:?}"), &want, &got, vocab);
+    }
+}
+
+/// transformers' dense layout (a fine-tune's) on the GPU: the BF16 copy whole and the F16 copy split
+/// into parts (its expert columns gathered into rows as they are sent, F16 widened) give the CPU's
+/// logits, and the BF16 copy the upstream MXFP4 model's own on the GPU.
+#[test]
+fn dense_sources_agree_across_backends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = tokens(80, 2048, 11);
+    let Some(whole) = gpu(None) else { return };
+    let (_, upstream_gpu, _) = both(Path::new(TRAINED), &whole, &ids, 72);
+    for (float, max_binding) in [(Float::Bf16, None), (Float::F16, Some(1 << 20))] {
+        let Some(ctx) = gpu(max_binding) else { return };
+        let dir = write_dense(&tmp.path().join(float.name()), float, true, |_| {});
+        let (want, got, vocab) = both(&dir, &ctx, &ids, 72);
+        assert_agree(&format!("dense {float:?}, binding {max_binding:?}"), &want, &got, vocab);
+        if let Float::Bf16 = float {
+            assert_agree("dense BF16 vs upstream on the GPU", &upstream_gpu, &got, vocab);
+        }
     }
 }
 

@@ -234,6 +234,31 @@ impl SourceLayout {
             SourceLayout::Dense(f) => f,
         }
     }
+
+    /// A short human name for reports, cards and manifests (`MXFP4 experts, BF16 rest`, as plan
+    /// and the card have always named the upstream layout; `transformers dense BF16`).
+    pub fn describe(self) -> String {
+        match self {
+            SourceLayout::Mxfp4 => "MXFP4 experts, BF16 rest".to_string(),
+            SourceLayout::Dense(f) => format!("transformers dense {f}"),
+        }
+    }
+
+    /// The layout a config alone implies (for planning without weights): upstream MXFP4 when
+    /// `quantization_config.quant_method` is `mxfp4` (or for a converted MLX config, which keeps
+    /// no trace of its source), else transformers' dense layout in the config's `torch_dtype` (or
+    /// `dtype`): `float16` and `float32` as named, BF16 otherwise.
+    pub fn of_config(c: &GptOssConfig) -> SourceLayout {
+        if c.quant_method.as_deref() == Some("mxfp4") || c.quantization.is_some() {
+            return SourceLayout::Mxfp4;
+        }
+        let named = ["torch_dtype", "dtype"].iter().find_map(|k| c.raw.get(*k).and_then(serde_json::Value::as_str));
+        SourceLayout::Dense(match named {
+            Some("float16") => FloatDtype::F16,
+            Some("float32") => FloatDtype::F32,
+            _ => FloatDtype::BF16,
+        })
+    }
 }
 
 /// One parameter of the MLX model.

@@ -5,6 +5,8 @@
 //! MXFP4, a widening for BF16 and F16: exactly the reference's dequantized values) and dotted with
 //! every input. The model is never dequantized as a whole; rows are spread over threads.
 
+use std::borrow::Cow;
+
 use mixq_loader::decode::{float_at, floats_to_f32, mxfp4_row_to_f32};
 pub use mixq_loader::RowMap;
 use mixq_loader::{FloatDtype, QuantFormat};
@@ -16,6 +18,15 @@ pub enum Codes<'a> {
     /// Unquantized floats (BF16 as mixq writes them; F16 or F32 as mlx-lm may).
     Dense {
         /// `[stored_rows, cols]` little-endian floats.
+        data: &'a [u8],
+        /// Their type.
+        dtype: FloatDtype,
+    },
+    /// Unquantized floats stored transposed, as transformers stores dense experts: stored row `s`
+    /// is column `s % map.src_per` of block `s / map.src_per` of a `[blocks, cols, src_per]`
+    /// tensor, gathered in place (a row's elements lie `src_per` values apart).
+    Columns {
+        /// `[blocks, cols, src_per]` little-endian floats.
         data: &'a [u8],
         /// Their type.
         dtype: FloatDtype,
@@ -48,7 +59,7 @@ impl Codes<'_> {
     /// The storage format these codes are in.
     pub fn format(&self) -> QuantFormat {
         match *self {
-            Codes::Dense { .. } => QuantFormat::Bf16,
+            Codes::Dense { .. } | Codes::Columns { .. } => QuantFormat::Bf16,
             Codes::Affine { bits, group_size, .. } => QuantFormat::Affine { bits, group_size: group_size as u32 },
             Codes::Mxfp4 { .. } => QuantFormat::Mxfp4,
         }
@@ -57,7 +68,7 @@ impl Codes<'_> {
     /// The float type of the stored values, scales and biases (BF16 for MXFP4, which has none).
     pub fn floats(&self) -> FloatDtype {
         match *self {
-            Codes::Dense { dtype, .. } => dtype,
+            Codes::Dense { dtype, .. } | Codes::Columns { dtype, .. } => dtype,
             Codes::Affine { floats, .. } => floats,
             Codes::Mxfp4 { .. } => FloatDtype::BF16,
         }
@@ -87,9 +98,32 @@ impl<'a> Matrix<'a> {
     /// Bytes of the stored tensor (codes, scales and biases), all rows.
     pub fn stored_bytes(&self) -> usize {
         match self.codes {
-            Codes::Dense { data, .. } => data.len(),
+            Codes::Dense { data, .. } | Codes::Columns { data, .. } => data.len(),
             Codes::Affine { weight, scales, biases, .. } => weight.len() + scales.len() + biases.len(),
             Codes::Mxfp4 { blocks, scales } => blocks.len() + scales.len(),
+        }
+    }
+
+    /// Stored rows `lo..hi` of an unquantized matrix as contiguous little-endian floats: the
+    /// stored bytes themselves, or for [`Codes::Columns`] the columns gathered into rows (`None`
+    /// for quantized codes).
+    pub fn float_rows(&self, lo: usize, hi: usize) -> Option<Cow<'a, [u8]>> {
+        let c = self.cols;
+        match self.codes {
+            Codes::Dense { data, dtype } => Some(Cow::Borrowed(&data[lo * c * dtype.size()..hi * c * dtype.size()])),
+            Codes::Columns { data, dtype } => {
+                let (f, per) = (dtype.size(), self.map.src_per);
+                let mut out = Vec::with_capacity((hi - lo) * c * f);
+                for s in lo..hi {
+                    let base = (s / per) * c * per + s % per;
+                    for j in 0..c {
+                        let at = (base + j * per) * f;
+                        out.extend_from_slice(&data[at..at + f]);
+                    }
+                }
+                Some(Cow::Owned(out))
+            }
+            Codes::Affine { .. } | Codes::Mxfp4 { .. } => None,
         }
     }
 
@@ -100,6 +134,13 @@ impl<'a> Matrix<'a> {
         let c = self.cols;
         match self.codes {
             Codes::Dense { data, dtype } => floats_to_f32(dtype, &data[s * c * dtype.size()..(s + 1) * c * dtype.size()], out),
+            Codes::Columns { data, dtype } => {
+                let per = self.map.src_per;
+                let base = (s / per) * c * per + s % per;
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = float_at(dtype, data, base + j * per);
+                }
+            }
             Codes::Mxfp4 { blocks, scales } => {
                 let (bb, sb) = (c / 2, c / 32);
                 mxfp4_row_to_f32(&blocks[s * bb..(s + 1) * bb], &scales[s * sb..(s + 1) * sb], out)

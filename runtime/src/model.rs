@@ -3,7 +3,7 @@
 //! SwiGLU-OAI experts, final norm, lm_head), all in f32.
 
 use mixq_loader::mlx_layout::param_format;
-use mixq_loader::schema::{Schema, UpstreamRows};
+use mixq_loader::schema::{Schema, SourceLayout, UpstreamRows};
 use mixq_loader::{Checkpoint, CheckpointFormat, Dtype, FloatDtype, GptOssConfig, LayerType, QuantFormat};
 use rayon::prelude::*;
 
@@ -76,7 +76,9 @@ pub struct Model<'a> {
 struct Loader<'a, 'c> {
     ckpt: &'a Checkpoint,
     schema: &'c Schema,
-    upstream: bool,
+    /// The layout of a source checkpoint (upstream MXFP4 or transformers' dense), whose tensors
+    /// are where the schema's source rows say; `None` for MLX and other unquantized checkpoints.
+    layout: Option<SourceLayout>,
 }
 
 fn disagree(e: mixq_loader::LoaderError) -> RuntimeError {
@@ -98,34 +100,43 @@ impl<'a> Loader<'a, '_> {
         Ok((t.data, dtype))
     }
 
-    /// A vector (norm, bias, sinks) as f32, from where the checkpoint keeps it (BF16, or an MLX
-    /// checkpoint's F16 or F32; an upstream checkpoint's dtypes were checked when it was opened).
+    /// A vector (norm, bias, sinks) as f32, from where the checkpoint keeps it (a source
+    /// checkpoint's float type, or an MLX checkpoint's BF16, F16 or F32; a source checkpoint's
+    /// dtypes were checked when it was opened).
     fn vector(&self, name: &str) -> Result<Vec<f32>> {
         let p = self.schema.param(name)?;
-        let (tensor, start, step) = match &p.upstream {
-            UpstreamRows::Bf16Strided { tensor, start, step } if self.upstream => (tensor.as_str(), *start, *step),
-            _ => (name, 0, 1),
+        let (tensor, start, step, expected) = match self.layout.map(|l| (p.rows_in(l), p.source_tensors(l))) {
+            Some((UpstreamRows::Bf16Strided { tensor, start, step }, mut t)) => (tensor, start, step, t.remove(0).shape),
+            _ => (name.to_string(), 0, 1, p.shape.clone()),
         };
-        let expected = if step == 1 { p.shape.clone() } else { p.upstream_tensors().remove(0).shape };
-        let (data, dtype) = self.fetch_floats(tensor, &expected)?;
+        let (data, dtype) = self.fetch_floats(&tensor, &expected)?;
         let mut all = vec![0f32; expected.iter().product()];
         mixq_loader::decode::floats_to_f32(dtype, data, &mut all);
         Ok(if step == 1 { all } else { all.into_iter().skip(start).step_by(step).collect() })
     }
 
-    /// The weight of the module `module` (all experts' rows stacked), stored as the checkpoint
-    /// stores it: upstream MXFP4 rows read in place, or the MLX format mlx-lm would load.
+    /// The weight of the module `module` (all experts' rows stacked), read in place as the
+    /// checkpoint stores it: upstream MXFP4 rows, transformers' dense transposed expert columns,
+    /// or the MLX format mlx-lm would load.
     fn matrix(&self, module: &str) -> Result<Matrix<'a>> {
         let p = self.schema.param(&format!("{module}.weight"))?;
         let (rows, cols) = (p.rows(), p.in_features());
-        if self.upstream {
-            if let UpstreamRows::Mxfp4 { blocks, scales, map } = &p.upstream {
-                let t = p.upstream_tensors();
-                let codes = Codes::Mxfp4 { blocks: self.fetch(blocks, Dtype::U8, &t[0].shape)?, scales: self.fetch(scales, Dtype::U8, &t[1].shape)? };
-                return Ok(Matrix { codes, rows, cols, map: *map });
+        if let Some(layout) = self.layout {
+            let t = p.source_tensors(layout);
+            match p.rows_in(layout) {
+                UpstreamRows::Mxfp4 { blocks, scales, map } => {
+                    let codes = Codes::Mxfp4 { blocks: self.fetch(&blocks, Dtype::U8, &t[0].shape)?, scales: self.fetch(&scales, Dtype::U8, &t[1].shape)? };
+                    return Ok(Matrix { codes, rows, cols, map });
+                }
+                UpstreamRows::DenseTransposed { tensor, per, start, step } => {
+                    let (data, dtype) = self.fetch_floats(&tensor, &t[0].shape)?;
+                    let map = RowMap { per, src_per: per * step, start, step };
+                    return Ok(Matrix { codes: Codes::Columns { data, dtype }, rows, cols, map });
+                }
+                UpstreamRows::Bf16 { .. } | UpstreamRows::Bf16Strided { .. } => {}
             }
         }
-        let format = if self.upstream { QuantFormat::Bf16 } else { param_format(self.ckpt, p)? };
+        let format = if self.layout.is_some() { QuantFormat::Bf16 } else { param_format(self.ckpt, p)? };
         if !cols.is_multiple_of(format.input_multiple()) {
             return Err(RuntimeError::Checkpoint(format!(
                 "tensor {module}.weight: {format} needs an input width that is a multiple of {}, found {cols}",
@@ -161,19 +172,21 @@ impl<'a> Loader<'a, '_> {
 }
 
 impl<'a> Model<'a> {
-    /// Builds the model over an open checkpoint (upstream MXFP4, MLX quantized, or BF16), each
-    /// parameter where the schema says it is.
+    /// Builds the model over an open checkpoint (upstream MXFP4, transformers' dense layout, MLX
+    /// quantized, or BF16), each parameter where the schema says it is, read in place.
     pub fn load(ckpt: &'a Checkpoint) -> Result<Self> {
         let config = ckpt.config().clone();
         let c = &config;
         let format = ckpt.format();
-        if format == CheckpointFormat::UpstreamMxfp4 {
-            // The forward pass slices MXFP4 rows in blocks of 32: a layout that is not exactly the
-            // one the config implies must be refused here, by name, not read out of bounds.
-            mixq_loader::layout::validate_upstream(ckpt)?;
+        let layout = format.source_layout();
+        if let Some(layout) = layout {
+            // The forward pass slices MXFP4 rows in blocks of 32 and gathers dense expert columns
+            // by stride: a layout that is not exactly the one the config implies must be refused
+            // here, by name, not read out of bounds.
+            mixq_loader::layout::validate_source(ckpt, layout)?;
         }
         let schema = Schema::new(c);
-        let ld = Loader { ckpt, schema: &schema, upstream: format == CheckpointFormat::UpstreamMxfp4 };
+        let ld = Loader { ckpt, schema: &schema, layout };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (l, layer_type) in c.layer_types.iter().enumerate() {
             let p = format!("model.layers.{l}");
@@ -261,7 +274,7 @@ impl<'a> Model<'a> {
         let mut total = m(&self.embed) + m(&self.lm_head);
         for l in &self.layers {
             total += [&l.q, &l.k, &l.v, &l.o, &l.router].iter().map(|x| m(&x.w)).sum::<u64>();
-            // Upstream gate and up views share one stored tensor.
+            // Source gate and up views (upstream MXFP4 rows, dense columns) share one stored tensor.
             total += m(&l.gate.w) + m(&l.down.w) + if l.up.w.map.step == 2 { 0 } else { m(&l.up.w) };
         }
         total

@@ -66,7 +66,8 @@ impl Demo<'_> {
         let source = self.model.display().to_string();
         let ckpt = Checkpoint::open(self.model).with_context(|| format!("opening the bundled model {source}"))?;
         let summary = Allocation::resolve(ckpt.config(), &recipe)?.summary();
-        let src_size = source_size(ckpt.config());
+        let layout = ckpt.format().source_layout().unwrap_or(mixq_loader::SourceLayout::Mxfp4);
+        let src_size = source_size(ckpt.config(), layout);
         self.say(&format!("== 1. plan ==\n{}", report::plan_text(&source, &recipe, &summary, src_size)));
         drop(ckpt);
         // Calibration reads the second half of the held-out text; validation scores the first half.

@@ -15,7 +15,7 @@ use crate::report::print_json;
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  echo '[1, 2, 3]' > t.json && mixq logits --model /tmp/tiny --tokens t.json --out l.npy\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct LogitsArgs {
-    /// Checkpoint folder (upstream or converted).
+    /// Checkpoint folder (upstream, transformers' dense fine-tune, or converted).
     #[arg(long)]
     model: PathBuf,
     /// JSON file holding a list of token ids.

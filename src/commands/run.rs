@@ -19,7 +19,7 @@ use crate::report::print_json;
 #[command(after_help = "Example:\n  mixq run --model gpt-oss-120b-mlx-3.6bit --chat --prompt \"Explain MXFP4\" --max-tokens 200\n  mixq run --model /tmp/tiny --prompt \"ROMEO:\" --temp 0.8 --top-p 0.95 --seed 7\n\nA flag's default is shown as [default: ...] or in its help.")]
 #[command(mut_arg("json", |a| a.help("Print one JSON object (text, tokens, figures) instead of streaming")))]
 pub struct RunCommandArgs {
-    /// Checkpoint folder (upstream or converted).
+    /// Checkpoint folder (upstream, transformers' dense fine-tune, or converted).
     #[arg(long, required_unless_present = "synthetic_config", conflicts_with = "synthetic_config")]
     model: Option<PathBuf>,
     /// The prompt.
@@ -122,7 +122,7 @@ fn bench_rows(f: &Value) -> Vec<mixq_validate::card::BenchRow> {
 
 /// Where the model comes from.
 pub enum Source<'a> {
-    /// A checkpoint folder (upstream or converted).
+    /// A checkpoint folder (upstream, transformers' dense fine-tune, or converted).
     Checkpoint(&'a Path),
     /// Random weights in GPU memory: a config.json and a recipe.
     Synthetic { config: &'a Path, recipe: &'a str },

@@ -21,7 +21,7 @@ use crate::report::{print_json, thousands};
     mut_arg("out", |a| a.help("The sensitivity file to write (JSON)"))
 )]
 pub struct SensitivityArgs {
-    /// The upstream source checkpoint.
+    /// The source checkpoint (upstream MXFP4 or transformers' dense layout).
     #[arg(long, required_unless_present = "synthetic_config", conflicts_with = "synthetic_config")]
     model: Option<PathBuf>,
     /// A config.json alone: deterministic synthetic rows stand in for the weights (proxy costs).

@@ -16,7 +16,7 @@ use crate::report::print_json;
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  mixq validate --model /tmp/tiny --reference models/tiny-gpt-oss-shakespeare --text held-out.txt --max-kl 0.02 --min-top1 0.9 --card /tmp/tiny/README.md\n\nA flag's default is shown as [default: ...] or in its help.")]
 pub struct ValidateArgs {
-    /// The model to measure (converted or upstream).
+    /// The model to measure (converted, upstream, or a transformers dense fine-tune).
     #[arg(long)]
     model: PathBuf,
     /// A UTF-8 text file, tokenized with the model's tokenizer.

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod dense;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -135,4 +137,32 @@ pub fn recast_floats(src: &Path, dst: &Path, dtype: &str) -> PathBuf {
         out.write(&dst.join(&name));
     }
     dst.to_path_buf()
+}
+
+/// The float32 values of a version-1 .npy file's bytes.
+pub fn npy_f32(bytes: &[u8]) -> Vec<f32> {
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// KL(softmax(p) || softmax(q)) of each position's logits (`vocab` per position).
+pub fn kl_per_position(p: &[f32], q: &[f32], vocab: usize) -> Vec<f64> {
+    assert_eq!(p.len(), q.len());
+    let lse = |r: &[f32]| {
+        let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        m + r.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    };
+    p.chunks_exact(vocab)
+        .zip(q.chunks_exact(vocab))
+        .map(|(a, b)| {
+            let (la, lb) = (lse(a), lse(b));
+            a.iter().zip(b).map(|(&x, &y)| (x as f64 - la).exp() * ((x as f64 - la) - (y as f64 - lb))).sum()
+        })
+        .collect()
+}
+
+/// Mean of [`kl_per_position`].
+pub fn mean_kl(p: &[f32], q: &[f32], vocab: usize) -> f64 {
+    let kl = kl_per_position(p, q, vocab);
+    kl.iter().sum::<f64>() / kl.len().max(1) as f64
 }

@@ -273,7 +273,7 @@ pub struct Statistics {
     pub hessians: BTreeMap<String, HessianEntry>,
 }
 
-/// Calibrates the model in `model_dir` (upstream or converted) on the text file `text`, on the CPU.
+/// Calibrates the model in `model_dir` (upstream, transformers dense, or converted) on the text file `text`, on the CPU.
 pub fn calibrate(
     model_dir: &Path,
     model_label: &str,

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use mixq_loader::{Checkpoint, CheckpointFormat, FloatDtype, GptOssConfig, ModelFingerprint};
+use mixq_loader::{Checkpoint, FloatDtype, GptOssConfig, ModelFingerprint};
 use mixq_quantizer::kernels::affine::AFFINE_GROUP_SIZES;
 use mixq_quantizer::kernels::importance::CalibrationUse;
 use mixq_loader::schema::Param;
@@ -50,7 +50,8 @@ pub struct SensitivityOptions {
 
 /// Where the weights come from.
 pub enum SensitivitySource<'a> {
-    /// An upstream checkpoint folder, with optional text and calibration statistics.
+    /// A source checkpoint folder (upstream MXFP4 or transformers' dense layout), with optional
+    /// text and calibration statistics.
     Checkpoint {
         /// The folder.
         dir: &'a Path,
@@ -140,9 +141,9 @@ fn measured(
     start: std::time::Instant,
 ) -> Result<Sensitivity, ValidateError> {
     let ckpt = Checkpoint::open(dir)?;
-    if ckpt.format() != CheckpointFormat::UpstreamMxfp4 {
+    if ckpt.format().source_layout().is_none() {
         return Err(ValidateError::Input(format!(
-            "{}: sensitivity reads upstream gpt-oss checkpoints (MXFP4 experts); this one is {}",
+            "{}: sensitivity reads source gpt-oss checkpoints (upstream MXFP4 or transformers' dense layout); this one is {}",
             dir.display(),
             ckpt.format().describe()
         )));

@@ -23,7 +23,7 @@ pub enum SensitivityJobError {
 
 /// What `sensitivity` is asked for.
 pub struct SensitivityRequest<'a> {
-    /// The upstream source checkpoint.
+    /// The source checkpoint (upstream MXFP4 or transformers' dense layout).
     pub model: Option<&'a Path>,
     /// A config.json alone (synthetic weights, proxy costs).
     pub synthetic_config: Option<&'a Path>,

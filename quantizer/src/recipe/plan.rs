@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use mixq_loader::{GptOssConfig, QuantMode, QuantSpec, TensorSpec};
+use mixq_loader::{GptOssConfig, QuantMode, QuantSpec, SourceLayout, TensorSpec};
 
 use mixq_loader::schema::{mlx_params, Param, TensorClass};
 use crate::recipe::language::{QuantFormat, Recipe, RecipeError};
@@ -266,9 +266,20 @@ impl PlanSummary {
     }
 }
 
-/// Bytes and parameters of the upstream MXFP4 checkpoint a config describes.
-pub fn source_size(config: &GptOssConfig) -> (usize, usize) {
-    let bytes = mixq_loader::schema::upstream_tensors(config).iter().map(TensorSpec::nbytes).sum();
+/// The size of a source checkpoint: its layout, tensor bytes and parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceSize {
+    /// Where and in what type its weights are.
+    pub layout: SourceLayout,
+    /// Tensor bytes.
+    pub bytes: usize,
+    /// Parameters (mlx-lm's count).
+    pub params: usize,
+}
+
+/// Bytes and parameters of the source checkpoint of `layout` a config describes.
+pub fn source_size(config: &GptOssConfig, layout: SourceLayout) -> SourceSize {
+    let bytes = mixq_loader::schema::source_tensors(config, layout).iter().map(TensorSpec::nbytes).sum();
     let params = mlx_params(config).iter().map(Param::counted_params).sum();
-    (bytes, params)
+    SourceSize { layout, bytes, params }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::kernels::method::QuantMethod;
 use crate::recipe::language::Recipe;
-use crate::recipe::plan::PlanSummary;
+use crate::recipe::plan::{PlanSummary, SourceSize};
 use crate::sizes::{gb, gib};
 use crate::writer::provenance::Provenance;
 
@@ -25,8 +25,8 @@ pub struct CardInput<'a> {
     pub recipe: &'a Recipe,
     /// The conversion's sizes.
     pub summary: &'a PlanSummary,
-    /// The source's (bytes, parameters).
-    pub source_size: (usize, usize),
+    /// The source's layout, bytes and parameters.
+    pub source_size: SourceSize,
     /// Quantizers and calibration.
     pub provenance: &'a Provenance,
     /// Whether the model ships a chat template.
@@ -132,7 +132,7 @@ fn reproduce(c: &CardInput<'_>) -> String {
 /// source, the bit table, usage and the reproduce command.
 pub fn model_card(c: &CardInput<'_>) -> String {
     let s = c.summary;
-    let (src_bytes, src_params) = c.source_size;
+    let SourceSize { layout, bytes: src_bytes, params: src_params } = c.source_size;
     let from = match c.base_model {
         Some(b) => format!("[{b}](https://huggingface.co/{b})"),
         None => format!("`{}`", model_name(c)),
@@ -141,7 +141,7 @@ pub fn model_card(c: &CardInput<'_>) -> String {
         "{front}# {model} MLX, {bpw:.2} bits per weight\n\n\
          {from} quantized to MLX by mixq {version} with the recipe `{recipe_name}`: {description}\n\n\
          **{src_gb:.2} GB → {gb:.2} GB** ({gib:.2} GiB), {src_bpw:.3} → {bpw:.3} bits per weight \
-         (source: MXFP4 experts, BF16 rest).\n\n\
+         (source: {layout}).\n\n\
          ## Quantization\n\n{table}\n\
          **{bpw:.3} bits per weight**, {bytes} bytes ({gib:.2} GiB, {gb:.2} GB) over {params} parameters \
          (counted as mlx-lm counts them).\n\n{method}\n\n{usage}\n{reproduce}",
@@ -150,6 +150,7 @@ pub fn model_card(c: &CardInput<'_>) -> String {
         version = env!("CARGO_PKG_VERSION"),
         recipe_name = c.recipe.name,
         description = c.recipe.description,
+        layout = layout.describe(),
         src_gb = gb(src_bytes),
         src_bpw = mixq_loader::bits_per_weight(src_bytes, src_params),
         bpw = s.bits_per_weight(),

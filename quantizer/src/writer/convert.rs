@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
-use mixq_loader::Checkpoint;
+use mixq_loader::{Checkpoint, SourceLayout};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -189,10 +189,10 @@ pub fn convert(
 ) -> Result<ConvertReport, ConvertError> {
     let ckpt = Checkpoint::open(source)?;
     let format = ckpt.format();
-    let Some(layout) = format.source_layout() else {
+    let Some(source_layout) = format.source_layout() else {
         return Err(ConvertError::NotUpstream { path: source.to_path_buf(), found: format.describe() });
     };
-    mixq_loader::layout::validate_source(&ckpt, layout)?;
+    mixq_loader::layout::validate_source(&ckpt, source_layout)?;
     let alloc = Allocation::resolve(ckpt.config(), recipe)?;
     for w in alloc.unused_rules(recipe) {
         progress.warning(&w.to_string());
@@ -238,7 +238,7 @@ pub fn convert(
             return Err(ConvertError::NoSpace { path: out.to_path_buf(), needed: to_write, available });
         }
     }
-    let job = Job { ckpt: &ckpt, alloc: &alloc, recipe, quantizer, calibration: calibration.as_ref(), layout: &layout, watch: &watch, opts, out };
+    let job = Job { ckpt: &ckpt, source_layout, alloc: &alloc, recipe, quantizer, calibration: calibration.as_ref(), layout: &layout, watch: &watch, opts, out };
     let written = job.write(&mut staging, progress).map_err(|e| match e {
         ConvertError::Io { path, error } if out_of_space(&error) => ConvertError::DiskFull { path, needed: total_needed, error },
         e => e,
@@ -292,6 +292,8 @@ fn conversion_inputs(
 /// One conversion's fixed inputs.
 struct Job<'a> {
     ckpt: &'a Checkpoint,
+    /// Where the source's weights are and in what type (for the card and the manifest).
+    source_layout: SourceLayout,
     alloc: &'a Allocation,
     recipe: &'a Recipe,
     quantizer: QuantMethod,
@@ -372,14 +374,14 @@ impl Job<'_> {
             source_label: &label,
             recipe: self.recipe,
             summary: &summary,
-            source_size: source_size(self.ckpt.config()),
+            source_size: source_size(self.ckpt.config(), self.source_layout),
             provenance: &provenance,
             chat_template: has_chat_template(source),
         });
         std::fs::write(dir.join("README.md"), card).map_err(io(&dir))?;
         progress.phase("hashing");
         crate::writer::fault::point("manifest");
-        write_manifest(&dir, staging.shards(), &label, self.recipe, &summary, &provenance)?;
+        write_manifest(&dir, staging.shards(), &label, self.source_layout, self.recipe, &summary, &provenance)?;
         self.watch.check()?;
         Ok((summary, source_bytes.iter().sum()))
     }

@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use mixq_loader::source::{resolve_source, Need, ResolvedSource};
-use mixq_loader::{GptOssConfig, LoaderError};
+use mixq_loader::{Checkpoint, GptOssConfig, LoaderError, SourceLayout};
 
 use crate::writer::convert::{convert, ConvertOptions, ConvertReport, Progress};
 use crate::error::ConvertError;
-use crate::recipe::plan::{source_size, Allocation, PlanSummary};
+use crate::recipe::plan::{source_size, Allocation, PlanSummary, SourceSize};
 use crate::recipe::language::{Recipe, RecipeError};
 
 /// Anything that stops a plan or a conversion job.
@@ -34,21 +34,32 @@ pub struct Plan {
     pub recipe: Recipe,
     /// Sizes per setting and totals.
     pub summary: PlanSummary,
-    /// The source checkpoint's bytes and parameters.
-    pub source_size: (usize, usize),
+    /// The source checkpoint's layout, bytes and parameters.
+    pub source_size: SourceSize,
     /// Recipe rules that decide nothing here, each naming its line.
     pub unused_rules: Vec<String>,
 }
 
 /// Plans `recipe` (a name or YAML path) on `source` (folder, repo id or config.json), reading no
-/// weight; `show_downloads` reports a hub download on stderr.
+/// weight: the source's layout comes from a folder's tensor headers, else from its config alone;
+/// `show_downloads` reports a hub download on stderr.
 pub fn plan_source(source: &str, recipe: &str, show_downloads: bool) -> Result<Plan, JobError> {
     let recipe = Recipe::load(recipe)?;
     let resolved = resolve_source(source, Need::Config, show_downloads)?;
     let config = GptOssConfig::from_file(&resolved.config_path())?;
     let alloc = Allocation::resolve(&config, &recipe)?;
     let unused_rules = alloc.unused_rules(&recipe);
-    Ok(Plan { summary: alloc.summary(), recipe, source_size: source_size(&config), unused_rules })
+    let layout = match &resolved {
+        ResolvedSource::Folder(dir) if has_weights(dir) => Checkpoint::open(dir)?.format().source_layout(),
+        _ => None,
+    };
+    let source_size = source_size(&config, layout.unwrap_or_else(|| SourceLayout::of_config(&config)));
+    Ok(Plan { summary: alloc.summary(), recipe, source_size, unused_rules })
+}
+
+/// Whether a folder holds safetensors weights (an index or a single file), not only a config.
+fn has_weights(dir: &Path) -> bool {
+    dir.join(mixq_loader::INDEX_FILE).is_file() || dir.join("model.safetensors").is_file()
 }
 
 /// A finished conversion job.

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use mixq_loader::SourceLayout;
 use serde_json::{json, Value};
 
 use crate::error::{io, ConvertError};
@@ -21,6 +22,7 @@ pub fn write_manifest(
     dir: &Path,
     known: &BTreeMap<String, ShardRecord>,
     source: &str,
+    source_layout: SourceLayout,
     recipe: &Recipe,
     summary: &PlanSummary,
     provenance: &Provenance,
@@ -49,6 +51,7 @@ pub fn write_manifest(
         "format": "mixq-manifest/1",
         "mixq_version": env!("CARGO_PKG_VERSION"),
         "source": source,
+        "source_layout": source_layout.describe(),
         "recipe": {
             "name": recipe.name,
             "origin": recipe.origin,

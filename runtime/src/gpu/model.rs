@@ -69,7 +69,7 @@ impl Uploader<'_, '_> {
     /// expert's for expert matrices), sharing storage already uploaded for the same bytes.
     fn matrix(&mut self, what: &str, m: &Matrix<'_>, bias: &[f32], rows: usize) -> Result<GpuMatrix> {
         let key = match m.codes {
-            crate::matrix::Codes::Dense { data, .. } => (data.as_ptr() as usize, data.len()),
+            crate::matrix::Codes::Dense { data, .. } | crate::matrix::Codes::Columns { data, .. } => (data.as_ptr() as usize, data.len()),
             crate::matrix::Codes::Affine { weight, .. } => (weight.as_ptr() as usize, weight.len()),
             crate::matrix::Codes::Mxfp4 { blocks, .. } => (blocks.as_ptr() as usize, blocks.len()),
         };

@@ -1,5 +1,6 @@
 //! Weight matrices in GPU memory: the checkpoint's packed bytes uploaded as they are (streamed from
-//! the memory map in chunks; F16 floats widened to F32 on the way), split by rows into parts when a
+//! the memory map in chunks; F16 floats widened to F32 on the way; dense expert columns gathered
+//! into rows a chunk at a time), split by rows into parts when a
 //! tensor exceeds the largest storage binding, or synthetic weights filled in place.
 
 use std::borrow::Cow;
@@ -71,30 +72,35 @@ impl Storage {
         Ok((0..stored_rows).step_by(per_part).map(|first| (first, per_part.min(stored_rows - first))).collect())
     }
 
-    /// Uploads a CPU matrix's stored bytes, calling `progress(bytes)` after each chunk.
-    pub fn upload(ctx: &GpuContext, what: &str, m: &Matrix<'_>, progress: &dyn Fn(u64)) -> Result<Storage> {
+    /// Uploads a CPU matrix's stored rows (dense columns gathered into rows, a chunk at a time),
+    /// calling `progress(bytes)` after each chunk.
+    pub fn upload<'m>(ctx: &GpuContext, what: &str, m: &Matrix<'m>, progress: &dyn Fn(u64)) -> Result<Storage> {
         let format = m.codes.format();
         let stored = m.codes.floats();
         // The kernels read BF16 or F32 floats; F16 is widened (exactly) as it is sent.
         let floats = if stored == FloatDtype::BF16 { FloatDtype::BF16 } else { FloatDtype::F32 };
         let (c_in, s_in, b_in) = format.stored_row_parts(m.cols, stored);
         let (c, s, b) = format.stored_row_parts(m.cols, floats);
-        let (codes, scales, biases): (&[u8], &[u8], &[u8]) = match m.codes {
-            Codes::Dense { data, .. } => (data, &[], &[]),
+        let (codes, scales, biases): (&'m [u8], &'m [u8], &'m [u8]) = match m.codes {
+            Codes::Dense { data, .. } | Codes::Columns { data, .. } => (data, &[], &[]),
             Codes::Affine { weight, scales, biases, .. } => (weight, scales, biases),
             Codes::Mxfp4 { blocks, scales } => (blocks, scales, &[]),
         };
         let stored_rows = codes.len() / c_in;
         let mut written = 0u64;
-        // `grow` is 2 where F16 floats are widened to F32 on the way, else 1.
-        let mut send = |buf: &wgpu::Buffer, bytes: &[u8], grow: usize| -> Result<()> {
-            let per_chunk = UPLOAD_CHUNK / grow;
-            for (i, source) in bytes.chunks(per_chunk).enumerate() {
-                let chunk = if grow == 2 { Cow::Owned(f16_to_f32_bytes(source)) } else { Cow::Borrowed(source) };
-                ctx.write(buf, (i * per_chunk * grow) as u64, &chunk);
+        // Sends stored rows `first..first + rows` of one piece, `per` bytes each in the source
+        // (`rows_of` gives them, contiguous) and `gpu_per` in GPU memory, where F16 floats are
+        // widened to F32.
+        let mut send = |buf: &wgpu::Buffer, first: usize, rows: usize, per: usize, gpu_per: usize, rows_of: &dyn Fn(usize, usize) -> Cow<'m, [u8]>| -> Result<()> {
+            let per_chunk = (UPLOAD_CHUNK / gpu_per).max(1);
+            for lo in (first..first + rows).step_by(per_chunk) {
+                let hi = (lo + per_chunk).min(first + rows);
+                let source = rows_of(lo, hi);
+                let chunk = if gpu_per == 2 * per { Cow::Owned(f16_to_f32_bytes(&source)) } else { source };
+                ctx.write(buf, ((lo - first) * gpu_per) as u64, &chunk);
                 written += chunk.len() as u64;
                 // Progress counts the checkpoint's bytes, as the total it is measured against does.
-                progress(source.len() as u64);
+                progress(((hi - lo) * per) as u64);
                 if written >= UPLOAD_FLUSH {
                     ctx.queue.submit([]);
                     ctx.wait()?;
@@ -105,15 +111,18 @@ impl Storage {
         };
         let mut parts = Vec::new();
         for (first, rows) in Self::split(ctx, what, format, floats, m.cols, stored_rows)? {
-            // `per` bytes per row in the source, `gpu_per` in GPU memory.
-            let mut piece = |per: usize, gpu_per: usize, data: &[u8], leaf: &str| -> Result<Option<wgpu::Buffer>> {
+            let mut piece = |per: usize, gpu_per: usize, data: &'m [u8], leaf: &str| -> Result<Option<wgpu::Buffer>> {
                 if gpu_per == 0 {
                     return Ok(None);
                 }
-                let bytes = &data[first * per..(first + rows) * per];
                 let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
                 let buf = ctx.buffer(&format!("{what}.{leaf}"), (rows * gpu_per) as u64, usage)?;
-                send(&buf, bytes, gpu_per / per)?;
+                // Unquantized codes come row by row from the matrix (which may gather columns).
+                let rows_of = |lo: usize, hi: usize| match m.float_rows(lo, hi).filter(|_| leaf == "weight") {
+                    Some(rows) => rows,
+                    None => Cow::Borrowed(&data[lo * per..hi * per]),
+                };
+                send(&buf, first, rows, per, gpu_per, &rows_of)?;
                 Ok(Some(buf))
             };
             let codes = piece(c_in, c, codes, "weight")?.expect("codes have bytes in every format");
