@@ -13,6 +13,9 @@ use common::{mixq, text};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
+/// The quantizer flags of the byte-identity checks against mx.quantize.
+const MINMAX: &[&str] = &["--quantizer", "minmax"];
+
 const DEV_TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare-dev.txt");
 
 /// Runs the CLI with `--json` and parses what it prints, failing with its stderr.
@@ -29,9 +32,12 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn convert(src: &Path, recipe: &str, out: &Path, quantizer: &str) {
+/// Converts `src` with `recipe` and the quantizer flags (`--quantizer Q`, `--calibration STATS`).
+fn convert(src: &Path, recipe: &str, out: &Path, quantizer: &[&str]) {
     let (s, o) = (src.to_str().unwrap(), out.to_str().unwrap());
-    let r = mixq(&["convert", "--source", s, "--recipe", recipe, "--out", o, "--quantizer", quantizer, "--quiet"], &[]);
+    let mut args = vec!["convert", "--source", s, "--recipe", recipe, "--out", o, "--quiet"];
+    args.extend_from_slice(quantizer);
+    let r = mixq(&args, &[]);
     assert!(r.status.success(), "convert {s}: {}", text(&r).1);
 }
 
@@ -52,7 +58,7 @@ fn tensors_of(dir: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
 }
 
 /// Converts the upstream model and a dense copy of it, and checks the tensors are identical.
-fn assert_same_conversion(float: Float, sharded: bool, recipe: &str, quantizer: &str) {
+fn assert_same_conversion(float: Float, sharded: bool, recipe: &str, quantizer: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let dense = write_dense(&tmp.path().join("dense"), float, sharded, |_| {});
     let (a, b) = (tmp.path().join("from-upstream"), tmp.path().join("from-dense"));
@@ -61,7 +67,7 @@ fn assert_same_conversion(float: Float, sharded: bool, recipe: &str, quantizer: 
     let (ta, tb) = (tensors_of(&a), tensors_of(&b));
     assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     for (name, x) in &ta {
-        assert!(x == &tb[name], "{recipe} {quantizer}: tensor {name} differs between the upstream and the dense conversion");
+        assert!(x == &tb[name], "{recipe} {quantizer:?}: tensor {name} differs between the upstream and the dense conversion");
     }
     assert!(ta.len() > 100, "the model has all its tensors");
     // The card and the manifest name the layout each was converted from.
@@ -78,17 +84,28 @@ fn assert_same_conversion(float: Float, sharded: bool, recipe: &str, quantizer: 
 
 #[test]
 fn bf16_dense_copy_converts_like_the_upstream_model_minmax() {
-    assert_same_conversion(Float::Bf16, true, "gpt-oss-120b-3.6bit", "minmax");
+    assert_same_conversion(Float::Bf16, true, "gpt-oss-120b-3.6bit", MINMAX);
 }
 
 #[test]
 fn f32_dense_copy_converts_like_the_upstream_model_minmax() {
-    assert_same_conversion(Float::F32, false, "gpt-oss-120b-3.6bit", "minmax");
+    assert_same_conversion(Float::F32, false, "gpt-oss-120b-3.6bit", MINMAX);
 }
 
 #[test]
 fn dense_copy_converts_like_the_upstream_model_mse() {
-    assert_same_conversion(Float::Bf16, false, "mixed_3_6", "mse");
+    assert_same_conversion(Float::Bf16, false, "mixed_3_6", &["--quantizer", "mse"]);
+}
+
+#[test]
+fn dense_copy_converts_like_the_upstream_model_gptq() {
+    // One statistics file serves both: the dense copy has the upstream model's fingerprint.
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.safetensors");
+    let args = ["calibrate", "--model", MODEL, "--text", DEV_TEXT, "--max-tokens", "512", "--ctx", "128", "--hessian", "--out", s(&stats), "--quiet"];
+    let r = mixq(&args, &[]);
+    assert!(r.status.success(), "{}", text(&r).1);
+    assert_same_conversion(Float::Bf16, false, "mixed_3_6", &["--quantizer", "gptq", "--calibration", s(&stats)]);
 }
 
 #[test]
@@ -169,8 +186,8 @@ fn assert_mxfp4_experts_from_dense(float: Float, sharded: bool) -> BlockCounts {
     let tmp = tempfile::tempdir().unwrap();
     let dense = write_dense(&tmp.path().join("dense"), float, sharded, |_| {});
     let (a, b) = (tmp.path().join("from-upstream"), tmp.path().join("from-dense"));
-    convert(Path::new(MODEL), "mxfp4-experts", &a, "minmax");
-    convert(&dense, "mxfp4-experts", &b, "minmax");
+    convert(Path::new(MODEL), "mxfp4-experts", &a, MINMAX);
+    convert(&dense, "mxfp4-experts", &b, MINMAX);
     let (ta, tb) = (tensors_of(&a), tensors_of(&b));
     assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     let mut counts = BlockCounts::default();
@@ -282,7 +299,7 @@ fn calibrating_a_dense_copy_gives_the_upstream_statistics() {
 fn a_dense_copy_is_the_same_reference_for_validate() {
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q");
-    convert(Path::new(MODEL), "gpt-oss-120b-3.6bit", &q, "minmax");
+    convert(Path::new(MODEL), "gpt-oss-120b-3.6bit", &q, MINMAX);
     let dense = write_dense(&tmp.path().join("dense"), Float::Bf16, true, |_| {});
     let validate = |model: &Path, reference: Option<&Path>| {
         let mut args = vec!["validate", "--model", s(model), "--text", DEV_TEXT, "--ctx", "64", "--max-tokens", "257", "--quiet"];
@@ -345,8 +362,8 @@ fn f16_dense_copy_converts_and_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let dense = write_dense(&tmp.path().join("f16"), Float::F16, false, |_| {});
     let (a, b) = (tmp.path().join("from-upstream"), tmp.path().join("from-f16"));
-    convert(Path::new(MODEL), "gpt-oss-120b-3.6bit", &a, "minmax");
-    convert(&dense, "gpt-oss-120b-3.6bit", &b, "minmax");
+    convert(Path::new(MODEL), "gpt-oss-120b-3.6bit", &a, MINMAX);
+    convert(&dense, "gpt-oss-120b-3.6bit", &b, MINMAX);
     let (ta, tb) = (tensors_of(&a), tensors_of(&b));
     assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     let differing: Vec<&String> = ta.keys().filter(|n| ta[*n] != tb[*n]).collect();
