@@ -104,6 +104,15 @@ impl<'a> Matrix<'a> {
         }
     }
 
+    /// For [`Codes::Columns`]: the element index of stored row `s`'s first value, column
+    /// `s % src_per` of block `s / src_per` of the `[blocks, cols, src_per]` tensor (its later
+    /// values follow `src_per` elements apart).
+    #[inline(always)]
+    fn column_start(&self, s: usize) -> usize {
+        let per = self.map.src_per;
+        (s / per) * self.cols * per + s % per
+    }
+
     /// Stored rows `lo..hi` of an unquantized matrix as contiguous little-endian floats: the
     /// stored bytes themselves, or for [`Codes::Columns`] the columns gathered into rows (`None`
     /// for quantized codes).
@@ -115,7 +124,7 @@ impl<'a> Matrix<'a> {
                 let (f, per) = (dtype.size(), self.map.src_per);
                 let mut out = Vec::with_capacity((hi - lo) * c * f);
                 for s in lo..hi {
-                    let base = (s / per) * c * per + s % per;
+                    let base = self.column_start(s);
                     for j in 0..c {
                         let at = (base + j * per) * f;
                         out.extend_from_slice(&data[at..at + f]);
@@ -135,8 +144,7 @@ impl<'a> Matrix<'a> {
         match self.codes {
             Codes::Dense { data, dtype } => floats_to_f32(dtype, &data[s * c * dtype.size()..(s + 1) * c * dtype.size()], out),
             Codes::Columns { data, dtype } => {
-                let per = self.map.src_per;
-                let base = (s / per) * c * per + s % per;
+                let (per, base) = (self.map.src_per, self.column_start(s));
                 for (j, o) in out.iter_mut().enumerate() {
                     *o = float_at(dtype, data, base + j * per);
                 }
