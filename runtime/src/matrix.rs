@@ -178,60 +178,110 @@ impl<'a> Matrix<'a> {
 
     /// `out[t][r] = row_r · xs[t]` for rows `first..first+out_rows`, tokens `t` (`xs` is `[n, cols]`,
     /// `out` is `[n, out_rows]`).
+    ///
+    /// Rows are decoded [`ROW_BLOCK`] at a time into an f32 scratch (once per row, whatever the
+    /// token count) and multiplied with every token by a register-blocked kernel
+    /// ([`ROW_BLOCK`] rows by up to [`TOKEN_BLOCK`] tokens of FMA accumulators). Each product is
+    /// summed in one fixed order (eight lanes of fused multiply-adds over the columns, then a fixed
+    /// pairwise reduction), so results do not depend on the token count, the blocking or the
+    /// number of threads, and every code path (AVX2+FMA, portable) gives the same bits.
     pub fn matmul_rows(&self, first: usize, out_rows: usize, xs: &[f32], out: &mut [f32]) {
-        let n = xs.len() / self.cols;
+        let c = self.cols;
+        let n = xs.len() / c;
         debug_assert_eq!(out.len(), n * out_rows);
-        const BLOCK: usize = 16;
-        // Rows in parallel blocks; each block fills a [rows, n] tile, transposed into `out`.
-        let tiles: Vec<(usize, Vec<f32>)> = (0..out_rows.div_ceil(BLOCK))
+        if n == 0 || out_rows == 0 {
+            return;
+        }
+        // Columns padded to whole lanes with zeros (which add nothing: 0 * 0 is exact).
+        let kp = c.next_multiple_of(LANES);
+        let xs: Cow<'_, [f32]> = if kp == c {
+            Cow::Borrowed(xs)
+        } else {
+            let mut padded = vec![0f32; n * kp];
+            for (dst, src) in padded.chunks_exact_mut(kp).zip(xs.chunks_exact(c)) {
+                dst[..c].copy_from_slice(src);
+            }
+            Cow::Owned(padded)
+        };
+        // Rows per task: enough weights (about 64 Ki) to amortize the scheduling.
+        let chunk = (65_536 / c).next_multiple_of(ROW_BLOCK).clamp(ROW_BLOCK, 64);
+        let simd = Simd::detect();
+        if n == 1 {
+            // One token: the outputs are contiguous, so tasks write into `out` in place.
+            out.par_chunks_mut(chunk).enumerate().for_each_init(
+                || vec![0f32; ROW_BLOCK * kp],
+                |scratch, (b, tile)| self.rows_times(simd, first + b * chunk, tile.len(), &xs, kp, scratch, tile),
+            );
+            return;
+        }
+        let tiles: Vec<(usize, Vec<f32>)> = (0..out_rows.div_ceil(chunk))
             .into_par_iter()
             .map_init(
-                || vec![0f32; self.cols],
-                |row, b| {
-                    let r0 = b * BLOCK;
-                    let r1 = (r0 + BLOCK).min(out_rows);
-                    let mut tile = vec![0f32; (r1 - r0) * n];
-                    self.rows_times(first + r0, first + r1, xs, row, &mut tile);
+                || vec![0f32; ROW_BLOCK * kp],
+                |scratch, b| {
+                    let r0 = b * chunk;
+                    let rows = chunk.min(out_rows - r0);
+                    let mut tile = vec![0f32; rows * n];
+                    self.rows_times(simd, first + r0, rows, &xs, kp, scratch, &mut tile);
                     (r0, tile)
                 },
             )
             .collect();
         for (r0, tile) in tiles {
-            let rows_here = tile.len() / n.max(1);
-            for i in 0..rows_here {
-                for t in 0..n {
-                    out[t * out_rows + r0 + i] = tile[i * n + t];
+            let rows = tile.len() / n;
+            for (t, dst) in out.chunks_exact_mut(out_rows).enumerate() {
+                for (i, o) in dst[r0..r0 + rows].iter_mut().enumerate() {
+                    *o = tile[t * rows + i];
                 }
             }
         }
     }
 
-    /// Fills `tile[(r - r0) * n + t] = row_r · xs[t]` for rows `r0..r1`, picking the widest
-    /// vector unit the CPU has (same operations, so the same results, on every path).
-    fn rows_times(&self, r0: usize, r1: usize, xs: &[f32], row: &mut [f32], tile: &mut [f32]) {
+    /// Fills `tile[t * rows + i] = row_(r0+i) · xs[t]` (`xs` is `[n, kp]`, zero-padded), on the
+    /// widest vector unit `simd` names.
+    fn rows_times(&self, simd: Simd, r0: usize, rows: usize, xs: &[f32], kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { self.rows_times_avx2(r0, r1, xs, row, tile) };
-            }
+        if simd == Simd::Avx2Fma {
+            // SAFETY: `Simd::detect` found AVX2 and FMA on this CPU.
+            return unsafe { self.rows_times_avx2(r0, rows, xs, kp, scratch, tile) };
         }
-        self.rows_times_portable(r0, r1, xs, row, tile)
+        let _ = simd;
+        self.rows_times_with::<Portable>(r0, rows, xs, kp, scratch, tile)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn rows_times_avx2(&self, r0: usize, r1: usize, xs: &[f32], row: &mut [f32], tile: &mut [f32]) {
-        self.rows_times_portable(r0, r1, xs, row, tile)
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_times_avx2(&self, r0: usize, rows: usize, xs: &[f32], kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
+        self.rows_times_with::<x86::Avx2>(r0, rows, xs, kp, scratch, tile)
     }
 
+    /// The body of [`Matrix::rows_times`] for one kernel: decode a block of rows, run every
+    /// token block past it.
     #[inline(always)]
-    fn rows_times_portable(&self, r0: usize, r1: usize, xs: &[f32], row: &mut [f32], tile: &mut [f32]) {
-        let n = xs.len() / self.cols;
-        for r in r0..r1 {
-            self.decode_row(r, row);
-            for (t, x) in xs.chunks_exact(self.cols).enumerate() {
-                tile[(r - r0) * n + t] = dot(row, x);
+    fn rows_times_with<K: Kernel>(&self, r0: usize, rows: usize, xs: &[f32], kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
+        let c = self.cols;
+        let n = xs.len() / kp;
+        for b0 in (0..rows).step_by(ROW_BLOCK) {
+            let here = ROW_BLOCK.min(rows - b0);
+            for i in 0..here {
+                self.decode_row(r0 + b0 + i, &mut scratch[i * kp..i * kp + c]);
+            }
+            // Rows past the end keep whatever the scratch held: their sums are computed and dropped.
+            let mut t = 0;
+            while t < n {
+                let tb = TOKEN_BLOCK.min(n - t);
+                let mut sums = [[0f32; TOKEN_BLOCK]; ROW_BLOCK];
+                match tb {
+                    3 => K::block::<3>(scratch, &xs[t * kp..], kp, &mut sums),
+                    2 => K::block::<2>(scratch, &xs[t * kp..], kp, &mut sums),
+                    _ => K::block::<1>(scratch, &xs[t * kp..], kp, &mut sums),
+                }
+                for (i, row) in sums.iter().enumerate().take(here) {
+                    for (j, &v) in row.iter().enumerate().take(tb) {
+                        tile[(t + j) * rows + b0 + i] = v;
+                    }
+                }
+                t += tb;
             }
         }
     }
@@ -308,6 +358,129 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Rows decoded and multiplied together (the kernel's register block height).
+const ROW_BLOCK: usize = 4;
+/// Tokens multiplied together (the kernel's register block width): 4 x 3 accumulators plus the
+/// 4 + 3 operands fit AVX2's 16 registers.
+const TOKEN_BLOCK: usize = 3;
+/// Lanes of one accumulator: column `k` is summed into lane `k % LANES`.
+const LANES: usize = 8;
+
+/// The vector unit a product runs on, detected once per product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    /// x86-64 with AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    /// Anything else: plain Rust with `f32::mul_add`, which the compiler vectorises (NEON's
+    /// fused multiply-add on Apple silicon).
+    Portable,
+}
+
+impl Simd {
+    fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return Simd::Avx2Fma;
+        }
+        Simd::Portable
+    }
+}
+
+/// A register-blocked product of [`ROW_BLOCK`] decoded rows with `T` tokens.
+trait Kernel {
+    /// `sums[i][j] = w_i · x_j` for rows `w_i = w[i*kp..(i+1)*kp]` and tokens
+    /// `x_j = xs[j*kp..(j+1)*kp]`: per product, lane `l` accumulates `fma(w[k], x[k], acc)` over
+    /// `k = l, l + 8, ...` in order, then the lanes reduce as [`reduce_lanes`] does.
+    fn block<const T: usize>(w: &[f32], xs: &[f32], kp: usize, sums: &mut [[f32; TOKEN_BLOCK]; ROW_BLOCK]);
+}
+
+/// The fixed reduction of eight lanes: `((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`.
+#[inline(always)]
+fn reduce_lanes(l: &[f32; LANES]) -> f32 {
+    let h = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (h[0] + h[2]) + (h[1] + h[3])
+}
+
+/// The kernel in plain Rust.
+struct Portable;
+
+impl Kernel for Portable {
+    #[inline(always)]
+    fn block<const T: usize>(w: &[f32], xs: &[f32], kp: usize, sums: &mut [[f32; TOKEN_BLOCK]; ROW_BLOCK]) {
+        let mut acc = [[[0f32; LANES]; T]; ROW_BLOCK];
+        for k in (0..kp).step_by(LANES) {
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let wv = &w[i * kp + k..i * kp + k + LANES];
+                for (j, a) in acc_i.iter_mut().enumerate() {
+                    let xv = &xs[j * kp + k..j * kp + k + LANES];
+                    for l in 0..LANES {
+                        a[l] = wv[l].mul_add(xv[l], a[l]);
+                    }
+                }
+            }
+        }
+        for (s, a) in sums.iter_mut().zip(&acc) {
+            for j in 0..T {
+                s[j] = reduce_lanes(&a[j]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Kernel, LANES, ROW_BLOCK, TOKEN_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// The kernel on AVX2 with FMA; only reached after `Simd::detect` found both.
+    pub(super) struct Avx2;
+
+    impl Kernel for Avx2 {
+        #[inline(always)]
+        fn block<const T: usize>(w: &[f32], xs: &[f32], kp: usize, sums: &mut [[f32; TOKEN_BLOCK]; ROW_BLOCK]) {
+            assert!(w.len() >= ROW_BLOCK * kp && xs.len() >= T * kp && kp % LANES == 0);
+            // SAFETY: every load below is within `w[..ROW_BLOCK * kp]` or `xs[..T * kp]` (checked
+            // above), and this is only compiled into functions with AVX2 and FMA enabled, which
+            // are only called after runtime detection.
+            unsafe {
+                let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+                let mut acc = [[_mm256_setzero_ps(); T]; ROW_BLOCK];
+                let mut k = 0;
+                while k < kp {
+                    let mut xv = [_mm256_setzero_ps(); T];
+                    for (j, v) in xv.iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(xp.add(j * kp + k));
+                    }
+                    for (i, acc_i) in acc.iter_mut().enumerate() {
+                        let wv = _mm256_loadu_ps(wp.add(i * kp + k));
+                        for (a, &x) in acc_i.iter_mut().zip(&xv) {
+                            *a = _mm256_fmadd_ps(wv, x, *a);
+                        }
+                    }
+                    k += LANES;
+                }
+                for (s, a) in sums.iter_mut().zip(&acc) {
+                    for j in 0..T {
+                        s[j] = reduce(a[j]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `reduce_lanes` on a register: the same additions in the same order.
+    #[inline(always)]
+    unsafe fn reduce(v: __m256) -> f32 {
+        // [l0+l4, l1+l5, l2+l6, l3+l7]
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        // [h0+h2, h1+h3, ..]
+        let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        // (h0+h2) + (h1+h3)
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +552,244 @@ mod tests {
             m.matmul(&xs[t * 32..(t + 1) * 32], &mut one);
             assert_eq!(&all[t * 6..(t + 1) * 6], &one[..]);
         }
+    }
+    /// A deterministic pseudo-random stream in [0, 1).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> f64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    /// The bytes of a test matrix and its weights as the reference computes them (in f64, from
+    /// the codes, scales and biases directly, not through the decoder).
+    struct Case {
+        name: String,
+        bytes: [Vec<u8>; 3],
+        rows: usize,
+        cols: usize,
+        values: Vec<f64>,
+        kind: Kind,
+    }
+
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Dense(FloatDtype),
+        Columns(FloatDtype, RowMap),
+        Affine(FloatDtype, u32, usize),
+        Mxfp4,
+    }
+
+    impl Case {
+        fn matrix(&self) -> Matrix<'_> {
+            let [a, b, c] = &self.bytes;
+            let (codes, map) = match self.kind {
+                Kind::Dense(dtype) => (Codes::Dense { data: a, dtype }, RowMap::identity(self.rows)),
+                Kind::Columns(dtype, map) => (Codes::Columns { data: a, dtype }, map),
+                Kind::Affine(floats, bits, group_size) => {
+                    (Codes::Affine { weight: a, scales: b, biases: c, floats, bits, group_size }, RowMap::identity(self.rows))
+                }
+                Kind::Mxfp4 => (Codes::Mxfp4 { blocks: a, scales: b }, RowMap::identity(self.rows)),
+            };
+            Matrix { codes, rows: self.rows, cols: self.cols, map }
+        }
+    }
+
+    /// A float stored as `dtype`, and the value it holds.
+    fn rounded(dtype: FloatDtype, v: f32) -> (Vec<u8>, f64) {
+        let b = stored(dtype, v);
+        let back = match dtype {
+            FloatDtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+            FloatDtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
+            FloatDtype::F32 => f64::from(v),
+        };
+        (b, back)
+    }
+
+    fn dense_case(dtype: FloatDtype, rows: usize, cols: usize, rng: &mut Lcg) -> Case {
+        let (mut data, mut values) = (Vec::new(), Vec::new());
+        for _ in 0..rows * cols {
+            let (b, v) = rounded(dtype, (rng.next() * 2.0 - 1.0) as f32);
+            data.extend(b);
+            values.push(v);
+        }
+        Case { name: format!("dense {dtype} {rows}x{cols}"), bytes: [data, vec![], vec![]], rows, cols, values, kind: Kind::Dense(dtype) }
+    }
+
+    /// Transposed experts: a `[blocks, cols, 6]` tensor read as 3 rows per block (stored columns
+    /// 1, 3, 5), like the up half of interleaved gate/up columns.
+    fn columns_case(dtype: FloatDtype, blocks: usize, cols: usize, rng: &mut Lcg) -> Case {
+        let map = RowMap { per: 3, src_per: 6, start: 1, step: 2 };
+        let stored_vals: Vec<(Vec<u8>, f64)> = (0..blocks * cols * 6).map(|_| rounded(dtype, (rng.next() * 2.0 - 1.0) as f32)).collect();
+        let rows = blocks * 3;
+        let mut values = vec![0f64; rows * cols];
+        for r in 0..rows {
+            let (blk, col) = (r / 3, 1 + 2 * (r % 3));
+            for j in 0..cols {
+                values[r * cols + j] = stored_vals[(blk * cols + j) * 6 + col].1;
+            }
+        }
+        let data = stored_vals.into_iter().flat_map(|(b, _)| b).collect();
+        Case { name: format!("columns {dtype} {rows}x{cols}"), bytes: [data, vec![], vec![]], rows, cols, values, kind: Kind::Columns(dtype, map) }
+    }
+
+    fn affine_case(floats: FloatDtype, bits: u32, group: usize, rows: usize, cols: usize, rng: &mut Lcg) -> Case {
+        let levels = 1u64 << bits;
+        let (mut packed, mut scales, mut biases, mut values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rows {
+            let codes: Vec<u64> = (0..cols).map(|_| ((rng.next() * levels as f64) as u64).min(levels - 1)).collect();
+            // The row as one little-endian bit stream, code k at bit k * bits.
+            let mut row = vec![0u8; cols * bits as usize / 8];
+            for (k, &q) in codes.iter().enumerate() {
+                for b in 0..bits as usize {
+                    if q >> b & 1 == 1 {
+                        let at = k * bits as usize + b;
+                        row[at / 8] |= 1 << (at % 8);
+                    }
+                }
+            }
+            packed.extend(row);
+            for g in 0..cols / group {
+                let (sb, scale) = rounded(floats, (0.01 + rng.next() * 0.2) as f32);
+                let (bb, bias) = rounded(floats, (rng.next() - 0.5) as f32);
+                scales.extend(sb);
+                biases.extend(bb);
+                for &q in &codes[g * group..(g + 1) * group] {
+                    values.push(scale * q as f64 + bias);
+                }
+            }
+        }
+        Case {
+            name: format!("affine {bits}-bit group {group} {floats} {rows}x{cols}"),
+            bytes: [packed, scales, biases],
+            rows,
+            cols,
+            values,
+            kind: Kind::Affine(floats, bits, group),
+        }
+    }
+
+    fn mxfp4_case(rows: usize, cols: usize, rng: &mut Lcg) -> Case {
+        const E2M1: [f64; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        let (mut blocks, mut scales, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rows {
+            let codes: Vec<u8> = (0..cols).map(|_| (rng.next() * 16.0) as u8 & 15).collect();
+            for pair in codes.chunks(2) {
+                blocks.push(pair[0] | pair[1] << 4);
+            }
+            for block in codes.chunks(32) {
+                let e = 120 + (rng.next() * 10.0) as u8;
+                scales.push(e);
+                for &q in block {
+                    let mag = E2M1[usize::from(q & 7)] * 2f64.powi(i32::from(e) - 127);
+                    values.push(if q & 8 != 0 { -mag } else { mag });
+                }
+            }
+        }
+        Case { name: format!("mxfp4 {rows}x{cols}"), bytes: [blocks, scales, vec![]], rows, cols, values, kind: Kind::Mxfp4 }
+    }
+
+    /// Every storage: dense and transposed columns in each float type (one width not a multiple
+    /// of the 8 lanes), affine at every bit width and group size, MXFP4. 70 rows: more than one
+    /// task's rows, not a multiple of the 4-row block.
+    fn every_case() -> Vec<Case> {
+        let mut rng = Lcg(7);
+        let mut cases = Vec::new();
+        for dtype in FloatDtype::ALL {
+            cases.push(dense_case(dtype, 70, 256, &mut rng));
+            cases.push(dense_case(dtype, 9, 36, &mut rng));
+            cases.push(columns_case(dtype, 23, 96, &mut rng));
+        }
+        for bits in [2, 3, 4, 5, 6, 8] {
+            for group in [32, 64, 128] {
+                cases.push(affine_case(FloatDtype::BF16, bits, group, 70, 256, &mut rng));
+            }
+            cases.push(affine_case(FloatDtype::F16, bits, 64, 13, 128, &mut rng));
+            cases.push(affine_case(FloatDtype::F32, bits, 32, 13, 128, &mut rng));
+        }
+        cases.push(mxfp4_case(70, 256, &mut rng));
+        cases
+    }
+
+    /// Checks `matmul_rows(first, rows)` for `n` tokens against an f64 sum of the reference's
+    /// weights times the inputs: within f32 rounding of the sum of magnitudes.
+    fn check_against_f64(case: &Case, first: usize, rows: usize, n: usize, rng: &mut Lcg) -> Vec<f32> {
+        let m = case.matrix();
+        let c = case.cols;
+        let xs: Vec<f32> = (0..n * c).map(|_| (rng.next() * 4.0 - 2.0) as f32).collect();
+        let mut out = vec![f32::NAN; n * rows];
+        m.matmul_rows(first, rows, &xs, &mut out);
+        for t in 0..n {
+            for r in 0..rows {
+                let w = &case.values[(first + r) * c..(first + r + 1) * c];
+                let x = &xs[t * c..(t + 1) * c];
+                let exact: f64 = w.iter().zip(x).map(|(w, &x)| w * f64::from(x)).sum();
+                let mag: f64 = w.iter().zip(x).map(|(w, &x)| (w * f64::from(x)).abs()).sum();
+                let got = f64::from(out[t * rows + r]);
+                assert!(
+                    (got - exact).abs() <= 1e-6 * mag + 1e-30,
+                    "{}: {n} tokens, row {} token {t}: {got} vs f64 {exact} (magnitude {mag})",
+                    case.name,
+                    first + r
+                );
+            }
+        }
+        // The same bits token by token: the sum order does not depend on the token count.
+        for t in 0..n {
+            let mut one = vec![0f32; rows];
+            m.matmul_rows(first, rows, &xs[t * c..(t + 1) * c], &mut one);
+            assert_eq!(one, out[t * rows..(t + 1) * rows], "{}: token {t} of {n} alone", case.name);
+        }
+        out
+    }
+
+    #[test]
+    fn products_match_an_f64_reference_for_every_storage_and_token_count() {
+        let mut rng = Lcg(11);
+        for case in every_case() {
+            // 1, 2, 3 (one token block), odd counts with every remainder, more than a row task.
+            for n in [1, 2, 3, 4, 5, 7, 11, 67] {
+                check_against_f64(&case, 0, case.rows, n, &mut rng);
+            }
+            // A slice of rows, as one expert's rows of a stacked matrix.
+            let (first, rows) = (case.rows / 3, case.rows / 2);
+            check_against_f64(&case, first, rows, 5, &mut rng);
+        }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_same_bits() {
+        let mut rng = Lcg(5);
+        for case in every_case() {
+            let m = case.matrix();
+            let (c, kp) = (case.cols, case.cols.next_multiple_of(LANES));
+            let n = 7;
+            let mut xs = vec![0f32; n * kp];
+            for x in xs.chunks_exact_mut(kp) {
+                x[..c].iter_mut().for_each(|v| *v = (rng.next() * 2.0 - 1.0) as f32);
+            }
+            let mut scratch = vec![0f32; ROW_BLOCK * kp];
+            let mut portable = vec![0f32; n * m.rows];
+            m.rows_times_with::<Portable>(0, m.rows, &xs, kp, &mut scratch, &mut portable);
+            let mut detected = vec![0f32; n * m.rows];
+            m.rows_times(Simd::detect(), 0, m.rows, &xs, kp, &mut scratch, &mut detected);
+            assert_eq!(portable, detected, "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn products_do_not_depend_on_the_thread_count() {
+        let case = affine_case(FloatDtype::BF16, 4, 64, 200, 1024, &mut Lcg(3));
+        let m = case.matrix();
+        let xs: Vec<f32> = (0..5 * 1024).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            let mut out = vec![0f32; 5 * 200];
+            pool.install(|| m.matmul(&xs, &mut out));
+            out
+        };
+        assert_eq!(run(1), run(3));
     }
 }
