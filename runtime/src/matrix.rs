@@ -263,8 +263,14 @@ impl<'a> Matrix<'a> {
         let n = xs.len() / kp;
         for b0 in (0..rows).step_by(ROW_BLOCK) {
             let here = ROW_BLOCK.min(rows - b0);
+            if n == 1 {
+                if let Some(sums) = K::fused_one(self, r0 + b0, here, xs) {
+                    tile[b0..b0 + here].copy_from_slice(&sums[..here]);
+                    continue;
+                }
+            }
             for i in 0..here {
-                self.decode_row(r0 + b0 + i, &mut scratch[i * kp..i * kp + c]);
+                K::decode_row(self, r0 + b0 + i, &mut scratch[i * kp..i * kp + c]);
             }
             // Rows past the end keep whatever the scratch held: their sums are computed and dropped.
             let mut t = 0;
@@ -389,10 +395,24 @@ impl Simd {
 
 /// A register-blocked product of [`ROW_BLOCK`] decoded rows with `T` tokens.
 trait Kernel {
+    /// Decodes logical row `r` of `m` into `out`, with the same values as [`Matrix::decode_row`].
+    #[inline(always)]
+    fn decode_row(m: &Matrix<'_>, r: usize, out: &mut [f32]) {
+        m.decode_row(r, out)
+    }
+
     /// `sums[i][j] = w_i · x_j` for rows `w_i = w[i*kp..(i+1)*kp]` and tokens
     /// `x_j = xs[j*kp..(j+1)*kp]`: per product, lane `l` accumulates `fma(w[k], x[k], acc)` over
     /// `k = l, l + 8, ...` in order, then the lanes reduce as [`reduce_lanes`] does.
     fn block<const T: usize>(w: &[f32], xs: &[f32], kp: usize, sums: &mut [[f32; TOKEN_BLOCK]; ROW_BLOCK]);
+
+    /// For one token `x`: rows `r0..r0 + here` of `m` (`here <= ROW_BLOCK`) decoded and multiplied
+    /// in one pass, the codes read once and no scratch written, summed exactly as `decode_row`
+    /// then `block::<1>` would; `None` where this kernel has no fused path for `m`'s codes.
+    #[inline(always)]
+    fn fused_one(_m: &Matrix<'_>, _r0: usize, _here: usize, _x: &[f32]) -> Option<[f32; ROW_BLOCK]> {
+        None
+    }
 }
 
 /// The fixed reduction of eight lanes: `((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`.
@@ -430,13 +450,37 @@ impl Kernel for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Kernel, LANES, ROW_BLOCK, TOKEN_BLOCK};
+    use super::{float_at, Codes, Groups, Kernel, Matrix, LANES, ROW_BLOCK, TOKEN_BLOCK};
     use std::arch::x86_64::*;
 
     /// The kernel on AVX2 with FMA; only reached after `Simd::detect` found both.
     pub(super) struct Avx2;
 
     impl Kernel for Avx2 {
+        #[inline(always)]
+        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32]) -> Option<[f32; ROW_BLOCK]> {
+            affine_dot(m, r0, here, x)
+        }
+
+        #[inline(always)]
+        fn decode_row(m: &Matrix<'_>, r: usize, out: &mut [f32]) {
+            let Some((packed, groups, bits)) = affine_parts(m, r) else {
+                return m.decode_row(r, out);
+            };
+            // SAFETY: only compiled into functions with AVX2 enabled, called after detection.
+            unsafe {
+                match bits {
+                    2 => affine_row::<2>(packed, groups, out),
+                    3 => affine_row::<3>(packed, groups, out),
+                    4 => affine_row::<4>(packed, groups, out),
+                    5 => affine_row::<5>(packed, groups, out),
+                    6 => affine_row::<6>(packed, groups, out),
+                    8 => affine_row::<8>(packed, groups, out),
+                    _ => m.decode_row(r, out),
+                }
+            }
+        }
+
         #[inline(always)]
         fn block<const T: usize>(w: &[f32], xs: &[f32], kp: usize, sums: &mut [[f32; TOKEN_BLOCK]; ROW_BLOCK]) {
             assert!(w.len() >= ROW_BLOCK * kp && xs.len() >= T * kp && kp % LANES == 0);
@@ -465,6 +509,118 @@ mod x86 {
                         s[j] = reduce(a[j]);
                     }
                 }
+            }
+        }
+    }
+
+    /// Logical row `r` of an affine matrix: its packed codes, its groups and the bit width.
+    #[inline(always)]
+    fn affine_parts<'m>(m: &Matrix<'m>, r: usize) -> Option<(&'m [u8], Groups<'m>, u32)> {
+        let Codes::Affine { weight, scales, biases, floats, bits, group_size } = m.codes else {
+            return None;
+        };
+        let (s, c) = (m.map.stored(r), m.cols);
+        let row_bytes = c * bits as usize / 8;
+        let group_bytes = c / group_size * floats.size();
+        let groups = Groups {
+            scales: &scales[s * group_bytes..(s + 1) * group_bytes],
+            biases: &biases[s * group_bytes..(s + 1) * group_bytes],
+            floats,
+            size: group_size,
+        };
+        Some((&weight[s * row_bytes..(s + 1) * row_bytes], groups, bits))
+    }
+
+    /// Eight `B`-bit codes starting at byte `at` of a packed row, one per 32-bit lane: the `B`
+    /// bytes read as one little-endian word, codes 0-3 from its low 32 bits and 4-7 from the
+    /// 32 above bit `4B`, each lane shifted and masked.
+    #[inline(always)]
+    unsafe fn codes8<const B: usize>(packed: &[u8], at: usize) -> __m256i {
+        let b = B as i32;
+        let shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 0, b, 2 * b, 3 * b);
+        let spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        // Eight bytes from `at` where the row has them, else its last B bytes copied.
+        let w = if at + 8 <= packed.len() {
+            std::ptr::read_unaligned(packed.as_ptr().add(at) as *const u64)
+        } else {
+            let mut word = [0u8; 8];
+            word[..B].copy_from_slice(&packed[at..at + B]);
+            u64::from_le_bytes(word)
+        };
+        let pair = (w & 0xffff_ffff) | ((w >> (4 * B)) << 32);
+        let v = _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm_cvtsi64_si128(pair as i64)), spread);
+        _mm256_and_si256(_mm256_srlv_epi32(v, shifts), _mm256_set1_epi32((1 << B) - 1))
+    }
+
+    /// Rows `r0..r0 + here` of an affine `m` times `x` in one pass (rows past `here` repeat the
+    /// last and are dropped): per group each row's scale and bias, per eight columns the codes
+    /// decoded as [`affine_row`] decodes them and fused-multiply-added into that row's lanes.
+    #[inline(always)]
+    pub(super) fn affine_dot(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32]) -> Option<[f32; ROW_BLOCK]> {
+        let parts: [Option<(&[u8], Groups<'_>, u32)>; ROW_BLOCK] = std::array::from_fn(|i| affine_parts(m, r0 + i.min(here - 1)));
+        let [Some(a), Some(b), Some(c), Some(d)] = parts else {
+            return None;
+        };
+        let rows = [(a.0, a.1), (b.0, b.1), (c.0, c.1), (d.0, d.1)];
+        // SAFETY: only compiled into functions with AVX2 and FMA enabled, called after detection.
+        unsafe {
+            Some(match a.2 {
+                2 => affine_dot_rows::<2>(&rows, x),
+                3 => affine_dot_rows::<3>(&rows, x),
+                4 => affine_dot_rows::<4>(&rows, x),
+                5 => affine_dot_rows::<5>(&rows, x),
+                6 => affine_dot_rows::<6>(&rows, x),
+                8 => affine_dot_rows::<8>(&rows, x),
+                _ => return None,
+            })
+        }
+    }
+
+    /// [`affine_dot`] at `B` bits.
+    #[inline(always)]
+    unsafe fn affine_dot_rows<const B: usize>(rows: &[(&[u8], Groups<'_>); ROW_BLOCK], x: &[f32]) -> [f32; ROW_BLOCK] {
+        let size = rows[0].1.size;
+        let group_bytes = size * B / 8;
+        let cols = rows[0].0.len() * 8 / B;
+        assert!(x.len() >= cols && size % 8 == 0 && cols % size == 0);
+        let mut acc = [_mm256_setzero_ps(); ROW_BLOCK];
+        let (mut scale, mut bias) = ([_mm256_setzero_ps(); ROW_BLOCK], [_mm256_setzero_ps(); ROW_BLOCK]);
+        for g in 0..cols / size {
+            for i in 0..ROW_BLOCK {
+                let gr = rows[i].1;
+                scale[i] = _mm256_set1_ps(float_at(gr.floats, gr.scales, g));
+                bias[i] = _mm256_set1_ps(float_at(gr.floats, gr.biases, g));
+            }
+            for e in 0..size / 8 {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(g * size + e * 8));
+                for i in 0..ROW_BLOCK {
+                    let q = codes8::<B>(rows[i].0, g * group_bytes + e * B);
+                    let f = _mm256_add_ps(_mm256_mul_ps(scale[i], _mm256_cvtepi32_ps(q)), bias[i]);
+                    acc[i] = _mm256_fmadd_ps(f, xv, acc[i]);
+                }
+            }
+        }
+        let mut sums = [0f32; ROW_BLOCK];
+        for i in 0..ROW_BLOCK {
+            sums[i] = reduce(acc[i]);
+        }
+        sums
+    }
+
+    /// `decode_affine` eight codes per register ([`codes8`]), then `scale * q + bias` (a
+    /// multiply, then an add: the same roundings as the scalar decoder).
+    #[inline(always)]
+    unsafe fn affine_row<const B: usize>(packed: &[u8], groups: Groups<'_>, out: &mut [f32]) {
+        let group_bytes = groups.size * B / 8;
+        assert!(packed.len() == out.len() * B / 8 && out.len() % groups.size == 0 && groups.size % 8 == 0);
+        let o = out.as_mut_ptr();
+        for g in 0..out.len() / groups.size {
+            let scale = _mm256_set1_ps(float_at(groups.floats, groups.scales, g));
+            let bias = _mm256_set1_ps(float_at(groups.floats, groups.biases, g));
+            for e in 0..groups.size / 8 {
+                let q = codes8::<B>(packed, g * group_bytes + e * B);
+                let f = _mm256_add_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(q)), bias);
+                _mm256_storeu_ps(o.add(g * groups.size + e * 8), f);
             }
         }
     }
@@ -765,17 +921,19 @@ mod tests {
         for case in every_case() {
             let m = case.matrix();
             let (c, kp) = (case.cols, case.cols.next_multiple_of(LANES));
-            let n = 7;
-            let mut xs = vec![0f32; n * kp];
-            for x in xs.chunks_exact_mut(kp) {
-                x[..c].iter_mut().for_each(|v| *v = (rng.next() * 2.0 - 1.0) as f32);
+            // One token takes the fused decode-and-multiply path where there is one.
+            for n in [1, 7] {
+                let mut xs = vec![0f32; n * kp];
+                for x in xs.chunks_exact_mut(kp) {
+                    x[..c].iter_mut().for_each(|v| *v = (rng.next() * 2.0 - 1.0) as f32);
+                }
+                let mut scratch = vec![0f32; ROW_BLOCK * kp];
+                let mut portable = vec![0f32; n * m.rows];
+                m.rows_times_with::<Portable>(0, m.rows, &xs, kp, &mut scratch, &mut portable);
+                let mut detected = vec![0f32; n * m.rows];
+                m.rows_times(Simd::detect(), 0, m.rows, &xs, kp, &mut scratch, &mut detected);
+                assert_eq!(portable, detected, "{}, {n} tokens", case.name);
             }
-            let mut scratch = vec![0f32; ROW_BLOCK * kp];
-            let mut portable = vec![0f32; n * m.rows];
-            m.rows_times_with::<Portable>(0, m.rows, &xs, kp, &mut scratch, &mut portable);
-            let mut detected = vec![0f32; n * m.rows];
-            m.rows_times(Simd::detect(), 0, m.rows, &xs, kp, &mut scratch, &mut detected);
-            assert_eq!(portable, detected, "{}", case.name);
         }
     }
 

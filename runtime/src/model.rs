@@ -13,8 +13,13 @@ use crate::matrix::{dot, Codes, Matrix, RowMap};
 use crate::observe::{ActivationObserver, InputSite};
 use crate::rope::Rope;
 
-/// Tokens processed together during prefill.
+/// Tokens processed together during prefill on the GPU.
 pub const PREFILL_CHUNK: usize = 64;
+/// Tokens processed together during prefill on the CPU: each expert's rows are decoded once per
+/// chunk and multiplied with every token routed to it, so a longer chunk decodes them less often
+/// (512 tokens give each of 32 top-4 experts about 64). Results do not depend on it: every
+/// product and attention row is summed in the same order whatever the chunk.
+pub const CPU_PREFILL_CHUNK: usize = 512;
 /// SwiGLU-OAI's sigmoid slope.
 pub(crate) const SWIGLU_ALPHA: f32 = 1.702;
 
@@ -264,7 +269,7 @@ impl<'a> Model<'a> {
     pub fn new_cache(&self) -> KvCache {
         let width = self.config.num_key_value_heads * self.config.head_dim;
         // A ring never needs to hold more than the model's context: at that size it never wraps.
-        let ring = (self.config.sliding_window + PREFILL_CHUNK).min(self.max_context());
+        let ring = (self.config.sliding_window + CPU_PREFILL_CHUNK).min(self.max_context());
         KvCache { layers: self.layers.iter().map(|l| LayerCache::new(width, l.sliding.then_some(ring))).collect(), len: 0 }
     }
 
@@ -319,8 +324,8 @@ impl<'a> Model<'a> {
             return Err(RuntimeError::ContextExceeded { tokens: cache.len + tokens.len(), context: self.max_context() });
         }
         let mut logits = Vec::new();
-        for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            let last_chunk = (ci + 1) * PREFILL_CHUNK >= tokens.len();
+        for (ci, chunk) in tokens.chunks(CPU_PREFILL_CHUNK).enumerate() {
+            let last_chunk = (ci + 1) * CPU_PREFILL_CHUNK >= tokens.len();
             let hidden = self.hidden_states(chunk, cache, observer.as_deref_mut());
             if let Some(obs) = observer.as_deref_mut() {
                 obs.tokens(InputSite::Final, &hidden);
@@ -445,33 +450,47 @@ impl<'a> Model<'a> {
             }
         }
         let limit = c.swiglu_limit as f32;
+        let observing = obs.is_some();
+        // The experts run in parallel (each product also splits its rows over threads): during
+        // decode one token's k experts are k independent products. Each returns its inputs, its
+        // activations and its down projection; they are observed and summed in expert order.
+        let active: Vec<(usize, &Vec<(usize, f32)>)> = by_expert.iter().enumerate().filter(|(_, u)| !u.is_empty()).collect();
+        let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = active
+            .par_iter()
+            .map(|&(e, users)| {
+                let m = users.len();
+                let mut x_e = Vec::with_capacity(m * h);
+                for &(t, _) in users {
+                    x_e.extend_from_slice(&xs[t * h..(t + 1) * h]);
+                }
+                let mut gate = vec![0f32; m * i];
+                let mut up = vec![0f32; m * i];
+                rayon::join(
+                    || layer.gate.w.matmul_rows(e * i, i, &x_e, &mut gate),
+                    || layer.up.w.matmul_rows(e * i, i, &x_e, &mut up),
+                );
+                let (gb, ub) = (&layer.gate.b[e * i..(e + 1) * i], &layer.up.b[e * i..(e + 1) * i]);
+                for (g_row, u_row) in gate.chunks_exact_mut(i).zip(up.chunks_exact(i)) {
+                    for (((g, u), bg), bu) in g_row.iter_mut().zip(u_row).zip(gb).zip(ub) {
+                        let gv = (*g + bg).min(limit);
+                        let uv = (u + bu).clamp(-limit, limit);
+                        *g = (uv + 1.0) * (gv / (1.0 + (-SWIGLU_ALPHA * gv).exp()));
+                    }
+                }
+                let mut down = vec![0f32; m * h];
+                layer.down.w.matmul_rows(e * h, h, &gate, &mut down);
+                if !observing {
+                    (x_e, gate) = (Vec::new(), Vec::new());
+                }
+                (x_e, gate, down)
+            })
+            .collect();
         let mut out = vec![0f32; n * h];
-        for (e, users) in by_expert.iter().enumerate().filter(|(_, u)| !u.is_empty()) {
-            let m = users.len();
-            let mut x_e = Vec::with_capacity(m * h);
-            for &(t, _) in users {
-                x_e.extend_from_slice(&xs[t * h..(t + 1) * h]);
-            }
+        for (&(e, users), (x_e, gate, down)) in active.iter().zip(results) {
             if let Some((l, o)) = obs.as_mut() {
                 o.routed(InputSite::Mlp(*l), e, &x_e);
-            }
-            let mut gate = vec![0f32; m * i];
-            let mut up = vec![0f32; m * i];
-            layer.gate.w.matmul_rows(e * i, i, &x_e, &mut gate);
-            layer.up.w.matmul_rows(e * i, i, &x_e, &mut up);
-            let (gb, ub) = (&layer.gate.b[e * i..(e + 1) * i], &layer.up.b[e * i..(e + 1) * i]);
-            for (g_row, u_row) in gate.chunks_exact_mut(i).zip(up.chunks_exact(i)) {
-                for (((g, u), bg), bu) in g_row.iter_mut().zip(u_row).zip(gb).zip(ub) {
-                    let gv = (*g + bg).min(limit);
-                    let uv = (u + bu).clamp(-limit, limit);
-                    *g = (uv + 1.0) * (gv / (1.0 + (-SWIGLU_ALPHA * gv).exp()));
-                }
-            }
-            if let Some((l, o)) = obs.as_mut() {
                 o.routed(InputSite::ExpertDown(*l), e, &gate);
             }
-            let mut down = vec![0f32; m * h];
-            layer.down.w.matmul_rows(e * h, h, &gate, &mut down);
             let db = &layer.down.b[e * h..(e + 1) * h];
             for (&(t, w), d_row) in users.iter().zip(down.chunks_exact(h)) {
                 for ((o, d), b) in out[t * h..(t + 1) * h].iter_mut().zip(d_row).zip(db) {
