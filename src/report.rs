@@ -3,9 +3,10 @@
 pub use mixq_quantizer::sizes::thousands;
 use mixq_quantizer::sizes::{gb, gib};
 use mixq_quantizer::writer::inspect::Inspection;
-use mixq_quantizer::recipe::plan::{PlanSummary, SourceSize};
+use mixq_quantizer::recipe::plan::SourceSize;
+use mixq_quantizer::writer::jobs::Plan;
+use mixq_quantizer::writer::on_disk::OnDisk;
 use mixq_quantizer::writer::verify::VerifyReport;
-use mixq_quantizer::Recipe;
 use serde_json::{json, Value};
 
 /// Size figures as JSON.
@@ -26,8 +27,46 @@ fn source_json(s: SourceSize) -> Value {
     v
 }
 
+/// The converted files' sizes on disk as JSON.
+pub fn on_disk_json(d: &OnDisk) -> Value {
+    json!({
+        "bytes": d.total(),
+        "gb": gb(d.total() as usize),
+        "gib": gib(d.total() as usize),
+        "shards": d.shards,
+        "shard_count": d.shard_count,
+        "headers": d.headers,
+        "index": d.index,
+        "config": d.config,
+        "copied": d.copied,
+        "copied_bytes": d.copied_bytes(),
+        "copied_known": d.copied_known,
+        "card_at_most": d.card,
+        "manifest_at_most": d.manifest,
+    })
+}
+
+/// The on-disk line of the plan: the total and each kind of file.
+pub fn on_disk_text(d: &OnDisk) -> String {
+    let copied = if d.copied_known { "copied tokenizer files" } else { "copied files found beside the config (a bare config: others not counted)" };
+    format!(
+        "on disk: {} bytes ({:.2} GiB) at most: {} shard(s) {} incl. headers {}, index {}, config {}, {copied} {}, card <= {}, manifest <= {}\n",
+        thousands(d.total() as usize),
+        gib(d.total() as usize),
+        d.shard_count,
+        thousands(d.shards as usize),
+        thousands(d.headers as usize),
+        thousands(d.index as usize),
+        thousands(d.config as usize),
+        thousands(d.copied_bytes() as usize),
+        thousands(d.card as usize),
+        thousands(d.manifest as usize),
+    )
+}
+
 /// The plan as a JSON object.
-pub fn plan_json(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: SourceSize) -> Value {
+pub fn plan_json(source: &str, plan: &Plan) -> Value {
+    let (recipe, s, source_size) = (&plan.recipe, &plan.summary, plan.source_size);
     let rows: Vec<Value> = s
         .rows
         .iter()
@@ -48,12 +87,14 @@ pub fn plan_json(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: So
         "recipe": recipe.name,
         "rows": rows,
         "total": size_json(s.bytes, s.params),
+        "on_disk": on_disk_json(&plan.on_disk),
         "source_checkpoint": source_json(source_size),
     })
 }
 
 /// The plan as a table.
-pub fn plan_text(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: SourceSize) -> String {
+pub fn plan_text(source: &str, plan: &Plan) -> String {
+    let (recipe, s, source_size) = (&plan.recipe, &plan.summary, plan.source_size);
     let mut out = format!("plan: {source} ({} layers) with recipe {}\n\n", s.num_layers, recipe.name);
     out.push_str(&format!("{:<6} {:>5} {:>17} {:>8} {:>17}  {}\n", "bits", "group", "parameters", "%", "bytes", "covers"));
     for r in &s.rows {
@@ -82,6 +123,7 @@ pub fn plan_text(source: &str, recipe: &Recipe, s: &PlanSummary, source_size: So
         gib(s.bytes),
         s.bits_per_weight()
     ));
+    out.push_str(&on_disk_text(&plan.on_disk));
     let SourceSize { layout, bytes: sb, params: sp } = source_size;
     out.push_str(&format!(
         "source ({}): {} bytes = {:.2} GB = {:.2} GiB, {:.3} bits per weight\n",

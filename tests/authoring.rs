@@ -44,18 +44,18 @@ fn searched_recipe_beats_the_hand_written_one_on_held_out_text() {
     assert_eq!(v["cost"], "kl");
     assert!(v["rank_correlation"].is_number());
 
-    // The byte size of the hand-written recipe's conversion.
+    // The hand-written recipe's conversion's size on disk.
     let plan = run_json(&["plan", "--source", TRAINED, "--recipe", "gpt-oss-120b-3.6bit", "--json"]);
-    let hand_bytes = plan["total"]["bytes"].as_u64().or_else(|| plan["bytes"].as_u64()).expect("plan bytes");
+    let hand_bytes = plan["on_disk"]["bytes"].as_u64().expect("plan bytes on disk");
     let recipe = dir.join("searched.yaml");
     let found = run_json(&[
         "recipe", "search", "--sensitivity", s(&sens), "--source", TRAINED, "--target-size", &hand_bytes.to_string(),
         "--out", s(&recipe), "--json",
     ]);
-    assert!(found["bytes"].as_u64().unwrap() <= hand_bytes);
+    assert!(found["on_disk"]["bytes"].as_u64().unwrap() <= hand_bytes);
     let planned = run_json(&["plan", "--source", TRAINED, "--recipe", s(&recipe), "--json"]);
-    let planned_bytes = planned["total"]["bytes"].as_u64().or_else(|| planned["bytes"].as_u64()).unwrap();
-    assert_eq!(planned_bytes, found["bytes"].as_u64().unwrap(), "mixq plan agrees with the search");
+    assert_eq!(planned["total"]["bytes"], found["bytes"], "mixq plan agrees with the search");
+    assert_eq!(planned["on_disk"], found["on_disk"], "mixq plan agrees with the search");
 
     let kl = |recipe: &str, name: &str| {
         let out = dir.join(name);
@@ -119,8 +119,15 @@ fn the_120b_shape_is_searched_from_a_synthetic_sensitivity_file() {
         "recipe", "search", "--sensitivity", s(&sens), "--source", CONFIG_120B, "--target-size", "48GiB", "--out", s(&recipe),
         "--frontier", "--json",
     ]);
-    let bytes = found["bytes"].as_u64().unwrap();
+    let bytes = found["on_disk"]["bytes"].as_u64().unwrap();
     assert!(bytes <= 48 << 30 && bytes > 47 << 30, "{bytes}");
+    let tensors = found["bytes"].as_u64().unwrap();
+    assert!(tensors < bytes, "{tensors} bytes of tensors, {bytes} on disk");
+    // 120b's shards are many, so their headers are counted: 5 GiB each at most.
+    assert!(found["on_disk"]["shard_count"].as_u64().unwrap() >= 10, "{}", found["on_disk"]);
+    assert_eq!(found["on_disk"]["copied_known"], false, "a bare config");
+    let yaml = std::fs::read_to_string(&recipe).unwrap();
+    assert!(yaml.contains(&format!("# On disk: at most {bytes} bytes, counting the shards with headers")), "{yaml}");
     let rows = found["frontier"].as_array().unwrap();
     assert_eq!(rows.len(), 9);
     let costs: Vec<f64> = rows.iter().filter_map(|r| r["predicted_cost"].as_f64()).collect();
@@ -128,6 +135,30 @@ fn the_120b_shape_is_searched_from_a_synthetic_sensitivity_file() {
     let svg = std::fs::read_to_string(dir.join("gpt-oss-120b-searched.frontier.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
     let plan = run_json(&["plan", "--source", CONFIG_120B, "--recipe", s(&recipe), "--json"]);
-    let planned = plan["total"]["bytes"].as_u64().or_else(|| plan["bytes"].as_u64()).unwrap();
-    assert_eq!(planned, bytes);
+    assert_eq!(plan["total"]["bytes"].as_u64(), Some(tensors));
+    assert_eq!(plan["on_disk"], found["on_disk"], "plan prints the search's figure on disk");
+}
+
+#[test]
+fn a_size_target_bounds_the_converted_files_on_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let sens = dir.join("sens.json");
+    run(&["sensitivity", "--model", TRAINED, "--bits", "3,4,6,8", "--group-sizes", "64,128", "--out", s(&sens), "--quiet"]);
+    // The hand-written recipe's size on disk as plan gives it, as the target.
+    let plan = run_json(&["plan", "--source", TRAINED, "--recipe", "gpt-oss-120b-3.6bit", "--json"]);
+    let target = plan["on_disk"]["bytes"].as_u64().unwrap();
+    let recipe = dir.join("searched.yaml");
+    let found = run_json(&[
+        "recipe", "search", "--sensitivity", s(&sens), "--source", TRAINED, "--target-size", &target.to_string(), "--out", s(&recipe),
+        "--json",
+    ]);
+    let out = dir.join("searched");
+    run(&["convert", "--source", TRAINED, "--recipe", s(&recipe), "--quantizer", "minmax", "--out", s(&out), "--quiet"]);
+    let on_disk: u64 = common::file_sizes(&out).values().sum();
+    let planned = found["on_disk"]["bytes"].as_u64().unwrap();
+    eprintln!("target {target}, planned on disk {planned}, on disk {on_disk}, tensors {}", found["bytes"]);
+    assert!(on_disk <= planned && planned <= target, "target {target}, planned {planned}, on disk {on_disk}");
+    // The budget is used: within the bytes of one small upgrade of the target.
+    assert!(target - on_disk < 64 << 10, "target {target}, on disk {on_disk}");
 }

@@ -56,3 +56,77 @@ fn mxfp4_source_size_is_reported_in_the_table() {
     assert!(stdout.contains("48.38 GiB, 3.557 bits per weight"), "{stdout}");
     assert!(stdout.contains("65.25 GB"), "{stdout}");
 }
+
+const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt-oss-shakespeare");
+
+/// Converts `source` by `recipe` into `out` (min-max: the quantizer does not change a size).
+fn convert(source: &str, recipe: &str, out: &std::path::Path) {
+    let o = mixq(&["convert", "--source", source, "--recipe", recipe, "--quantizer", "minmax", "--out", out.to_str().unwrap(), "--quiet"], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+}
+
+/// The safetensors header bytes (8-byte length and the JSON) of a shard on disk.
+fn header_bytes(path: &std::path::Path) -> u64 {
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    std::fs::File::open(path).unwrap().read_exact(&mut len).unwrap();
+    8 + u64::from_le_bytes(len)
+}
+
+/// Checks plan's on-disk figures against the files of a real conversion: shards, headers, index,
+/// config and copied files exactly, the card and the manifest within their bounds, every file
+/// counted.
+fn assert_on_disk_matches(d: &Value, out: &std::path::Path, what: &str) {
+    let files = common::file_sizes(out);
+    let shards: Vec<&String> = files.keys().filter(|n| n.ends_with(".safetensors")).collect();
+    assert_eq!(shards.len() as u64, d["shard_count"].as_u64().unwrap(), "{what}");
+    assert_eq!(shards.iter().map(|n| files[*n]).sum::<u64>(), d["shards"].as_u64().unwrap(), "{what}: shards");
+    assert_eq!(shards.iter().map(|n| header_bytes(&out.join(n))).sum::<u64>(), d["headers"].as_u64().unwrap(), "{what}: headers");
+    assert_eq!(files["model.safetensors.index.json"], d["index"].as_u64().unwrap(), "{what}: index");
+    assert_eq!(files["config.json"], d["config"].as_u64().unwrap(), "{what}: config.json");
+    let copied = d["copied"].as_object().unwrap();
+    assert!(copied.contains_key("tokenizer.json"), "{what}: {copied:?}");
+    for (name, size) in copied {
+        assert_eq!(files.get(name).copied(), size.as_u64(), "{what}: {name}");
+    }
+    let card = files["README.md"];
+    let manifest = files["mixq-manifest.json"];
+    assert!(card <= d["card_at_most"].as_u64().unwrap(), "{what}: card {card} over {}", d["card_at_most"]);
+    assert!(manifest <= d["manifest_at_most"].as_u64().unwrap(), "{what}: manifest {manifest} over {}", d["manifest_at_most"]);
+    // Every file is counted: nothing else is on disk.
+    assert_eq!(files.len(), shards.len() + 2 + copied.len() + 2, "{what}: uncounted files in {files:?}");
+    let total: u64 = files.values().sum();
+    let bound = d["bytes"].as_u64().unwrap();
+    assert!(total <= bound, "{what}: {total} bytes on disk, plan says at most {bound}");
+    let slack = bound - total;
+    assert_eq!(slack, d["card_at_most"].as_u64().unwrap() - card + d["manifest_at_most"].as_u64().unwrap() - manifest, "{what}");
+    eprintln!("{what}: on disk {total}, plan {bound} (card {card} <= {}, manifest {manifest} <= {})", d["card_at_most"], d["manifest_at_most"]);
+}
+
+#[test]
+fn the_on_disk_figure_bounds_the_files_convert_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for recipe in ["gpt-oss-120b-3.6bit", "mixed_3_6", "mxfp4-experts"] {
+        let p = plan_json(TINY, recipe);
+        let d = &p["on_disk"];
+        assert_eq!(d["copied_known"], true);
+        let out = tmp.path().join(recipe);
+        convert(TINY, recipe, &out);
+        assert_on_disk_matches(d, &out, recipe);
+        let tensors = p["total"]["bytes"].as_u64().unwrap();
+        assert_eq!(d["shards"].as_u64().unwrap() - d["headers"].as_u64().unwrap(), tensors, "{recipe}: shards are tensors and headers");
+    }
+    // From the config alone, the files beside it are those of the folder: the same figures, save
+    // the card and manifest, which name the source as given.
+    let config_only = plan_json(&format!("{TINY}/config.json"), "mixed_3_6");
+    let folder = plan_json(TINY, "mixed_3_6");
+    assert_eq!(config_only["on_disk"]["copied_known"], false);
+    for field in ["shards", "headers", "index", "config", "copied"] {
+        assert_eq!(config_only["on_disk"][field], folder["on_disk"][field], "{field}");
+    }
+    // The text names the total and each kind of file.
+    let out = mixq(&["plan", "--source", TINY, "--recipe", "mixed_3_6"], &[]);
+    let (stdout, _) = text(&out);
+    let total = mixq_quantizer::sizes::thousands(folder["on_disk"]["bytes"].as_u64().unwrap() as usize);
+    assert!(stdout.contains(&format!("on disk: {total} bytes")) && stdout.contains("incl. headers") && stdout.contains("manifest <="), "{stdout}");
+}

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use mixq_loader::Checkpoint;
-use mixq_quantizer::recipe::plan::source_size;
-use mixq_quantizer::{Allocation, ConvertOptions, Recipe};
+use mixq_quantizer::writer::jobs::plan_source;
+use mixq_quantizer::{ConvertOptions, Recipe};
 use mixq_validate::validate_job::ValidateRequest;
 use serde_json::Value;
 
@@ -62,21 +62,17 @@ impl Demo<'_> {
 
     /// Runs plan, calibrate, convert, inspect, verify, generate and validate.
     fn run(&self, recipe_name: &str) -> Result<()> {
-        let recipe = Recipe::load(recipe_name)?;
         let source = self.model.display().to_string();
-        let ckpt = Checkpoint::open(self.model).with_context(|| format!("opening the bundled model {source}"))?;
-        let summary = Allocation::resolve(ckpt.config(), &recipe)?.summary();
-        let layout = ckpt.format().source_layout().unwrap_or(mixq_loader::SourceLayout::Mxfp4);
-        let src_size = source_size(ckpt.config(), layout);
-        self.say(&format!("== 1. plan ==\n{}", report::plan_text(&source, &recipe, &summary, src_size)));
-        drop(ckpt);
+        let plan = plan_source(&source, recipe_name, false).with_context(|| format!("planning the bundled model {source}"))?;
+        let recipe = &plan.recipe;
+        self.say(&format!("== 1. plan ==\n{}", report::plan_text(&source, &plan)));
         // Calibration reads the second half of the held-out text; validation scores the first half.
         let text = self.model.parent().map(|p| p.join("shakespeare-dev.txt")).filter(|p| p.is_file());
         let calibration = match &text {
             Some(text) => Some(self.calibrate(text, &source)?),
             None => None,
         };
-        let (convert, quantizer) = self.convert(&recipe, calibration.clone())?;
+        let (convert, quantizer) = self.convert(recipe, calibration.clone())?;
         let name = self.out.display().to_string();
         let inspection = mixq_quantizer::writer::inspect::inspect(&Checkpoint::open(self.out)?)?;
         self.say(&format!("\n== 4. inspect ==\n{}", report::inspect_text(&name, &inspection)));
@@ -90,7 +86,7 @@ impl Demo<'_> {
         if self.json {
             print_json(&serde_json::json!({
                 "validate": validation,
-                "plan": report::plan_json(&source, &recipe, &summary, src_size),
+                "plan": report::plan_json(&source, &plan),
                 "calibration": calibration,
                 "convert": {"out": convert.out, "seconds": convert.seconds, "shards": convert.shards, "quantizer": quantizer},
                 "inspect": report::inspect_json(&name, &inspection),

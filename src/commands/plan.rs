@@ -31,9 +31,9 @@ pub fn run(a: PlanArgs) -> Result<ExitCode> {
         eprintln!("warning: {w}");
     }
     if a.json.json {
-        print_json(&report::plan_json(&a.source, &plan.recipe, &plan.summary, plan.source_size));
+        print_json(&report::plan_json(&a.source, &plan));
     } else {
-        print!("{}", report::plan_text(&a.source, &plan.recipe, &plan.summary, plan.source_size));
+        print!("{}", report::plan_text(&a.source, &plan));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use mixq_quantizer::sizes::gib;
 use serde_json::json;
 
 use crate::args::{refuse_existing, Json};
-use crate::report::{print_json, thousands};
+use crate::report::{on_disk_json, on_disk_text, print_json, thousands};
 
 /// Arguments of `mixq recipe search`.
 #[derive(clap::Args)]
@@ -67,7 +67,7 @@ pub fn run(a: SearchArgs) -> Result<ExitCode> {
     if a.json.json {
         print_json(&json!({
             "out": a.out, "target_bytes": found.target, "bytes": found.bytes, "bits_per_weight": found.bits_per_weight,
-            "predicted_cost": found.cost,
+            "on_disk": on_disk_json(&found.on_disk), "predicted_cost": found.cost,
             "frontier_svg": found.svg,
             "frontier": found.frontier.iter().map(|p| json!({"target_bpw": p.target_bpw, "bytes": p.found.map(|x| x.0),
                 "bits_per_weight": p.found.map(|x| x.1), "predicted_cost": p.found.map(|x| x.2)})).collect::<Vec<_>>(),
@@ -81,7 +81,7 @@ pub fn run(a: SearchArgs) -> Result<ExitCode> {
 /// What was written, and the frontier table when asked.
 fn print_text(a: &SearchArgs, found: &SearchedRecipe) {
     println!(
-        "wrote {}: {} bytes ({:.2} GiB), {:.3} bits per weight, predicted summed cost {:.6} (target {})",
+        "wrote {}: {} bytes of tensors ({:.2} GiB), {:.3} bits per weight, predicted summed cost {:.6} (target {})",
         a.out.display(),
         thousands(found.bytes as usize),
         gib(found.bytes as usize),
@@ -89,6 +89,7 @@ fn print_text(a: &SearchArgs, found: &SearchedRecipe) {
         found.cost,
         found.target_label
     );
+    print!("{}", on_disk_text(&found.on_disk));
     if !a.frontier {
         return;
     }

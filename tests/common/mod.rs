@@ -81,6 +81,19 @@ pub fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The size of every entry of a folder (all of them plain files), by name: what a model takes on disk.
+pub fn file_sizes(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    std::fs::read_dir(dir)
+        .expect("a folder")
+        .map(|e| {
+            let e = e.expect("an entry");
+            let meta = e.metadata().expect("its metadata");
+            assert!(meta.is_file(), "{} is not a plain file", e.path().display());
+            (e.file_name().to_string_lossy().into_owned(), meta.len())
+        })
+        .collect()
+}
+
 /// The bundled dev text cut in two halves at a character boundary, written into `dir` as
 /// (`first`, `second`).
 pub fn dev_text_halves(dir: &Path, first: &str, second: &str) -> (PathBuf, PathBuf) {

@@ -16,6 +16,7 @@ use mixq_loader::schema::{mlx_params, TensorClass};
 use crate::recipe::plan::{compress_ranges, Allocation};
 use crate::recipe::language::Recipe;
 use crate::authoring::sensitivity_file::{Sensitivity, UnitCost};
+use crate::writer::on_disk::COUNTED_FILES;
 
 /// Knobs of a search.
 #[derive(Debug, Clone)]
@@ -216,6 +217,8 @@ pub struct RecipeHeader<'a> {
     pub sensitivity_path: &'a str,
     /// The target, as given.
     pub target: &'a str,
+    /// The converted model's bytes on disk (at most), as `mixq plan` counts them.
+    pub on_disk: u64,
 }
 
 /// The units one written rule covers: (layers, whether the class lives in layers, bytes, cost).
@@ -227,7 +230,8 @@ pub fn write_recipe(problem: &Problem<'_>, sens: &Sensitivity, a: &Allotment, h:
     let mut out = String::new();
     let bpw = 8.0 * a.bytes as f64 / problem.params as f64;
     let _ = writeln!(out, "# Searched by mixq recipe search from {} (cost: {}; model: {}).", h.sensitivity_path, sens.cost_kind, sens.model);
-    let _ = writeln!(out, "# Target: {}. Planned: {} bytes, {bpw:.3} bits per weight; predicted summed cost {:.6}.", h.target, a.bytes, a.cost);
+    let _ = writeln!(out, "# Target: {}. Planned: {} bytes of tensors, {bpw:.3} bits per weight; predicted summed cost {:.6}.", h.target, a.bytes, a.cost);
+    let _ = writeln!(out, "# On disk: at most {} bytes, counting the {COUNTED_FILES} (a --target-size counts the same).", h.on_disk);
     let _ = writeln!(out, "# Costs were measured with --quantizer {}; convert with the same quantizer.", sens.quantizer);
     let _ = writeln!(out, "name: {}", h.name);
     let _ = writeln!(out, "description: >-\n  Searched for {}: the allocation with the least predicted cost (KL) under the size budget.", h.target);
@@ -273,15 +277,16 @@ pub fn write_recipe(problem: &Problem<'_>, sens: &Sensitivity, a: &Allotment, h:
     out
 }
 
-/// Checks a written recipe against the plan: it parses, covers the model, and its planned size is
-/// the allotment's. Returns the planned bytes.
-pub fn check_recipe(text: &str, origin: &str, config: &GptOssConfig, a: &Allotment) -> Result<u64, String> {
+/// Checks a written recipe against the plan: it parses, covers the model, and its planned tensor
+/// bytes are the allotment's. Returns the parsed recipe and its allocation.
+pub fn check_recipe(text: &str, origin: &str, config: &GptOssConfig, a: &Allotment) -> Result<(Recipe, Allocation), String> {
     let recipe = Recipe::parse(text, origin).map_err(|e| format!("the written recipe does not parse: {e}"))?;
-    let summary = Allocation::resolve(config, &recipe).map_err(|e| format!("the written recipe does not fit the model: {e}"))?.summary();
-    if summary.bytes as u64 != a.bytes {
-        return Err(format!("the plan gives {} bytes, the search {}", summary.bytes, a.bytes));
+    let alloc = Allocation::resolve(config, &recipe).map_err(|e| format!("the written recipe does not fit the model: {e}"))?;
+    let bytes = alloc.summary().bytes as u64;
+    if bytes != a.bytes {
+        return Err(format!("the plan gives {bytes} bytes, the search {}", a.bytes));
     }
-    Ok(summary.bytes as u64)
+    Ok((recipe, alloc))
 }
 
 /// Predicted (bytes, bits per weight, cost) at each target bits per weight.
@@ -418,9 +423,9 @@ mod tests {
         assert!(a.cost < smallest.cost);
         let b = problem.solve(target).unwrap();
         assert_eq!(a.choices, b.choices);
-        let header = RecipeHeader { name: "searched", sensitivity_path: "toy.json", target: "test" };
+        let header = RecipeHeader { name: "searched", sensitivity_path: "toy.json", target: "test", on_disk: 0 };
         let text = write_recipe(&problem, &sens, &a, &header, &opts.keep);
-        assert_eq!(check_recipe(&text, "searched.yaml", &config, &a).unwrap(), a.bytes, "{text}");
+        assert_eq!(check_recipe(&text, "searched.yaml", &config, &a).unwrap().1.summary().bytes as u64, a.bytes, "{text}");
         let e = problem.solve(smallest.bytes - 1).unwrap_err().to_string();
         assert!(e.contains(&smallest.bytes.to_string()) && e.contains("--min-bits 3"), "{e}");
     }

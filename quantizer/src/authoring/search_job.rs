@@ -3,12 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use mixq_loader::source::{resolve_source, Need};
 use mixq_loader::{GptOssConfig, LoaderError, ModelFingerprint};
 
 use mixq_loader::schema::TensorClass;
-use crate::authoring::recipe_search::{check_recipe, frontier, frontier_svg, parse_size_flag, write_recipe, Problem, RecipeHeader, SearchError, SearchOptions};
+use crate::authoring::recipe_search::{check_recipe, frontier, frontier_svg, parse_size_flag, write_recipe, Allotment, Problem, RecipeHeader, SearchError, SearchOptions};
 use crate::authoring::sensitivity_file::{Sensitivity, SensitivityError};
+use crate::recipe::language::Recipe;
+use crate::writer::on_disk::{on_disk, OnDisk, SourceFiles};
 
 /// Bits per weight of the frontier table.
 pub const FRONTIER_BPW: [f64; 9] = [3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.0];
@@ -69,13 +70,39 @@ pub fn keep_classes(names: &[String]) -> Result<Vec<TensorClass>, SearchJobError
     Ok(keep)
 }
 
-/// The size budget in bytes and how to name it, from `--target-bpw` over `params` or `--target-size`.
-pub fn target_bytes(target_bpw: Option<f64>, target_size: Option<&str>, params: u64) -> Result<(u64, String), SearchJobError> {
+/// A size budget and what it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Bytes of tensor data (`--target-bpw`: bits per weight count tensor data only).
+    Tensors(u64),
+    /// Bytes of the converted model's files on disk (`--target-size`), as `mixq plan` counts them.
+    OnDisk(u64),
+}
+
+impl Budget {
+    /// The budget in bytes.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Budget::Tensors(b) | Budget::OnDisk(b) => b,
+        }
+    }
+
+    /// What an allocation with `tensor_bytes` of tensors and files `disk` spends of this budget.
+    fn spent(self, tensor_bytes: u64, disk: &OnDisk) -> u64 {
+        match self {
+            Budget::Tensors(_) => tensor_bytes,
+            Budget::OnDisk(_) => disk.total(),
+        }
+    }
+}
+
+/// The size budget and how to name it, from `--target-bpw` over `params` or `--target-size`.
+pub fn target_bytes(target_bpw: Option<f64>, target_size: Option<&str>, params: u64) -> Result<(Budget, String), SearchJobError> {
     match (target_bpw, target_size) {
-        (Some(bpw), None) if bpw > 0.0 => Ok(((bpw * params as f64 / 8.0) as u64, format!("{bpw} bits per weight"))),
+        (Some(bpw), None) if bpw > 0.0 => Ok((Budget::Tensors((bpw * params as f64 / 8.0) as u64), format!("{bpw} bits per weight"))),
         (None, Some(size)) => {
             let bytes = parse_size_flag("--target-size", size).map_err(SearchJobError::Input)?;
-            Ok((bytes, format!("{size} ({bytes} bytes)")))
+            Ok((Budget::OnDisk(bytes), format!("{size} ({bytes} bytes on disk)")))
         }
         _ => Err(SearchJobError::Input("give exactly one of --target-bpw X (positive) or --target-size SIZE".into())),
     }
@@ -117,8 +144,10 @@ pub struct SearchedRecipe {
     pub target: u64,
     /// The budget as given.
     pub target_label: String,
-    /// The recipe's size as `plan` computes it.
+    /// The recipe's tensor bytes as `plan` computes them.
     pub bytes: u64,
+    /// Its converted files on disk, as `plan` counts them.
+    pub on_disk: OnDisk,
     /// Its bits per weight.
     pub bits_per_weight: f64,
     /// Its summed predicted cost.
@@ -132,13 +161,16 @@ pub struct SearchedRecipe {
 }
 
 /// Searches the least-cost recipe within the budget, checks it against the plan and writes it.
+/// An on-disk budget is met by searching the tensor bytes it leaves after the other files and
+/// tightening by the excess until the written recipe's files, as `plan` counts them, fit.
 pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobError> {
     let sens = Sensitivity::read(r.sensitivity)?;
-    let config = GptOssConfig::from_file(&resolve_source(r.source, Need::Config, true)?.config_path())?;
+    let (config, files) = SourceFiles::resolve(r.source, true)?;
     check_architecture(&sens, r.sensitivity, &config, r.source)?;
     let keep = keep_classes(r.keep_bf16)?;
     let problem = Problem::new(&sens, &config, &SearchOptions { min_bits: r.min_bits, keep: keep.clone() })?;
-    let (target, target_label) = target_bytes(r.target_bpw, r.target_size, problem.params)?;
+    let (budget, target_label) = target_bytes(r.target_bpw, r.target_size, problem.params)?;
+    let target = budget.bytes();
     let all_bf16 = problem.bf16_bytes();
     if target >= all_bf16 {
         return Err(SearchJobError::Input(format!(
@@ -146,16 +178,38 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
             mixq_loader::bits_per_weight(all_bf16 as usize, problem.params as usize)
         )));
     }
-    let allot = problem.solve(target)?;
     let name = r.name.map(str::to_string).unwrap_or_else(|| stem(r.out, "searched"));
     let sens_label = r.sensitivity.display().to_string();
-    let header = RecipeHeader { name: &name, sensitivity_path: &sens_label, target: &target_label };
-    let text = write_recipe(&problem, &sens, &allot, &header, &keep);
-    let planned = check_recipe(&text, &r.out.display().to_string(), &config, &allot).map_err(SearchJobError::Input)?;
-    if planned > target {
-        return Err(SearchJobError::Input(format!("internal error: the planned size {planned} exceeds the target {target}")));
+    let render = |allot: &Allotment| -> Result<Written, SearchJobError> {
+        let header = |on_disk| RecipeHeader { name: &name, sensitivity_path: &sens_label, target: &target_label, on_disk };
+        written(&config, &files, r.out, allot, |on_disk| write_recipe(&problem, &sens, allot, &header(on_disk), &keep))
+    };
+    let mut tensor_budget = target;
+    let mut found = None;
+    for _ in 0..MAX_TIGHTENING {
+        let allot = match problem.solve(tensor_budget) {
+            Ok(a) => a,
+            Err(SearchError::TooSmall { minimum, bpw, min_bits, .. }) => {
+                let minimum = match budget {
+                    Budget::Tensors(_) => minimum,
+                    Budget::OnDisk(_) => render(&problem.smallest())?.on_disk.total(),
+                };
+                return Err(SearchError::TooSmall { target, minimum, bpw, min_bits }.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let w = render(&allot)?;
+        let spent = budget.spent(allot.bytes, &w.on_disk);
+        if spent <= target {
+            found = Some((allot, w));
+            break;
+        }
+        tensor_budget = tensor_budget.saturating_sub(spent - target);
     }
-    std::fs::write(r.out, &text).map_err(|e| SearchJobError::Write(r.out.to_path_buf(), e))?;
+    let Some((allot, w)) = found else {
+        return Err(SearchJobError::Input(format!("internal error: no allocation's files fit {target_label} after {MAX_TIGHTENING} tightenings")));
+    };
+    std::fs::write(r.out, &w.text).map_err(|e| SearchJobError::Write(r.out.to_path_buf(), e))?;
     let bpw = |bytes: u64| mixq_loader::bits_per_weight(bytes as usize, problem.params as usize);
     let rows = if r.frontier { frontier(&problem, &FRONTIER_BPW) } else { Vec::new() };
     let svg = r.frontier.then(|| r.out.with_file_name(format!("{}.frontier.svg", stem(r.out, "recipe"))));
@@ -168,7 +222,45 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
         .into_iter()
         .map(|(target_bpw, x)| FrontierPoint { target_bpw, found: x.map(|x| (x.bytes, bpw(x.bytes), x.cost)) })
         .collect();
-    Ok(SearchedRecipe { target, target_label, bytes: planned, bits_per_weight: bpw(planned), cost: allot.cost, cost_kind: sens.cost_kind, frontier, svg })
+    Ok(SearchedRecipe {
+        target,
+        target_label,
+        bytes: allot.bytes,
+        on_disk: w.on_disk,
+        bits_per_weight: bpw(allot.bytes),
+        cost: allot.cost,
+        cost_kind: sens.cost_kind,
+        frontier,
+        svg,
+    })
+}
+
+/// Searches with a tighter tensor budget at most this many times before giving up: each round
+/// takes off what the last one's files were over, and the other files hardly change between rounds.
+const MAX_TIGHTENING: usize = 16;
+
+/// A recipe's text as it will be written, and its files on disk.
+struct Written {
+    text: String,
+    on_disk: OnDisk,
+}
+
+/// The recipe `text_for` writes for an allotment, checked against the plan, with the files its
+/// conversion puts on disk. The text states that size, which the manifest (holding the text)
+/// depends on, so the text is rendered again until the figure it states is the one it has.
+fn written(config: &GptOssConfig, files: &SourceFiles, out: &Path, allot: &Allotment, text_for: impl Fn(u64) -> String) -> Result<Written, SearchJobError> {
+    let origin = out.display().to_string();
+    let mut stated = 0;
+    for _ in 0..4 {
+        let text = text_for(stated);
+        let (recipe, alloc): (Recipe, _) = check_recipe(&text, &origin, config, allot).map_err(SearchJobError::Input)?;
+        let disk = on_disk(config, &alloc, &recipe, files);
+        if disk.total() == stated {
+            return Ok(Written { text, on_disk: disk });
+        }
+        stated = disk.total();
+    }
+    Err(SearchJobError::Input("internal error: the recipe's stated size on disk does not settle".into()))
 }
 
 /// The file stem of `path`, or `fallback`.

@@ -355,7 +355,7 @@ impl Job<'_> {
         let summary = alloc.summary();
         let source = self.ckpt.dir();
         write_json(&dir.join(mixq_loader::INDEX_FILE), &layout.index_json(&summary))?;
-        write_json(&dir.join("config.json"), &mlx_config(self.ckpt, alloc))?;
+        write_json(&dir.join("config.json"), &mlx_config(self.ckpt.config(), source, alloc))?;
         for side in mixq_loader::source::SIDE_FILES {
             let from = source.join(side);
             if from.is_file() {
@@ -388,23 +388,32 @@ impl Job<'_> {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), ConvertError> {
+    std::fs::write(path, json_text(value)).map_err(io(path))
+}
+
+/// A JSON file's text as the writer writes it: pretty, with a final newline.
+pub(crate) fn json_text(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialize");
     text.push('\n');
-    std::fs::write(path, text).map_err(io(path))
+    text
 }
 
 /// Where each output tensor goes: shard and absolute file offset.
-struct ShardLayout {
-    names: Vec<String>,
-    headers: Vec<Vec<u8>>,
-    sizes: Vec<u64>,
+pub(crate) struct ShardLayout {
+    /// Shard file names.
+    pub(crate) names: Vec<String>,
+    /// Each shard's safetensors header: length prefix, JSON and padding.
+    pub(crate) headers: Vec<Vec<u8>>,
+    /// Each shard's size in bytes, header included.
+    pub(crate) sizes: Vec<u64>,
     /// Per assigned parameter, per output tensor: (shard, absolute offset).
     placements: Vec<Vec<(usize, u64)>>,
     weight_map: Vec<(String, usize)>,
 }
 
 impl ShardLayout {
-    fn new(alloc: &Allocation, max_shard_bytes: u64) -> Self {
+    /// The shards of `alloc`'s tensors, none larger than `max_shard_bytes` of tensor data.
+    pub(crate) fn new(alloc: &Allocation, max_shard_bytes: u64) -> Self {
         // Group tensors into shards as mlx-lm does: a new shard when the next tensor would overflow.
         let mut shard_of: Vec<Vec<usize>> = Vec::new();
         let mut shard_tensors: Vec<Vec<TensorSpec>> = Vec::new();
@@ -470,7 +479,8 @@ impl ShardLayout {
         Ok(files)
     }
 
-    fn index_json(&self, summary: &PlanSummary) -> Value {
+    /// `model.safetensors.index.json`: totals and the sorted weight map.
+    pub(crate) fn index_json(&self, summary: &PlanSummary) -> Value {
         let weight_map: Map<String, Value> =
             self.weight_map.iter().map(|(n, s)| (n.clone(), Value::String(self.names[*s].clone()))).collect();
         json!({
@@ -656,10 +666,11 @@ impl FactorCache {
 }
 
 /// The MLX config.json: the source config without its mxfp4 `quantization_config`, eos ids from
-/// generation_config.json, and the quantization map (also copied as `quantization_config`).
-fn mlx_config(ckpt: &Checkpoint, alloc: &Allocation) -> Value {
-    let mut cfg = quantized_config(ckpt.config(), alloc);
-    if let Ok(text) = std::fs::read_to_string(ckpt.dir().join("generation_config.json")) {
+/// the generation_config.json in `source_dir`, and the quantization map (also copied as
+/// `quantization_config`).
+pub(crate) fn mlx_config(config: &mixq_loader::GptOssConfig, source_dir: &Path, alloc: &Allocation) -> Value {
+    let mut cfg = quantized_config(config, alloc);
+    if let Ok(text) = std::fs::read_to_string(source_dir.join("generation_config.json")) {
         if let Ok(gen) = serde_json::from_str::<Value>(&text) {
             if let Some(eos) = gen.get("eos_token_id").filter(|v| !v.is_null()) {
                 cfg["eos_token_id"] = eos.clone();

@@ -4,12 +4,13 @@
 use std::path::Path;
 
 use mixq_loader::source::{resolve_source, Need, ResolvedSource};
-use mixq_loader::{Checkpoint, GptOssConfig, LoaderError, SourceLayout};
+use mixq_loader::LoaderError;
 
 use crate::writer::convert::{convert, ConvertOptions, ConvertReport, Progress};
 use crate::error::ConvertError;
 use crate::recipe::plan::{source_size, Allocation, PlanSummary, SourceSize};
 use crate::recipe::language::{Recipe, RecipeError};
+use crate::writer::on_disk::{on_disk, OnDisk, SourceFiles};
 
 /// Anything that stops a plan or a conversion job.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub struct Plan {
     pub source_size: SourceSize,
     /// Recipe rules that decide nothing here, each naming its line.
     pub unused_rules: Vec<String>,
+    /// The converted model's files on disk.
+    pub on_disk: OnDisk,
 }
 
 /// Plans `recipe` (a name or YAML path) on `source` (folder, repo id or config.json), reading no
@@ -45,21 +48,12 @@ pub struct Plan {
 /// `show_downloads` reports a hub download on stderr.
 pub fn plan_source(source: &str, recipe: &str, show_downloads: bool) -> Result<Plan, JobError> {
     let recipe = Recipe::load(recipe)?;
-    let resolved = resolve_source(source, Need::Config, show_downloads)?;
-    let config = GptOssConfig::from_file(&resolved.config_path())?;
+    let (config, files) = SourceFiles::resolve(source, show_downloads)?;
     let alloc = Allocation::resolve(&config, &recipe)?;
     let unused_rules = alloc.unused_rules(&recipe);
-    let layout = match &resolved {
-        ResolvedSource::Folder(dir) if has_weights(dir) => Checkpoint::open(dir)?.format().source_layout(),
-        _ => None,
-    };
-    let source_size = source_size(&config, layout.unwrap_or_else(|| SourceLayout::of_config(&config)));
-    Ok(Plan { summary: alloc.summary(), recipe, source_size, unused_rules })
-}
-
-/// Whether a folder holds safetensors weights (an index or a single file), not only a config.
-fn has_weights(dir: &Path) -> bool {
-    dir.join(mixq_loader::INDEX_FILE).is_file() || dir.join("model.safetensors").is_file()
+    let on_disk = on_disk(&config, &alloc, &recipe, &files);
+    let source_size = source_size(&config, files.layout);
+    Ok(Plan { summary: alloc.summary(), recipe, source_size, unused_rules, on_disk })
 }
 
 /// A finished conversion job.

@@ -44,10 +44,29 @@ pub fn write_manifest(
                 Some(r) => (r.sha256.clone(), r.size),
                 None => sha256_file(&p).map_err(io(&p))?,
             };
-            Ok(json!({"name": n, "size": size, "sha256": sha}))
+            Ok(file_entry(n, size, &sha))
         })
         .collect::<Result<_, ConvertError>>()?;
-    let manifest = json!({
+    let manifest = manifest_value(source, source_layout, recipe, summary, provenance, files);
+    let path = dir.join(MANIFEST_FILE);
+    std::fs::write(&path, manifest_text(&manifest)).map_err(io(&path))
+}
+
+/// One file's entry in the manifest's `files` list.
+pub(crate) fn file_entry(name: &str, size: u64, sha256: &str) -> Value {
+    json!({"name": name, "size": size, "sha256": sha256})
+}
+
+/// The manifest of a conversion whose files are `files` (entries of [`file_entry`], sorted by name).
+pub(crate) fn manifest_value(
+    source: &str,
+    source_layout: SourceLayout,
+    recipe: &Recipe,
+    summary: &PlanSummary,
+    provenance: &Provenance,
+    files: Vec<Value>,
+) -> Value {
+    json!({
         "format": "mixq-manifest/1",
         "mixq_version": env!("CARGO_PKG_VERSION"),
         "source": source,
@@ -63,13 +82,11 @@ pub fn write_manifest(
         "total_parameters": summary.params,
         "bits_per_weight": summary.bits_per_weight(),
         "files": files,
-    });
-    let path = dir.join(MANIFEST_FILE);
-    std::fs::write(&path, manifest_text(&manifest)).map_err(io(&path))
+    })
 }
 
 /// The manifest as written: pretty JSON and a final newline.
-fn manifest_text(manifest: &Value) -> String {
+pub(crate) fn manifest_text(manifest: &Value) -> String {
     let mut text = serde_json::to_string_pretty(manifest).expect("JSON values always serialize");
     text.push('\n');
     text
@@ -108,7 +125,7 @@ pub fn refresh_entry(file: &Path) -> Result<Option<std::path::PathBuf>, ConvertE
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).ok_or_else(|| bad("the file has no name"))?;
     let (sha, size) = sha256_file(file).map_err(io(file))?;
     let files = manifest.get_mut("files").and_then(Value::as_array_mut).ok_or_else(|| bad("no `files` list"))?;
-    let entry = json!({"name": name, "size": size, "sha256": sha});
+    let entry = file_entry(&name, size, &sha);
     match files.iter_mut().find(|f| f.get("name").and_then(Value::as_str) == Some(name.as_str())) {
         Some(f) => *f = entry,
         None => {

@@ -9,6 +9,7 @@ pub mod hash;
 pub mod inspect;
 pub mod jobs;
 pub mod manifest;
+pub mod on_disk;
 pub mod provenance;
 pub mod publish;
 pub mod rows;
