@@ -7,7 +7,7 @@ use mixq_loader::source::{resolve_source, Need};
 use mixq_loader::{GptOssConfig, LoaderError, ModelFingerprint};
 
 use mixq_loader::schema::TensorClass;
-use crate::authoring::recipe_search::{check_recipe, frontier, frontier_svg, parse_size_flag, write_recipe, Problem, RecipeHeader, SearchError, SearchOptions};
+use crate::authoring::recipe_search::{check_recipe, Allotment, frontier, frontier_svg, parse_size_flag, write_recipe, Problem, RecipeHeader, SearchError, SearchOptions};
 use crate::authoring::sensitivity_file::{Sensitivity, SensitivityError};
 
 /// Bits per weight of the frontier table.
@@ -40,6 +40,9 @@ pub enum SearchJobError {
     /// An argument is unusable (the message names it).
     #[error("{0}")]
     Input(String),
+    /// Refinement by measurement failed.
+    #[error("refining the searched recipe: {0}")]
+    Refine(Box<dyn std::error::Error + Send + Sync>),
     /// A file could not be written.
     #[error("writing {0}")]
     Write(PathBuf, #[source] std::io::Error),
@@ -101,7 +104,14 @@ pub struct SearchRequest<'a> {
     pub name: Option<&'a str>,
     /// Also compute the frontier and plot it.
     pub frontier: bool,
+    /// Improves the searched allotment by measuring whole candidate models (the validator's
+    /// refinement), where asked.
+    pub refine: Option<&'a Refine<'a>>,
 }
+
+/// Improves an allotment of a problem within a byte budget by measurement; returns the new one and
+/// a line saying what was measured.
+pub type Refine<'r> = dyn Fn(&Sensitivity, &Problem<'_>, Allotment, u64) -> Result<(Allotment, String), Box<dyn std::error::Error + Send + Sync>> + 'r;
 
 /// One point of the frontier: the best allocation at a target bits per weight, if any fits.
 pub struct FrontierPoint {
@@ -123,6 +133,8 @@ pub struct SearchedRecipe {
     pub bits_per_weight: f64,
     /// Its summed predicted cost.
     pub cost: f64,
+    /// What refinement measured, if it ran.
+    pub refined: Option<String>,
     /// What the cost measures (the sensitivity file's cost kind).
     pub cost_kind: String,
     /// The frontier (empty unless asked).
@@ -147,9 +159,16 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
         )));
     }
     let allot = problem.solve(target)?;
+    let (allot, refined) = match r.refine {
+        Some(refine) => {
+            let (a, line) = refine(&sens, &problem, allot, target).map_err(SearchJobError::Refine)?;
+            (a, Some(line))
+        }
+        None => (allot, None),
+    };
     let name = r.name.map(str::to_string).unwrap_or_else(|| stem(r.out, "searched"));
     let sens_label = r.sensitivity.display().to_string();
-    let header = RecipeHeader { name: &name, sensitivity_path: &sens_label, target: &target_label };
+    let header = RecipeHeader { name: &name, sensitivity_path: &sens_label, target: &target_label, refined: refined.as_deref() };
     let text = write_recipe(&problem, &sens, &allot, &header, &keep);
     let planned = check_recipe(&text, &r.out.display().to_string(), &config, &allot).map_err(SearchJobError::Input)?;
     if planned > target {
@@ -168,7 +187,7 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
         .into_iter()
         .map(|(target_bpw, x)| FrontierPoint { target_bpw, found: x.map(|x| (x.bytes, bpw(x.bytes), x.cost)) })
         .collect();
-    Ok(SearchedRecipe { target, target_label, bytes: planned, bits_per_weight: bpw(planned), cost: allot.cost, cost_kind: sens.cost_kind, frontier, svg })
+    Ok(SearchedRecipe { target, target_label, bytes: planned, bits_per_weight: bpw(planned), cost: allot.cost, refined, cost_kind: sens.cost_kind, frontier, svg })
 }
 
 /// The file stem of `path`, or `fallback`.
