@@ -12,6 +12,7 @@ pub mod matrix;
 pub mod model;
 pub mod npy;
 pub mod observe;
+pub mod residual;
 pub mod rope;
 pub mod sample;
 pub mod text;

@@ -31,7 +31,7 @@ pub(crate) struct Linear<'a> {
 }
 
 impl Linear<'_> {
-    fn forward(&self, xs: &[f32]) -> Vec<f32> {
+    pub(crate) fn forward(&self, xs: &[f32]) -> Vec<f32> {
         let n = xs.len() / self.w.cols;
         let mut out = vec![0f32; n * self.w.rows];
         self.w.matmul(xs, &mut out);
@@ -379,7 +379,7 @@ impl<'a> Model<'a> {
         rms_norm(&x, &self.norm, c.rms_norm_eps as f32)
     }
 
-    fn attention(&self, layer: &Layer<'_>, lc: &mut LayerCache, xs: &[f32], first: usize) -> Vec<f32> {
+    pub(crate) fn attention(&self, layer: &Layer<'_>, lc: &mut LayerCache, xs: &[f32], first: usize) -> Vec<f32> {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let n = xs.len() / c.hidden_size;
@@ -431,7 +431,7 @@ impl<'a> Model<'a> {
         out
     }
 
-    fn experts<'o>(&self, layer: &Layer<'_>, xs: &[f32], mut obs: Option<(usize, &mut (dyn ActivationObserver + 'o))>) -> Vec<f32> {
+    pub(crate) fn experts<'o>(&self, layer: &Layer<'_>, xs: &[f32], mut obs: Option<(usize, &mut (dyn ActivationObserver + 'o))>) -> Vec<f32> {
         let c = &self.config;
         let (h, i, k) = (c.hidden_size, c.intermediate_size, c.num_experts_per_tok);
         let n = xs.len() / h;
@@ -503,7 +503,7 @@ impl<'a> Model<'a> {
 }
 
 /// `x * rsqrt(mean(x^2) + eps) * w` per row.
-fn rms_norm(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+pub(crate) fn rms_norm(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let h = w.len();
     let mut out = vec![0f32; xs.len()];
     for (o, x) in out.chunks_exact_mut(h).zip(xs.chunks_exact(h)) {

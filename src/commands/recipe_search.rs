@@ -4,12 +4,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use mixq_quantizer::authoring::search_job::{search_recipe, SearchRequest, SearchedRecipe};
+use mixq_quantizer::authoring::recipe_search::{Allotment, Problem};
+use mixq_quantizer::authoring::search_job::{search_recipe, Refine, SearchRequest, SearchedRecipe};
+use mixq_quantizer::authoring::sensitivity_file::Sensitivity;
+use mixq_validate::refine::{refine_search, RefineOptions, RefineRequest};
 use mixq_quantizer::sizes::gib;
 use serde_json::json;
 
 use crate::args::{refuse_existing, Json};
 use crate::report::{on_disk_json, on_disk_text, print_json, thousands};
+use crate::progress::CountProgress;
+
+/// Window length of refinement's measurements.
+const REFINE_CTX: usize = 512;
+/// Upgrade and downgrade candidates measured per refinement round.
+const REFINE_CANDIDATES: usize = 3;
 
 /// Arguments of `mixq recipe search`.
 #[derive(clap::Args)]
@@ -43,6 +52,19 @@ pub struct SearchArgs {
     /// SVG next to the recipe.
     #[arg(long)]
     frontier: bool,
+    /// After the search, refine it for N rounds of local moves measured on the whole candidate
+    /// model (needs --refine-text and a --source with weights; 0: predicted costs only).
+    #[arg(long, default_value_t = 0)]
+    refine_rounds: usize,
+    /// Tokens of --refine-text each candidate model is measured on.
+    #[arg(long, default_value_t = 2048, value_parser = crate::args::at_least_1)]
+    refine_tokens: usize,
+    /// Text the refinement measures candidates on (not the text you validate on).
+    #[arg(long)]
+    refine_text: Option<PathBuf>,
+    /// Calibration statistics the recipe will be converted with (used by refinement's quantizer).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
     /// Replace an existing recipe file.
     #[arg(long)]
     force: bool,
@@ -53,6 +75,24 @@ pub struct SearchArgs {
 /// Runs `mixq recipe search`.
 pub fn run(a: SearchArgs) -> Result<ExitCode> {
     refuse_existing(&a.out, a.force)?;
+    let refine_request = match (a.refine_rounds, &a.refine_text) {
+        (0, _) => None,
+        (_, None) => anyhow::bail!("--refine-rounds {} measures candidate models on a text: give --refine-text FILE", a.refine_rounds),
+        (rounds, Some(text)) => Some(RefineRequest {
+            source: &a.source,
+            text,
+            calibration: a.calibration.as_deref(),
+            opts: RefineOptions { rounds, tokens: a.refine_tokens, ctx: REFINE_CTX, candidates: REFINE_CANDIDATES },
+            show_downloads: !a.json.json,
+        }),
+    };
+    let progress = CountProgress::new("refine", "rounds", a.json.json);
+    let refine = |sens: &Sensitivity, problem: &Problem<'_>, start: Allotment, target: u64| -> Result<(Allotment, String), Box<dyn std::error::Error + Send + Sync>> {
+        let r = refine_request.as_ref().expect("called only when asked");
+        let refined = refine_search(r, sens, problem, start, target, &|d, t| progress.update(d, t))?;
+        Ok((refined.allot.clone(), refined.describe()))
+    };
+    let refine: &Refine<'_> = &refine;
     let found = search_recipe(&SearchRequest {
         sensitivity: &a.sensitivity,
         source: &a.source,
@@ -63,11 +103,14 @@ pub fn run(a: SearchArgs) -> Result<ExitCode> {
         keep_bf16: &a.keep_bf16,
         name: a.name.as_deref(),
         frontier: a.frontier,
-    })?;
+        refine: refine_request.as_ref().map(|_| refine),
+    });
+    progress.finish();
+    let found = found?;
     if a.json.json {
         print_json(&json!({
             "out": a.out, "target_bytes": found.target, "bytes": found.bytes, "bits_per_weight": found.bits_per_weight,
-            "on_disk": on_disk_json(&found.on_disk), "predicted_cost": found.cost,
+            "on_disk": on_disk_json(&found.on_disk), "predicted_cost": found.cost, "refined": found.refined,
             "frontier_svg": found.svg,
             "frontier": found.frontier.iter().map(|p| json!({"target_bpw": p.target_bpw, "bytes": p.found.map(|x| x.0),
                 "bits_per_weight": p.found.map(|x| x.1), "predicted_cost": p.found.map(|x| x.2)})).collect::<Vec<_>>(),
@@ -90,6 +133,9 @@ fn print_text(a: &SearchArgs, found: &SearchedRecipe) {
         found.target_label
     );
     print!("{}", on_disk_text(&found.on_disk));
+    if let Some(r) = &found.refined {
+        println!("refined: {r}");
+    }
     if !a.frontier {
         return;
     }

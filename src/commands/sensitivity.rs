@@ -45,6 +45,12 @@ pub struct SensitivityArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 512, value_parser = crate::args::at_least_1)]
     ctx: usize,
+    /// Tokens the model writes itself (sampled, no text needed) for the cheap estimate of each
+    /// unit's KL: its block's output error times the rest of the model's measured response to
+    /// noise of that size. It is the cost without --text; with --text it is checked against the
+    /// measured KL (0: no estimate).
+    #[arg(long, default_value_t = 1024)]
+    probe_tokens: usize,
     /// The quantizer the settings are made with.
     #[arg(long, default_value = "mse", value_parser = parse_quantizer)]
     quantizer: QuantMethod,
@@ -75,6 +81,7 @@ pub fn run(a: SensitivityArgs) -> Result<ExitCode> {
         group_sizes: &a.group_sizes,
         tokens: a.tokens,
         ctx: a.ctx,
+        probe_tokens: a.probe_tokens,
         quantizer: a.quantizer,
         measure: &a.measure,
         out: &a.out.out,
@@ -86,7 +93,7 @@ pub fn run(a: SensitivityArgs) -> Result<ExitCode> {
     if a.json.json {
         print_json(&json!({
             "out": a.out.out, "units": s.units.len(), "cost": s.cost_kind, "tokens": s.tokens, "seconds": s.seconds,
-            "rank_correlation": s.rank_correlation,
+            "rank_correlation": s.rank_correlation, "proxy_rank_correlation": s.proxy_rank_correlation, "probe_tokens": s.probe_tokens, "real_run": s.real_run,
             "ranked": ranked(&s).iter().map(|u| json!({"module": u.module, "class": u.class, "layer": u.layer, "measured_kl": u.measured_kl,
                 "cost": u.setting(s.reference_setting).map(|x| x.cost)})).collect::<Vec<_>>(),
         }));
@@ -114,7 +121,30 @@ fn print_table(s: &Sensitivity, out: &std::path::Path) {
         );
     }
     if let Some(r) = s.rank_correlation {
-        println!("Spearman rank correlation of the weight-error proxy with the measured KL over the units: {r:.3}");
+        println!(
+            "Spearman rank correlation with the measured KL over the units: cheap estimate ({} self-written tokens) {r:.3}",
+            thousands(s.probe_tokens)
+        );
+    }
+    if let Some(r) = s.proxy_rank_correlation {
+        println!("Spearman rank correlation of the weight-error proxy with the measured KL: {r:.3}");
+    }
+    if let Some(r) = &s.real_run {
+        let hours = |secs: f64| secs / 3600.0;
+        let total = r.quantize_seconds + r.model_seconds;
+        println!(
+            "the real run without --text (--probe-tokens {}): quantizing {:.0} G weights ({:.1} h) and {:.1} TFLOP of model runs ({:.1} h at the runtime's {:.1} GFLOP/s): {:.1} h on these {} threads, about {:.1} h on 16 cores at the same rate per core; peak memory about {} besides the memory-mapped checkpoint",
+            thousands(r.probe_tokens),
+            r.weights_quantized / 1e9,
+            hours(r.quantize_seconds),
+            r.model_flops / 1e12,
+            hours(r.model_seconds),
+            r.flops_per_second / 1e9,
+            hours(total),
+            r.threads,
+            hours(total) * r.threads as f64 / 16.0,
+            mixq_quantizer::sizes::human_bytes(r.peak_bytes)
+        );
     }
     println!("wrote {} ({} units x {} settings) in {:.1}s", out.display(), s.units.len(), s.units.first().map_or(0, |u| u.settings.len()), s.seconds);
 }

@@ -26,7 +26,9 @@ use mixq_runtime::Model;
 use rayon::prelude::*;
 
 use crate::corpus::Corpus;
+use crate::estimate::{generated_windows, Entry, Probe, SiteResponse};
 use crate::eval::compare_full;
+use crate::projection::{cheap_run_cost, measured_flops};
 use crate::ValidateError;
 
 /// Settings of a sensitivity measurement.
@@ -46,6 +48,8 @@ pub struct SensitivityOptions {
     pub tokens: usize,
     /// Window length.
     pub ctx: usize,
+    /// Tokens the model writes itself for the cheap estimate (0: none).
+    pub probe_tokens: usize,
 }
 
 /// Where the weights come from.
@@ -108,7 +112,7 @@ pub fn sensitivity(
     } else {
         // Nothing is measured: rank the units by the proxy at a setting that is computed.
         let fallback = (opts.bits.iter().copied().min().unwrap_or(3), opts.group_sizes.first().copied().unwrap_or(64));
-        SensitivityOptions { reference: if among(opts.reference) { opts.reference } else { fallback }, second: None, tokens: 0, ..opts.clone() }
+        SensitivityOptions { reference: if among(opts.reference) { opts.reference } else { fallback }, second: opts.second.filter(|&s| among(s)), tokens: 0, ..opts.clone() }
     };
     match *source {
         SensitivitySource::Synthetic(config) => synthetic(config, model_label, opts, progress, start),
@@ -117,7 +121,7 @@ pub fn sensitivity(
 }
 
 /// Mean KL(reference ‖ model) over every position of the windows.
-fn mean_kl(model: &Model<'_>, windows: &[&[u32]], reference: &[Vec<f32>], vocab: usize) -> Result<f64, ValidateError> {
+pub(crate) fn mean_kl(model: &Model<'_>, windows: &[&[u32]], reference: &[Vec<f32>], vocab: usize) -> Result<f64, ValidateError> {
     let sums: Vec<(f64, usize)> = windows
         .par_iter()
         .zip(reference)
@@ -156,43 +160,98 @@ fn measured(
     let vocab = config.vocab_size;
     let reference: Vec<Vec<f32>> =
         windows.par_iter().map(|w| model.forward(w, &mut model.new_cache(), true)).collect::<Result<_, _>>()?;
+    let probe = if opts.probe_tokens > 0 {
+        let ctx = opts.ctx.clamp(2, opts.probe_tokens.max(2));
+        Some(Probe::new(&model, &generated_windows(&model, opts.probe_tokens.div_ceil(ctx), ctx)?)?)
+    } else {
+        None
+    };
 
-    let (e, k) = (config.num_local_experts, config.num_experts_per_tok);
     let params = units(&config);
     let mut out = Vec::with_capacity(params.len());
+    let mut entries = Vec::with_capacity(params.len());
+    // Per residual site: the summed per-dimension errors of its units at the reference and the
+    // second setting, and how many units added to them.
+    let mut site_errors: Vec<(Vec<f64>, Vec<f64>, usize)> = vec![(Vec::new(), Vec::new(), 0); model.residual_sites()];
     for (n, p) in params.iter().enumerate() {
-        let importance = match &calib {
-            Some(c) => c.importance(p)?,
-            None => None,
-        };
-        let fractions = p.class.is_expert().then(|| expert_fractions(p, calib.as_ref(), e, k));
-        let rows_per_expert = if p.class.is_expert() { p.shape[1] } else { 1 };
-        let row_weight = |r: usize| fractions.as_ref().map_or(1.0, |f| f[r / rows_per_expert]);
+        let quantizer = UnitQuantizer::new(&ckpt, p, calib.as_ref(), opts.quantizer)?;
+        let entry = Entry::of(p)?;
         let mut settings = Vec::new();
         let mut measured: Vec<((u32, u32), f64)> = Vec::new();
         for (bits, gs) in settings_of(p, opts) {
-            let q = quantize_unit(&ckpt, p, bits, gs as usize, opts.quantizer, importance.as_ref(), &row_weight)?;
-            if ((bits, gs) == opts.reference || Some((bits, gs)) == opts.second) && !windows.is_empty() {
-                let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, floats: FloatDtype::BF16, bits, group_size: gs as usize };
-                measured.push(((bits, gs), mean_kl(&model.with_weight(&p.module, codes)?, &windows, &reference, vocab)?));
+            let q = quantizer.quantize(bits, gs)?;
+            let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, floats: FloatDtype::BF16, bits, group_size: gs as usize };
+            let changed = || model.with_weight(&p.module, codes);
+            let is_reference = (bits, gs) == opts.reference;
+            if (is_reference || Some((bits, gs)) == opts.second) && !windows.is_empty() {
+                measured.push(((bits, gs), mean_kl(&changed()?, &windows, &reference, vocab)?));
             }
+            // The estimate holds the entry error until the sites' responses are known (lm_head's
+            // is its KL already).
+            let estimate = match (&probe, entry) {
+                (None, _) => None,
+                (Some(probe), Entry::Head) => Some(probe.head_kl(&changed()?)),
+                (Some(probe), _) => {
+                    let err = probe.entry_error(&changed()?, entry)?;
+                    if let Some(site) = entry.site().filter(|_| is_reference || Some((bits, gs)) == opts.second) {
+                        let acc = &mut site_errors[site];
+                        let sum = if is_reference { &mut acc.0 } else { &mut acc.1 };
+                        sum.resize(err.per_dim.len(), 0.0);
+                        sum.iter_mut().zip(&err.per_dim).for_each(|(a, b)| *a += b);
+                        acc.2 += usize::from(is_reference);
+                    }
+                    Some(err.per_token)
+                }
+            };
             let proxy = if q.signal > 0.0 { q.error / q.signal } else { q.error };
-            settings.push(SettingCost { bits, group_size: gs, bytes: affine_bytes(p, bits, gs), proxy, cost: proxy });
+            settings.push(SettingCost { bits, group_size: gs, bytes: affine_bytes(p, bits, gs), proxy, cost: proxy, estimate });
         }
         let mut u = UnitCost::new(p, settings);
         carry_measured_kl(&mut u, &measured, opts);
         out.push(u);
+        entries.push(entry);
         progress(n + 1, params.len());
     }
-    let rank_correlation = if windows.is_empty() {
-        None
-    } else {
-        let proxy: Vec<f64> = out
-            .iter()
-            .map(|u| u.setting(opts.reference).map_or(0.0, |s| s.proxy))
+    if let Some(probe) = &probe {
+        // One perturbation run (two with a second setting) per site, noise shaped as the mean
+        // error of the site's units; each unit's entry error becomes a predicted KL.
+        let responses: Vec<Option<SiteResponse>> = site_errors
+            .par_iter()
+            .enumerate()
+            .map(|(site, (reference, second, count))| {
+                (*count > 0).then(|| {
+                    let mean = |v: &[f64]| v.iter().map(|x| x / *count as f64).collect::<Vec<f64>>();
+                    let second = (!second.is_empty()).then(|| mean(second));
+                    SiteResponse::measure(probe, site, &mean(reference), second.as_deref())
+                })
+            })
             .collect();
+        for (u, entry) in out.iter_mut().zip(&entries) {
+            let response = entry.site().and_then(|s| responses[s]);
+            for s in &mut u.settings {
+                s.estimate = s.estimate.map(|x| response.map_or(x, |r| r.cost(x)));
+                if windows.is_empty() {
+                    s.cost = s.estimate.unwrap_or(s.cost);
+                }
+            }
+        }
+    }
+    let at_reference = |f: &dyn Fn(&SettingCost) -> Option<f64>| -> Vec<f64> {
+        out.iter().map(|u| u.setting(opts.reference).and_then(f).unwrap_or(0.0)).collect()
+    };
+    let (rank_correlation, proxy_rank_correlation) = if windows.is_empty() {
+        (None, None)
+    } else {
         let kl: Vec<f64> = out.iter().map(|u| u.measured_kl.unwrap_or(0.0)).collect();
-        spearman(&proxy, &kl)
+        (
+            probe.as_ref().and_then(|_| spearman(&at_reference(&|s| s.estimate), &kl)),
+            spearman(&at_reference(&|s| Some(s.proxy)), &kl),
+        )
+    };
+    let cost_kind = match (windows.is_empty(), &probe) {
+        (false, _) => "kl",
+        (true, Some(_)) => "estimate",
+        (true, None) => "proxy",
     };
     Ok(Sensitivity {
         format: SENSITIVITY_FORMAT.into(),
@@ -203,9 +262,12 @@ fn measured(
         calibration_sha256: calib.as_ref().map(|c| c.file_sha256.clone()),
         quantizer: opts.quantizer.as_str().into(),
         reference_setting: opts.reference,
-        second_setting: opts.second.filter(|_| !windows.is_empty()),
-        cost_kind: if windows.is_empty() { "proxy".into() } else { "kl".into() },
+        second_setting: opts.second.filter(|_| !windows.is_empty() || probe.is_some()),
+        cost_kind: cost_kind.into(),
         rank_correlation,
+        proxy_rank_correlation,
+        probe_tokens: probe.as_ref().map_or(0, |p| p.tokens()),
+        real_run: None,
         seconds: start.elapsed().as_secs_f64(),
         units: out,
     })
@@ -222,6 +284,36 @@ fn measuring_tokens(dir: &Path, text: Option<&Path>, opts: &SensitivityOptions) 
             Ok((corpus.tokens, Some(corpus.sha256)))
         }
         _ => Ok((Vec::new(), None)),
+    }
+}
+
+/// Quantizes one unit of a source checkpoint alone, at any setting, the way conversion would:
+/// with the calibration's importance, and its error weighted by how often each expert is used.
+pub(crate) struct UnitQuantizer<'c> {
+    ckpt: &'c Checkpoint,
+    param: &'c Param,
+    importance: Option<mixq_quantizer::kernels::importance::Importance>,
+    fractions: Option<Vec<f64>>,
+    method: QuantMethod,
+}
+
+impl<'c> UnitQuantizer<'c> {
+    /// Prepares `param`'s quantization (reads its importance from `calib`).
+    pub(crate) fn new(ckpt: &'c Checkpoint, param: &'c Param, calib: Option<&CalibrationUse>, method: QuantMethod) -> Result<Self, ValidateError> {
+        let importance = match calib {
+            Some(c) => c.importance(param)?,
+            None => None,
+        };
+        let config = ckpt.config();
+        let fractions = param.class.is_expert().then(|| expert_fractions(param, calib, config.num_local_experts, config.num_experts_per_tok));
+        Ok(UnitQuantizer { ckpt, param, importance, fractions, method })
+    }
+
+    /// The unit at `bits` and group size `gs`.
+    pub(crate) fn quantize(&self, bits: u32, gs: u32) -> Result<mixq_quantizer::kernels::param_error::QuantizedUnit, ValidateError> {
+        let rows_per_expert = if self.param.class.is_expert() { self.param.shape[1] } else { 1 };
+        let row_weight = |r: usize| self.fractions.as_ref().map_or(1.0, |f| f[r / rows_per_expert]);
+        Ok(quantize_unit(self.ckpt, self.param, bits, gs as usize, self.method, self.importance.as_ref(), &row_weight)?)
     }
 }
 
@@ -293,9 +385,11 @@ fn synthetic(
     let (e, k) = (config.num_local_experts as f64, config.num_experts_per_tok as f64);
     let params = units(config);
     let mut out = Vec::with_capacity(params.len());
+    let (mut quantized, mut quantize_seconds) = (0usize, 0f64);
     for (n, p) in params.iter().enumerate() {
         let cols = p.in_features();
         let rows = synthetic_rows(cols, n as u64 + 1);
+        let timer = std::time::Instant::now();
         let usage = if p.class.is_expert() { k / e } else { 1.0 };
         let settings: Vec<SettingCost> = settings_of(p, opts)
             .into_par_iter()
@@ -314,12 +408,23 @@ fn synthetic(
                 }
                 // The relative error of the sample, counted by how often the unit is used.
                 let proxy = if sig > 0.0 { err / sig * usage } else { 0.0 };
-                SettingCost { bits, group_size: gs, bytes: affine_bytes(p, bits, gs), proxy, cost: proxy }
+                SettingCost { bits, group_size: gs, bytes: affine_bytes(p, bits, gs), proxy, cost: proxy, estimate: None }
             })
             .collect();
+        quantize_seconds += timer.elapsed().as_secs_f64();
+        quantized += rows.len() * settings.len();
         out.push(UnitCost::new(p, settings));
         progress(n + 1, params.len());
     }
+    let settings = out.first().map_or(0, |u| u.settings.len());
+    let real_run = cheap_run_cost(
+        config,
+        settings,
+        opts.second.is_some(),
+        opts.probe_tokens,
+        quantize_seconds / quantized.max(1) as f64,
+        measured_flops(),
+    );
     Ok(Sensitivity {
         format: SENSITIVITY_FORMAT.into(),
         model: model_label.into(),
@@ -332,6 +437,9 @@ fn synthetic(
         second_setting: None,
         cost_kind: "proxy (synthetic weights)".into(),
         rank_correlation: None,
+        proxy_rank_correlation: None,
+        probe_tokens: 0,
+        real_run: Some(real_run),
         seconds: start.elapsed().as_secs_f64(),
         units: out,
     })

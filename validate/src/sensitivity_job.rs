@@ -39,6 +39,8 @@ pub struct SensitivityRequest<'a> {
     pub tokens: usize,
     /// Window length.
     pub ctx: usize,
+    /// Tokens the model writes itself for the cheap estimate (0: none).
+    pub probe_tokens: usize,
     /// The quantizer the settings are made with.
     pub quantizer: QuantMethod,
     /// `--measure`: BITS,GROUP_SIZE or two of them.
@@ -71,6 +73,7 @@ pub fn sensitivity_job(r: &SensitivityRequest<'_>, progress: &(dyn Fn(usize, usi
         second,
         tokens: r.tokens,
         ctx: r.ctx,
+        probe_tokens: r.probe_tokens,
     };
     let config;
     let (source, label) = match (r.model, r.synthetic_config) {

@@ -108,18 +108,21 @@ impl<'s> Problem<'s> {
         Ok(Problem { units, allowed, fixed_bytes, min_bits: opts.min_bits, params: counted })
     }
 
-    fn bytes(&self, u: usize, c: Choice) -> u64 {
+    /// Bytes of unit `u` at choice `c`.
+    pub fn bytes(&self, u: usize, c: Choice) -> u64 {
         match c {
             None => self.units[u].bf16_bytes,
             Some(i) => self.units[u].settings[i].bytes,
         }
     }
 
-    fn cost(&self, u: usize, c: Choice) -> f64 {
+    /// Predicted cost of unit `u` at choice `c`.
+    pub fn cost(&self, u: usize, c: Choice) -> f64 {
         c.map_or(0.0, |i| self.units[u].settings[i].cost)
     }
 
-    fn total(&self, choices: &[Choice]) -> Allotment {
+    /// The allotment of `choices`, with its total bytes and predicted cost.
+    pub fn total(&self, choices: &[Choice]) -> Allotment {
         let bytes = self.fixed_bytes + choices.iter().enumerate().map(|(u, &c)| self.bytes(u, c)).sum::<u64>();
         let cost = choices.iter().enumerate().map(|(u, &c)| self.cost(u, c)).sum();
         Allotment { choices: choices.to_vec(), bytes, cost }
@@ -207,6 +210,21 @@ impl<'s> Problem<'s> {
     pub fn unit(&self, u: usize) -> &UnitCost {
         self.units[u]
     }
+
+    /// Number of units.
+    pub fn len(&self) -> usize {
+        self.units.len()
+    }
+
+    /// Whether there are no units.
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+
+    /// The choices unit `u` may take.
+    pub fn allowed(&self, u: usize) -> &[Choice] {
+        &self.allowed[u]
+    }
 }
 
 /// How a recipe was searched, for its header.
@@ -219,6 +237,8 @@ pub struct RecipeHeader<'a> {
     pub target: &'a str,
     /// The converted model's bytes on disk (at most), as `mixq plan` counts them.
     pub on_disk: u64,
+    /// What refinement with measured joint KL found, if it ran (one comment line).
+    pub refined: Option<&'a str>,
 }
 
 /// The units one written rule covers: (layers, whether the class lives in layers, bytes, cost).
@@ -232,6 +252,9 @@ pub fn write_recipe(problem: &Problem<'_>, sens: &Sensitivity, a: &Allotment, h:
     let _ = writeln!(out, "# Searched by mixq recipe search from {} (cost: {}; model: {}).", h.sensitivity_path, sens.cost_kind, sens.model);
     let _ = writeln!(out, "# Target: {}. Planned: {} bytes of tensors, {bpw:.3} bits per weight; predicted summed cost {:.6}.", h.target, a.bytes, a.cost);
     let _ = writeln!(out, "# On disk: at most {} bytes, counting the {COUNTED_FILES} (a --target-size counts the same).", h.on_disk);
+    if let Some(refined) = h.refined {
+        let _ = writeln!(out, "# Refined: {refined}.");
+    }
     let _ = writeln!(out, "# Costs were measured with --quantizer {}; convert with the same quantizer.", sens.quantizer);
     let _ = writeln!(out, "name: {}", h.name);
     let _ = writeln!(out, "description: >-\n  Searched for {}: the allocation with the least predicted cost (KL) under the size budget.", h.target);
@@ -388,6 +411,7 @@ mod tests {
                         bytes: crate::authoring::sensitivity_file::affine_bytes(p, b, g),
                         proxy: 0.0,
                         cost: (1.0 + (n % 7) as f64) * 4f64.powi(-(b as i32)),
+                        estimate: None,
                     })
                     .collect();
                 UnitCost::new(p, settings)
@@ -405,6 +429,9 @@ mod tests {
             second_setting: None,
             cost_kind: "proxy".into(),
             rank_correlation: None,
+            proxy_rank_correlation: None,
+            probe_tokens: 0,
+            real_run: None,
             seconds: 0.0,
             units,
         };
@@ -423,7 +450,7 @@ mod tests {
         assert!(a.cost < smallest.cost);
         let b = problem.solve(target).unwrap();
         assert_eq!(a.choices, b.choices);
-        let header = RecipeHeader { name: "searched", sensitivity_path: "toy.json", target: "test", on_disk: 0 };
+        let header = RecipeHeader { name: "searched", sensitivity_path: "toy.json", target: "test", on_disk: 0, refined: None };
         let text = write_recipe(&problem, &sens, &a, &header, &opts.keep);
         assert_eq!(check_recipe(&text, "searched.yaml", &config, &a).unwrap().1.summary().bytes as u64, a.bytes, "{text}");
         let e = problem.solve(smallest.bytes - 1).unwrap_err().to_string();

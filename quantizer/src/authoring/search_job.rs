@@ -41,6 +41,9 @@ pub enum SearchJobError {
     /// An argument is unusable (the message names it).
     #[error("{0}")]
     Input(String),
+    /// Refinement by measurement failed.
+    #[error("refining the searched recipe: {0}")]
+    Refine(Box<dyn std::error::Error + Send + Sync>),
     /// A file could not be written.
     #[error("writing {0}")]
     Write(PathBuf, #[source] std::io::Error),
@@ -128,7 +131,14 @@ pub struct SearchRequest<'a> {
     pub name: Option<&'a str>,
     /// Also compute the frontier and plot it.
     pub frontier: bool,
+    /// Improves the searched allotment by measuring whole candidate models (the validator's
+    /// refinement), where asked.
+    pub refine: Option<&'a Refine<'a>>,
 }
+
+/// Improves an allotment of a problem within a byte budget by measurement; returns the new one and
+/// a line saying what was measured.
+pub type Refine<'r> = dyn Fn(&Sensitivity, &Problem<'_>, Allotment, u64) -> Result<(Allotment, String), Box<dyn std::error::Error + Send + Sync>> + 'r;
 
 /// One point of the frontier: the best allocation at a target bits per weight, if any fits.
 pub struct FrontierPoint {
@@ -152,6 +162,8 @@ pub struct SearchedRecipe {
     pub bits_per_weight: f64,
     /// Its summed predicted cost.
     pub cost: f64,
+    /// What refinement measured, if it ran.
+    pub refined: Option<String>,
     /// What the cost measures (the sensitivity file's cost kind).
     pub cost_kind: String,
     /// The frontier (empty unless asked).
@@ -180,9 +192,9 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
     }
     let name = r.name.map(str::to_string).unwrap_or_else(|| stem(r.out, "searched"));
     let sens_label = r.sensitivity.display().to_string();
-    let render = |allot: &Allotment| -> Result<Written, SearchJobError> {
-        let header = |on_disk| RecipeHeader { name: &name, sensitivity_path: &sens_label, target: &target_label, on_disk };
-        written(&config, &files, r.out, allot, |on_disk| write_recipe(&problem, &sens, allot, &header(on_disk), &keep))
+    let render = |allot: &Allotment, refined: Option<&str>| -> Result<Written, SearchJobError> {
+        let header = |on_disk, refined: Option<&str>| RecipeHeader { name: &name, sensitivity_path: &sens_label, target: &target_label, on_disk, refined };
+        written(&config, &files, r.out, allot, |on_disk| write_recipe(&problem, &sens, allot, &header(on_disk, refined), &keep))
     };
     let mut tensor_budget = target;
     let mut found = None;
@@ -192,21 +204,30 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
             Err(SearchError::TooSmall { minimum, bpw, min_bits, .. }) => {
                 let minimum = match budget {
                     Budget::Tensors(_) => minimum,
-                    Budget::OnDisk(_) => render(&problem.smallest())?.on_disk.total(),
+                    Budget::OnDisk(_) => render(&problem.smallest(), None)?.on_disk.total(),
                 };
                 return Err(SearchError::TooSmall { target, minimum, bpw, min_bits }.into());
             }
             Err(e) => return Err(e.into()),
         };
-        let w = render(&allot)?;
+        // Refinement measures candidates within the same tensor budget, so a tightening round
+        // refines again.
+        let (allot, refined) = match r.refine {
+            Some(refine) => {
+                let (a, line) = refine(&sens, &problem, allot, tensor_budget).map_err(SearchJobError::Refine)?;
+                (a, Some(line))
+            }
+            None => (allot, None),
+        };
+        let w = render(&allot, refined.as_deref())?;
         let spent = budget.spent(allot.bytes, &w.on_disk);
         if spent <= target {
-            found = Some((allot, w));
+            found = Some((allot, w, refined));
             break;
         }
         tensor_budget = tensor_budget.saturating_sub(spent - target);
     }
-    let Some((allot, w)) = found else {
+    let Some((allot, w, refined)) = found else {
         return Err(SearchJobError::Input(format!("internal error: no allocation's files fit {target_label} after {MAX_TIGHTENING} tightenings")));
     };
     std::fs::write(r.out, &w.text).map_err(|e| SearchJobError::Write(r.out.to_path_buf(), e))?;
@@ -229,6 +250,7 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
         on_disk: w.on_disk,
         bits_per_weight: bpw(allot.bytes),
         cost: allot.cost,
+        refined,
         cost_kind: sens.cost_kind,
         frontier,
         svg,

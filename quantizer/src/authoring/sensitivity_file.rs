@@ -23,6 +23,9 @@ pub struct SettingCost {
     pub proxy: f64,
     /// Predicted mean KL(source ‖ model with only this unit quantized) on the text.
     pub cost: f64,
+    /// The cheap estimate of that KL (entry error times the site's response), where computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<f64>,
 }
 
 /// A unit: one quantizable tensor class in one layer (or a global one).
@@ -70,6 +73,27 @@ impl UnitCost {
     }
 }
 
+/// What the real cheap run on a model of this shape would cost, projected from a synthetic run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunCost {
+    /// Threads the rates were measured on.
+    pub threads: usize,
+    /// Probe tokens the estimate would run.
+    pub probe_tokens: usize,
+    /// Weights quantized (every unit at every setting).
+    pub weights_quantized: f64,
+    /// Seconds of quantization at the measured rate.
+    pub quantize_seconds: f64,
+    /// Floating-point operations of the estimate's model runs.
+    pub model_flops: f64,
+    /// Seconds of those runs at the measured rate.
+    pub model_seconds: f64,
+    /// The runtime's measured product rate, FLOP/s.
+    pub flops_per_second: f64,
+    /// Peak memory beyond the memory-mapped checkpoint, bytes.
+    pub peak_bytes: u64,
+}
+
 /// A sensitivity file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sensitivity {
@@ -93,8 +117,18 @@ pub struct Sensitivity {
     pub second_setting: Option<(u32, u32)>,
     /// `kl` when costs are measured KL scaled by the proxy, `proxy` when they are the proxy alone.
     pub cost_kind: String,
-    /// Spearman rank correlation between the proxy and the measured KL over the units.
+    /// Spearman rank correlation between the cheap estimate and the measured KL over the units
+    /// (at the reference setting).
     pub rank_correlation: Option<f64>,
+    /// Spearman rank correlation between the weight-error proxy and the measured KL.
+    #[serde(default)]
+    pub proxy_rank_correlation: Option<f64>,
+    /// Tokens the cheap estimate ran on (windows the model wrote itself; 0: none).
+    #[serde(default)]
+    pub probe_tokens: usize,
+    /// For synthetic weights: what the real cheap run would cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub real_run: Option<RunCost>,
     /// Seconds the measurement took.
     pub seconds: f64,
     /// The units.
