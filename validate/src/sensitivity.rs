@@ -22,11 +22,12 @@ use mixq_quantizer::authoring::sensitivity_file::{affine_bytes, spearman, units,
 use mixq_quantizer::kernels::param_error::quantize_unit;
 use mixq_quantizer::QuantMethod;
 use mixq_runtime::matrix::Codes;
-use mixq_runtime::Model;
+use mixq_runtime::Engine;
 use rayon::prelude::*;
 
 use crate::corpus::Corpus;
 use crate::eval::compare_full;
+use crate::validate_job::Loader;
 use crate::ValidateError;
 
 /// Settings of a sensitivity measurement.
@@ -55,6 +56,8 @@ pub enum SensitivitySource<'a> {
     Checkpoint {
         /// The folder.
         dir: &'a Path,
+        /// Opens the checkpoint on the backend that measures the KL (the CPU or the GPU).
+        load: &'a Loader<'a, ValidateError>,
         /// Text to measure KL on.
         text: Option<&'a Path>,
         /// Calibration statistics weighting the proxy.
@@ -112,27 +115,38 @@ pub fn sensitivity(
     };
     match *source {
         SensitivitySource::Synthetic(config) => synthetic(config, model_label, opts, progress, start),
-        SensitivitySource::Checkpoint { dir, text, calibration } => measured(dir, text, calibration, model_label, opts, progress, start),
+        SensitivitySource::Checkpoint { dir, load, text, calibration } => measured(dir, load, text, calibration, model_label, opts, progress, start),
+    }
+}
+
+/// `f` of every window: on parallel threads for a CPU model, one window after another on a GPU.
+fn per_window<T: Send>(
+    model: &Engine<'_>,
+    windows: &[&[u32]],
+    f: impl Fn(usize, &[u32]) -> Result<T, ValidateError> + Sync,
+) -> Result<Vec<T>, ValidateError> {
+    if model.parallel() {
+        windows.par_iter().enumerate().map(|(i, w)| f(i, w)).collect()
+    } else {
+        windows.iter().enumerate().map(|(i, w)| f(i, w)).collect()
     }
 }
 
 /// Mean KL(reference ‖ model) over every position of the windows.
-fn mean_kl(model: &Model<'_>, windows: &[&[u32]], reference: &[Vec<f32>], vocab: usize) -> Result<f64, ValidateError> {
-    let sums: Vec<(f64, usize)> = windows
-        .par_iter()
-        .zip(reference)
-        .map(|(w, r)| -> Result<(f64, usize), ValidateError> {
-            let logits = model.forward(w, &mut model.new_cache(), true)?;
-            let sum = logits.chunks_exact(vocab).zip(r.chunks_exact(vocab)).map(|(m, r)| compare_full(m, r, 0).kl).sum();
-            Ok((sum, w.len()))
-        })
-        .collect::<Result<_, _>>()?;
+fn mean_kl(model: &Engine<'_>, windows: &[&[u32]], reference: &[Vec<f32>], vocab: usize) -> Result<f64, ValidateError> {
+    let sums = per_window(model, windows, |i, w| {
+        let logits = model.logits(w)?;
+        let sum: f64 = logits.chunks_exact(vocab).zip(reference[i].chunks_exact(vocab)).map(|(m, r)| compare_full(m, r, 0).kl).sum();
+        Ok((sum, w.len()))
+    })?;
     let (sum, count) = sums.iter().fold((0.0, 0), |(a, b), (s, c)| (a + s, b + c));
     Ok(sum / count.max(1) as f64)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn measured(
     dir: &Path,
+    load: &Loader<'_, ValidateError>,
     text: Option<&Path>,
     calibration: Option<&Path>,
     model_label: &str,
@@ -150,12 +164,21 @@ fn measured(
     }
     let config = ckpt.config().clone();
     let calib = calibration.map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
-    let model = Model::load(&ckpt)?;
     let (tokens, text_sha256) = measuring_tokens(dir, text, opts)?;
     let windows: Vec<&[u32]> = tokens.chunks(opts.ctx.max(2)).filter(|w| w.len() >= 2).collect();
     let vocab = config.vocab_size;
-    let reference: Vec<Vec<f32>> =
-        windows.par_iter().map(|w| model.forward(w, &mut model.new_cache(), true)).collect::<Result<_, _>>()?;
+    // The proxy alone runs no model: a backend is loaded (a GPU upload) only to measure KL, but
+    // the checkpoint's layout is checked as loading checks it either way.
+    let model = if windows.is_empty() {
+        mixq_runtime::Model::load(&ckpt)?;
+        None
+    } else {
+        Some(load(&ckpt)?)
+    };
+    let reference: Vec<Vec<f32>> = match &model {
+        Some(m) => per_window(m, &windows, |_, w| Ok(m.logits(w)?))?,
+        None => Vec::new(),
+    };
 
     let (e, k) = (config.num_local_experts, config.num_experts_per_tok);
     let params = units(&config);
@@ -172,7 +195,7 @@ fn measured(
         let mut measured: Vec<((u32, u32), f64)> = Vec::new();
         for (bits, gs) in settings_of(p, opts) {
             let q = quantize_unit(&ckpt, p, bits, gs as usize, opts.quantizer, importance.as_ref(), &row_weight)?;
-            if ((bits, gs) == opts.reference || Some((bits, gs)) == opts.second) && !windows.is_empty() {
+            if let (true, Some(model)) = ((bits, gs) == opts.reference || Some((bits, gs)) == opts.second, &model) {
                 let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, floats: FloatDtype::BF16, bits, group_size: gs as usize };
                 measured.push(((bits, gs), mean_kl(&model.with_weight(&p.module, codes)?, &windows, &reference, vocab)?));
             }
