@@ -178,6 +178,193 @@ fn split_tensors_give_the_same_logits() {
     }
 }
 
+/// One module's weight swapped for a replacement on the GPU (only that tensor uploaded) gives the
+/// CPU's logits with the same swap, whole and split into parts; the model it was swapped from
+/// still gives the original logits afterwards.
+#[test]
+fn a_swapped_weight_gives_the_cpus_logits_and_leaves_the_model_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = synth(&tmp.path().join("upstream"), "small", |_| {});
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let cpu = Model::load(&ckpt).unwrap();
+    let c = cpu.config.clone();
+    let (h, i, e) = (c.hidden_size, c.intermediate_size, c.num_local_experts);
+    let ids = tokens(70, c.vocab_size, 11);
+    let want = cpu.forward(&ids, &mut cpu.new_cache(), true).unwrap();
+    // Upstream gate and up rows are interleaved views of one stored tensor: the swap of gate_proj
+    // must leave up_proj reading the original.
+    let swaps = [
+        ("lm_head", c.vocab_size, h),
+        ("model.layers.0.self_attn.q_proj", c.num_attention_heads * c.head_dim, h),
+        ("model.layers.1.mlp.router", e, h),
+        ("model.layers.0.mlp.experts.gate_proj", e * i, h),
+        ("model.layers.1.mlp.experts.down_proj", e * h, i),
+    ];
+    for max_binding in [None, Some(32 << 10)] {
+        let Some(ctx) = gpu(max_binding) else { return };
+        let gpu_model = GpuModel::upload(&cpu, ctx.clone(), &|_| {}).unwrap();
+        for (n, (module, rows, cols)) in swaps.iter().enumerate() {
+            let values: Vec<u8> = (0..rows * cols)
+                .flat_map(|k| half::bf16::from_f32((((k * 7 + n * 13) % 101) as f32 / 101.0 - 0.5) * 0.05).to_le_bytes())
+                .collect();
+            let codes = mixq_runtime::matrix::Codes::Dense { data: &values, dtype: mixq_loader::FloatDtype::BF16 };
+            let cpu_swapped = cpu.with_weight(module, codes).unwrap();
+            let cpu_logits = cpu_swapped.forward(&ids, &mut cpu_swapped.new_cache(), true).unwrap();
+            let swapped = gpu_model.with_weight(module, codes).unwrap();
+            let gpu_logits = swapped.session(70).unwrap().forward(&ids, true).unwrap();
+            assert_agree(&format!("{module} swapped, binding {max_binding:?}"), &cpu_logits, &gpu_logits, c.vocab_size);
+            let (kl, _) = compare(&want, &cpu_logits, c.vocab_size);
+            assert!(kl > 1e-4, "{module}: the replacement should change the logits (KL {kl:e})");
+        }
+        let after = gpu_model.session(70).unwrap().forward(&ids, true).unwrap();
+        assert_agree(&format!("the original after the swaps, binding {max_binding:?}"), &want, &after, c.vocab_size);
+        let short = vec![0u8; 64];
+        let codes = mixq_runtime::matrix::Codes::Dense { data: &short, dtype: mixq_loader::FloatDtype::BF16 };
+        let err = gpu_model.with_weight("lm_head", codes).err().expect("a replacement of the wrong size is refused").to_string();
+        assert!(err.contains("lm_head") && err.contains("bytes"), "{err}");
+        assert!(gpu_model.with_weight("model.layers.9.mlp.router", codes).is_err(), "a layer the model lacks is refused");
+    }
+}
+
+/// `sensitivity --backend gpu` measures each unit's KL on the GPU: the same figures as the CPU's.
+#[test]
+fn cli_sensitivity_agrees_across_backends() {
+    if gpu(None).is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let text_file = Path::new(TRAINED).join("../shakespeare-dev.txt");
+    let measure = |backend: &str| {
+        let out = tmp.path().join(format!("{backend}.json"));
+        let started = std::time::Instant::now();
+        let o = mixq(
+            &[
+                "sensitivity", "--model", TRAINED, "--text", text_file.to_str().unwrap(), "--tokens", "64", "--ctx", "64",
+                "--bits", "3", "--group-sizes", "64", "--measure", "3,64", "--backend", backend, "--out", out.to_str().unwrap(), "--json",
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{}", text(&o).1);
+        eprintln!("sensitivity on {backend}: {:.1}s", started.elapsed().as_secs_f64());
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out).unwrap()).unwrap()
+    };
+    let (c, g) = (measure("cpu"), measure("gpu"));
+    let units = |v: &serde_json::Value| v["units"].as_array().unwrap().clone();
+    let (cu, gu) = (units(&c), units(&g));
+    assert_eq!(cu.len(), gu.len());
+    assert!(!cu.is_empty());
+    for (a, b) in cu.iter().zip(&gu) {
+        assert_eq!(a["module"], b["module"]);
+        let (x, y) = (a["measured_kl"].as_f64().expect("a measured KL"), b["measured_kl"].as_f64().expect("a measured KL"));
+        // Each KL compares two forward passes on one backend; the backends' logits differ by a
+        // mean KL under 1e-5 (assert_agree), so their KLs by about as much.
+        assert!((x - y).abs() <= 1e-5 + 1e-3 * x.abs(), "{}: cpu {x:e} vs gpu {y:e}", a["module"]);
+    }
+}
+
+/// The GPU's calibration sums of every kind, per-expert Hessians included, are the CPU
+/// observer's to f32 rounding, over windows longer than a prefill chunk (tiny shape: 4 experts).
+#[test]
+fn gpu_calibration_sums_match_the_cpu_observer() {
+    let Some(ctx) = gpu(None) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = synth(&tmp.path().join("upstream"), "tiny", |_| {});
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let cpu = Model::load(&ckpt).unwrap();
+    let ids = tokens(170, cpu.config.vocab_size, 4);
+    let gpu_engine = mixq_runtime::Engine::from_gpu(GpuModel::upload(&cpu, ctx, &|_| {}).unwrap());
+    let scope = mixq_validate::calibrate::HessianScope::PerExpert;
+    let (want, windows) = mixq_validate::calibrate::calibrate_tokens(&mixq_runtime::Engine::Cpu(cpu), &ids, 100, scope, &|_, _| {}).unwrap();
+    let (got, gpu_windows) = mixq_validate::calibrate::calibrate_tokens(&gpu_engine, &ids, 100, scope, &|_, _| {}).unwrap();
+    assert_eq!((windows, gpu_windows), (2, 2));
+    assert_eq!(want.tensors.keys().collect::<Vec<_>>(), got.tensors.keys().collect::<Vec<_>>());
+    assert_eq!(want.hessians.keys().collect::<Vec<_>>(), got.hessians.keys().collect::<Vec<_>>());
+    assert!(want.hessians.keys().any(|k| k.ends_with("expert_hessian")));
+    let data = |e: &mixq_loader::calibration::HessianEntry| match e {
+        mixq_loader::calibration::HessianEntry::Loaded(t) => t.data.clone(),
+        other => panic!("a measured Hessian is in memory, not {other:?}"),
+    };
+    let pairs = want.tensors.iter().map(|(k, t)| (k.clone(), t.data.clone(), got.tensors[k].data.clone()));
+    let pairs = pairs.chain(want.hessians.iter().map(|(k, h)| (k.clone(), data(h), data(&got.hessians[k]))));
+    for (name, a, b) in pairs {
+        assert_sums_close(&name, &a, &b);
+    }
+}
+
+/// Calibration sums of the two backends: f32 sums added in another order, so each entry within
+/// 1e-4 of the largest of its tensor.
+fn assert_sums_close(what: &str, cpu: &[f32], gpu: &[f32]) {
+    assert_eq!(cpu.len(), gpu.len(), "{what}");
+    let scale = cpu.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = cpu.iter().zip(gpu).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1e-4 * scale + 1e-7, "{what}: differs by {worst:e} (largest value {scale:e})");
+}
+
+/// `calibrate --backend gpu` accumulates the statistics on the device: every per-channel mean,
+/// token count and shared Hessian is the CPU's to f32 rounding (the sums are
+/// added in another order), and gptq converts from the file.
+#[test]
+fn cli_calibrate_agrees_across_backends_and_gptq_converts_from_it() {
+    if gpu(None).is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let text_file = Path::new(TRAINED).join("../shakespeare-dev.txt");
+    let calibrate = |backend: &str| {
+        let out = tmp.path().join(format!("{backend}.safetensors"));
+        let o = mixq(
+            &[
+                "calibrate", "--model", TRAINED, "--text", text_file.to_str().unwrap(), "--max-tokens", "200", "--ctx", "100",
+                "--hessian", "--backend", backend, "--out", out.to_str().unwrap(), "--json",
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{}", text(&o).1);
+        let v: serde_json::Value = serde_json::from_str(&text(&o).0).unwrap();
+        eprintln!("calibrate on {backend}: {:.0} tokens/s", v["tokens_per_second"].as_f64().unwrap());
+        (out.clone(), mixq_loader::Calibration::read(&out).unwrap())
+    };
+    let ((_, c), (gpu_file, g)) = (calibrate("cpu"), calibrate("gpu"));
+    assert_eq!(c.tokens, g.tokens);
+    assert_eq!(c.tensors.keys().collect::<Vec<_>>(), g.tensors.keys().collect::<Vec<_>>());
+    for (name, t) in &c.tensors {
+        let u = &g.tensors[name];
+        assert_eq!(t.shape, u.shape, "{name}");
+        if name.ends_with("token_count") {
+            assert_eq!(t.data, u.data, "{name}: the same tokens reach each expert");
+        } else {
+            assert_sums_close(name, &t.data, &u.data);
+        }
+    }
+    let config = Checkpoint::open(Path::new(TRAINED)).unwrap().config().clone();
+    let mut hessians = 0;
+    for site in mixq_loader::InputSite::all(&config) {
+        for (a, b) in [(c.site_hessian(site).unwrap(), g.site_hessian(site).unwrap()), (c.expert_hessians(site).unwrap(), g.expert_hessians(site).unwrap())] {
+            assert_eq!(a.is_some(), b.is_some(), "{site:?}");
+            if let (Some(a), Some(b)) = (a, b) {
+                assert_eq!(a.shape, b.shape, "{site:?}");
+                assert_sums_close(&format!("{} Hessian", site.name()), &a.data, &b.data);
+                hessians += 1;
+            }
+        }
+    }
+    assert_eq!(hessians, c.hessians.len());
+    assert!(hessians > 0);
+    let out = tmp.path().join("gptq");
+    let o = mixq(
+        &[
+            "convert", "--source", TRAINED, "--recipe", "gpt-oss-120b-3.6bit", "--calibration", gpu_file.to_str().unwrap(),
+            "--quantizer", "gptq", "--out", out.to_str().unwrap(), "--quiet",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let ids = tokens(40, config.vocab_size, 9);
+    let ckpt = Checkpoint::open(&out).unwrap();
+    let logits = Model::load(&ckpt).unwrap().forward(&ids, &mut Model::load(&ckpt).unwrap().new_cache(), true).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+}
+
 /// Checkpoints whose floats (dense weights, scales, biases, vectors) are F32 or F16, as mlx-lm
 /// writes them, give the CPU's logits on the GPU, whole (F32) and split into parts (F16).
 #[test]

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use mixq_loader::{Checkpoint, GptOssConfig};
 
 use crate::error::{Result, RuntimeError};
+use crate::matrix::Codes;
 use crate::generate::{decode_loop, require_prompt, GenerationStats};
 use crate::gpu::{GpuContext, GpuModel, GpuOptions, GpuSampling, GpuSession};
 use crate::model::Model;
@@ -85,6 +86,19 @@ impl<'a> Engine<'a> {
     /// A GPU engine over an already uploaded (or synthetic) model.
     pub fn from_gpu(model: Arc<GpuModel>) -> Self {
         Engine::Gpu { model, session: Mutex::new(None) }
+    }
+
+    /// A copy of the model whose weight of `module` is stored as `codes` (see
+    /// [`Model::with_weight`]); on the GPU only that tensor is uploaded, the rest shared with this
+    /// engine, which stays as it is.
+    pub fn with_weight<'b>(&self, module: &str, codes: Codes<'b>) -> Result<Engine<'b>>
+    where
+        'a: 'b,
+    {
+        Ok(match self {
+            Engine::Cpu(m) => Engine::Cpu(m.with_weight(module, codes)?),
+            Engine::Gpu { model, .. } => Engine::from_gpu(model.with_weight(module, codes)?),
+        })
     }
 
     /// The model's config.

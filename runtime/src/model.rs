@@ -78,6 +78,55 @@ pub struct Model<'a> {
     format: CheckpointFormat,
 }
 
+/// A weight matrix of one layer, by its MLX module leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerWeight {
+    Q,
+    K,
+    V,
+    O,
+    Router,
+    Gate,
+    Up,
+    Down,
+}
+
+/// Which weight matrix an MLX module path names (what [`Model::with_weight`] and the GPU model's
+/// `with_weight` swap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightSlot {
+    LmHead,
+    Embed,
+    Layer(usize, LayerWeight),
+}
+
+impl WeightSlot {
+    /// Parses `lm_head`, `model.embed_tokens` or `model.layers.N.<leaf>` for a model of `layers` layers.
+    pub(crate) fn parse(module: &str, layers: usize) -> Result<Self> {
+        let unknown = || RuntimeError::Checkpoint(format!("{module}: not a weight module of this model"));
+        match module {
+            "lm_head" => return Ok(WeightSlot::LmHead),
+            "model.embed_tokens" => return Ok(WeightSlot::Embed),
+            _ => {}
+        }
+        let rest = module.strip_prefix("model.layers.").ok_or_else(unknown)?;
+        let (l, leaf) = rest.split_once('.').ok_or_else(unknown)?;
+        let l = l.parse::<usize>().ok().filter(|&l| l < layers).ok_or_else(unknown)?;
+        let leaf = match leaf {
+            "self_attn.q_proj" => LayerWeight::Q,
+            "self_attn.k_proj" => LayerWeight::K,
+            "self_attn.v_proj" => LayerWeight::V,
+            "self_attn.o_proj" => LayerWeight::O,
+            "mlp.router" => LayerWeight::Router,
+            "mlp.experts.gate_proj" => LayerWeight::Gate,
+            "mlp.experts.up_proj" => LayerWeight::Up,
+            "mlp.experts.down_proj" => LayerWeight::Down,
+            _ => return Err(unknown()),
+        };
+        Ok(WeightSlot::Layer(l, leaf))
+    }
+}
+
 struct Loader<'a, 'c> {
     ckpt: &'a Checkpoint,
     schema: &'c Schema,
@@ -230,25 +279,22 @@ impl<'a> Model<'a> {
         'a: 'b,
     {
         let mut m: Model<'b> = self.clone();
-        let unknown = || RuntimeError::Checkpoint(format!("{module}: not a weight module of this model"));
-        let slot: &mut Matrix<'b> = match module {
-            "lm_head" => &mut m.lm_head,
-            "model.embed_tokens" => &mut m.embed,
-            _ => {
-                let rest = module.strip_prefix("model.layers.").ok_or_else(unknown)?;
-                let (l, leaf) = rest.split_once('.').ok_or_else(unknown)?;
-                let layer = l.parse::<usize>().ok().and_then(|l| m.layers.get_mut(l)).ok_or_else(unknown)?;
-                match leaf {
-                    "self_attn.q_proj" => &mut layer.q.w,
-                    "self_attn.k_proj" => &mut layer.k.w,
-                    "self_attn.v_proj" => &mut layer.v.w,
-                    "self_attn.o_proj" => &mut layer.o.w,
-                    "mlp.router" => &mut layer.router.w,
-                    "mlp.experts.gate_proj" => &mut layer.gate.w,
-                    "mlp.experts.up_proj" => &mut layer.up.w,
-                    "mlp.experts.down_proj" => &mut layer.down.w,
-                    _ => return Err(unknown()),
-                }
+        let slot: &mut Matrix<'b> = match WeightSlot::parse(module, m.layers.len())? {
+            WeightSlot::LmHead => &mut m.lm_head,
+            WeightSlot::Embed => &mut m.embed,
+            WeightSlot::Layer(l, leaf) => {
+                let layer = &mut m.layers[l];
+                let linear = match leaf {
+                    LayerWeight::Q => &mut layer.q,
+                    LayerWeight::K => &mut layer.k,
+                    LayerWeight::V => &mut layer.v,
+                    LayerWeight::O => &mut layer.o,
+                    LayerWeight::Router => &mut layer.router,
+                    LayerWeight::Gate => &mut layer.gate,
+                    LayerWeight::Up => &mut layer.up,
+                    LayerWeight::Down => &mut layer.down,
+                };
+                &mut linear.w
             }
         };
         *slot = Matrix { codes, rows: slot.rows, cols: slot.cols, map: RowMap::identity(slot.rows) };

@@ -6,8 +6,11 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use mixq_validate::calibrate::HessianScope;
+use mixq_validate::validate_job::Loader;
+use mixq_validate::ValidateError;
 
 use crate::args::{Json, OutFile, Quiet, Threads};
+use crate::backend::{self, BackendArgs};
 use crate::progress::CountProgress;
 use crate::report::print_json;
 
@@ -45,6 +48,8 @@ pub struct CalibrateArgs {
     #[command(flatten)]
     out: OutFile,
     #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
     quiet: Quiet,
@@ -65,7 +70,11 @@ pub fn run(a: CalibrateArgs) -> Result<ExitCode> {
     };
     let opts = mixq_validate::CalibrateOptions { ctx: a.ctx, max_tokens: a.max_tokens, hessians, show_downloads: !a.quiet.quiet };
     let out = &a.out.out;
-    let job = pool.install(|| mixq_validate::calibrate_job::calibrate_source(&a.model, &a.text, opts, out, &|d, t| progress.update(d, t)));
+    let job = pool.install(|| {
+        let load: &Loader<'_, ValidateError> =
+            &|c| backend::load(c, &a.backend, a.quiet.quiet || json, a.quiet.quiet).map_err(|e| ValidateError::Backend(format!("{e:#}")));
+        mixq_validate::calibrate_job::calibrate_source(&a.model, load, &a.text, opts, out, &|d, t| progress.update(d, t))
+    });
     progress.finish();
     let job = job?;
     let (s, run) = (&job.run.stats, &job.run);

@@ -111,7 +111,7 @@ impl Demo<'_> {
         std::fs::write(&calib_text, &body[cut..]).with_context(|| format!("writing {}", calib_text.display()))?;
         let progress = progress::CountProgress::new("calibrate", "tokens", self.json);
         let opts = mixq_validate::CalibrateOptions { ctx: 512, max_tokens: Some(8192), hessians: mixq_validate::calibrate::HessianScope::PerExpert, show_downloads: false };
-        let run = mixq_validate::calibrate(self.model, source, &calib_text, opts, &|d, t| progress.update(d, t));
+        let run = mixq_validate::calibrate(self.model, &mixq_validate::validate_job::load_on_cpu, source, &calib_text, opts, &|d, t| progress.update(d, t));
         progress.finish();
         let run = run?;
         let stats = parent.join("calibration.safetensors");

@@ -8,9 +8,12 @@ use mixq_quantizer::authoring::sensitivity_file::Sensitivity;
 use mixq_quantizer::QuantMethod;
 use mixq_validate::sensitivity::ranked;
 use mixq_validate::sensitivity_job::{sensitivity_job, SensitivityRequest};
+use mixq_validate::validate_job::Loader;
+use mixq_validate::ValidateError;
 use serde_json::json;
 
 use crate::args::{parse_quantizer, Json, OutFile, Quiet, Threads};
+use crate::backend::{self, BackendArgs};
 use crate::progress::CountProgress;
 use crate::report::{print_json, thousands};
 
@@ -61,6 +64,8 @@ pub struct SensitivityArgs {
     #[command(flatten)]
     out: OutFile,
     #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
     quiet: Quiet,
@@ -72,7 +77,12 @@ pub struct SensitivityArgs {
 pub fn run(a: SensitivityArgs) -> Result<ExitCode> {
     a.out.refuse_existing()?;
     let pool = a.threads.pool()?;
-    let request = SensitivityRequest {
+    let quiet = a.quiet.quiet || a.json.json;
+    let progress = CountProgress::new("sensitivity", "units", quiet);
+    let s = pool.install(|| {
+        let load: &Loader<'_, ValidateError> =
+            &|c| backend::load(c, &a.backend, quiet, a.quiet.quiet).map_err(|e| ValidateError::Backend(format!("{e:#}")));
+        let request = SensitivityRequest {
         model: a.model.as_deref(),
         synthetic_config: a.synthetic_config.as_deref(),
         text: a.text.as_deref(),
@@ -85,9 +95,10 @@ pub fn run(a: SensitivityArgs) -> Result<ExitCode> {
         quantizer: a.quantizer,
         measure: &a.measure,
         out: &a.out.out,
-    };
-    let progress = CountProgress::new("sensitivity", "units", a.quiet.quiet || a.json.json);
-    let s = pool.install(|| sensitivity_job(&request, &|d, t| progress.update(d, t)));
+        load,
+        };
+        sensitivity_job(&request, &|d, t| progress.update(d, t))
+    });
     progress.finish();
     let s = s?;
     if a.json.json {

@@ -8,6 +8,10 @@
 //! window. Hessians are accumulated as each layer's rows are seen: the rows' Gram matrix in f32
 //! (one matrix multiply), added to the run's f64 upper triangle under that site's lock, so memory
 //! is one f64 triangle per site (and expert) plus one f32 Gram per running window.
+//!
+//! On the GPU the windows run one after another; kernels add every sum (x² and the Gram
+//! matrices) in f32 into one device buffer, read back once when the window ends and merged into
+//! the same f64 totals.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -16,10 +20,12 @@ use std::sync::Mutex;
 use mixq_loader::calibration::{packed_len, HessianEntry, EXPERT_HESSIAN, HESSIAN, INPUT_SQ_MEAN, TOKEN_COUNT};
 use mixq_loader::schema::Schema;
 use mixq_loader::{Calibration, Checkpoint, GptOssConfig, InputSite, ModelFingerprint, StatTensor};
-use mixq_runtime::{ActivationObserver, Model};
+use mixq_runtime::gpu::{ObserveOptions, WindowStats};
+use mixq_runtime::{ActivationObserver, Engine};
 use rayon::prelude::*;
 
 use crate::corpus::Corpus;
+use crate::validate_job::Loader;
 use crate::ValidateError;
 
 /// Fewest tokens `calibrate` accepts.
@@ -105,6 +111,20 @@ impl HessianSums {
         HessianSums { shared, experts }
     }
 
+    /// Adds a full `width × width` Gram matrix of `m` rows to `acc`'s upper triangle.
+    fn add_gram(acc: &Mutex<(Vec<f64>, u64)>, gram: &[f32], width: usize, m: u64) {
+        let mut guard = acc.lock().unwrap_or_else(|e| e.into_inner());
+        let (sum, n) = &mut *guard;
+        let mut k = 0;
+        for i in 0..width {
+            for &g in &gram[i * width + i..(i + 1) * width] {
+                sum[k] += f64::from(g);
+                k += 1;
+            }
+        }
+        *n += m;
+    }
+
     /// Adds the Gram matrix of `rows` (`[m, width]`) to `acc`.
     fn add(acc: &Mutex<(Vec<f64>, u64)>, rows: &[f32], width: usize) {
         let m = rows.len() / width;
@@ -124,16 +144,26 @@ impl HessianSums {
                 gram.as_mut_ptr(), width as isize, 1,
             );
         }
-        let mut guard = acc.lock().unwrap_or_else(|e| e.into_inner());
-        let (sum, n) = &mut *guard;
-        let mut k = 0;
-        for i in 0..width {
-            for &g in &gram[i * width + i..(i + 1) * width] {
-                sum[k] += f64::from(g);
-                k += 1;
+        Self::add_gram(acc, &gram, width, m as u64);
+    }
+
+    /// Adds a GPU window's Gram sums: every token's at the shared sites, each expert's rows'
+    /// (counted in `routed`) at the routed ones.
+    fn add_window(&self, w: &WindowStats, width_of: impl Fn(InputSite) -> usize) {
+        for (site, gram) in &w.hessians {
+            if let Some(acc) = self.shared.get(site) {
+                Self::add_gram(acc, gram, width_of(*site), w.tokens);
             }
         }
-        *n += m as u64;
+        for (site, grams) in &w.expert_hessians {
+            let (Some(accs), Some((_, _, counts))) = (self.experts.get(site), w.routed_squares.iter().find(|r| r.0 == *site)) else {
+                continue;
+            };
+            let width = width_of(*site);
+            for ((acc, gram), &m) in accs.iter().zip(grams.chunks_exact(width * width)).zip(counts) {
+                Self::add_gram(acc, gram, width, m);
+            }
+        }
     }
 
     /// The mean Hessians as statistics entries, named by site.
@@ -198,6 +228,16 @@ impl ActivationObserver for WindowSums<'_> {
     }
 }
 
+impl Sums<f32> {
+    /// A GPU window's x² sums, as the CPU observer would have gathered them.
+    fn of_window(w: &WindowStats) -> Self {
+        Sums {
+            tokens: w.squares.iter().map(|(site, v)| (*site, (v.clone(), w.tokens))).collect(),
+            routed: w.routed_squares.iter().map(|(site, v, counts)| (*site, (v.clone(), counts.clone()))).collect(),
+        }
+    }
+}
+
 impl Sums<f64> {
     fn merge(&mut self, w: Sums<f32>) {
         for (k, (v, n)) in w.tokens {
@@ -240,27 +280,42 @@ impl Sums<f64> {
 }
 
 /// Runs `model` over `tokens` in windows of `opts.ctx` and returns the statistics;
-/// `progress(tokens_done, tokens_total)` is called as windows finish.
+/// `progress(tokens_done, tokens_total)` is called as windows finish. On the CPU the windows run
+/// in parallel; on the GPU one after another, each window's sums read back once.
 pub fn calibrate_tokens(
-    model: &Model<'_>,
+    model: &Engine<'_>,
     tokens: &[u32],
     ctx: usize,
     hessians: HessianScope,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<(Statistics, usize), ValidateError> {
-    let c = &model.config;
+    let c = model.config();
     let totals = Mutex::new(Sums::<f64>::default());
     let hessian_sums = HessianSums::new(c, hessians);
     let done = std::sync::atomic::AtomicUsize::new(0);
     let windows: Vec<&[u32]> = tokens.chunks(ctx).collect();
-    windows.par_iter().try_for_each(|w| -> Result<(), ValidateError> {
-        let mut sums = WindowSums { config: c, sums: Sums::default(), hessians: &hessian_sums };
-        model.forward_observed(w, &mut model.new_cache(), false, Some(&mut sums))?;
-        totals.lock().unwrap_or_else(|e| e.into_inner()).merge(sums.sums);
+    let finished = |w: &[u32], sums: Sums<f32>| {
+        totals.lock().unwrap_or_else(|e| e.into_inner()).merge(sums);
         let n = done.fetch_add(w.len(), std::sync::atomic::Ordering::Relaxed) + w.len();
         progress(n, tokens.len());
-        Ok(())
-    })?;
+    };
+    match model {
+        Engine::Cpu(m) => windows.par_iter().try_for_each(|w| -> Result<(), ValidateError> {
+            let mut sums = WindowSums { config: c, sums: Sums::default(), hessians: &hessian_sums };
+            m.forward_observed(w, &mut m.new_cache(), false, Some(&mut sums))?;
+            finished(w, sums.sums);
+            Ok(())
+        })?,
+        Engine::Gpu { model: gpu, .. } => {
+            let opts = ObserveOptions { hessians: hessians != HessianScope::None, expert_hessians: hessians == HessianScope::PerExpert };
+            let mut session = gpu.observing_session(ctx, opts)?;
+            for w in &windows {
+                let stats = session.observe(w)?;
+                hessian_sums.add_window(&stats, |site| site.width(c));
+                finished(w, Sums::of_window(&stats));
+            }
+        }
+    }
     let totals = totals.into_inner().unwrap_or_else(|e| e.into_inner());
     Ok((Statistics { tensors: totals.into_tensors(c), hessians: hessian_sums.into_entries() }, windows.len()))
 }
@@ -273,9 +328,11 @@ pub struct Statistics {
     pub hessians: BTreeMap<String, HessianEntry>,
 }
 
-/// Calibrates the model in `model_dir` (upstream, transformers dense, or converted) on the text file `text`, on the CPU.
+/// Calibrates the model in `model_dir` (upstream, transformers dense, or converted) on the text
+/// file `text`, on the backend `load` opens it on.
 pub fn calibrate(
     model_dir: &Path,
+    load: &Loader<'_, ValidateError>,
     model_label: &str,
     text: &Path,
     opts: CalibrateOptions,
@@ -295,7 +352,7 @@ pub fn calibrate(
     }
     let ckpt = Checkpoint::open(model_dir)?;
     let fingerprint = ModelFingerprint::of(&ckpt)?;
-    let model = Model::load(&ckpt)?;
+    let model = load(&ckpt)?;
     let ctx = opts.ctx.min(model.max_context());
     let start = std::time::Instant::now();
     let (Statistics { tensors, hessians }, windows) = calibrate_tokens(&model, &tokens, ctx, opts.hessians, progress)?;

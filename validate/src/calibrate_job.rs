@@ -6,6 +6,7 @@ use std::path::Path;
 use mixq_loader::source::{resolve_source, Need, ResolvedSource};
 use mixq_loader::Calibration;
 
+use crate::validate_job::Loader;
 use crate::{calibrate, CalibrateOptions, CalibrationRun, ValidateError};
 
 /// A finished calibration job.
@@ -26,9 +27,11 @@ pub fn experts_reached(stats: &Calibration) -> (usize, usize) {
         .fold((0, 0), |(a, b), (h, n)| (a + h, b + n))
 }
 
-/// Calibrates `model` (folder or repo id) on `text` and writes the statistics to `out`.
+/// Calibrates `model` (folder or repo id) on `text`, on the backend `load` opens it on, and
+/// writes the statistics to `out`.
 pub fn calibrate_source(
     model: &str,
+    load: &Loader<'_, ValidateError>,
     text: &Path,
     opts: CalibrateOptions,
     out: &Path,
@@ -37,7 +40,7 @@ pub fn calibrate_source(
     let ResolvedSource::Folder(dir) = resolve_source(model, Need::Everything, opts.show_downloads)? else {
         return Err(ValidateError::Input(format!("{model}: calibrating needs a checkpoint folder, not a bare config file")));
     };
-    let run = calibrate(&dir, model, text, opts, progress)?;
+    let run = calibrate(&dir, load, model, text, opts, progress)?;
     run.stats.write(out)?;
     let (experts_reached, experts) = experts_reached(&run.stats);
     Ok(CalibrateJob { run, experts_reached, experts })

@@ -45,6 +45,9 @@ pub enum ValidateError {
     /// An argument or input file is unusable.
     #[error("{0}")]
     Input(String),
+    /// The caller's loader could not open the model on its backend (its message, causes included).
+    #[error("{0}")]
+    Backend(String),
     /// A file could not be read or written.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),

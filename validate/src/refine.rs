@@ -103,7 +103,7 @@ impl<'c> JointModel<'c> {
         }
         self.evaluations += 1;
         let windows: Vec<&[u32]> = self.windows.iter().map(Vec::as_slice).collect();
-        mean_kl(&joint, &windows, &self.reference, self.model.config.vocab_size)
+        mean_kl(&mixq_runtime::Engine::Cpu(joint), &windows, &self.reference, self.model.config.vocab_size)
     }
 
     /// The parameter index of the problem's unit `u`.

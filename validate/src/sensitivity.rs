@@ -22,13 +22,14 @@ use mixq_quantizer::authoring::sensitivity_file::{affine_bytes, spearman, units,
 use mixq_quantizer::kernels::param_error::quantize_unit;
 use mixq_quantizer::QuantMethod;
 use mixq_runtime::matrix::Codes;
-use mixq_runtime::Model;
+use mixq_runtime::{Engine, Model};
 use rayon::prelude::*;
 
 use crate::corpus::Corpus;
 use crate::estimate::{generated_windows, Entry, Probe, SiteResponse};
 use crate::eval::compare_full;
 use crate::projection::{cheap_run_cost, measured_flops};
+use crate::validate_job::Loader;
 use crate::ValidateError;
 
 /// Settings of a sensitivity measurement.
@@ -59,6 +60,8 @@ pub enum SensitivitySource<'a> {
     Checkpoint {
         /// The folder.
         dir: &'a Path,
+        /// Opens the checkpoint on the backend that measures the KL (the CPU or the GPU).
+        load: &'a Loader<'a, ValidateError>,
         /// Text to measure KL on.
         text: Option<&'a Path>,
         /// Calibration statistics weighting the proxy.
@@ -116,27 +119,38 @@ pub fn sensitivity(
     };
     match *source {
         SensitivitySource::Synthetic(config) => synthetic(config, model_label, opts, progress, start),
-        SensitivitySource::Checkpoint { dir, text, calibration } => measured(dir, text, calibration, model_label, opts, progress, start),
+        SensitivitySource::Checkpoint { dir, load, text, calibration } => measured(dir, load, text, calibration, model_label, opts, progress, start),
+    }
+}
+
+/// `f` of every window: on parallel threads for a CPU model, one window after another on a GPU.
+fn per_window<T: Send>(
+    model: &Engine<'_>,
+    windows: &[&[u32]],
+    f: impl Fn(usize, &[u32]) -> Result<T, ValidateError> + Sync,
+) -> Result<Vec<T>, ValidateError> {
+    if model.parallel() {
+        windows.par_iter().enumerate().map(|(i, w)| f(i, w)).collect()
+    } else {
+        windows.iter().enumerate().map(|(i, w)| f(i, w)).collect()
     }
 }
 
 /// Mean KL(reference ‖ model) over every position of the windows.
-pub(crate) fn mean_kl(model: &Model<'_>, windows: &[&[u32]], reference: &[Vec<f32>], vocab: usize) -> Result<f64, ValidateError> {
-    let sums: Vec<(f64, usize)> = windows
-        .par_iter()
-        .zip(reference)
-        .map(|(w, r)| -> Result<(f64, usize), ValidateError> {
-            let logits = model.forward(w, &mut model.new_cache(), true)?;
-            let sum = logits.chunks_exact(vocab).zip(r.chunks_exact(vocab)).map(|(m, r)| compare_full(m, r, 0).kl).sum();
-            Ok((sum, w.len()))
-        })
-        .collect::<Result<_, _>>()?;
+pub(crate) fn mean_kl(model: &Engine<'_>, windows: &[&[u32]], reference: &[Vec<f32>], vocab: usize) -> Result<f64, ValidateError> {
+    let sums = per_window(model, windows, |i, w| {
+        let logits = model.logits(w)?;
+        let sum: f64 = logits.chunks_exact(vocab).zip(reference[i].chunks_exact(vocab)).map(|(m, r)| compare_full(m, r, 0).kl).sum();
+        Ok((sum, w.len()))
+    })?;
     let (sum, count) = sums.iter().fold((0.0, 0), |(a, b), (s, c)| (a + s, b + c));
     Ok(sum / count.max(1) as f64)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn measured(
     dir: &Path,
+    load: &Loader<'_, ValidateError>,
     text: Option<&Path>,
     calibration: Option<&Path>,
     model_label: &str,
@@ -154,15 +168,20 @@ fn measured(
     }
     let config = ckpt.config().clone();
     let calib = calibration.map(|p| CalibrationUse::open(p, &ckpt)).transpose()?;
-    let model = Model::load(&ckpt)?;
     let (tokens, text_sha256) = measuring_tokens(dir, text, opts)?;
     let windows: Vec<&[u32]> = tokens.chunks(opts.ctx.max(2)).filter(|w| w.len() >= 2).collect();
     let vocab = config.vocab_size;
-    let reference: Vec<Vec<f32>> =
-        windows.par_iter().map(|w| model.forward(w, &mut model.new_cache(), true)).collect::<Result<_, _>>()?;
+    // The proxy alone runs no model: a backend is loaded (a GPU upload) only to measure KL. The
+    // cheap estimate runs on the CPU model, which only maps the checkpoint (and checks its layout).
+    let cpu = Model::load(&ckpt)?;
+    let model = if windows.is_empty() { None } else { Some(load(&ckpt)?) };
+    let reference: Vec<Vec<f32>> = match &model {
+        Some(m) => per_window(m, &windows, |_, w| Ok(m.logits(w)?))?,
+        None => Vec::new(),
+    };
     let probe = if opts.probe_tokens > 0 {
         let ctx = opts.ctx.clamp(2, opts.probe_tokens.max(2));
-        Some(Probe::new(&model, &generated_windows(&model, opts.probe_tokens.div_ceil(ctx), ctx)?)?)
+        Some(Probe::new(&cpu, &generated_windows(&cpu, opts.probe_tokens.div_ceil(ctx), ctx)?)?)
     } else {
         None
     };
@@ -172,7 +191,7 @@ fn measured(
     let mut entries = Vec::with_capacity(params.len());
     // Per residual site: the summed per-dimension errors of its units at the reference and the
     // second setting, and how many units added to them.
-    let mut site_errors: Vec<(Vec<f64>, Vec<f64>, usize)> = vec![(Vec::new(), Vec::new(), 0); model.residual_sites()];
+    let mut site_errors: Vec<(Vec<f64>, Vec<f64>, usize)> = vec![(Vec::new(), Vec::new(), 0); cpu.residual_sites()];
     for (n, p) in params.iter().enumerate() {
         let quantizer = UnitQuantizer::new(&ckpt, p, calib.as_ref(), opts.quantizer)?;
         let entry = Entry::of(p)?;
@@ -181,10 +200,10 @@ fn measured(
         for (bits, gs) in settings_of(p, opts) {
             let q = quantizer.quantize(bits, gs)?;
             let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, floats: FloatDtype::BF16, bits, group_size: gs as usize };
-            let changed = || model.with_weight(&p.module, codes);
+            let changed = || cpu.with_weight(&p.module, codes);
             let is_reference = (bits, gs) == opts.reference;
-            if (is_reference || Some((bits, gs)) == opts.second) && !windows.is_empty() {
-                measured.push(((bits, gs), mean_kl(&changed()?, &windows, &reference, vocab)?));
+            if let (true, Some(model)) = (is_reference || Some((bits, gs)) == opts.second, &model) {
+                measured.push(((bits, gs), mean_kl(&model.with_weight(&p.module, codes)?, &windows, &reference, vocab)?));
             }
             // The estimate holds the entry error until the sites' responses are known (lm_head's
             // is its KL already).

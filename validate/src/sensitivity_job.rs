@@ -8,6 +8,7 @@ use mixq_quantizer::authoring::sensitivity_file::Sensitivity;
 use mixq_quantizer::QuantMethod;
 
 use crate::sensitivity::{check_settings, sensitivity, SensitivityOptions, SensitivitySource};
+use crate::validate_job::Loader;
 use crate::ValidateError;
 
 /// Anything that stops a sensitivity job.
@@ -47,6 +48,8 @@ pub struct SensitivityRequest<'a> {
     pub measure: &'a [u32],
     /// The file to write.
     pub out: &'a Path,
+    /// Opens the model the KL is measured on (on the CPU or the GPU).
+    pub load: &'a Loader<'a, ValidateError>,
 }
 
 /// A setting (bits, group size).
@@ -77,7 +80,7 @@ pub fn sensitivity_job(r: &SensitivityRequest<'_>, progress: &(dyn Fn(usize, usi
     };
     let config;
     let (source, label) = match (r.model, r.synthetic_config) {
-        (Some(dir), _) => (SensitivitySource::Checkpoint { dir, text: r.text, calibration: r.calibration }, dir.display().to_string()),
+        (Some(dir), _) => (SensitivitySource::Checkpoint { dir, load: r.load, text: r.text, calibration: r.calibration }, dir.display().to_string()),
         (None, Some(path)) => {
             config = GptOssConfig::from_file(path).map_err(ValidateError::from)?;
             (SensitivitySource::Synthetic(&config), format!("synthetic weights shaped as {}", path.display()))

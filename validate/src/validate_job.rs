@@ -65,6 +65,11 @@ pub struct Validation {
 /// A model loader: opens a checkpoint on whatever backend the caller chose.
 pub type Loader<'l, E> = dyn for<'c> Fn(&'c Checkpoint) -> Result<Engine<'c>, E> + 'l;
 
+/// The loader of the CPU reference (for callers without a backend choice).
+pub fn load_on_cpu(ckpt: &Checkpoint) -> Result<Engine<'_>, ValidateError> {
+    Ok(Engine::Cpu(mixq_runtime::Model::load(ckpt)?))
+}
+
 /// Checks that `ctx` and `stride` make windows.
 pub fn check_windows(ctx: usize, stride: usize) -> Result<(), ValidateError> {
     if ctx < 2 || stride == 0 || stride > ctx {

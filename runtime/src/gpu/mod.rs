@@ -4,8 +4,10 @@
 
 pub mod context;
 pub mod model;
+pub mod observe;
 pub mod shaders;
 pub mod weights;
 
 pub use context::{adapters, AdapterSummary, GpuContext, GpuOptions};
 pub use model::{GpuModel, GpuSampling, GpuSession};
+pub use observe::{ObserveOptions, WindowStats};

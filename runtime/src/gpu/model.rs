@@ -11,12 +11,16 @@ use crate::error::{Result, RuntimeError};
 use crate::gpu::context::{GpuContext, Pipeline};
 use crate::gpu::shaders::{Kernel, MATMUL_ROWS, MATMUL_TILE, WORKGROUP};
 use mixq_loader::QuantFormat;
+use crate::gpu::observe::{ObserveOptions, ObservePlan, WindowStats};
 use crate::gpu::weights::{GpuMatrix, Storage};
+use crate::observe::InputSite;
 use crate::matrix::{Matrix, RowMap};
-use crate::model::{Model, PREFILL_CHUNK, SWIGLU_ALPHA};
+use crate::matrix::Codes;
+use crate::model::{LayerWeight, Model, WeightSlot, PREFILL_CHUNK, SWIGLU_ALPHA};
 use crate::rope::Rope;
 
 /// The weights of one layer on the GPU.
+#[derive(Clone)]
 struct GpuLayer {
     input_norm: wgpu::Buffer,
     post_norm: wgpu::Buffer,
@@ -33,6 +37,7 @@ struct GpuLayer {
 }
 
 /// A gpt-oss model whose weights live in GPU memory.
+#[derive(Clone)]
 pub struct GpuModel {
     /// The device.
     pub ctx: Arc<GpuContext>,
@@ -220,6 +225,49 @@ impl GpuModel {
         Ok(Arc::new(GpuModel { config: c, embed, norm, lm_head, layers, rope, dummy, weight_bytes, ctx }))
     }
 
+    /// A model sharing every weight with this one except `module`'s (an MLX module path, as
+    /// [`Model::with_weight`] takes), which is uploaded from `codes` (rows in the MLX module's
+    /// order, experts stacked): only that tensor is sent, and this model is left as it is, so
+    /// dropping the copy restores it. For measuring what quantizing one module does.
+    pub fn with_weight(&self, module: &str, codes: Codes<'_>) -> Result<Arc<Self>> {
+        let mut m = self.clone();
+        let experts = self.config.num_local_experts;
+        let (slot, per_expert) = match WeightSlot::parse(module, self.layers.len())? {
+            WeightSlot::LmHead => (&mut m.lm_head, false),
+            WeightSlot::Embed => (&mut m.embed, false),
+            WeightSlot::Layer(l, leaf) => {
+                let layer = &mut m.layers[l];
+                match leaf {
+                    LayerWeight::Q => (&mut layer.q, false),
+                    LayerWeight::K => (&mut layer.k, false),
+                    LayerWeight::V => (&mut layer.v, false),
+                    LayerWeight::O => (&mut layer.o, false),
+                    LayerWeight::Router => (&mut layer.router, false),
+                    LayerWeight::Gate => (&mut layer.gate, true),
+                    LayerWeight::Up => (&mut layer.up, true),
+                    LayerWeight::Down => (&mut layer.down, true),
+                }
+            }
+        };
+        let rows = if per_expert { slot.rows * experts } else { slot.rows };
+        let matrix = Matrix { codes, rows, cols: slot.storage.cols, map: RowMap::identity(rows) };
+        if matrix.stored_bytes() != rows * matrix.row_bytes() {
+            return Err(RuntimeError::Checkpoint(format!(
+                "{module}: the replacement holds {} bytes; {rows} rows of {} columns in {:?} need {}",
+                matrix.stored_bytes(),
+                matrix.cols,
+                codes.format(),
+                rows * matrix.row_bytes()
+            )));
+        }
+        slot.storage = Arc::new(Storage::upload(&self.ctx, module, &matrix, &|_| {})?);
+        slot.map = matrix.map;
+        self.ctx.queue.submit([]);
+        self.ctx.wait()?;
+        self.ctx.check("uploading a replacement weight")?;
+        Ok(Arc::new(m))
+    }
+
     /// The most parts any weight tensor was split into (1 when every tensor fits one binding).
     pub fn max_parts(&self) -> usize {
         let mut all: Vec<&GpuMatrix> = vec![&self.embed, &self.lm_head];
@@ -270,6 +318,8 @@ enum Grid {
     Heads { heads: u32 },
     /// A single workgroup.
     One,
+    /// One thread per entry of a fixed-size output, in rows of at most 65,535 workgroups.
+    Threads { n: u32 },
 }
 
 impl Grid {
@@ -281,9 +331,16 @@ impl Grid {
             Grid::Elements { per_token } => ((t * per_token).div_ceil(WORKGROUP), 1),
             Grid::Heads { heads } => (heads, t),
             Grid::One => (1, 1),
+            Grid::Threads { n } => {
+                let groups = n.div_ceil(WORKGROUP);
+                (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS))
+            }
         }
     }
 }
+
+/// Workgroups per dispatch dimension that every device allows.
+const MAX_GROUPS: u32 = 65_535;
 
 struct Op {
     pipeline: Arc<Pipeline>,
@@ -313,6 +370,8 @@ struct Activations {
     caches: Vec<(wgpu::Buffer, wgpu::Buffer, u32)>,
     logits_staging: wgpu::Buffer,
     next_staging: wgpu::Buffer,
+    /// Calibration sums (observing sessions) and their read-back buffer.
+    stats: Option<(wgpu::Buffer, wgpu::Buffer)>,
 }
 
 /// How the next token is chosen on the GPU.
@@ -337,6 +396,7 @@ pub struct GpuSession {
     capacity: usize,
     counter: u32,
     memory: u64,
+    plan: Option<ObservePlan>,
 }
 
 /// Collects uniform parameter blocks at the device's offset alignment.
@@ -414,6 +474,32 @@ fn norm_op<'b>(
     }
 }
 
+/// The ops adding the rows of `x` at `site` (`routed`: per expert; row of token t's slot s at
+/// `t * row.0 + s * row.1`) to each of the plan's sums there.
+#[allow(clippy::too_many_arguments)]
+fn observe_ops<'b>(
+    observe: Option<(&ObservePlan, &'b wgpu::Buffer)>,
+    blocks: &mut ParamBlocks,
+    body: &mut Vec<PendingOp<'b>>,
+    site: InputSite,
+    routed: bool,
+    x: &'b wgpu::Buffer,
+    ids: &'b wgpu::Buffer,
+    row: (u32, u32),
+    slots: u32,
+) {
+    let Some((plan, stats)) = observe else { return };
+    for s in plan.at(site, routed) {
+        let experts = if routed { s.blocks as u32 } else { 0 };
+        body.push(PendingOp {
+            kernel: Kernel::Observe(s.gram),
+            params: blocks.push(&[s.width as u32, experts, slots, row.0, row.1, s.offset as u32, s.count_offset as u32, 0]),
+            buffers: vec![x, ids, stats],
+            grid: Grid::Threads { n: s.len() as u32 },
+        });
+    }
+}
+
 /// Ops are recorded against buffers first and bound once the parameter buffer exists.
 struct PendingOp<'b> {
     kernel: Kernel,
@@ -425,6 +511,15 @@ struct PendingOp<'b> {
 impl GpuModel {
     /// Opens a session whose KV cache holds `max_context` tokens.
     pub fn session(self: &Arc<Self>, max_context: usize) -> Result<GpuSession> {
+        self.open_session(max_context, None)
+    }
+
+    /// Opens a session that also accumulates calibration statistics (see [`GpuSession::observe`]).
+    pub fn observing_session(self: &Arc<Self>, max_context: usize, opts: ObserveOptions) -> Result<GpuSession> {
+        self.open_session(max_context, Some(ObservePlan::new(&self.config, opts)))
+    }
+
+    fn open_session(self: &Arc<Self>, max_context: usize, plan: Option<ObservePlan>) -> Result<GpuSession> {
         let c = &self.config;
         if max_context == 0 || max_context > self.max_context() {
             return Err(RuntimeError::ContextExceeded { tokens: max_context, context: self.max_context() });
@@ -437,7 +532,7 @@ impl GpuModel {
                 "the GPU kernels need an even head_dim of at most 256, heads divisible by kv heads and at most 32 experts per token (got head_dim {hd}, {nh}/{nkv} heads, {k} experts per token)"
             )));
         }
-        let acts = self.activations(max_context)?;
+        let acts = self.activations(max_context, plan.as_ref())?;
         let mut blocks = ParamBlocks { bytes: Vec::new(), align: ctx.limits.min_uniform_buffer_offset_alignment.max(16) as usize };
         let a = &acts;
         let mut body: Vec<PendingOp<'_>> = Vec::new();
@@ -457,10 +552,12 @@ impl GpuModel {
                 grid: Grid::Elements { per_token: h as u32 },
             });
         }
-        for (layer, cache) in self.layers.iter().zip(&a.caches) {
-            self.layer_ops(layer, cache, a, &mut blocks, &mut body);
+        let observe = plan.as_ref().zip(a.stats.as_ref().map(|s| &s.0));
+        for (l, (layer, cache)) in self.layers.iter().zip(&a.caches).enumerate() {
+            self.layer_ops(l, layer, cache, a, observe, &mut blocks, &mut body);
         }
         body.push(norm_op(&mut blocks, c, &self.norm, &a.x, &a.normed));
+        observe_ops(observe, &mut blocks, &mut body, InputSite::Final, false, &a.normed, &a.ids, (1, 0), 0);
         let mut head_all = Vec::new();
         matmul_ops(&mut blocks, &mut head_all, &self.lm_head, &a.normed, &a.logits, &a.ids, dummy, &|_| {});
         let mut head_last = Vec::new();
@@ -481,11 +578,11 @@ impl GpuModel {
         let sample = self.bind(&a.step, &params, sample)?;
         ctx.check("preparing the forward pass")?;
         let memory = ctx.allocated() - before;
-        Ok(GpuSession { model: self.clone(), acts, body, head_all, head_last, sample, len: 0, capacity: max_context, counter: 0, memory })
+        Ok(GpuSession { model: self.clone(), acts, body, head_all, head_last, sample, len: 0, capacity: max_context, counter: 0, memory, plan })
     }
 
     /// The activation buffers, KV caches and RoPE table of a session of `max_context` tokens.
-    fn activations(&self, max_context: usize) -> Result<Activations> {
+    fn activations(&self, max_context: usize, plan: Option<&ObservePlan>) -> Result<Activations> {
         let c = &self.config;
         let ctx = &*self.ctx;
         let t = PREFILL_CHUNK as u64;
@@ -529,15 +626,27 @@ impl GpuModel {
             caches,
             logits_staging: ctx.buffer("logits read-back", t * vocab * 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
             next_staging: ctx.buffer("token read-back", 4, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
+            stats: match plan {
+                Some(p) => {
+                    let bytes = p.len.max(1) as u64 * 4;
+                    let read = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+                    Some((ctx.buffer("calibration sums", bytes, rw)?, ctx.buffer("calibration read-back", bytes, read)?))
+                }
+                None => None,
+            },
         })
     }
 
-    /// Appends the kernels of one transformer layer to `body`.
+    /// Appends the kernels of one transformer layer to `body` (with `observe`, those adding its
+    /// inputs' calibration sums too).
+    #[allow(clippy::too_many_arguments)]
     fn layer_ops<'b>(
         &'b self,
+        l: usize,
         layer: &'b GpuLayer,
         (kc, vc, cap): &'b (wgpu::Buffer, wgpu::Buffer, u32),
         a: &'b Activations,
+        observe: Option<(&ObservePlan, &'b wgpu::Buffer)>,
         blocks: &mut ParamBlocks,
         body: &mut Vec<PendingOp<'b>>,
     ) {
@@ -545,7 +654,9 @@ impl GpuModel {
         let dummy = &self.dummy;
         let Dims { h, nh, nkv, hd, e, k, i, .. } = Dims::of(c);
         let scale = 1.0 / (hd as f32).sqrt();
+        let slots = k as u32;
         body.push(norm_op(blocks, c, &layer.input_norm, &a.x, &a.normed));
+        observe_ops(observe, blocks, body, InputSite::Attention(l), false, &a.normed, &a.ids, (1, 0), slots);
         for (m, y) in [(&layer.q, &a.q), (&layer.k, &a.k), (&layer.v, &a.v)] {
             matmul_ops(blocks, body, m, &a.normed, y, &a.ids, dummy, &|_| {});
         }
@@ -562,8 +673,10 @@ impl GpuModel {
             buffers: vec![&a.q, kc, vc, &layer.sinks, &a.attn],
             grid: Grid::Heads { heads: nh as u32 },
         });
+        observe_ops(observe, blocks, body, InputSite::AttentionOut(l), false, &a.attn, &a.ids, (1, 0), slots);
         matmul_ops(blocks, body, &layer.o, &a.attn, &a.x, &a.ids, dummy, &|w| w[13] = 1);
         body.push(norm_op(blocks, c, &layer.post_norm, &a.x, &a.normed));
+        observe_ops(observe, blocks, body, InputSite::Mlp(l), false, &a.normed, &a.ids, (1, 0), slots);
         matmul_ops(blocks, body, &layer.router, &a.normed, &a.router, &a.ids, dummy, &|_| {});
         body.push(PendingOp {
             kernel: Kernel::Router,
@@ -571,6 +684,8 @@ impl GpuModel {
             buffers: vec![&a.router, &a.ids, &a.weights],
             grid: Grid::Elements { per_token: 1 },
         });
+        // Each token's row is the input of every expert it chose.
+        observe_ops(observe, blocks, body, InputSite::Mlp(l), true, &a.normed, &a.ids, (1, 0), slots);
         for (m, y) in [(&layer.gate, &a.gate), (&layer.up, &a.up)] {
             matmul_ops(blocks, body, m, &a.normed, y, &a.ids, dummy, &|w| w[14] = k as u32);
         }
@@ -580,6 +695,8 @@ impl GpuModel {
             buffers: vec![&a.gate, &a.up],
             grid: Grid::Elements { per_token: (k * i) as u32 },
         });
+        // The down input of token t's slot s is row t * k + s of the SwiGLU output.
+        observe_ops(observe, blocks, body, InputSite::ExpertDown(l), true, &a.gate, &a.ids, (slots, 1), slots);
         matmul_ops(blocks, body, &layer.down, &a.gate, &a.down, &a.ids, dummy, &|w| {
             w[14] = k as u32;
             w[15] = 1;
@@ -711,6 +828,31 @@ impl GpuSession {
         }
         let raw = self.model.ctx.read(&self.acts.next, &self.acts.next_staging, 4)?;
         Ok(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
+    }
+}
+
+impl GpuSession {
+    /// Runs `tokens` from an empty context (an observing session's), adding every linear input's
+    /// calibration sums on the device, and reads them back once at the end.
+    pub fn observe(&mut self, tokens: &[u32]) -> Result<WindowStats> {
+        let ctx = self.model.ctx.clone();
+        let Some((stats, _)) = &self.acts.stats else {
+            return Err(RuntimeError::Gpu("this session was not opened to observe calibration statistics".into()));
+        };
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("clear sums") });
+        enc.clear_buffer(stats, 0, None);
+        ctx.queue.submit([enc.finish()]);
+        self.reset();
+        self.check_tokens(tokens)?;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            self.run_chunk(chunk, Tail::Nothing, GpuSampling::default());
+        }
+        let (Some(plan), Some((stats, staging))) = (&self.plan, &self.acts.stats) else {
+            return Err(RuntimeError::Gpu("this session was not opened to observe calibration statistics".into()));
+        };
+        let raw = ctx.read(stats, staging, plan.len.max(1) as u64 * 4)?;
+        let data: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok(plan.window(&data, tokens.len()))
     }
 }
 

@@ -56,6 +56,8 @@ pub enum Kernel {
     Sample,
     /// Synthetic weights.
     Fill,
+    /// Calibration sums of one input site: Σ x² per channel (`false`) or Σ x xᵀ (`true`).
+    Observe(bool),
 }
 
 /// How a kernel binding is used.
@@ -89,6 +91,8 @@ impl Kernel {
             Kernel::Combine,
             Kernel::Sample,
             Kernel::Fill,
+            Kernel::Observe(false),
+            Kernel::Observe(true),
         ]);
         v
     }
@@ -120,6 +124,7 @@ impl Kernel {
             Kernel::Combine => plain(include_str!("wgsl/combine.wgsl")),
             Kernel::Sample => format!("{HASH}\n{}", plain(include_str!("wgsl/sample.wgsl"))),
             Kernel::Fill => format!("{HASH}\n{}", plain(include_str!("wgsl/fill.wgsl"))),
+            Kernel::Observe(gram) => format!("const GRAM: bool = {gram};\n{}", plain(include_str!("wgsl/observe.wgsl"))),
         }
     }
 
@@ -137,6 +142,7 @@ impl Kernel {
             Kernel::Combine => &[U, U, R, R, R, W],
             Kernel::Sample => &[U, U, R, W],
             Kernel::Fill => &[U, U, W],
+            Kernel::Observe(_) => &[U, U, R, R, W],
         }
     }
 }
@@ -158,6 +164,6 @@ mod tests {
         let sources: std::collections::HashSet<String> = all.iter().map(Kernel::source).collect();
         assert_eq!(sources.len(), all.len());
         // bf16 and 18 affine formats with BF16 or F32 floats, mxfp4 with none.
-        assert_eq!(all.len(), (19 * 2 + 1) * 3 + 8);
+        assert_eq!(all.len(), (19 * 2 + 1) * 3 + 10);
     }
 }

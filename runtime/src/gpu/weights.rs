@@ -202,6 +202,7 @@ fn fill_buffer(ctx: &GpuContext, fill: &crate::gpu::context::Pipeline, buf: &wgp
 }
 
 /// A logical weight matrix: a view of a stored tensor through a row map, with an optional bias.
+#[derive(Clone)]
 pub struct GpuMatrix {
     /// The stored tensor (shared by the gate and up views of upstream experts).
     pub storage: Arc<Storage>,
