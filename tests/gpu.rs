@@ -239,8 +239,8 @@ fn cli_sensitivity_agrees_across_backends() {
         let started = std::time::Instant::now();
         let o = mixq(
             &[
-                "sensitivity", "--model", TRAINED, "--text", text_file.to_str().unwrap(), "--tokens", "64", "--ctx", "64",
-                "--bits", "3", "--group-sizes", "64", "--measure", "3,64", "--backend", backend, "--out", out.to_str().unwrap(), "--json",
+                "sensitivity", "--model", TRAINED, "--text", text_file.to_str().unwrap(), "--tokens", "16", "--ctx", "16",
+                "--bits", "3", "--group-sizes", "64", "--measure", "3,64", "--probe-tokens", "0", "--backend", backend, "--out", out.to_str().unwrap(), "--json",
             ],
             &[],
         );
