@@ -193,8 +193,10 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
     let name = r.name.map(str::to_string).unwrap_or_else(|| stem(r.out, "searched"));
     let sens_label = r.sensitivity.display().to_string();
     let render = |allot: &Allotment, refined: Option<&str>| -> Result<Written, SearchJobError> {
-        let header = |on_disk, refined: Option<&str>| RecipeHeader { name: &name, sensitivity_path: &sens_label, target: &target_label, on_disk, refined };
-        written(&config, &files, r.out, allot, |on_disk| write_recipe(&problem, &sens, allot, &header(on_disk, refined), &keep))
+        written(&config, &files, r.out, allot, |on_disk| {
+            let header = RecipeHeader { name: &name, sensitivity_path: &sens_label, target: &target_label, on_disk, refined };
+            write_recipe(&problem, &sens, allot, &header, &keep)
+        })
     };
     let mut tensor_budget = target;
     let mut found = None;
