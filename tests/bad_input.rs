@@ -469,7 +469,7 @@ fn recipe_search_targets_are_checked() {
     let e = text(&search(&["--target-size", "0.5"])).1;
     assert!(e.contains("--target-size 0.5: expected a size such as 48GiB") && e.contains("a whole number of bytes"), "{e}");
     let e = text(&search(&["--target-size", "1GB"])).1;
-    assert!(e.contains("target 1GB (1000000000 bytes) is at or above the model's size with every unit in bf16"), "{e}");
+    assert!(e.contains("target 1GB (1000000000 bytes on disk) is at or above the model's size with every unit in bf16"), "{e}");
     let lower = search(&["--target-size", "10mb"]);
     let upper = search(&["--target-size", "10MB"]);
     assert!(lower.status.success() && upper.status.success(), "{}", text(&lower).1);
