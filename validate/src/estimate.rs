@@ -213,6 +213,46 @@ impl Gaussian {
     }
 }
 
+/// The units' entry errors summed per residual site at the reference and the second setting: the
+/// shape and size of the noise each site's response is measured with.
+pub struct SiteErrors {
+    /// Per site: per-dimension sums at the reference setting, at the second, and units counted.
+    sites: Vec<(Vec<f64>, Vec<f64>, usize)>,
+}
+
+impl SiteErrors {
+    /// Nothing added yet, for a model with `sites` residual sites.
+    pub fn new(sites: usize) -> Self {
+        SiteErrors { sites: vec![(Vec::new(), Vec::new(), 0); sites] }
+    }
+
+    /// Adds one unit's error where it lands (nothing for the logits), at the reference setting
+    /// or the second.
+    pub fn add(&mut self, entry: Entry, err: &EntryError, reference: bool) {
+        let Some(site) = entry.site() else { return };
+        let acc = &mut self.sites[site];
+        let sum = if reference { &mut acc.0 } else { &mut acc.1 };
+        sum.resize(err.per_dim.len(), 0.0);
+        sum.iter_mut().zip(&err.per_dim).for_each(|(a, b)| *a += b);
+        acc.2 += usize::from(reference);
+    }
+
+    /// Each site's response to noise shaped as its units' mean error (`None` where no unit lands).
+    pub fn responses(&self, probe: &Probe<'_, '_>) -> Vec<Option<SiteResponse>> {
+        self.sites
+            .par_iter()
+            .enumerate()
+            .map(|(site, (reference, second, count))| {
+                (*count > 0).then(|| {
+                    let mean = |v: &[f64]| v.iter().map(|x| x / *count as f64).collect::<Vec<f64>>();
+                    let second = (!second.is_empty()).then(|| mean(second));
+                    SiteResponse::measure(probe, site, &mean(reference), second.as_deref())
+                })
+            })
+            .collect()
+    }
+}
+
 /// How the rest of the model answers an error at one site: the KL of noise of a known size.
 #[derive(Debug, Clone, Copy)]
 pub struct SiteResponse {

@@ -1,16 +1,16 @@
 //! `mixq sensitivity`: for every unit a recipe can address (a quantizable tensor class in one
 //! layer, or a global one), what quantizing that unit alone costs at each bits × group size.
 //!
-//! The proxy of a setting is the unit's relative (calibration-weighted) squared weight error:
-//! Σ_rows Σ_j E[x_j²]·(ŵ_j − w_j)² over Σ_rows Σ_j E[x_j²]·w_j², each expert's rows weighted by
-//! the fraction of tokens routed to it: the noise-to-signal ratio of the unit's output. With a
-//! text, the real cost is measured twice per unit: the mean KL(source ‖ model with only this unit
-//! quantized) at the reference setting and at a second one. The two fix the unit's exponent in
-//! `KL ∝ proxy^e` (measured on the bundled model: e ≈ 0.65, not the 1 of small perturbations), which
-//! carries the measured KL to every other setting. The rank correlation of the proxy and the
-//! measured KL over the units says how far the proxy alone (the only affordable cost at 120b scale)
-//! can rank units: on the bundled model, poorly (≈ 0.1), because it sees the weight error but not
-//! how much the layer after it amplifies it.
+//! Each setting records the unit's relative (calibration-weighted) squared weight error, the
+//! proxy: Σ_rows Σ_j E[x_j²]·(ŵ_j − w_j)² over Σ_rows Σ_j E[x_j²]·w_j², each expert's rows weighted
+//! by the fraction of tokens routed to it. The cost is one of two:
+//! - without a text, the cheap estimate of [`crate::estimate`]: the unit's exact error where it
+//!   enters the residual stream times the rest of the model's measured response to noise there;
+//! - with a text, the KL measured twice per unit: the mean KL(source ‖ model with only this unit
+//!   quantized) at the reference setting and at a second one, which fix the unit's exponent in
+//!   `KL ∝ proxy^e` and carry the measured KL to every other setting. The estimate is computed
+//!   too, and the rank correlations of the estimate and of the proxy with the measured KL say how
+//!   far each ranks units without measuring (bundled model: about 0.8 and 0.1).
 
 use std::path::Path;
 
@@ -26,7 +26,7 @@ use mixq_runtime::{Engine, Model};
 use rayon::prelude::*;
 
 use crate::corpus::Corpus;
-use crate::estimate::{generated_windows, Entry, Probe, SiteResponse};
+use crate::estimate::{generated_windows, Entry, Probe, SiteErrors};
 use crate::eval::compare_full;
 use crate::projection::{cheap_run_cost, measured_flops};
 use crate::validate_job::Loader;
@@ -189,9 +189,7 @@ fn measured(
     let params = units(&config);
     let mut out = Vec::with_capacity(params.len());
     let mut entries = Vec::with_capacity(params.len());
-    // Per residual site: the summed per-dimension errors of its units at the reference and the
-    // second setting, and how many units added to them.
-    let mut site_errors: Vec<(Vec<f64>, Vec<f64>, usize)> = vec![(Vec::new(), Vec::new(), 0); cpu.residual_sites()];
+    let mut site_errors = SiteErrors::new(cpu.residual_sites());
     for (n, p) in params.iter().enumerate() {
         let quantizer = UnitQuantizer::new(&ckpt, p, calib.as_ref(), opts.quantizer)?;
         let entry = Entry::of(p)?;
@@ -202,7 +200,8 @@ fn measured(
             let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, floats: FloatDtype::BF16, bits, group_size: gs as usize };
             let changed = || cpu.with_weight(&p.module, codes);
             let is_reference = (bits, gs) == opts.reference;
-            if let (true, Some(model)) = (is_reference || Some((bits, gs)) == opts.second, &model) {
+            let is_measured = is_reference || Some((bits, gs)) == opts.second;
+            if let (true, Some(model)) = (is_measured, &model) {
                 measured.push(((bits, gs), mean_kl(&model.with_weight(&p.module, codes)?, &windows, &reference, vocab)?));
             }
             // The estimate holds the entry error until the sites' responses are known (lm_head's
@@ -212,12 +211,8 @@ fn measured(
                 (Some(probe), Entry::Head) => Some(probe.head_kl(&changed()?)),
                 (Some(probe), _) => {
                     let err = probe.entry_error(&changed()?, entry)?;
-                    if let Some(site) = entry.site().filter(|_| is_reference || Some((bits, gs)) == opts.second) {
-                        let acc = &mut site_errors[site];
-                        let sum = if is_reference { &mut acc.0 } else { &mut acc.1 };
-                        sum.resize(err.per_dim.len(), 0.0);
-                        sum.iter_mut().zip(&err.per_dim).for_each(|(a, b)| *a += b);
-                        acc.2 += usize::from(is_reference);
+                    if is_measured {
+                        site_errors.add(entry, &err, is_reference);
                     }
                     Some(err.per_token)
                 }
@@ -234,17 +229,7 @@ fn measured(
     if let Some(probe) = &probe {
         // One perturbation run (two with a second setting) per site, noise shaped as the mean
         // error of the site's units; each unit's entry error becomes a predicted KL.
-        let responses: Vec<Option<SiteResponse>> = site_errors
-            .par_iter()
-            .enumerate()
-            .map(|(site, (reference, second, count))| {
-                (*count > 0).then(|| {
-                    let mean = |v: &[f64]| v.iter().map(|x| x / *count as f64).collect::<Vec<f64>>();
-                    let second = (!second.is_empty()).then(|| mean(second));
-                    SiteResponse::measure(probe, site, &mean(reference), second.as_deref())
-                })
-            })
-            .collect();
+        let responses = site_errors.responses(probe);
         for (u, entry) in out.iter_mut().zip(&entries) {
             let response = entry.site().and_then(|s| responses[s]);
             for s in &mut u.settings {
