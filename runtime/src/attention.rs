@@ -6,8 +6,8 @@
 //! positions, packed once per tile and used by all its queries. The softmax is computed online
 //! (as flash attention does): per query a running maximum and denominator, the accumulated output
 //! rescaled whenever the maximum grows; the sink's logit is the initial maximum and its
-//! exponential joins the denominator at the end, so the result is today's
-//! `exp(s - max) / (exp(sink - max) + sum exp(s - max))` with the sums taken block by block.
+//! exponential joins the denominator at the end, so each weight is the plain softmax's
+//! `exp(s - max) / (exp(sink - max) + sum exp(s - max))`, its sums taken block by block.
 //!
 //! Key blocks start at multiples of [`KEY_BLOCK`] (absolute positions), and every sum for one
 //! query runs in a fixed order over its own blocks, so a query's output does not depend on which
@@ -133,6 +133,8 @@ impl Job<'_> {
             // SAFETY: `Simd::detect` found AVX2 and FMA on this CPU.
             return unsafe { self.tile_avx2(scratch, tile) };
         }
+        // Read only on x86-64.
+        let _ = self.simd;
         self.tile_with::<Portable>(scratch, tile)
     }
 
@@ -329,7 +331,7 @@ const EXP_CUTOFF: f32 = -87.0;
 fn exp_nonpositive<V: Vector>(x: V) -> V {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const POLYNOMIAL: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    const POLYNOMIAL: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
     let cutoff = V::splat(EXP_CUTOFF);
     let clamped = cutoff.max(x);
     let shifted = clamped.mul_add(V::splat(std::f32::consts::LOG2_E), V::splat(ROUND));
