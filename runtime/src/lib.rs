@@ -2,6 +2,7 @@
 //! weights kept packed: on the CPU straight from the memory map, or on the GPU through wgpu
 //! (Metal, Vulkan, DX12); forward pass, KV cache, sampling, tokenizer and chat template.
 
+pub mod attention;
 pub mod cache;
 pub mod engine;
 pub mod error;

@@ -387,7 +387,7 @@ const LANES: usize = 8;
 
 /// The vector unit a product runs on, detected once per product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Simd {
+pub(crate) enum Simd {
     /// x86-64 with AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
@@ -397,7 +397,8 @@ enum Simd {
 }
 
 impl Simd {
-    fn detect() -> Simd {
+    /// The widest unit this CPU has.
+    pub(crate) fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             return Simd::Avx2Fma;

@@ -7,6 +7,7 @@ use mixq_loader::schema::{Schema, SourceLayout, UpstreamRows};
 use mixq_loader::{Checkpoint, CheckpointFormat, Dtype, FloatDtype, GptOssConfig, LayerType, QuantFormat};
 use rayon::prelude::*;
 
+use crate::attention::{attend, AttentionShape};
 use crate::cache::{KvCache, LayerCache};
 use crate::error::{Result, RuntimeError};
 use crate::matrix::{dot, Codes, Matrix, RowMap};
@@ -441,40 +442,8 @@ impl<'a> Model<'a> {
             }
         }
         lc.append(first, &k, &v);
-        let lc = &*lc;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let group = nh / nkv;
-        let window = c.sliding_window;
-        let mut out = vec![0f32; n * nh * hd];
-        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
-            let (t, head) = (idx / nh, idx % nh);
-            let pos = first + t;
-            let lo = if layer.sliding { (pos + 1).saturating_sub(window) } else { 0 };
-            let qv = &q[(t * nh + head) * hd..(t * nh + head + 1) * hd];
-            let kvh = head / group;
-            scores.clear();
-            let mut max = layer.sinks[head];
-            for p in lo..=pos {
-                let key = &lc.at(p).0[kvh * hd..(kvh + 1) * hd];
-                let s = dot(qv, key) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut denom = (layer.sinks[head] - max).exp();
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                denom += *s;
-            }
-            o.fill(0.0);
-            for (p, &w) in (lo..=pos).zip(scores.iter()) {
-                let val = &lc.at(p).1[kvh * hd..(kvh + 1) * hd];
-                let w = w / denom;
-                for (a, b) in o.iter_mut().zip(val) {
-                    *a += w * b;
-                }
-            }
-        });
-        out
+        let shape = AttentionShape { heads: nh, kv_heads: nkv, head_dim: hd, window: layer.sliding.then_some(c.sliding_window) };
+        attend(shape, &q, lc, first, &layer.sinks)
     }
 
     pub(crate) fn experts<'o>(&self, layer: &Layer<'_>, xs: &[f32], mut obs: Option<(usize, &mut (dyn ActivationObserver + 'o))>) -> Vec<f32> {
