@@ -156,7 +156,7 @@ impl Demo<'_> {
             stream: false,
             quiet: false,
         };
-        let g = generate_text(&run)?;
+        let g = crate::args::Threads { threads: None }.pool()?.install(|| generate_text(&run))?;
         self.say(&format!(
             "{}{}\n==========\nBackend: {}\nPrompt: {} tokens, {:.1} tokens/s\nGeneration: {} tokens, {:.1} tokens/s\n",
             g["prompt"].as_str().unwrap_or_default(),

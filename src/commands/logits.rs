@@ -27,6 +27,8 @@ pub struct LogitsArgs {
     #[command(flatten)]
     backend: BackendArgs,
     #[command(flatten)]
+    threads: crate::args::Threads,
+    #[command(flatten)]
     quiet: crate::args::Quiet,
     #[command(flatten)]
     json: Json,
@@ -37,7 +39,7 @@ pub fn run(a: LogitsArgs) -> Result<ExitCode> {
     let ids = read_token_ids(&a.tokens)?;
     let ckpt = Checkpoint::open(&a.model)?;
     let m = backend::load(&ckpt, &a.backend, a.json.json, a.quiet.quiet)?;
-    let (secs, vocab) = write_logits(&m, &ids, &a.out)?;
+    let (secs, vocab) = a.threads.pool()?.install(|| write_logits(&m, &ids, &a.out))?;
     if a.json.json {
         print_json(&serde_json::json!({"out": a.out, "tokens": ids.len(), "vocab": vocab, "seconds": secs, "backend": m.backend()}));
     } else {

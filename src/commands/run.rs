@@ -63,6 +63,8 @@ pub struct RunCommandArgs {
     #[command(flatten)]
     backend: BackendArgs,
     #[command(flatten)]
+    threads: crate::args::Threads,
+    #[command(flatten)]
     quiet: crate::args::Quiet,
     #[command(flatten)]
     json: crate::args::Json,
@@ -87,7 +89,9 @@ pub fn run(a: RunCommandArgs) -> Result<ExitCode> {
         stream: !a.json.json,
         quiet: a.quiet.quiet,
     };
-    let figures = generate_text(&args)?;
+    // On a worker of the pool, so the products' parallel loops do not hand each piece of work
+    // from this thread to the pool and back (a hundred thread switches per decoded token).
+    let figures = a.threads.pool()?.install(|| generate_text(&args))?;
     if a.json.json {
         print_json(&figures);
     }
