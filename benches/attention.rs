@@ -7,7 +7,9 @@
 //! one thread (a rayon pool of 1) and on all cores. Random queries, keys and values: attention's
 //! cost does not depend on them. Not a test: it prints figures.
 
-use std::time::Instant;
+mod timing;
+
+use timing::best_of;
 
 use mixq_runtime::attention::{attend, AttentionShape};
 use mixq_runtime::cache::LayerCache;
@@ -18,19 +20,6 @@ const NEW_TOKENS: usize = 512;
 const CACHED_TOKENS: usize = 3584;
 /// gpt-oss's sliding window.
 const WINDOW: usize = 128;
-/// Timed repetitions; the best is kept (the machine is shared).
-const REPEATS: usize = 3;
-
-/// Seconds of the fastest of [`REPEATS`] runs of `f`.
-fn best_of(mut f: impl FnMut()) -> f64 {
-    (0..REPEATS)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 /// Fixed pseudo-random values in [-1, 1).
 fn numbers(len: usize, seed: u64) -> Vec<f32> {

@@ -13,11 +13,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use mixq_loader::Checkpoint;
 use mixq_runtime::Model;
 use rayon::prelude::*;
+use timing::best_of;
+
+mod timing;
 
 /// Prompt length for the prefill figure (one CPU prefill chunk).
 const PROMPT_TOKENS: usize = 512;
@@ -25,8 +27,6 @@ const PROMPT_TOKENS: usize = 512;
 const DECODE_TOKENS: usize = 32;
 /// Recipe the model is converted with.
 const RECIPE: &str = "gpt-oss-120b-3.6bit";
-/// Timed repetitions; the best is kept (the machine is shared).
-const REPEATS: usize = 3;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -45,17 +45,6 @@ fn ensure_converted(src: &Path, out: &Path) {
         .status()
         .expect("mixq runs");
     assert!(status.success(), "conversion of {} failed", src.display());
-}
-
-/// Seconds of the fastest of [`REPEATS`] runs of `f`.
-fn best_of(mut f: impl FnMut()) -> f64 {
-    (0..REPEATS)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 /// A product `[m, k] x [k, n]`: `m` tokens through a weight of `n` rows and `k` columns, `count`
@@ -170,7 +159,7 @@ fn prompt(vocab: usize) -> Vec<u32> {
 }
 
 /// Prefill seconds (all logits) and decode tokens/s on the current pool (each the best of
-/// [`REPEATS`] runs; every decode run starts from the same 64-token cache).
+/// [`timing::REPEATS`] runs; every decode run starts from the same 64-token cache).
 fn runtime_speed(model: &Model<'_>) -> (f64, f64) {
     let prompt = prompt(model.config.vocab_size);
     let mut cache = model.new_cache();
