@@ -155,16 +155,11 @@ impl<'a> Matrix<'a> {
                 let (bb, sb) = (c / 2, c / 32);
                 mxfp4_row_to_f32(&blocks[s * bb..(s + 1) * bb], &scales[s * sb..(s + 1) * sb], out)
             }
-            Codes::Affine { weight, scales, biases, floats, bits, group_size } => {
-                let row_bytes = c * bits as usize / 8;
-                let group_bytes = c / group_size * floats.size();
-                let packed = &weight[s * row_bytes..(s + 1) * row_bytes];
-                let groups = Groups {
-                    scales: &scales[s * group_bytes..(s + 1) * group_bytes],
-                    biases: &biases[s * group_bytes..(s + 1) * group_bytes],
-                    floats,
-                    size: group_size,
+            Codes::Affine { .. } => {
+                let Some((rest, groups, bits)) = affine_parts(self, r) else {
+                    unreachable!("affine codes have affine parts");
                 };
+                let packed = &rest[..c * bits as usize / 8];
                 match bits {
                     2 => decode_affine::<2>(packed, groups, out),
                     3 => decode_affine::<3>(packed, groups, out),
