@@ -272,7 +272,7 @@ impl<'a> Matrix<'a> {
         for b0 in (0..rows).step_by(ROW_BLOCK) {
             let here = ROW_BLOCK.min(rows - b0);
             if n == 1 {
-                if let Some(dots) = K::fused_one(self, r0 + b0, here, xs, folded, scratch) {
+                if let Some(dots) = K::fused_one(self, r0 + b0, here, xs, folded) {
                     tile[b0..b0 + here].copy_from_slice(&dots[..here]);
                     continue;
                 }
@@ -418,7 +418,7 @@ trait Kernel {
     /// For one token `x` (with its [`FoldedInput`]): rows `r0..r0 + here` of an affine `m`
     /// (`here <= ROW_BLOCK`) times `x` in one pass over the codes, as [`folded_affine_dot`]
     /// defines it; `None` for other codes.
-    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput, scratch: &mut [f32]) -> Option<[f32; ROW_BLOCK]>;
+    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput) -> Option<[f32; ROW_BLOCK]>;
 }
 
 /// What one token's product with affine codes uses besides the token, computed once per product.
@@ -429,7 +429,7 @@ struct FoldedInput {
     /// The token with column `j` times `2^-shift(j % 8)` ([`code_shift`]): a vector kernel
     /// may leave each code where it lies in its bytes (`q · 2^shift`, exact as a float) and
     /// multiply it by this, which gives the same product as `q · x` unless `x · 2^-shift`
-    /// falls below f32's normal range (|x| < 2^-119).
+    /// falls below f32's normal range (|x| < 2^-105 at most).
     scaled: Vec<f32>,
 }
 
@@ -444,10 +444,16 @@ impl FoldedInput {
     }
 }
 
-/// Where code `k` of eight `bits`-bit codes starts within the byte that holds its first bit.
+/// Where code `k` of eight `bits`-bit codes lies within the window a vector kernel reads it
+/// from: for 2 and 3 bits all eight lie in one 32-bit word (code `k` from bit `k · bits`), wider
+/// codes from the start of the byte that holds their first bit.
 #[inline(always)]
 const fn code_shift(bits: usize, k: usize) -> u32 {
-    (k * bits % 8) as u32
+    if bits <= 3 {
+        (k * bits) as u32
+    } else {
+        (k * bits % 8) as u32
+    }
 }
 
 /// Logical row `r` of an affine matrix: its packed codes (from the row's first byte to the end of
@@ -487,7 +493,9 @@ fn group_sums(x: &[f32], size: usize) -> Vec<f32> {
 /// One affine row times one token with the scale and bias folded out of each group, as mlx's
 /// Metal `qmv` computes it: `Σ_g scale_g · (Σ_{k in g} q_k x_k) + bias_g · (Σ_{k in g} x_k)`.
 /// The order, which every kernel follows bit for bit: per group, lane `l` accumulates
-/// `fma(q_k, x_k, ·)` over `k = l, l + 8, ...` from zero; the row's lane `l` then takes
+/// `fma(q_k, x_k, ·)` from zero in two chains, one over `k = l, l + 16, ...` and one over
+/// `k = l + 8, l + 24, ...` (two chains keep a vector unit's FMA latency hidden), which are then
+/// added; the row's lane `l` then takes
 /// `fma(scale_g, that, ·)` and `fma(bias_g, sums[g][l], ·)` ([`group_sums`]); the lanes reduce
 /// as [`reduce_lanes`] does. This is the portable kernel's path and the reference for the others.
 #[inline(always)]
@@ -497,16 +505,17 @@ fn folded_affine_dot<const B: usize>(packed: &[u8], groups: Groups<'_>, x: &[f32
     let mut total = [0f32; LANES];
     let parts = packed.chunks_exact(group_bytes).zip(x.chunks_exact(groups.size)).zip(sums.chunks_exact(LANES));
     for (g, ((src, xg), xsum)) in parts.enumerate() {
-        let mut lanes = [0f32; LANES];
-        for (eight, xe) in src.chunks_exact(B).zip(xg.chunks_exact(LANES)) {
+        let mut chains = [[0f32; LANES]; 2];
+        for (e, (eight, xe)) in src.chunks_exact(B).zip(xg.chunks_exact(LANES)).enumerate() {
             let mut word = [0u8; 8];
             word[..B].copy_from_slice(eight);
             let w = u64::from_le_bytes(word);
-            for (k, (l, &xv)) in lanes.iter_mut().zip(xe).enumerate() {
+            for (k, (l, &xv)) in chains[e % 2].iter_mut().zip(xe).enumerate() {
                 let q = ((w >> (k * B)) as u32 & mask) as f32;
                 *l = q.mul_add(xv, *l);
             }
         }
+        let lanes: [f32; LANES] = std::array::from_fn(|l| chains[0][l] + chains[1][l]);
         let scale = float_at(groups.floats, groups.scales, g);
         let bias = float_at(groups.floats, groups.biases, g);
         for ((t, &l), &xs) in total.iter_mut().zip(&lanes).zip(xsum) {
@@ -528,7 +537,7 @@ struct Portable;
 
 impl Kernel for Portable {
     #[inline(always)]
-    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput, _scratch: &mut [f32]) -> Option<[f32; ROW_BLOCK]> {
+    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput) -> Option<[f32; ROW_BLOCK]> {
         let sums = &folded.sums;
         let mut dots = [0f32; ROW_BLOCK];
         for (i, dot) in dots.iter_mut().enumerate().take(here) {
@@ -571,7 +580,7 @@ impl Kernel for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{affine_parts, code_shift, float_at, floats_to_f32, FloatDtype, FoldedInput, Groups, Kernel, Matrix, LANES, ROW_BLOCK, TOKEN_BLOCK};
+    use super::{affine_parts, code_shift, float_at, FloatDtype, FoldedInput, Groups, Kernel, Matrix, LANES, ROW_BLOCK, TOKEN_BLOCK};
     use std::arch::x86_64::*;
 
     /// The kernel on AVX2 with FMA; only reached after `Simd::detect` found both.
@@ -579,8 +588,8 @@ mod x86 {
 
     impl Kernel for Avx2 {
         #[inline(always)]
-        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput, scratch: &mut [f32]) -> Option<[f32; ROW_BLOCK]> {
-            affine_dot(m, r0, here, folded, scratch)
+        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput) -> Option<[f32; ROW_BLOCK]> {
+            affine_dot(m, r0, here, folded)
         }
 
         #[inline(always)]
@@ -656,10 +665,11 @@ mod x86 {
         _mm256_and_si256(_mm256_srlv_epi32(v, shifts), _mm256_set1_epi32((1 << B) - 1))
     }
 
-    /// The byte shuffle and lane masks that isolate code `k` of eight `B`-bit codes (a `B`-byte
-    /// window of the bit stream, repeated in both 128-bit halves) in lane `k`, left where it lies:
-    /// lane `k` takes bytes `kB/8` and `kB/8 + 1` of the window and keeps the `B` bits from
-    /// [`code_shift`], so it holds `q · 2^shift`.
+    /// The byte shuffle and lane masks that isolate code `k` of eight `B`-bit codes in lane `k`,
+    /// left where it lies ([`code_shift`]), so that the lane holds `q · 2^shift`. Codes of 2 and
+    /// 3 bits come from one 32-bit word broadcast to every lane (no shuffle); wider ones from a
+    /// 16-byte window repeated in both 128-bit halves, lane `k` taking bytes `kB/8` and
+    /// `kB/8 + 1` of it.
     #[inline(always)]
     unsafe fn code_lanes<const B: usize>() -> (__m256i, __m256i) {
         let mut pick = [-1i8; 32];
@@ -676,62 +686,49 @@ mod x86 {
     /// How far ahead of the codes being read each row's codes are prefetched, in bytes.
     const PREFETCH_AHEAD: usize = 768;
 
-    /// The scales of `rows`, then their biases, as f32: eight slices of `groups` floats carved
-    /// from `scratch`.
+    /// Float `g` of a row's scales or biases, broadcast: a BF16 one is widened in the register
+    /// (a 16-bit broadcast shifted into the high half of each lane).
     #[inline(always)]
-    fn group_floats<'s>(rows: &[(&[u8], Groups<'_>); ROW_BLOCK], groups: usize, scratch: &'s mut [f32]) -> [&'s [f32]; 2 * ROW_BLOCK] {
-        let mut parts = scratch[..2 * ROW_BLOCK * groups].chunks_exact_mut(groups);
-        let mut out: [&'s [f32]; 2 * ROW_BLOCK] = [&[]; 2 * ROW_BLOCK];
-        for (k, slot) in out.iter_mut().enumerate() {
-            let gr = rows[k % ROW_BLOCK].1;
-            let part = parts.next().expect("scratch holds every row's scales and biases");
-            let bytes = if k < ROW_BLOCK { gr.scales } else { gr.biases };
-            match gr.floats {
-                // Inline, as the call would cost more than these few conversions.
-                FloatDtype::BF16 => {
-                    for (v, b) in part.iter_mut().zip(bytes.chunks_exact(2)) {
-                        *v = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-                    }
-                }
-                floats => floats_to_f32(floats, bytes, part),
+    unsafe fn group_float(floats: FloatDtype, bytes: &[u8], g: usize) -> __m256 {
+        match floats {
+            FloatDtype::BF16 => {
+                debug_assert!(2 * g + 2 <= bytes.len());
+                let w = _mm256_set1_epi16(std::ptr::read_unaligned(bytes.as_ptr().add(2 * g) as *const i16));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
             }
-            *slot = part;
+            floats => _mm256_set1_ps(float_at(floats, bytes, g)),
         }
-        out
     }
 
-    /// Eight codes of a window (see [`code_lanes`]) as floats `q · 2^shift`.
+    /// The eight `B`-bit codes whose window starts at `p` (see [`code_lanes`]) as floats
+    /// `q · 2^shift`; reads 4 bytes from `p` for 2 and 3 bits, 16 otherwise.
     #[inline(always)]
-    unsafe fn codes_as_floats(window: __m256i, pick: __m256i, masks: __m256i) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_shuffle_epi8(window, pick), masks))
-    }
-
-    /// The sixteen bytes at `p` in both halves of a register.
-    #[inline(always)]
-    unsafe fn broadcast16(p: *const u8) -> __m256i {
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
-    }
-
-    /// Sixteen bytes of `packed` from `at` in both halves of a register (zeros past its end).
-    #[inline(always)]
-    unsafe fn window16(packed: &[u8], at: usize) -> __m256i {
-        if at + 16 <= packed.len() {
-            broadcast16(packed.as_ptr().add(at))
+    unsafe fn eight_codes<const B: usize>(p: *const u8, pick: __m256i, masks: __m256i) -> __m256 {
+        let window = if B <= 3 {
+            _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
         } else {
-            let mut bytes = [0u8; 16];
-            let n = packed.len().saturating_sub(at).min(16);
-            bytes[..n].copy_from_slice(&packed[at..at + n]);
-            _mm256_broadcastsi128_si256(_mm_loadu_si128(bytes.as_ptr() as *const __m128i))
-        }
+            _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i)), pick)
+        };
+        _mm256_cvtepi32_ps(_mm256_and_si256(window, masks))
+    }
+
+    /// [`eight_codes`] at byte `at` of `packed`, reading zeros past its end.
+    #[inline(always)]
+    unsafe fn eight_codes_checked<const B: usize>(packed: &[u8], at: usize, pick: __m256i, masks: __m256i) -> __m256 {
+        let mut bytes = [0u8; 16];
+        let n = packed.len().saturating_sub(at).min(16);
+        bytes[..n].copy_from_slice(&packed[at..at + n]);
+        eight_codes::<B>(bytes.as_ptr(), pick, masks)
     }
 
     /// Rows `r0..r0 + here` of an affine `m` times one token in one pass, as `folded_affine_dot`
-    /// computes each (rows past `here` repeat the last and are dropped): per eight columns one
-    /// shuffle and one mask isolate each row's codes (`q · 2^shift`), which are converted and
-    /// fused-multiply-added with the token scaled by `2^-shift` into the row's group lanes; per
-    /// group the lanes are scaled, and the bias times the group's sums added, into the row's total.
+    /// computes each (rows past `here` repeat the last and are dropped): per eight columns a mask
+    /// (after a byte shuffle above 3 bits) isolates each row's codes (`q · 2^shift`), which are
+    /// converted and fused-multiply-added with the token scaled by `2^-shift` into the row's two
+    /// group chains; per group the chains are added and scaled, and the bias times the group's
+    /// sums added, into the row's total. Scales and biases are read per group where they lie.
     #[inline(always)]
-    pub(super) fn affine_dot(m: &Matrix<'_>, r0: usize, here: usize, folded: &FoldedInput, scratch: &mut [f32]) -> Option<[f32; ROW_BLOCK]> {
+    pub(super) fn affine_dot(m: &Matrix<'_>, r0: usize, here: usize, folded: &FoldedInput) -> Option<[f32; ROW_BLOCK]> {
         let parts: [Option<(&[u8], Groups<'_>, u32)>; ROW_BLOCK] = std::array::from_fn(|i| affine_parts(m, r0 + i.min(here - 1)));
         let [Some(a), Some(b), Some(c), Some(d)] = parts else {
             return None;
@@ -741,12 +738,12 @@ mod x86 {
         // SAFETY: only compiled into functions with AVX2 and FMA enabled, called after detection.
         unsafe {
             Some(match a.2 {
-                2 => affine_dot_rows::<2>(&rows, x, sums, scratch),
-                3 => affine_dot_rows::<3>(&rows, x, sums, scratch),
-                4 => affine_dot_rows::<4>(&rows, x, sums, scratch),
-                5 => affine_dot_rows::<5>(&rows, x, sums, scratch),
-                6 => affine_dot_rows::<6>(&rows, x, sums, scratch),
-                8 => affine_dot_rows::<8>(&rows, x, sums, scratch),
+                2 => affine_dot_rows::<2>(&rows, x, sums),
+                3 => affine_dot_rows::<3>(&rows, x, sums),
+                4 => affine_dot_rows::<4>(&rows, x, sums),
+                5 => affine_dot_rows::<5>(&rows, x, sums),
+                6 => affine_dot_rows::<6>(&rows, x, sums),
+                8 => affine_dot_rows::<8>(&rows, x, sums),
                 _ => return None,
             })
         }
@@ -754,53 +751,74 @@ mod x86 {
 
     /// [`affine_dot`] at `B` bits.
     #[inline(always)]
-    unsafe fn affine_dot_rows<const B: usize>(rows: &[(&[u8], Groups<'_>); ROW_BLOCK], x: &[f32], sums: &[f32], scratch: &mut [f32]) -> [f32; ROW_BLOCK] {
+    unsafe fn affine_dot_rows<const B: usize>(rows: &[(&[u8], Groups<'_>); ROW_BLOCK], x: &[f32], sums: &[f32]) -> [f32; ROW_BLOCK] {
         let size = rows[0].1.size;
         let group_bytes = size * B / 8;
         let cols = x.len();
-        assert!(size.is_multiple_of(8) && cols.is_multiple_of(size) && sums.len() == cols / size * LANES);
-        assert!(rows.iter().all(|(packed, _)| packed.len() >= cols * B / 8));
-        let (pick, masks) = code_lanes::<B>();
-        let [(p0, _), (p1, _), (p2, _), (p3, _)] = *rows;
-        // Every row's scales and biases as f32, read back per group as broadcasts.
         let groups = cols / size;
-        let [s0, s1, s2, s3, b0, b1, b2, b3] = group_floats(rows, groups, scratch);
-        // Every 16-byte window of a group lies inside every row's slice: read without checks.
+        assert!(size.is_multiple_of(16) && cols.is_multiple_of(size) && sums.len() == groups * LANES);
+        assert!(rows.iter().all(|(packed, _)| packed.len() >= cols * B / 8));
+        assert!(rows.iter().all(|(_, gr)| gr.scales.len() >= groups * gr.floats.size() && gr.biases.len() >= groups * gr.floats.size()));
+        let (pick, masks) = code_lanes::<B>();
+        let [(p0, ref g0), (p1, ref g1), (p2, ref g2), (p3, ref g3)] = *rows;
+        // Groups whose every 16-byte window lies inside every row's slice are read without checks.
         let readable = p0.len().min(p1.len()).min(p2.len()).min(p3.len());
+        let fast = (0..groups).take_while(|g| (g + 1) * group_bytes - B + 16 <= readable).count();
         let (mut t0, mut t1, mut t2, mut t3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-        for g in 0..groups {
+        let (mut q0, mut q1, mut q2, mut q3) = (p0.as_ptr(), p1.as_ptr(), p2.as_ptr(), p3.as_ptr());
+        let (mut xp, mut sp) = (x.as_ptr(), sums.as_ptr());
+        for g in 0..fast {
+            for q in [q0, q1, q2, q3] {
+                _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_AHEAD) as *const i8);
+            }
+            // Two chains per row (even and odd eights), so that eight FMA chains are in flight.
             let (mut l0, mut l1, mut l2, mut l3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-            let first = g * group_bytes;
-            let xg = x.as_ptr().add(g * size);
-            if first + group_bytes - B + 16 <= readable {
-                let (q0, q1, q2, q3) = (p0.as_ptr().add(first), p1.as_ptr().add(first), p2.as_ptr().add(first), p3.as_ptr().add(first));
-                for q in [q0, q1, q2, q3] {
-                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_AHEAD) as *const i8);
-                }
-                for e in 0..size / 8 {
-                    let xv = _mm256_loadu_ps(xg.add(e * 8));
-                    l0 = _mm256_fmadd_ps(codes_as_floats(broadcast16(q0.add(e * B)), pick, masks), xv, l0);
-                    l1 = _mm256_fmadd_ps(codes_as_floats(broadcast16(q1.add(e * B)), pick, masks), xv, l1);
-                    l2 = _mm256_fmadd_ps(codes_as_floats(broadcast16(q2.add(e * B)), pick, masks), xv, l2);
-                    l3 = _mm256_fmadd_ps(codes_as_floats(broadcast16(q3.add(e * B)), pick, masks), xv, l3);
-                }
-            } else {
-                for e in 0..size / 8 {
-                    let xv = _mm256_loadu_ps(xg.add(e * 8));
-                    let at = first + e * B;
-                    l0 = _mm256_fmadd_ps(codes_as_floats(window16(p0, at), pick, masks), xv, l0);
-                    l1 = _mm256_fmadd_ps(codes_as_floats(window16(p1, at), pick, masks), xv, l1);
-                    l2 = _mm256_fmadd_ps(codes_as_floats(window16(p2, at), pick, masks), xv, l2);
-                    l3 = _mm256_fmadd_ps(codes_as_floats(window16(p3, at), pick, masks), xv, l3);
+            let (mut m0, mut m1, mut m2, mut m3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            for _ in 0..size / 16 {
+                let xv = _mm256_loadu_ps(xp);
+                l0 = _mm256_fmadd_ps(eight_codes::<B>(q0, pick, masks), xv, l0);
+                l1 = _mm256_fmadd_ps(eight_codes::<B>(q1, pick, masks), xv, l1);
+                l2 = _mm256_fmadd_ps(eight_codes::<B>(q2, pick, masks), xv, l2);
+                l3 = _mm256_fmadd_ps(eight_codes::<B>(q3, pick, masks), xv, l3);
+                let xv = _mm256_loadu_ps(xp.add(8));
+                m0 = _mm256_fmadd_ps(eight_codes::<B>(q0.add(B), pick, masks), xv, m0);
+                m1 = _mm256_fmadd_ps(eight_codes::<B>(q1.add(B), pick, masks), xv, m1);
+                m2 = _mm256_fmadd_ps(eight_codes::<B>(q2.add(B), pick, masks), xv, m2);
+                m3 = _mm256_fmadd_ps(eight_codes::<B>(q3.add(B), pick, masks), xv, m3);
+                (q0, q1, q2, q3, xp) = (q0.add(2 * B), q1.add(2 * B), q2.add(2 * B), q3.add(2 * B), xp.add(16));
+            }
+            let xsum = _mm256_loadu_ps(sp);
+            t0 = fold_group(t0, _mm256_add_ps(l0, m0), g0, g, xsum);
+            t1 = fold_group(t1, _mm256_add_ps(l1, m1), g1, g, xsum);
+            t2 = fold_group(t2, _mm256_add_ps(l2, m2), g2, g, xsum);
+            t3 = fold_group(t3, _mm256_add_ps(l3, m3), g3, g, xsum);
+            sp = sp.add(LANES);
+        }
+        for g in fast..groups {
+            let mut l = [[_mm256_setzero_ps(); ROW_BLOCK]; 2];
+            for e in 0..size / 8 {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(g * size + e * 8));
+                let at = g * group_bytes + e * B;
+                for (li, (packed, _)) in l[e % 2].iter_mut().zip(rows) {
+                    *li = _mm256_fmadd_ps(eight_codes_checked::<B>(packed, at, pick, masks), xv, *li);
                 }
             }
+            let [even, odd] = l;
             let xsum = _mm256_loadu_ps(sums.as_ptr().add(g * LANES));
-            t0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&b0[g]), xsum, _mm256_fmadd_ps(_mm256_broadcast_ss(&s0[g]), l0, t0));
-            t1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&b1[g]), xsum, _mm256_fmadd_ps(_mm256_broadcast_ss(&s1[g]), l1, t1));
-            t2 = _mm256_fmadd_ps(_mm256_broadcast_ss(&b2[g]), xsum, _mm256_fmadd_ps(_mm256_broadcast_ss(&s2[g]), l2, t2));
-            t3 = _mm256_fmadd_ps(_mm256_broadcast_ss(&b3[g]), xsum, _mm256_fmadd_ps(_mm256_broadcast_ss(&s3[g]), l3, t3));
+            t0 = fold_group(t0, _mm256_add_ps(even[0], odd[0]), g0, g, xsum);
+            t1 = fold_group(t1, _mm256_add_ps(even[1], odd[1]), g1, g, xsum);
+            t2 = fold_group(t2, _mm256_add_ps(even[2], odd[2]), g2, g, xsum);
+            t3 = fold_group(t3, _mm256_add_ps(even[3], odd[3]), g3, g, xsum);
         }
         [reduce(t0), reduce(t1), reduce(t2), reduce(t3)]
+    }
+
+    /// Adds group `g`'s lanes `l` of one row to its total `t`: `fma(bias, Σx, fma(scale, l, t))`,
+    /// with the group's [`group_sums`](super::group_sums) `xsum`.
+    #[inline(always)]
+    unsafe fn fold_group(t: __m256, l: __m256, groups: &Groups<'_>, g: usize, xsum: __m256) -> __m256 {
+        let (scale, bias) = (group_float(groups.floats, groups.scales, g), group_float(groups.floats, groups.biases, g));
+        _mm256_fmadd_ps(bias, xsum, _mm256_fmadd_ps(scale, l, t))
     }
 
     /// `decode_affine` eight codes per register ([`codes8`]), then `scale * q + bias` (a
