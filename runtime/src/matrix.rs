@@ -683,9 +683,6 @@ mod x86 {
         (_mm256_loadu_si256(pick.as_ptr() as *const __m256i), _mm256_loadu_si256(masks.as_ptr() as *const __m256i))
     }
 
-    /// How far ahead of the codes being read each row's codes are prefetched, in bytes.
-    const PREFETCH_AHEAD: usize = 768;
-
     /// Float `g` of a row's scales or biases, broadcast: a BF16 one is widened in the register
     /// (a 16-bit broadcast shifted into the high half of each lane).
     #[inline(always)]
@@ -764,12 +761,15 @@ mod x86 {
         // Groups whose every 16-byte window lies inside every row's slice are read without checks.
         let readable = p0.len().min(p1.len()).min(p2.len()).min(p3.len());
         let fast = (0..groups).take_while(|g| (g + 1) * group_bytes - B + 16 <= readable).count();
+        // Each row's codes are prefetched one block of rows ahead: where the rows lie one after
+        // another (most matrices), that is the same place in the next block's row.
+        let ahead = ROW_BLOCK * cols * B / 8;
         let (mut t0, mut t1, mut t2, mut t3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
         let (mut q0, mut q1, mut q2, mut q3) = (p0.as_ptr(), p1.as_ptr(), p2.as_ptr(), p3.as_ptr());
         let (mut xp, mut sp) = (x.as_ptr(), sums.as_ptr());
         for g in 0..fast {
             for q in [q0, q1, q2, q3] {
-                _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_AHEAD) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(ahead) as *const i8);
             }
             // Two chains per row (even and odd eights), so that eight FMA chains are in flight.
             let (mut l0, mut l1, mut l2, mut l3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
