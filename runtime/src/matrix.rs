@@ -1062,8 +1062,9 @@ mod tests {
     }
 
     /// Every storage: dense and transposed columns in each float type (one width not a multiple
-    /// of the 8 lanes), affine at every bit width and group size, MXFP4. 70 rows: more than one
-    /// task's rows, not a multiple of the 4-row block.
+    /// of the 8 lanes), affine at every bit width and group size (one group count not a multiple
+    /// of the 8 lanes), MXFP4. 70 rows: more than one task's rows, not a multiple of the 4-row
+    /// block.
     fn every_case() -> Vec<Case> {
         let mut rng = Lcg(7);
         let mut cases = Vec::new();
@@ -1078,6 +1079,8 @@ mod tests {
             }
             cases.push(affine_case(FloatDtype::F16, bits, 64, 13, 128, &mut rng));
             cases.push(affine_case(FloatDtype::F32, bits, 32, 13, 128, &mut rng));
+            // 12 groups: not a multiple of the 8 lanes.
+            cases.push(affine_case(FloatDtype::BF16, bits, 32, 9, 384, &mut rng));
         }
         cases.push(mxfp4_case(70, 256, &mut rng));
         cases
