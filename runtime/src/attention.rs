@@ -129,7 +129,7 @@ impl Job<'_> {
     /// The tile's output: `[tokens, group * head_dim]`, normalised.
     fn tile(&self, scratch: &mut Scratch, tile: Tile) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        if self.simd == Simd::Avx2Fma {
+        if self.simd.has_avx2() {
             // SAFETY: `Simd::detect` found AVX2 and FMA on this CPU.
             return unsafe { self.tile_avx2(scratch, tile) };
         }

@@ -181,7 +181,7 @@ impl<'a> Matrix<'a> {
     /// ([`ROW_BLOCK`] rows by up to [`TOKEN_BLOCK`] tokens of FMA accumulators). Each product is
     /// summed in one fixed order (eight lanes of fused multiply-adds over the columns, then a fixed
     /// pairwise reduction), so results do not depend on the blocking or the number of threads,
-    /// and every code path (AVX2+FMA, portable) gives the same bits. One token (decode) times
+    /// and every code path (AVX-512, AVX2+FMA, portable) gives the same bits. One token (decode) times
     /// affine codes is the exception to token-count independence: it reads the codes once with
     /// scales and biases folded out of the groups ([`folded_affine_dot`], as mlx's `qmv` does),
     /// since decoding is bound by reading the codes, not by the multiply-adds.
@@ -204,12 +204,12 @@ impl<'a> Matrix<'a> {
             Cow::Owned(padded)
         };
         // Rows per task: enough weights (about 64 Ki) to amortize the scheduling.
-        let chunk = (65_536 / c).next_multiple_of(ROW_BLOCK).clamp(ROW_BLOCK, 64);
+        let chunk = (65_536 / c).next_multiple_of(FUSED_ROWS).clamp(FUSED_ROWS, 64);
         let simd = Simd::detect();
         if n == 1 {
             // One token: the outputs are contiguous, so tasks write into `out` in place.
             let folded = match self.codes {
-                Codes::Affine { bits, group_size, .. } => FoldedInput::new(&xs[..c], bits, group_size),
+                Codes::Affine { bits, group_size, .. } => FoldedInput::new(simd, &xs[..c], bits, group_size),
                 _ => FoldedInput::default(),
             };
             out.par_chunks_mut(chunk).enumerate().for_each_init(
@@ -247,12 +247,24 @@ impl<'a> Matrix<'a> {
     #[allow(clippy::too_many_arguments)]
     fn rows_times(&self, simd: Simd, r0: usize, rows: usize, xs: &[f32], folded: &FoldedInput, kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx2Fma {
-            // SAFETY: `Simd::detect` found AVX2 and FMA on this CPU.
+        if simd == Simd::Avx512 && xs.len() == kp && matches!(self.codes, Codes::Affine { .. }) {
+            // SAFETY: `Simd::detect` found AVX-512 F and BW, AVX2 and FMA on this CPU.
+            return unsafe { self.rows_times_avx512(r0, rows, xs, folded, kp, scratch, tile) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd.has_avx2() {
+            // SAFETY: `Simd::detect` found AVX2 and FMA on this CPU. An AVX-512 `folded` (laid out
+            // for that kernel) only comes with one affine token, which took the branch above.
             return unsafe { self.rows_times_avx2(r0, rows, xs, folded, kp, scratch, tile) };
         }
-        let _ = simd;
         self.rows_times_with::<Portable>(r0, rows, xs, folded, kp, scratch, tile)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_times_avx512(&self, r0: usize, rows: usize, xs: &[f32], folded: &FoldedInput, kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
+        self.rows_times_with::<x86::Avx512>(r0, rows, xs, folded, kp, scratch, tile)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -269,14 +281,21 @@ impl<'a> Matrix<'a> {
     fn rows_times_with<K: Kernel>(&self, r0: usize, rows: usize, xs: &[f32], folded: &FoldedInput, kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
         let c = self.cols;
         let n = xs.len() / kp;
-        for b0 in (0..rows).step_by(ROW_BLOCK) {
-            let here = ROW_BLOCK.min(rows - b0);
-            if n == 1 {
-                if let Some(dots) = K::fused_one(self, r0 + b0, here, xs, folded) {
-                    tile[b0..b0 + here].copy_from_slice(&dots[..here]);
-                    continue;
+        if n == 1 && matches!(self.codes, Codes::Affine { .. }) {
+            // Every row has the same bits, so the first block tells whether the fused path has them.
+            for b0 in (0..rows).step_by(FUSED_ROWS) {
+                let here = FUSED_ROWS.min(rows - b0);
+                match K::fused_one(self, r0 + b0, here, xs, folded) {
+                    Some(dots) => tile[b0..b0 + here].copy_from_slice(&dots[..here]),
+                    None => break,
+                }
+                if b0 + here == rows {
+                    return;
                 }
             }
+        }
+        for b0 in (0..rows).step_by(ROW_BLOCK) {
+            let here = ROW_BLOCK.min(rows - b0);
             for i in 0..here {
                 K::decode_row(self, r0 + b0 + i, &mut scratch[i * kp..i * kp + c]);
             }
@@ -379,6 +398,10 @@ const ROW_BLOCK: usize = 4;
 const TOKEN_BLOCK: usize = 3;
 /// Lanes of one accumulator: column `k` is summed into lane `k % LANES`.
 const LANES: usize = 8;
+/// Rows of one token's fused affine product taken in one pass over their codes.
+const FUSED_ROWS: usize = 8;
+/// Lanes of one token's fused affine sums ([`folded_affine_dot`]).
+const FUSED_LANES: usize = 16;
 
 /// The vector unit a product runs on, detected once per product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,6 +409,10 @@ pub(crate) enum Simd {
     /// x86-64 with AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    /// x86-64 with AVX-512 (F and BW) besides AVX2 and FMA: one token's affine products take
+    /// sixteen columns a step; everything else runs as on [`Simd::Avx2Fma`].
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     /// Anything else: plain Rust with `f32::mul_add`, which the compiler vectorises (NEON's
     /// fused multiply-add on Apple silicon).
     Portable,
@@ -394,11 +421,30 @@ pub(crate) enum Simd {
 impl Simd {
     /// The widest unit this CPU has.
     pub(crate) fn detect() -> Simd {
+        Simd::available()[0]
+    }
+
+    /// Every unit this CPU has, widest first (the last is always [`Simd::Portable`]).
+    pub(crate) fn available() -> Vec<Simd> {
+        let mut units = Vec::new();
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return Simd::Avx2Fma;
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+                units.push(Simd::Avx512);
+            }
+            units.push(Simd::Avx2Fma);
         }
-        Simd::Portable
+        units.push(Simd::Portable);
+        units
+    }
+
+    /// Whether AVX2 and FMA are there (the 256-bit kernels run).
+    pub(crate) fn has_avx2(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self, Simd::Avx2Fma | Simd::Avx512) {
+            return true;
+        }
+        false
     }
 }
 
@@ -416,31 +462,64 @@ trait Kernel {
     fn block<const T: usize>(w: &[f32], xs: &[f32], kp: usize, sums: &mut [[f32; TOKEN_BLOCK]; ROW_BLOCK]);
 
     /// For one token `x` (with its [`FoldedInput`]): rows `r0..r0 + here` of an affine `m`
-    /// (`here <= ROW_BLOCK`) times `x` in one pass over the codes, as [`folded_affine_dot`]
+    /// (`here <= FUSED_ROWS`) times `x` in one pass over the codes, as [`folded_affine_dot`]
     /// defines it; `None` for other codes.
-    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput) -> Option<[f32; ROW_BLOCK]>;
+    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput) -> Option<[f32; FUSED_ROWS]>;
 }
 
 /// What one token's product with affine codes uses besides the token, computed once per product.
 #[derive(Default)]
 struct FoldedInput {
-    /// [`group_sums`] of the token.
-    sums: Vec<f32>,
-    /// The token with column `j` times `2^-shift(j % 8)` ([`code_shift`]): a vector kernel
-    /// may leave each code where it lies in its bytes (`q · 2^shift`, exact as a float) and
-    /// multiply it by this, which gives the same product as `q · x` unless `x · 2^-shift`
-    /// falls below f32's normal range (|x| < 2^-105 at most).
+    /// [`group_totals`] of the token.
+    totals: Vec<f32>,
+    /// The token as the vector kernel reads it, each column times `2^-shift` where the kernel
+    /// leaves its code where it lies in its bytes (`q · 2^shift`, exact as a float), which gives
+    /// the same product as `q · x` unless `x · 2^-shift` falls below f32's normal range
+    /// (|x| < 2^-96 at most): for AVX2 in column order ([`code_shift`]), for AVX-512 each sixteen
+    /// columns in lane order `0, 8, 1, 9, ...` ([`pair_shift`]); empty for the portable kernel.
     scaled: Vec<f32>,
 }
 
 impl FoldedInput {
-    /// The inputs for token `x` times `bits`-bit codes in groups of `group_size`.
-    fn new(x: &[f32], bits: u32, group_size: usize) -> FoldedInput {
-        let scaled = x
-            .chunks_exact(LANES)
-            .flat_map(|eight| eight.iter().enumerate().map(|(k, &v)| v * f32::from_bits((127 - code_shift(bits as usize, k)) << 23)))
-            .collect();
-        FoldedInput { sums: group_sums(x, group_size), scaled }
+    /// The inputs of the kernel on `simd` for token `x` times `bits`-bit codes in groups of
+    /// `group_size`.
+    fn new(simd: Simd, x: &[f32], bits: u32, group_size: usize) -> FoldedInput {
+        let bits = bits as usize;
+        let pow2 = |shift: u32| f32::from_bits((127 - shift) << 23);
+        let scaled = match simd {
+            Simd::Portable => Vec::new(),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2Fma => x.chunks_exact(LANES).flat_map(|eight| eight.iter().enumerate().map(|(k, &v)| v * pow2(code_shift(bits, k)))).collect(),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => x
+                .chunks_exact(FUSED_LANES)
+                .flat_map(|sixteen| (0..FUSED_LANES).map(|lane| sixteen[pair_column(lane)] * pow2(pair_shift(bits, lane))))
+                .collect(),
+        };
+        FoldedInput { totals: group_totals(x, group_size), scaled }
+    }
+}
+
+/// The column (of sixteen) that a 512-bit kernel's lane `lane` takes: `0, 8, 1, 9, ...`, the lane
+/// order of [`folded_affine_dot`]'s `(c, l)` pairs.
+#[inline(always)]
+const fn pair_column(lane: usize) -> usize {
+    8 * (lane % 2) + lane / 2
+}
+
+/// Where the code of lane `lane` ([`pair_column`]) lies in the 32-bit word that lane reads
+/// sixteen `bits`-bit codes from: up to 4 bits, the even lanes read the word that ends where the
+/// first eight codes do and the odd lanes the word that starts where the next eight do (one
+/// 64-bit load for both); wider codes come from the start of the byte that holds their first bit.
+#[inline(always)]
+const fn pair_shift(bits: usize, lane: usize) -> u32 {
+    let (column, eight) = (pair_column(lane), lane / 2);
+    if bits > 4 {
+        (column * bits % 8) as u32
+    } else if lane.is_multiple_of(2) {
+        (eight * bits + 32 - 8 * bits) as u32
+    } else {
+        (eight * bits) as u32
     }
 }
 
@@ -461,6 +540,14 @@ const fn code_shift(bits: usize, k: usize) -> u32 {
 /// for other codes.
 #[inline(always)]
 fn affine_parts<'m>(m: &Matrix<'m>, r: usize) -> Option<(&'m [u8], Groups<'m>, u32)> {
+    affine_row_at(m, r).map(|(weight, at, groups, bits)| (&weight[at..], groups, bits))
+}
+
+/// Logical row `r` of an affine matrix as the whole tensor's packed codes and the row's first byte
+/// in them (so that vector loads may also read before the row), its groups and the bit width;
+/// `None` for other codes.
+#[inline(always)]
+fn affine_row_at<'m>(m: &Matrix<'m>, r: usize) -> Option<(&'m [u8], usize, Groups<'m>, u32)> {
     let Codes::Affine { weight, scales, biases, floats, bits, group_size } = m.codes else {
         return None;
     };
@@ -473,38 +560,36 @@ fn affine_parts<'m>(m: &Matrix<'m>, r: usize) -> Option<(&'m [u8], Groups<'m>, u
         floats,
         size: group_size,
     };
-    Some((&weight[s * row_bytes..], groups, bits))
+    Some((weight, s * row_bytes, groups, bits))
 }
 
-/// Per group of `size` inputs and per lane `l`, the sum of the group's inputs `l, l + 8, ...`
-/// added in column order (`[groups, 8]`): the `Σx` of [`folded_affine_dot`], once per token.
-fn group_sums(x: &[f32], size: usize) -> Vec<f32> {
-    let mut sums = vec![0f32; x.len() / size * LANES];
-    for (group, lanes) in x.chunks_exact(size).zip(sums.chunks_exact_mut(LANES)) {
-        for eight in group.chunks_exact(LANES) {
-            for (l, &v) in lanes.iter_mut().zip(eight) {
-                *l += v;
-            }
-        }
-    }
-    sums
+/// The sum of each group of `size` inputs, added in column order, then zeros up to a whole
+/// number of [`FUSED_LANES`]: the `Σx` of [`folded_affine_dot`], once per token.
+fn group_totals(x: &[f32], size: usize) -> Vec<f32> {
+    let mut totals: Vec<f32> = x.chunks_exact(size).map(|group| group.iter().fold(0.0, |a, &v| a + v)).collect();
+    totals.resize(totals.len().next_multiple_of(FUSED_LANES), 0.0);
+    totals
 }
 
 /// One affine row times one token with the scale and bias folded out of each group, as mlx's
-/// Metal `qmv` computes it: `Σ_g scale_g · (Σ_{k in g} q_k x_k) + bias_g · (Σ_{k in g} x_k)`.
-/// The order, which every kernel follows bit for bit: per group, lane `l` accumulates
-/// `fma(q_k, x_k, ·)` from zero in two chains, one over `k = l, l + 16, ...` and one over
-/// `k = l + 8, l + 24, ...` (two chains keep a vector unit's FMA latency hidden), which are then
-/// added; the row's lane `l` then takes
-/// `fma(scale_g, that, ·)` and `fma(bias_g, sums[g][l], ·)` ([`group_sums`]); the lanes reduce
-/// as [`reduce_lanes`] does. This is the portable kernel's path and the reference for the others.
+/// Metal `qmv` computes it: `Σ_g scale_g · (Σ_{k in g} q_k x_k) + Σ_g bias_g · (Σ_{k in g} x_k)`.
+/// The order, which every kernel follows bit for bit, in [`FUSED_LANES`] lanes: lane `(c, l)`
+/// (`c` in 0..2, `l` in 0..8) accumulates `fma(q_k, x_k, ·)` over the group's columns
+/// `k = 16j + 8c + l` in order, from zero per group, then takes that times the group's scale into
+/// the row's lane `(c, l)` with one fma; the bias term is a dot product over groups, lane
+/// `g % 16` taking `fma(bias_g, totals[g], ·)` ([`group_totals`]). The scaled lanes reduce as
+/// `reduce_lanes` of the eight `(0, l) + (1, l)`, the bias lanes as `reduce_lanes` of the eight
+/// `b_l + b_(l+8)`, and the two are added. Sixteen lanes let a 512-bit unit take sixteen columns
+/// a step and an AVX2 one eight (two chains per row, which hide the FMA latency).
+/// This is the portable kernel's path and the reference for the others.
 #[inline(always)]
-fn folded_affine_dot<const B: usize>(packed: &[u8], groups: Groups<'_>, x: &[f32], sums: &[f32]) -> f32 {
+fn folded_affine_dot<const B: usize>(packed: &[u8], groups: Groups<'_>, x: &[f32], totals: &[f32]) -> f32 {
     let mask = (1u32 << B) - 1;
     let group_bytes = groups.size * B / 8;
-    let mut total = [0f32; LANES];
-    let parts = packed.chunks_exact(group_bytes).zip(x.chunks_exact(groups.size)).zip(sums.chunks_exact(LANES));
-    for (g, ((src, xg), xsum)) in parts.enumerate() {
+    let mut total = [[0f32; LANES]; 2];
+    let mut biased = [0f32; FUSED_LANES];
+    let parts = packed.chunks_exact(group_bytes).zip(x.chunks_exact(groups.size)).zip(totals);
+    for (g, ((src, xg), &xsum)) in parts.enumerate() {
         let mut chains = [[0f32; LANES]; 2];
         for (e, (eight, xe)) in src.chunks_exact(B).zip(xg.chunks_exact(LANES)).enumerate() {
             let mut word = [0u8; 8];
@@ -515,14 +600,18 @@ fn folded_affine_dot<const B: usize>(packed: &[u8], groups: Groups<'_>, x: &[f32
                 *l = q.mul_add(xv, *l);
             }
         }
-        let lanes: [f32; LANES] = std::array::from_fn(|l| chains[0][l] + chains[1][l]);
         let scale = float_at(groups.floats, groups.scales, g);
-        let bias = float_at(groups.floats, groups.biases, g);
-        for ((t, &l), &xs) in total.iter_mut().zip(&lanes).zip(xsum) {
-            *t = bias.mul_add(xs, scale.mul_add(l, *t));
+        for (t, chain) in total.iter_mut().zip(&chains) {
+            for (t, &l) in t.iter_mut().zip(chain) {
+                *t = scale.mul_add(l, *t);
+            }
         }
+        let bias = float_at(groups.floats, groups.biases, g);
+        biased[g % FUSED_LANES] = bias.mul_add(xsum, biased[g % FUSED_LANES]);
     }
-    reduce_lanes(&total)
+    let pairs: [f32; LANES] = std::array::from_fn(|l| total[0][l] + total[1][l]);
+    let halves: [f32; LANES] = std::array::from_fn(|l| biased[l] + biased[l + LANES]);
+    reduce_lanes(&pairs) + reduce_lanes(&halves)
 }
 
 /// The fixed reduction of eight lanes: `((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`.
@@ -537,19 +626,19 @@ struct Portable;
 
 impl Kernel for Portable {
     #[inline(always)]
-    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput) -> Option<[f32; ROW_BLOCK]> {
-        let sums = &folded.sums;
-        let mut dots = [0f32; ROW_BLOCK];
+    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput) -> Option<[f32; FUSED_ROWS]> {
+        let totals = &folded.totals;
+        let mut dots = [0f32; FUSED_ROWS];
         for (i, dot) in dots.iter_mut().enumerate().take(here) {
             let (packed, groups, bits) = affine_parts(m, r0 + i)?;
             let row = &packed[..m.cols * bits as usize / 8];
             *dot = match bits {
-                2 => folded_affine_dot::<2>(row, groups, x, sums),
-                3 => folded_affine_dot::<3>(row, groups, x, sums),
-                4 => folded_affine_dot::<4>(row, groups, x, sums),
-                5 => folded_affine_dot::<5>(row, groups, x, sums),
-                6 => folded_affine_dot::<6>(row, groups, x, sums),
-                8 => folded_affine_dot::<8>(row, groups, x, sums),
+                2 => folded_affine_dot::<2>(row, groups, x, totals),
+                3 => folded_affine_dot::<3>(row, groups, x, totals),
+                4 => folded_affine_dot::<4>(row, groups, x, totals),
+                5 => folded_affine_dot::<5>(row, groups, x, totals),
+                6 => folded_affine_dot::<6>(row, groups, x, totals),
+                8 => folded_affine_dot::<8>(row, groups, x, totals),
                 _ => return None,
             };
         }
@@ -580,7 +669,7 @@ impl Kernel for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{affine_parts, code_shift, float_at, FloatDtype, FoldedInput, Groups, Kernel, Matrix, LANES, ROW_BLOCK, TOKEN_BLOCK};
+    use super::{affine_parts, affine_row_at, code_shift, float_at, pair_column, pair_shift, FloatDtype, FoldedInput, Groups, Kernel, Matrix, FUSED_LANES, FUSED_ROWS, LANES, ROW_BLOCK, TOKEN_BLOCK};
     use std::arch::x86_64::*;
 
     /// The kernel on AVX2 with FMA; only reached after `Simd::detect` found both.
@@ -588,8 +677,13 @@ mod x86 {
 
     impl Kernel for Avx2 {
         #[inline(always)]
-        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput) -> Option<[f32; ROW_BLOCK]> {
-            affine_dot(m, r0, here, folded)
+        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput) -> Option<[f32; FUSED_ROWS]> {
+            let mut dots = [0f32; FUSED_ROWS];
+            for (half, out) in dots.chunks_exact_mut(ROW_BLOCK).enumerate().take(here.div_ceil(ROW_BLOCK)) {
+                let first = half * ROW_BLOCK;
+                out.copy_from_slice(&affine_dot(m, r0 + first, here - first, folded)?);
+            }
+            Some(dots)
         }
 
         #[inline(always)]
@@ -718,12 +812,12 @@ mod x86 {
         eight_codes::<B>(bytes.as_ptr(), pick, masks)
     }
 
-    /// Rows `r0..r0 + here` of an affine `m` times one token in one pass, as `folded_affine_dot`
-    /// computes each (rows past `here` repeat the last and are dropped): per eight columns a mask
-    /// (after a byte shuffle above 3 bits) isolates each row's codes (`q · 2^shift`), which are
-    /// converted and fused-multiply-added with the token scaled by `2^-shift` into the row's two
-    /// group chains; per group the chains are added and scaled, and the bias times the group's
-    /// sums added, into the row's total. Scales and biases are read per group where they lie.
+    /// Rows `r0..r0 + here` (at most [`ROW_BLOCK`]) of an affine `m` times one token in one
+    /// pass, as `folded_affine_dot` computes each (rows past `here` repeat the last and are
+    /// dropped): per eight columns a mask (after a byte shuffle above 3 bits) isolates each row's
+    /// codes (`q · 2^shift`), which are converted and fused-multiply-added with the token scaled
+    /// by `2^-shift` into the row's chain for lanes `(0, ·)` or `(1, ·)`; per group each chain
+    /// times the group's scale goes into the row's total; then the bias dot products.
     #[inline(always)]
     pub(super) fn affine_dot(m: &Matrix<'_>, r0: usize, here: usize, folded: &FoldedInput) -> Option<[f32; ROW_BLOCK]> {
         let parts: [Option<(&[u8], Groups<'_>, u32)>; ROW_BLOCK] = std::array::from_fn(|i| affine_parts(m, r0 + i.min(here - 1)));
@@ -731,16 +825,16 @@ mod x86 {
             return None;
         };
         let rows = [(a.0, a.1), (b.0, b.1), (c.0, c.1), (d.0, d.1)];
-        let (x, sums) = (&folded.scaled[..m.cols], &folded.sums[..]);
+        let (x, totals) = (&folded.scaled[..m.cols], &folded.totals[..]);
         // SAFETY: only compiled into functions with AVX2 and FMA enabled, called after detection.
         unsafe {
             Some(match a.2 {
-                2 => affine_dot_rows::<2>(&rows, x, sums),
-                3 => affine_dot_rows::<3>(&rows, x, sums),
-                4 => affine_dot_rows::<4>(&rows, x, sums),
-                5 => affine_dot_rows::<5>(&rows, x, sums),
-                6 => affine_dot_rows::<6>(&rows, x, sums),
-                8 => affine_dot_rows::<8>(&rows, x, sums),
+                2 => affine_dot_rows::<2>(&rows, x, totals),
+                3 => affine_dot_rows::<3>(&rows, x, totals),
+                4 => affine_dot_rows::<4>(&rows, x, totals),
+                5 => affine_dot_rows::<5>(&rows, x, totals),
+                6 => affine_dot_rows::<6>(&rows, x, totals),
+                8 => affine_dot_rows::<8>(&rows, x, totals),
                 _ => return None,
             })
         }
@@ -748,12 +842,12 @@ mod x86 {
 
     /// [`affine_dot`] at `B` bits.
     #[inline(always)]
-    unsafe fn affine_dot_rows<const B: usize>(rows: &[(&[u8], Groups<'_>); ROW_BLOCK], x: &[f32], sums: &[f32]) -> [f32; ROW_BLOCK] {
+    unsafe fn affine_dot_rows<const B: usize>(rows: &[(&[u8], Groups<'_>); ROW_BLOCK], x: &[f32], totals: &[f32]) -> [f32; ROW_BLOCK] {
         let size = rows[0].1.size;
         let group_bytes = size * B / 8;
         let cols = x.len();
         let groups = cols / size;
-        assert!(size.is_multiple_of(16) && cols.is_multiple_of(size) && sums.len() == groups * LANES);
+        assert!(size.is_multiple_of(16) && cols.is_multiple_of(size) && totals.len() >= groups.next_multiple_of(FUSED_LANES));
         assert!(rows.iter().all(|(packed, _)| packed.len() >= cols * B / 8));
         assert!(rows.iter().all(|(_, gr)| gr.scales.len() >= groups * gr.floats.size() && gr.biases.len() >= groups * gr.floats.size()));
         let (pick, masks) = code_lanes::<B>();
@@ -761,17 +855,17 @@ mod x86 {
         // Groups whose every 16-byte window lies inside every row's slice are read without checks.
         let readable = p0.len().min(p1.len()).min(p2.len()).min(p3.len());
         let fast = (0..groups).take_while(|g| (g + 1) * group_bytes - B + 16 <= readable).count();
-        // Each row's codes are prefetched one block of rows ahead: where the rows lie one after
-        // another (most matrices), that is the same place in the next block's row.
-        let ahead = ROW_BLOCK * cols * B / 8;
-        let (mut t0, mut t1, mut t2, mut t3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        // Each row's codes are prefetched one fused block of rows ahead: where the rows lie one
+        // after another (most matrices), that is the same place in the next block's row.
+        let ahead = FUSED_ROWS * cols * B / 8;
+        // Each row's totals over lanes (0, ·) and (1, ·).
+        let mut t = [_mm256_setzero_ps(); 2 * ROW_BLOCK];
         let (mut q0, mut q1, mut q2, mut q3) = (p0.as_ptr(), p1.as_ptr(), p2.as_ptr(), p3.as_ptr());
-        let (mut xp, mut sp) = (x.as_ptr(), sums.as_ptr());
+        let mut xp = x.as_ptr();
         for g in 0..fast {
             for q in [q0, q1, q2, q3] {
                 _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(ahead) as *const i8);
             }
-            // Two chains per row (even and odd eights), so that eight FMA chains are in flight.
             let (mut l0, mut l1, mut l2, mut l3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut m0, mut m1, mut m2, mut m3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
             for _ in 0..size / 16 {
@@ -787,12 +881,10 @@ mod x86 {
                 m3 = _mm256_fmadd_ps(eight_codes::<B>(q3.add(B), pick, masks), xv, m3);
                 (q0, q1, q2, q3, xp) = (q0.add(2 * B), q1.add(2 * B), q2.add(2 * B), q3.add(2 * B), xp.add(16));
             }
-            let xsum = _mm256_loadu_ps(sp);
-            t0 = fold_group(t0, _mm256_add_ps(l0, m0), g0, g, xsum);
-            t1 = fold_group(t1, _mm256_add_ps(l1, m1), g1, g, xsum);
-            t2 = fold_group(t2, _mm256_add_ps(l2, m2), g2, g, xsum);
-            t3 = fold_group(t3, _mm256_add_ps(l3, m3), g3, g, xsum);
-            sp = sp.add(LANES);
+            fold_group(&mut t[0..2], [l0, m0], g0, g);
+            fold_group(&mut t[2..4], [l1, m1], g1, g);
+            fold_group(&mut t[4..6], [l2, m2], g2, g);
+            fold_group(&mut t[6..8], [l3, m3], g3, g);
         }
         for g in fast..groups {
             let mut l = [[_mm256_setzero_ps(); ROW_BLOCK]; 2];
@@ -803,22 +895,236 @@ mod x86 {
                     *li = _mm256_fmadd_ps(eight_codes_checked::<B>(packed, at, pick, masks), xv, *li);
                 }
             }
-            let [even, odd] = l;
-            let xsum = _mm256_loadu_ps(sums.as_ptr().add(g * LANES));
-            t0 = fold_group(t0, _mm256_add_ps(even[0], odd[0]), g0, g, xsum);
-            t1 = fold_group(t1, _mm256_add_ps(even[1], odd[1]), g1, g, xsum);
-            t2 = fold_group(t2, _mm256_add_ps(even[2], odd[2]), g2, g, xsum);
-            t3 = fold_group(t3, _mm256_add_ps(even[3], odd[3]), g3, g, xsum);
+            for (i, (_, gr)) in rows.iter().enumerate() {
+                fold_group(&mut t[2 * i..2 * i + 2], [l[0][i], l[1][i]], gr, g);
+            }
         }
-        [reduce(t0), reduce(t1), reduce(t2), reduce(t3)]
+        std::array::from_fn(|i| {
+            let (lo, hi) = bias_dot(&rows[i].1, groups, totals);
+            reduce(_mm256_add_ps(t[2 * i], t[2 * i + 1])) + reduce(_mm256_add_ps(lo, hi))
+        })
     }
 
-    /// Adds group `g`'s lanes `l` of one row to its total `t`: `fma(bias, Σx, fma(scale, l, t))`,
-    /// with the group's [`group_sums`](super::group_sums) `xsum`.
+    /// Adds group `g`'s chains (lanes `(0, ·)` and `(1, ·)`) times its scale to a row's totals.
     #[inline(always)]
-    unsafe fn fold_group(t: __m256, l: __m256, groups: &Groups<'_>, g: usize, xsum: __m256) -> __m256 {
-        let (scale, bias) = (group_float(groups.floats, groups.scales, g), group_float(groups.floats, groups.biases, g));
-        _mm256_fmadd_ps(bias, xsum, _mm256_fmadd_ps(scale, l, t))
+    unsafe fn fold_group(t: &mut [__m256], chains: [__m256; 2], groups: &Groups<'_>, g: usize) {
+        let scale = group_float(groups.floats, groups.scales, g);
+        for (t, chain) in t.iter_mut().zip(chains) {
+            *t = _mm256_fmadd_ps(scale, chain, *t);
+        }
+    }
+
+    /// A row's bias dot product over its `count` groups as `folded_affine_dot` orders it: lanes
+    /// `g % 16` below 8 and from 8, eight groups a load.
+    #[inline(always)]
+    unsafe fn bias_dot(groups: &Groups<'_>, count: usize, totals: &[f32]) -> (__m256, __m256) {
+        let mut b = [_mm256_setzero_ps(); 2];
+        for g in (0..count).step_by(LANES) {
+            let half = &mut b[g / LANES % 2];
+            *half = _mm256_fmadd_ps(eight_floats(groups.floats, groups.biases, g, count), _mm256_loadu_ps(totals.as_ptr().add(g)), *half);
+        }
+        (b[0], b[1])
+    }
+
+    /// Floats `from..from + 8` of a row's `count` scales or biases, zeros past `count`: eight
+    /// BF16 ones are widened in the register.
+    #[inline(always)]
+    unsafe fn eight_floats(floats: FloatDtype, bytes: &[u8], from: usize, count: usize) -> __m256 {
+        if floats == FloatDtype::BF16 && from + LANES <= count {
+            let words = _mm_loadu_si128(bytes[2 * from..2 * from + 16].as_ptr() as *const __m128i);
+            return _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(words)));
+        }
+        let v: [f32; LANES] = std::array::from_fn(|l| if from + l < count { float_at(floats, bytes, from + l) } else { 0.0 });
+        _mm256_loadu_ps(v.as_ptr())
+    }
+
+    /// The kernel on AVX-512 (F and BW) for one token's affine products, sixteen columns per
+    /// register; everything else as [`Avx2`]. Only reached after `Simd::detect` found AVX-512.
+    pub(super) struct Avx512;
+
+    impl Kernel for Avx512 {
+        #[inline(always)]
+        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput) -> Option<[f32; FUSED_ROWS]> {
+            let (weight, first, groups, bits) = affine_row_at(m, r0)?;
+            let mut rows = [(first, groups); FUSED_ROWS];
+            for (i, row) in rows.iter_mut().enumerate().skip(1) {
+                let (_, at, groups, _) = affine_row_at(m, r0 + i.min(here - 1))?;
+                *row = (at, groups);
+            }
+            let (x, totals) = (&folded.scaled[..m.cols], &folded.totals[..]);
+            // SAFETY: only compiled into functions with AVX-512 F and BW enabled, called after
+            // detection.
+            unsafe {
+                Some(match bits {
+                    2 => wide_dot_rows::<2>(weight, &rows, x, totals),
+                    3 => wide_dot_rows::<3>(weight, &rows, x, totals),
+                    4 => wide_dot_rows::<4>(weight, &rows, x, totals),
+                    5 => wide_dot_rows::<5>(weight, &rows, x, totals),
+                    6 => wide_dot_rows::<6>(weight, &rows, x, totals),
+                    8 => wide_dot_rows::<8>(weight, &rows, x, totals),
+                    _ => return None,
+                })
+            }
+        }
+
+        #[inline(always)]
+        fn decode_row(m: &Matrix<'_>, r: usize, out: &mut [f32]) {
+            <Avx2 as Kernel>::decode_row(m, r, out)
+        }
+
+        #[inline(always)]
+        fn block<const T: usize>(w: &[f32], xs: &[f32], kp: usize, sums: &mut [[f32; TOKEN_BLOCK]; ROW_BLOCK]) {
+            <Avx2 as Kernel>::block::<T>(w, xs, kp, sums)
+        }
+    }
+
+    /// The byte shuffle (above 4 bits) and lane masks that isolate the code of each of sixteen
+    /// lanes ([`pair_column`]) where it lies ([`pair_shift`]). Up to 4 bits, the even lanes take
+    /// the low half of the 64-bit word that starts `4 - B` bytes before the sixteen codes and the
+    /// odd lanes its high half; wider codes come from their 16-byte window repeated in every
+    /// 128-bit quarter, lane `k` taking the byte that holds its first bit and the next.
+    #[inline(always)]
+    unsafe fn pair_lanes<const B: usize>() -> (__m512i, __m512i) {
+        let mut pick = [-1i8; 64];
+        let mut masks = [0i32; FUSED_LANES];
+        for (lane, mask) in masks.iter_mut().enumerate() {
+            let byte = pair_column(lane) * B / 8;
+            pick[4 * lane] = byte as i8;
+            if byte + 1 < 16 {
+                pick[4 * lane + 1] = byte as i8 + 1;
+            }
+            *mask = (((1u32 << B) - 1) << pair_shift(B, lane)) as i32;
+        }
+        (_mm512_loadu_si512(pick.as_ptr() as *const _), _mm512_loadu_si512(masks.as_ptr() as *const _))
+    }
+
+    /// Bytes a sixteen-code window reads before the codes' first byte, and in all.
+    const fn pair_window(bits: usize) -> (usize, usize) {
+        if bits <= 4 {
+            (4 - bits, 8)
+        } else {
+            (0, 16)
+        }
+    }
+
+    /// The sixteen `B`-bit codes whose window ([`pair_window`]) starts at `p` as floats
+    /// `q · 2^shift`, in lane order ([`pair_lanes`]).
+    #[inline(always)]
+    unsafe fn sixteen_codes<const B: usize>(p: *const u8, pick: __m512i, masks: __m512i) -> __m512 {
+        let window = if B <= 4 {
+            _mm512_set1_epi64(std::ptr::read_unaligned(p as *const i64))
+        } else {
+            _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)), pick)
+        };
+        _mm512_cvtepu32_ps(_mm512_and_si512(window, masks))
+    }
+
+    /// [`sixteen_codes`] for the codes at byte `at` of `weight`, reading zeros outside it.
+    #[inline(always)]
+    unsafe fn sixteen_codes_checked<const B: usize>(weight: &[u8], at: usize, pick: __m512i, masks: __m512i) -> __m512 {
+        let (back, span) = pair_window(B);
+        let mut bytes = [0u8; 16];
+        for (i, byte) in bytes.iter_mut().enumerate().take(span) {
+            if let Some(&b) = (at + i).checked_sub(back).and_then(|k| weight.get(k)) {
+                *byte = b;
+            }
+        }
+        sixteen_codes::<B>(bytes.as_ptr(), pick, masks)
+    }
+
+    /// The BF16 value that ends at `end`, widened and broadcast: the 32-bit word ending there
+    /// masked to its high half, which keeps the widening off the shuffle unit.
+    #[inline(always)]
+    unsafe fn bf16_before(end: *const u8) -> __m512 {
+        let word = std::ptr::read_unaligned(end.sub(4) as *const i32);
+        _mm512_castsi512_ps(_mm512_and_si512(_mm512_set1_epi32(word), _mm512_set1_epi32(-65536)))
+    }
+
+    /// Rows (at most [`FUSED_ROWS`], starting at bytes `rows[i].0` of `weight`) of `B`-bit codes
+    /// times one token, as `folded_affine_dot` computes each: one chain of sixteen lanes per row,
+    /// per sixteen columns a 64-bit load (a byte shuffle above 4 bits) and a mask leave each
+    /// code where it lies, converted and fused-multiply-added with the token in lane order
+    /// scaled by `2^-shift`; per group the chain times the group's scale goes into the row's
+    /// total; then the bias dot products, sixteen groups a load.
+    #[inline(always)]
+    unsafe fn wide_dot_rows<const B: usize>(weight: &[u8], rows: &[(usize, Groups<'_>); FUSED_ROWS], x: &[f32], totals: &[f32]) -> [f32; FUSED_ROWS] {
+        let size = rows[0].1.size;
+        let group_bytes = size * B / 8;
+        let cols = x.len();
+        let groups = cols / size;
+        assert!(size.is_multiple_of(FUSED_LANES) && cols.is_multiple_of(size) && totals.len() >= groups.next_multiple_of(FUSED_LANES));
+        assert!(rows.iter().all(|&(at, _)| at + cols * B / 8 <= weight.len()));
+        assert!(rows.iter().all(|(_, gr)| gr.scales.len() >= groups * gr.floats.size() && gr.biases.len() >= groups * gr.floats.size()));
+        let (pick, masks) = pair_lanes::<B>();
+        let (back, span) = pair_window(B);
+        // Groups whose every window lies inside `weight` for every row are read without checks.
+        let first = rows.iter().map(|&(at, _)| at).min().unwrap_or(0);
+        let last = rows.iter().map(|&(at, _)| at).max().unwrap_or(0);
+        let fast_from = usize::from(first < back);
+        let fast_to = (0..groups).take_while(|g| last + (g + 1) * group_bytes + span <= weight.len() + 2 * B + back).count().max(fast_from);
+        // Each row's codes are prefetched one block of rows ahead (see `affine_dot_rows`).
+        let ahead = FUSED_ROWS * cols * B / 8;
+        // BF16 scales are read as the 32-bit word that ends with them ([`bf16_before`]), which
+        // lies inside the row's scales from group 1 on.
+        let bf16 = rows.iter().all(|(_, gr)| gr.floats == FloatDtype::BF16);
+        let scales: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| rows[i].1.scales.as_ptr());
+        let mut t = [_mm512_setzero_ps(); FUSED_ROWS];
+        for g in 0..groups {
+            let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
+            let mut xp = x.as_ptr().add(g * size);
+            if (fast_from..fast_to).contains(&g) {
+                let mut q: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| weight.as_ptr().add(rows[i].0 + g * group_bytes).wrapping_sub(back));
+                for p in q {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
+                }
+                for _ in 0..size / FUSED_LANES {
+                    let xv = _mm512_loadu_ps(xp);
+                    for (li, p) in l.iter_mut().zip(q.iter_mut()) {
+                        *li = _mm512_fmadd_ps(sixteen_codes::<B>(*p, pick, masks), xv, *li);
+                        *p = p.add(2 * B);
+                    }
+                    xp = xp.add(FUSED_LANES);
+                }
+            } else {
+                for e in 0..size / FUSED_LANES {
+                    let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
+                    for (li, &(at, _)) in l.iter_mut().zip(rows) {
+                        *li = _mm512_fmadd_ps(sixteen_codes_checked::<B>(weight, at + g * group_bytes + e * 2 * B, pick, masks), xv, *li);
+                    }
+                }
+            }
+            for i in 0..FUSED_ROWS {
+                let scale = if bf16 && g >= 1 { bf16_before(scales[i].add(2 * g + 2)) } else { _mm512_set1_ps(float_at(rows[i].1.floats, rows[i].1.scales, g)) };
+                t[i] = _mm512_fmadd_ps(scale, l[i], t[i]);
+            }
+        }
+        // Lanes 2l and 2l + 1 are (0, l) and (1, l): add each pair, then take the even lanes.
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        std::array::from_fn(|i| {
+            let pairs = _mm512_add_ps(t[i], _mm512_permute_ps::<0b10_11_00_01>(t[i]));
+            let scaled = reduce(_mm512_castps512_ps256(_mm512_permutexvar_ps(evens, pairs)));
+            let b = wide_bias_dot(&rows[i].1, groups, totals);
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(b)));
+            scaled + reduce(_mm256_add_ps(_mm512_castps512_ps256(b), high))
+        })
+    }
+
+    /// A row's bias dot product over its `count` groups in sixteen lanes (`g % 16`), sixteen
+    /// groups a load (BF16 ones widened in the register), zeros past `count`.
+    #[inline(always)]
+    unsafe fn wide_bias_dot(groups: &Groups<'_>, count: usize, totals: &[f32]) -> __m512 {
+        let mut b = _mm512_setzero_ps();
+        for g in (0..count).step_by(FUSED_LANES) {
+            let biases = if groups.floats == FloatDtype::BF16 && g + FUSED_LANES <= count {
+                let words = _mm256_loadu_si256(groups.biases[2 * g..2 * g + 32].as_ptr() as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(words)))
+            } else {
+                let v: [f32; FUSED_LANES] = std::array::from_fn(|l| if g + l < count { float_at(groups.floats, groups.biases, g + l) } else { 0.0 });
+                _mm512_loadu_ps(v.as_ptr())
+            };
+            b = _mm512_fmadd_ps(biases, _mm512_loadu_ps(totals.as_ptr().add(g)), b);
+        }
+        b
     }
 
     /// `decode_affine` eight codes per register ([`codes8`]), then `scale * q + bias` (a
@@ -1079,8 +1385,9 @@ mod tests {
             }
             cases.push(affine_case(FloatDtype::F16, bits, 64, 13, 128, &mut rng));
             cases.push(affine_case(FloatDtype::F32, bits, 32, 13, 128, &mut rng));
-            // 12 groups: not a multiple of the 8 lanes.
+            // 12 groups: not a multiple of the 8 lanes; 20: one whole load of 16 biases and a part.
             cases.push(affine_case(FloatDtype::BF16, bits, 32, 9, 384, &mut rng));
+            cases.push(affine_case(FloatDtype::BF16, bits, 32, 11, 640, &mut rng));
         }
         cases.push(mxfp4_case(70, 256, &mut rng));
         cases
@@ -1148,16 +1455,18 @@ mod tests {
                 for x in xs.chunks_exact_mut(kp) {
                     x[..c].iter_mut().for_each(|v| *v = (rng.next() * 2.0 - 1.0) as f32);
                 }
-                let folded = match (n, m.codes) {
-                    (1, Codes::Affine { bits, group_size, .. }) => FoldedInput::new(&xs[..c], bits, group_size),
+                let folded = |simd| match (n, m.codes) {
+                    (1, Codes::Affine { bits, group_size, .. }) => FoldedInput::new(simd, &xs[..c], bits, group_size),
                     _ => FoldedInput::default(),
                 };
                 let mut scratch = vec![0f32; ROW_BLOCK * kp];
                 let mut portable = vec![0f32; n * m.rows];
-                m.rows_times_with::<Portable>(0, m.rows, &xs, &folded, kp, &mut scratch, &mut portable);
-                let mut detected = vec![0f32; n * m.rows];
-                m.rows_times(Simd::detect(), 0, m.rows, &xs, &folded, kp, &mut scratch, &mut detected);
-                assert_eq!(portable, detected, "{}, {n} tokens", case.name);
+                m.rows_times_with::<Portable>(0, m.rows, &xs, &folded(Simd::Portable), kp, &mut scratch, &mut portable);
+                for simd in Simd::available() {
+                    let mut other = vec![0f32; n * m.rows];
+                    m.rows_times(simd, 0, m.rows, &xs, &folded(simd), kp, &mut scratch, &mut other);
+                    assert_eq!(portable, other, "{}, {n} tokens, {simd:?}", case.name);
+                }
             }
         }
     }
