@@ -8,13 +8,17 @@
 //! - Decode in bytes of packed weights read per second (the bytes one token reads, times tokens
 //!   per second), against a streaming read of that many bytes.
 //!
+//! - The one-token kernel alone on 3-bit codes held in cache (no memory traffic): what the vector
+//!   units allow, on one thread and on all cores (whether the cores share them shows here).
+//!
 //! Not a test: it prints figures. Model: the `medium` synthetic checkpoint (8 layers, hidden 1024,
 //! 32 experts top-4) converted with `gpt-oss-120b-3.6bit`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use mixq_loader::Checkpoint;
+use mixq_loader::{Checkpoint, FloatDtype, RowMap};
+use mixq_runtime::matrix::{Codes, Matrix};
 use mixq_runtime::Model;
 use rayon::prelude::*;
 use timing::best_of;
@@ -147,6 +151,42 @@ fn stream_read(bytes: usize) -> f64 {
     (words * 8) as f64 / secs
 }
 
+/// Bytes per second of codes, scales and biases that one-token products read from 3-bit, group-64
+/// BF16 matrices of 512 x 2048 (about 400 KB, so each stays in its core's cache), with `threads`
+/// threads each running its own products on its own matrix (no work shared between them).
+fn kernel_in_cache(threads: usize) -> f64 {
+    let (rows, cols, group) = (512, 2048, 64);
+    let weight: Vec<u8> = (0..rows * cols * 3 / 8).map(|i| (i * 37 % 251) as u8).collect();
+    let floats: Vec<u8> = (0..rows * cols / group).flat_map(|i| (0x3c00u16 + (i % 64) as u16).to_le_bytes()).collect();
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+    const PRODUCTS: usize = 1000;
+    let secs = best_of(|| {
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let (weight, floats, x) = (weight.clone(), floats.clone(), &x);
+                scope.spawn(move || {
+                    let m = Matrix {
+                        codes: Codes::Affine { weight: &weight, scales: &floats, biases: &floats, floats: FloatDtype::BF16, bits: 3, group_size: group },
+                        rows,
+                        cols,
+                        map: RowMap::identity(rows),
+                    };
+                    let mut y = vec![0f32; rows];
+                    let alone = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("thread pool");
+                    alone.install(|| {
+                        for _ in 0..PRODUCTS {
+                            m.matmul(std::hint::black_box(x), &mut y);
+                        }
+                    });
+                    std::hint::black_box(&y);
+                });
+            }
+        });
+    });
+    let bytes = weight.len() + 2 * floats.len();
+    (threads * PRODUCTS * bytes) as f64 / secs
+}
+
 /// Fixed pseudo-random token ids.
 fn prompt(vocab: usize) -> Vec<u32> {
     let mut x = 12345u64;
@@ -226,4 +266,9 @@ fn main() {
         );
     }
     println!("\ngoals: prefill >= 50% of sgemm's GFLOP/s, decode >= 50% of the streaming read");
+    println!("\none-token kernel, 3-bit 512 x 2048 per thread held in cache (the vector units' limit):");
+    let in_cache: Vec<(usize, f64)> = [1, all].into_iter().map(|threads| (threads, kernel_in_cache(threads))).collect();
+    for (threads, rate) in &in_cache {
+        println!("  {threads} thread(s): {:.2} GB/s ({:.2}x one thread)", rate / 1e9, rate / in_cache[0].1);
+    }
 }

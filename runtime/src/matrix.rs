@@ -285,7 +285,7 @@ impl<'a> Matrix<'a> {
             // Every row has the same bits, so the first block tells whether the fused path has them.
             for b0 in (0..rows).step_by(FUSED_ROWS) {
                 let here = FUSED_ROWS.min(rows - b0);
-                match K::fused_one(self, r0 + b0, here, xs, folded) {
+                match K::fused_one(self, r0 + b0, here, xs, folded, scratch) {
                     Some(dots) => tile[b0..b0 + here].copy_from_slice(&dots[..here]),
                     None => break,
                 }
@@ -463,8 +463,8 @@ trait Kernel {
 
     /// For one token `x` (with its [`FoldedInput`]): rows `r0..r0 + here` of an affine `m`
     /// (`here <= FUSED_ROWS`) times `x` in one pass over the codes, as [`folded_affine_dot`]
-    /// defines it; `None` for other codes.
-    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput) -> Option<[f32; FUSED_ROWS]>;
+    /// defines it; `None` for other codes. `scratch` holds at least `cols / 2` floats.
+    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput, scratch: &mut [f32]) -> Option<[f32; FUSED_ROWS]>;
 }
 
 /// What one token's product with affine codes uses besides the token, computed once per product.
@@ -626,7 +626,7 @@ struct Portable;
 
 impl Kernel for Portable {
     #[inline(always)]
-    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput) -> Option<[f32; FUSED_ROWS]> {
+    fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, x: &[f32], folded: &FoldedInput, _scratch: &mut [f32]) -> Option<[f32; FUSED_ROWS]> {
         let totals = &folded.totals;
         let mut dots = [0f32; FUSED_ROWS];
         for (i, dot) in dots.iter_mut().enumerate().take(here) {
@@ -677,7 +677,7 @@ mod x86 {
 
     impl Kernel for Avx2 {
         #[inline(always)]
-        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput) -> Option<[f32; FUSED_ROWS]> {
+        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput, _scratch: &mut [f32]) -> Option<[f32; FUSED_ROWS]> {
             let mut dots = [0f32; FUSED_ROWS];
             for (half, out) in dots.chunks_exact_mut(ROW_BLOCK).enumerate().take(here.div_ceil(ROW_BLOCK)) {
                 let first = half * ROW_BLOCK;
@@ -944,7 +944,7 @@ mod x86 {
 
     impl Kernel for Avx512 {
         #[inline(always)]
-        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput) -> Option<[f32; FUSED_ROWS]> {
+        fn fused_one(m: &Matrix<'_>, r0: usize, here: usize, _x: &[f32], folded: &FoldedInput, scratch: &mut [f32]) -> Option<[f32; FUSED_ROWS]> {
             let (weight, first, groups, bits) = affine_row_at(m, r0)?;
             let mut rows = [(first, groups); FUSED_ROWS];
             for (i, row) in rows.iter_mut().enumerate().skip(1) {
@@ -956,12 +956,12 @@ mod x86 {
             // detection.
             unsafe {
                 Some(match bits {
-                    2 => wide_dot_rows::<2>(weight, &rows, x, totals),
-                    3 => wide_dot_rows::<3>(weight, &rows, x, totals),
-                    4 => wide_dot_rows::<4>(weight, &rows, x, totals),
-                    5 => wide_dot_rows::<5>(weight, &rows, x, totals),
-                    6 => wide_dot_rows::<6>(weight, &rows, x, totals),
-                    8 => wide_dot_rows::<8>(weight, &rows, x, totals),
+                    2 => wide_dot_rows::<2>(weight, &rows, x, totals, scratch),
+                    3 => wide_dot_rows::<3>(weight, &rows, x, totals, scratch),
+                    4 => wide_dot_rows::<4>(weight, &rows, x, totals, scratch),
+                    5 => wide_dot_rows::<5>(weight, &rows, x, totals, scratch),
+                    6 => wide_dot_rows::<6>(weight, &rows, x, totals, scratch),
+                    8 => wide_dot_rows::<8>(weight, &rows, x, totals, scratch),
                     _ => return None,
                 })
             }
@@ -1032,14 +1032,6 @@ mod x86 {
         sixteen_codes::<B>(bytes.as_ptr(), pick, masks)
     }
 
-    /// The BF16 value that ends at `end`, widened and broadcast: the 32-bit word ending there
-    /// masked to its high half, which keeps the widening off the shuffle unit.
-    #[inline(always)]
-    unsafe fn bf16_before(end: *const u8) -> __m512 {
-        let word = std::ptr::read_unaligned(end.sub(4) as *const i32);
-        _mm512_castsi512_ps(_mm512_and_si512(_mm512_set1_epi32(word), _mm512_set1_epi32(-65536)))
-    }
-
     /// Rows (at most [`FUSED_ROWS`], starting at bytes `rows[i].0` of `weight`) of `B`-bit codes
     /// times one token, as `folded_affine_dot` computes each: one chain of sixteen lanes per row,
     /// per sixteen columns a 64-bit load (a byte shuffle above 4 bits) and a mask leave each
@@ -1047,7 +1039,7 @@ mod x86 {
     /// scaled by `2^-shift`; per group the chain times the group's scale goes into the row's
     /// total; then the bias dot products, sixteen groups a load.
     #[inline(always)]
-    unsafe fn wide_dot_rows<const B: usize>(weight: &[u8], rows: &[(usize, Groups<'_>); FUSED_ROWS], x: &[f32], totals: &[f32]) -> [f32; FUSED_ROWS] {
+    unsafe fn wide_dot_rows<const B: usize>(weight: &[u8], rows: &[(usize, Groups<'_>); FUSED_ROWS], x: &[f32], totals: &[f32], scratch: &mut [f32]) -> [f32; FUSED_ROWS] {
         let size = rows[0].1.size;
         let group_bytes = size * B / 8;
         let cols = x.len();
@@ -1064,38 +1056,30 @@ mod x86 {
         let fast_to = (0..groups).take_while(|g| last + (g + 1) * group_bytes + span <= weight.len() + 2 * B + back).count().max(fast_from);
         // Each row's codes are prefetched one block of rows ahead (see `affine_dot_rows`).
         let ahead = FUSED_ROWS * cols * B / 8;
-        // BF16 scales are read as the 32-bit word that ends with them ([`bf16_before`]), which
-        // lies inside the row's scales from group 1 on.
-        let bf16 = rows.iter().all(|(_, gr)| gr.floats == FloatDtype::BF16);
-        let scales: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| rows[i].1.scales.as_ptr());
-        let mut t = [_mm512_setzero_ps(); FUSED_ROWS];
-        for g in 0..groups {
-            let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
-            let mut xp = x.as_ptr().add(g * size);
-            if (fast_from..fast_to).contains(&g) {
-                let mut q: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| weight.as_ptr().add(rows[i].0 + g * group_bytes).wrapping_sub(back));
-                for p in q {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
-                }
-                for _ in 0..size / FUSED_LANES {
-                    let xv = _mm512_loadu_ps(xp);
-                    for (li, p) in l.iter_mut().zip(q.iter_mut()) {
-                        *li = _mm512_fmadd_ps(sixteen_codes::<B>(*p, pick, masks), xv, *li);
-                        *p = p.add(2 * B);
-                    }
-                    xp = xp.add(FUSED_LANES);
+        // The rows' scales widened once, group by group (`wide[g * 8 + i]`), so that each is a
+        // broadcast operand of its fused multiply-add.
+        let wide = &mut scratch[..groups * FUSED_ROWS];
+        for (i, (_, gr)) in rows.iter().enumerate() {
+            if gr.floats == FloatDtype::BF16 {
+                for (g, pair) in gr.scales[..2 * groups].chunks_exact(2).enumerate() {
+                    wide[g * FUSED_ROWS + i] = f32::from_bits(u32::from(u16::from_le_bytes([pair[0], pair[1]])) << 16);
                 }
             } else {
-                for e in 0..size / FUSED_LANES {
-                    let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
-                    for (li, &(at, _)) in l.iter_mut().zip(rows) {
-                        *li = _mm512_fmadd_ps(sixteen_codes_checked::<B>(weight, at + g * group_bytes + e * 2 * B, pick, masks), xv, *li);
-                    }
+                for g in 0..groups {
+                    wide[g * FUSED_ROWS + i] = float_at(gr.floats, gr.scales, g);
                 }
             }
+        }
+        let row_at: [usize; FUSED_ROWS] = std::array::from_fn(|i| rows[i].0);
+        let mut t = [_mm512_setzero_ps(); FUSED_ROWS];
+        for (g, scales) in wide.chunks_exact(FUSED_ROWS).enumerate() {
+            let l = if (fast_from..fast_to).contains(&g) {
+                wide_group::<B>(weight.as_ptr(), &row_at, g, size, x.as_ptr().add(g * size), back, ahead, pick, masks)
+            } else {
+                wide_group_checked::<B>(weight, &row_at, g, size, x.as_ptr().add(g * size), pick, masks)
+            };
             for i in 0..FUSED_ROWS {
-                let scale = if bf16 && g >= 1 { bf16_before(scales[i].add(2 * g + 2)) } else { _mm512_set1_ps(float_at(rows[i].1.floats, rows[i].1.scales, g)) };
-                t[i] = _mm512_fmadd_ps(scale, l[i], t[i]);
+                t[i] = _mm512_fmadd_ps(_mm512_set1_ps(scales[i]), l[i], t[i]);
             }
         }
         // Lanes 2l and 2l + 1 are (0, l) and (1, l): add each pair, then take the even lanes.
@@ -1107,6 +1091,40 @@ mod x86 {
             let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(b)));
             scaled + reduce(_mm256_add_ps(_mm512_castps512_ps256(b), high))
         })
+    }
+
+    /// Group `g`'s sums of codes times the token for each row (its codes from byte `row_at[i]` of
+    /// `weight`, the group's token from `xp`), every window read without checks.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn wide_group<const B: usize>(weight: *const u8, row_at: &[usize; FUSED_ROWS], g: usize, size: usize, xp: *const f32, back: usize, ahead: usize, pick: __m512i, masks: __m512i) -> [__m512; FUSED_ROWS] {
+        let group_bytes = size * B / 8;
+        let q: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| weight.add(row_at[i] + g * group_bytes).wrapping_sub(back));
+        for p in q {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
+        }
+        let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
+        for e in 0..size / FUSED_LANES {
+            let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
+            for (li, p) in l.iter_mut().zip(q) {
+                *li = _mm512_fmadd_ps(sixteen_codes::<B>(p.add(e * 2 * B), pick, masks), xv, *li);
+            }
+        }
+        l
+    }
+
+    /// [`wide_group`] reading every window through [`sixteen_codes_checked`].
+    #[inline(always)]
+    unsafe fn wide_group_checked<const B: usize>(weight: &[u8], row_at: &[usize; FUSED_ROWS], g: usize, size: usize, xp: *const f32, pick: __m512i, masks: __m512i) -> [__m512; FUSED_ROWS] {
+        let group_bytes = size * B / 8;
+        let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
+        for e in 0..size / FUSED_LANES {
+            let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
+            for (li, &at) in l.iter_mut().zip(row_at) {
+                *li = _mm512_fmadd_ps(sixteen_codes_checked::<B>(weight, at + g * group_bytes + e * 2 * B, pick, masks), xv, *li);
+            }
+        }
+        l
     }
 
     /// A row's bias dot product over its `count` groups in sixteen lanes (`g % 16`), sixteen
