@@ -270,7 +270,7 @@ fn sensitivity_files() {
     fuzz("sensitivity_files", mutated(vec![sensitivity_seed()]), |bytes| {
         with_file(&bytes, |p| {
             if let Ok(s) = mixq_quantizer::authoring::sensitivity_file::Sensitivity::read(p) {
-                let opts = mixq_quantizer::authoring::recipe_search::SearchOptions { min_bits: 3, keep: vec![] };
+                let opts = mixq_quantizer::authoring::recipe_search::SearchOptions { min_bits: 3, keep: vec![], affine_only: false };
                 if let Ok(problem) = mixq_quantizer::authoring::recipe_search::Problem::new(&s, &config, &opts) {
                     let _ = problem.solve(1 << 24);
                 }

@@ -52,6 +52,9 @@ pub enum ConvertError {
         /// What is wrong with the row.
         error: crate::kernels::mxfp4::Mxfp4Error,
     },
+    /// A unit's quantization was asked for in bf16, which is no quantized format.
+    #[error("tensor {0}: a unit is quantized to affine or mxfp4; bf16 is kept, not quantized")]
+    NotQuantized(String),
     /// Calibration statistics do not fit the model.
     #[error("{path}: {message}")]
     Calibration {

@@ -42,6 +42,10 @@ pub struct SearchArgs {
     /// Smallest affine bit width allowed: 2, 3, 4, 5, 6 or 8.
     #[arg(long, default_value_t = 3, value_parser = crate::args::bit_width)]
     min_bits: u32,
+    /// Affine settings only: never keep an expert in mxfp4 (which passes upstream MXFP4 experts
+    /// through unchanged, at 4.25 bits per weight and no error).
+    #[arg(long)]
+    affine_only: bool,
     /// Classes kept in bf16.
     #[arg(long, value_delimiter = ',', default_value = "norm,router,bias,sinks")]
     keep_bf16: Vec<String>,
@@ -100,6 +104,7 @@ pub fn run(a: SearchArgs) -> Result<ExitCode> {
         target_size: a.target_size.as_deref(),
         out: &a.out,
         min_bits: a.min_bits,
+        affine_only: a.affine_only,
         keep_bf16: &a.keep_bf16,
         name: a.name.as_deref(),
         frontier: a.frontier,

@@ -13,18 +13,17 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use mixq_loader::schema::Param;
-use mixq_loader::{Checkpoint, FloatDtype};
+use mixq_loader::{Checkpoint, QuantFormat};
 use mixq_quantizer::authoring::recipe_search::{Allotment, Choice, Problem};
 use mixq_quantizer::authoring::sensitivity_file::units;
 use mixq_quantizer::kernels::importance::CalibrationUse;
 use mixq_quantizer::kernels::param_error::QuantizedUnit;
 use mixq_quantizer::QuantMethod;
-use mixq_runtime::matrix::Codes;
 use mixq_runtime::Model;
 use rayon::prelude::*;
 
 use crate::corpus::Corpus;
-use crate::sensitivity::{mean_kl, UnitQuantizer};
+use crate::sensitivity::{mean_kl, unit_codes, UnitQuantizer};
 use crate::ValidateError;
 
 /// Bounds and inputs of a refinement.
@@ -76,7 +75,7 @@ struct JointModel<'c> {
     model: Model<'c>,
     params: &'c [Param],
     quantizers: Vec<UnitQuantizer<'c>>,
-    cache: HashMap<(usize, u32, u32), QuantizedUnit>,
+    cache: HashMap<(usize, QuantFormat), QuantizedUnit>,
     windows: Vec<Vec<u32>>,
     reference: Vec<Vec<f32>>,
     evaluations: usize,
@@ -85,21 +84,16 @@ struct JointModel<'c> {
 impl<'c> JointModel<'c> {
     /// Mean KL of the source with every unit of `problem` at `choices`.
     fn kl(&mut self, problem: &Problem<'_>, choices: &[Choice]) -> Result<f64, ValidateError> {
-        let settings: Vec<Option<(usize, u32, u32)>> = choices
-            .iter()
-            .enumerate()
-            .map(|(u, c)| c.map(|i| (u, problem.unit(u).settings[i].bits, problem.unit(u).settings[i].group_size)))
-            .collect();
-        let missing: Vec<(usize, u32, u32)> = settings.iter().flatten().filter(|k| !self.cache.contains_key(k)).copied().collect();
-        for key @ (u, bits, gs) in missing {
-            let q = self.quantizers[self.index_of(problem, u)?].quantize(bits, gs)?;
+        let settings: Vec<(usize, QuantFormat)> =
+            choices.iter().enumerate().filter_map(|(u, c)| c.map(|i| (u, problem.unit(u).settings[i].format()))).collect();
+        let missing: Vec<(usize, QuantFormat)> = settings.iter().filter(|k| !self.cache.contains_key(k)).copied().collect();
+        for key @ (u, format) in missing {
+            let q = self.quantizers[self.index_of(problem, u)?].quantize(format)?;
             self.cache.insert(key, q);
         }
         let mut joint = self.model.clone();
-        for &(u, bits, gs) in settings.iter().flatten() {
-            let q = &self.cache[&(u, bits, gs)];
-            let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, floats: FloatDtype::BF16, bits, group_size: gs as usize };
-            joint = joint.with_weight(&problem.unit(u).module, codes)?;
+        for key @ (u, _) in &settings {
+            joint = joint.with_weight(&problem.unit(*u).module, unit_codes(&self.cache[key]))?;
         }
         self.evaluations += 1;
         let windows: Vec<&[u32]> = self.windows.iter().map(Vec::as_slice).collect();

@@ -14,12 +14,12 @@
 
 use std::path::Path;
 
-use mixq_loader::{Checkpoint, FloatDtype, GptOssConfig, ModelFingerprint};
+use mixq_loader::{Checkpoint, FloatDtype, GptOssConfig, ModelFingerprint, QuantFormat};
 use mixq_quantizer::kernels::affine::AFFINE_GROUP_SIZES;
 use mixq_quantizer::kernels::importance::CalibrationUse;
 use mixq_loader::schema::Param;
-use mixq_quantizer::authoring::sensitivity_file::{affine_bytes, spearman, units, SettingCost, Sensitivity, UnitCost, SENSITIVITY_FORMAT};
-use mixq_quantizer::kernels::param_error::quantize_unit;
+use mixq_quantizer::authoring::sensitivity_file::{format_bytes, spearman, units, SettingCost, SettingMode, Sensitivity, UnitCost, SENSITIVITY_FORMAT};
+use mixq_quantizer::kernels::param_error::{quantize_unit, QuantizedUnit};
 use mixq_quantizer::QuantMethod;
 use mixq_runtime::matrix::Codes;
 use mixq_runtime::{Engine, Model};
@@ -79,16 +79,31 @@ pub const DEFAULT_EXPONENT: f64 = 0.65;
 /// Rows of each unit sampled when the weights are synthetic.
 const SYNTHETIC_ROWS: usize = 16;
 
-fn settings_of(p: &Param, opts: &SensitivityOptions) -> Vec<(u32, u32)> {
+/// The settings a unit is measured at: every affine bits × group size that divides its rows, and
+/// mxfp4 for experts (MLX's format of the upstream experts: their blocks pass through exactly),
+/// sorted by bytes.
+fn settings_of(p: &Param, opts: &SensitivityOptions) -> Vec<QuantFormat> {
     let cols = p.in_features();
-    let mut out: Vec<(u32, u32)> = opts
+    let mut out: Vec<QuantFormat> = opts
         .bits
         .iter()
-        .flat_map(|&b| opts.group_sizes.iter().map(move |&g| (b, g)))
-        .filter(|&(_, g)| cols.is_multiple_of(g as usize))
+        .flat_map(|&bits| opts.group_sizes.iter().map(move |&group_size| QuantFormat::Affine { bits, group_size }))
+        .filter(|f| matches!(*f, QuantFormat::Affine { group_size, .. } if cols.is_multiple_of(group_size as usize)))
         .collect();
-    out.sort_by_key(|&(b, g)| (affine_bytes(p, b, g), b));
+    if p.class.is_expert() && cols.is_multiple_of(mixq_loader::format::MXFP4_BLOCK) {
+        out.push(QuantFormat::Mxfp4);
+    }
+    out.sort_by_key(|&f| (format_bytes(p, f), f));
     out
+}
+
+/// The sensitivity file's record of a setting, its cost still the proxy.
+fn setting_cost(p: &Param, format: QuantFormat, proxy: f64, estimate: Option<f64>) -> SettingCost {
+    let (mode, bits, group_size) = match format {
+        QuantFormat::Affine { bits, group_size } => (SettingMode::Affine, bits, group_size),
+        _ => (SettingMode::Mxfp4, 4, mixq_loader::format::MXFP4_BLOCK as u32),
+    };
+    SettingCost { mode, bits, group_size, bytes: format_bytes(p, format), proxy, cost: proxy, estimate }
 }
 
 /// Measures the sensitivity of every unit; `progress(units_done, units_total)`.
@@ -195,19 +210,24 @@ fn measured(
         let entry = Entry::of(p)?;
         let mut settings = Vec::new();
         let mut measured: Vec<((u32, u32), f64)> = Vec::new();
-        for (bits, gs) in settings_of(p, opts) {
-            let q = quantizer.quantize(bits, gs)?;
-            let codes = Codes::Affine { weight: &q.weight, scales: &q.scales, biases: &q.biases, floats: FloatDtype::BF16, bits, group_size: gs as usize };
+        for format in settings_of(p, opts) {
+            let q = quantizer.quantize(format)?;
+            let codes = unit_codes(&q);
             let changed = || cpu.with_weight(&p.module, codes);
-            let is_reference = (bits, gs) == opts.reference;
-            let is_measured = is_reference || Some((bits, gs)) == opts.second;
-            if let (true, Some(model)) = (is_measured, &model) {
-                measured.push(((bits, gs), mean_kl(&model.with_weight(&p.module, codes)?, &windows, &reference, vocab)?));
+            let affine = match format {
+                QuantFormat::Affine { bits, group_size } => Some((bits, group_size)),
+                _ => None,
+            };
+            let is_reference = affine == Some(opts.reference);
+            let is_measured = is_reference || (affine.is_some() && affine == opts.second);
+            if let (true, Some(model), Some(setting)) = (is_measured, &model, affine) {
+                measured.push((setting, mean_kl(&model.with_weight(&p.module, codes)?, &windows, &reference, vocab)?));
             }
             // The estimate holds the entry error until the sites' responses are known (lm_head's
-            // is its KL already).
+            // is its KL already). A setting without error (upstream experts kept in mxfp4) costs nothing.
             let estimate = match (&probe, entry) {
                 (None, _) => None,
+                (Some(_), _) if q.error == 0.0 => Some(0.0),
                 (Some(probe), Entry::Head) => Some(probe.head_kl(&changed()?)),
                 (Some(probe), _) => {
                     let err = probe.entry_error(&changed()?, entry)?;
@@ -218,7 +238,7 @@ fn measured(
                 }
             };
             let proxy = if q.signal > 0.0 { q.error / q.signal } else { q.error };
-            settings.push(SettingCost { bits, group_size: gs, bytes: affine_bytes(p, bits, gs), proxy, cost: proxy, estimate });
+            settings.push(setting_cost(p, format, proxy, estimate));
         }
         let mut u = UnitCost::new(p, settings);
         carry_measured_kl(&mut u, &measured, opts);
@@ -313,11 +333,26 @@ impl<'c> UnitQuantizer<'c> {
         Ok(UnitQuantizer { ckpt, param, importance, fractions, method })
     }
 
-    /// The unit at `bits` and group size `gs`.
-    pub(crate) fn quantize(&self, bits: u32, gs: u32) -> Result<mixq_quantizer::kernels::param_error::QuantizedUnit, ValidateError> {
+    /// The unit in `format` (affine or mxfp4).
+    pub(crate) fn quantize(&self, format: QuantFormat) -> Result<QuantizedUnit, ValidateError> {
         let rows_per_expert = if self.param.class.is_expert() { self.param.shape[1] } else { 1 };
         let row_weight = |r: usize| self.fractions.as_ref().map_or(1.0, |f| f[r / rows_per_expert]);
-        Ok(quantize_unit(self.ckpt, self.param, bits, gs as usize, self.method, self.importance.as_ref(), &row_weight)?)
+        Ok(quantize_unit(self.ckpt, self.param, format, self.method, self.importance.as_ref(), &row_weight)?)
+    }
+}
+
+/// The runtime's view of a quantized unit's bytes.
+pub(crate) fn unit_codes(q: &QuantizedUnit) -> Codes<'_> {
+    match q.format {
+        QuantFormat::Affine { bits, group_size } => Codes::Affine {
+            weight: &q.weight,
+            scales: &q.scales,
+            biases: &q.biases,
+            floats: FloatDtype::BF16,
+            bits,
+            group_size: group_size as usize,
+        },
+        _ => Codes::Mxfp4 { blocks: &q.weight, scales: &q.scales },
     }
 }
 
@@ -348,7 +383,12 @@ fn carry_measured_kl(u: &mut UnitCost, measured: &[((u32, u32), f64)], opts: &Se
         })
         .unwrap_or(DEFAULT_EXPONENT);
     for s in &mut u.settings {
-        s.cost = if p1 > 0.0 && s.proxy > 0.0 { kl * (s.proxy / p1).powf(exponent) } else { kl };
+        s.cost = match (p1 > 0.0, s.proxy > 0.0) {
+            (true, true) => kl * (s.proxy / p1).powf(exponent),
+            // No weight error (upstream experts kept in mxfp4): nothing changes, nothing lost.
+            (true, false) => 0.0,
+            (false, _) => kl,
+        };
     }
     u.measured_kl = Some(kl);
     u.second_kl = second.map(|((b, g), k)| (b, g, k));
@@ -377,6 +417,26 @@ fn synthetic_rows(cols: usize, seed: u64) -> Vec<f32> {
     out
 }
 
+/// The relative squared error of synthetic rows encoded as MXFP4 (rows that cannot be encoded
+/// count as lost).
+fn synthetic_mxfp4_error(rows: &[f32], cols: usize) -> f64 {
+    use mixq_loader::format::MXFP4_BLOCK;
+    let (mut blocks, mut scales, mut back) = (vec![0u8; cols / 2], vec![0u8; cols / MXFP4_BLOCK], vec![0f32; cols]);
+    let (mut err, mut sig) = (0.0f64, 0.0f64);
+    for row in rows.chunks_exact(cols) {
+        let energy: f64 = row.iter().map(|&w| f64::from(w).powi(2)).sum();
+        sig += energy;
+        match mixq_quantizer::kernels::mxfp4::encode_row(row, FloatDtype::BF16, &mut blocks, &mut scales) {
+            Ok(()) => {
+                mixq_loader::decode::mxfp4_row_to_f32(&blocks, &scales, &mut back);
+                err += row.iter().zip(&back).map(|(&w, &q)| f64::from(q - w).powi(2)).sum::<f64>();
+            }
+            Err(_) => err += energy,
+        }
+    }
+    if sig > 0.0 { err / sig } else { 0.0 }
+}
+
 fn synthetic(
     config: &GptOssConfig,
     model_label: &str,
@@ -397,7 +457,14 @@ fn synthetic(
         let usage = if p.class.is_expert() { k / e } else { 1.0 };
         let settings: Vec<SettingCost> = settings_of(p, opts)
             .into_par_iter()
-            .map(|(bits, gs)| {
+            .map(|format| {
+                let QuantFormat::Affine { bits, group_size: gs } = format else {
+                    // An upstream checkpoint's experts are MXFP4 and pass through exactly; a dense
+                    // one's are encoded.
+                    let upstream = config.quant_method.as_deref() == Some("mxfp4");
+                    let proxy = if upstream { 0.0 } else { synthetic_mxfp4_error(&rows, cols) * usage };
+                    return setting_cost(p, format, proxy, None);
+                };
                 let (mut err, mut sig) = (0.0f64, 0.0f64);
                 let (mut packed, mut back) = (vec![0u8; packed_row_bytes(cols, bits)], vec![0f32; cols]);
                 let groups = cols / gs as usize;
@@ -412,7 +479,7 @@ fn synthetic(
                 }
                 // The relative error of the sample, counted by how often the unit is used.
                 let proxy = if sig > 0.0 { err / sig * usage } else { 0.0 };
-                SettingCost { bits, group_size: gs, bytes: affine_bytes(p, bits, gs), proxy, cost: proxy, estimate: None }
+                setting_cost(p, format, proxy, None)
             })
             .collect();
         quantize_seconds += timer.elapsed().as_secs_f64();

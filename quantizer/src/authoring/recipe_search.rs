@@ -1,7 +1,7 @@
 //! `mixq recipe search`: the bit allocation that minimises the summed predicted cost of all units
 //! under a size budget, written as a readable YAML recipe, and the size/cost frontier.
 //!
-//! Each unit picks one setting (an affine bits × group size, or bf16 at cost 0). For a multiplier
+//! Each unit picks one setting (an affine bits × group size, mxfp4 for experts, or bf16 at cost 0). For a multiplier
 //! λ every unit independently takes the setting minimising `cost + λ·bytes` (the Lagrangian
 //! relaxation of the knapsack); λ is bisected to the smallest value whose total fits the budget,
 //! and what the budget still allows is spent greedily on the upgrades with the most cost saved
@@ -25,6 +25,8 @@ pub struct SearchOptions {
     pub min_bits: u32,
     /// Classes kept in bf16 (norm, bias and sinks always are).
     pub keep: Vec<TensorClass>,
+    /// Affine settings only: no expert is kept in mxfp4.
+    pub affine_only: bool,
 }
 
 /// One unit's choice: a setting index into its `settings`, or `None` for bf16.
@@ -99,7 +101,11 @@ impl<'s> Problem<'s> {
                 vec![None]
             } else {
                 std::iter::once(None)
-                    .chain((0..u.settings.len()).filter(|&i| u.settings[i].bits >= opts.min_bits).map(Some))
+                    .chain(
+                        (0..u.settings.len())
+                            .filter(|&i| u.settings[i].bits >= opts.min_bits && !(opts.affine_only && !u.settings[i].mode.is_affine()))
+                            .map(Some),
+                    )
                     .collect()
             };
             units.push(u);
@@ -262,8 +268,8 @@ pub fn write_recipe(problem: &Problem<'_>, sens: &Sensitivity, a: &Allotment, h:
     let mut always = vec!["norm", "bias", "sinks"];
     always.extend(keep.iter().filter(|c| c.is_quantizable()).map(|c| c.as_str()));
     let _ = writeln!(out, "  - class: [{}]\n    action: keep", always.join(", "));
-    // (class order, -bits, group size) → the rule's layers, bytes and cost.
-    let mut groups: BTreeMap<(usize, i64, u32), RuleGroup> = BTreeMap::new();
+    // (class order, -bits, group size, mxfp4) → the rule's layers, bytes and cost.
+    let mut groups: BTreeMap<(usize, i64, u32, bool), RuleGroup> = BTreeMap::new();
     for (u, &c) in a.choices.iter().enumerate() {
         let unit = problem.unit(u);
         let class = TensorClass::parse_group(&unit.class).and_then(|v| v.first().copied()).expect("checked class");
@@ -271,19 +277,26 @@ pub fn write_recipe(problem: &Problem<'_>, sens: &Sensitivity, a: &Allotment, h:
             continue;
         }
         let order = TensorClass::ALL.iter().position(|&k| k == class).unwrap_or(0);
-        let (bits, gs) = c.map_or((16, 0), |i| (unit.settings[i].bits, unit.settings[i].group_size));
-        let e = groups.entry((order, -(bits as i64), gs)).or_insert_with(|| (Vec::new(), unit.layer.is_some(), 0, 0.0));
+        let (bits, gs, mxfp4) = c.map_or((16, 0, false), |i| {
+            let s = &unit.settings[i];
+            (s.bits, s.group_size, !s.mode.is_affine())
+        });
+        let e = groups.entry((order, -(bits as i64), gs, mxfp4)).or_insert_with(|| (Vec::new(), unit.layer.is_some(), 0, 0.0));
         if let Some(l) = unit.layer {
             e.0.push(l);
         }
         e.2 += problem.bytes(u, c);
         e.3 += problem.cost(u, c);
     }
-    for ((order, neg_bits, gs), (mut layers, in_layers, bytes, cost)) in groups {
+    for ((order, neg_bits, gs, mxfp4), (mut layers, in_layers, bytes, cost)) in groups {
         let class = TensorClass::ALL[order].as_str();
         let bits = -neg_bits;
         layers.sort_unstable();
-        let what = if bits == 16 { "bf16".to_string() } else { format!("{bits}-bit gs{gs}") };
+        let what = match (bits, mxfp4) {
+            (_, true) => "mxfp4".to_string(),
+            (16, _) => "bf16".to_string(),
+            _ => format!("{bits}-bit gs{gs}"),
+        };
         let range = if in_layers { format!(" layers {}", compress_ranges(&layers)) } else { String::new() };
         let _ = writeln!(out, "  # {class}{range}: {what}, {bytes} bytes, predicted cost {cost:.6}");
         let _ = writeln!(out, "  - class: {class}");
@@ -291,7 +304,9 @@ pub fn write_recipe(problem: &Problem<'_>, sens: &Sensitivity, a: &Allotment, h:
             let items: Vec<String> = compress_ranges(&layers).split(", ").map(|r| format!("\"{r}\"")).collect();
             let _ = writeln!(out, "    layers: [{}]", items.join(", "));
         }
-        if bits == 16 {
+        if mxfp4 {
+            let _ = writeln!(out, "    action: mxfp4");
+        } else if bits == 16 {
             let _ = writeln!(out, "    action: keep");
         } else {
             let _ = writeln!(out, "    action: {{affine: {{bits: {bits}, group_size: {gs}}}}}");
@@ -380,7 +395,7 @@ pub fn parse_size_flag(flag: &str, s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authoring::sensitivity_file::{SettingCost, UnitCost, SENSITIVITY_FORMAT};
+    use crate::authoring::sensitivity_file::{SettingCost, SettingMode, UnitCost, SENSITIVITY_FORMAT};
 
     #[test]
     fn sizes_parse() {
@@ -406,9 +421,10 @@ mod tests {
                 let settings = [(3u32, 64u32), (4, 64), (6, 64), (8, 64)]
                     .iter()
                     .map(|&(b, g)| SettingCost {
+                        mode: Default::default(),
                         bits: b,
                         group_size: g,
-                        bytes: crate::authoring::sensitivity_file::affine_bytes(p, b, g),
+                        bytes: crate::authoring::sensitivity_file::format_bytes(p, mixq_loader::QuantFormat::Affine { bits: b, group_size: g }),
                         proxy: 0.0,
                         cost: (1.0 + (n % 7) as f64) * 4f64.powi(-(b as i32)),
                         estimate: None,
@@ -441,7 +457,7 @@ mod tests {
     #[test]
     fn search_fits_the_budget_is_deterministic_and_beats_uniform() {
         let (sens, config) = toy();
-        let opts = SearchOptions { min_bits: 3, keep: vec![TensorClass::Router] };
+        let opts = SearchOptions { min_bits: 3, keep: vec![TensorClass::Router], affine_only: false };
         let problem = Problem::new(&sens, &config, &opts).unwrap();
         let smallest = problem.smallest();
         let target = smallest.bytes + (smallest.bytes / 5);
@@ -455,5 +471,42 @@ mod tests {
         assert_eq!(check_recipe(&text, "searched.yaml", &config, &a).unwrap().1.summary().bytes as u64, a.bytes, "{text}");
         let e = problem.solve(smallest.bytes - 1).unwrap_err().to_string();
         assert!(e.contains(&smallest.bytes.to_string()) && e.contains("--min-bits 3"), "{e}");
+    }
+
+    #[test]
+    fn experts_kept_in_mxfp4_are_written_as_mxfp4_rules_unless_affine_only() {
+        let (mut sens, config) = toy();
+        // An exact mxfp4 setting (upstream experts passed through) for every expert unit.
+        for u in sens.units.iter_mut().filter(|u| u.class.starts_with("experts")) {
+            let p = mlx_params(&config).into_iter().find(|p| p.module == u.module).unwrap();
+            let bytes = crate::authoring::sensitivity_file::format_bytes(&p, mixq_loader::QuantFormat::Mxfp4);
+            let mxfp4 = SettingCost { mode: SettingMode::Mxfp4, bits: 4, group_size: 32, bytes, proxy: 0.0, cost: 0.0, estimate: None };
+            u.settings.push(mxfp4);
+        }
+        let search = |affine_only: bool| {
+            let opts = SearchOptions { min_bits: 3, keep: vec![TensorClass::Router], affine_only };
+            let problem = Problem::new(&sens, &config, &opts).unwrap();
+            let smallest = problem.smallest();
+            let a = problem.solve(smallest.bytes + smallest.bytes / 5).unwrap();
+            let header = RecipeHeader { name: "searched", sensitivity_path: "toy.json", target: "test", on_disk: 0, refined: None };
+            let text = write_recipe(&problem, &sens, &a, &header, &opts.keep);
+            let (recipe, alloc) = check_recipe(&text, "searched.yaml", &config, &a).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(alloc.summary().bytes as u64, a.bytes);
+            let in_mxfp4: Vec<String> = mlx_params(&config)
+                .iter()
+                .filter(|p| recipe.rule_for(p, config.num_hidden_layers).is_some_and(|r| r.action == mixq_loader::QuantFormat::Mxfp4))
+                .map(|p| p.module.clone())
+                .collect();
+            let chosen: Vec<String> = (0..problem.len())
+                .filter(|&u| a.choices[u].is_some_and(|i| problem.unit(u).settings[i].mode == SettingMode::Mxfp4))
+                .map(|u| problem.unit(u).module.clone())
+                .collect();
+            assert_eq!(in_mxfp4, chosen, "{text}");
+            (chosen, a.cost)
+        };
+        let (chosen, cost) = search(false);
+        assert!(!chosen.is_empty(), "an exact setting at 4.25 bits is worth taking within this budget");
+        let (none, affine_cost) = search(true);
+        assert!(none.is_empty() && affine_cost > cost);
     }
 }

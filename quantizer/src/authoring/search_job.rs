@@ -125,6 +125,8 @@ pub struct SearchRequest<'a> {
     pub out: &'a Path,
     /// Smallest affine bit width.
     pub min_bits: u32,
+    /// Affine settings only (no expert kept in mxfp4).
+    pub affine_only: bool,
     /// Class names kept in bf16.
     pub keep_bf16: &'a [String],
     /// The recipe's name (default: the file's stem).
@@ -180,7 +182,7 @@ pub fn search_recipe(r: &SearchRequest<'_>) -> Result<SearchedRecipe, SearchJobE
     let (config, files) = SourceFiles::resolve(r.source, true)?;
     check_architecture(&sens, r.sensitivity, &config, r.source)?;
     let keep = keep_classes(r.keep_bf16)?;
-    let problem = Problem::new(&sens, &config, &SearchOptions { min_bits: r.min_bits, keep: keep.clone() })?;
+    let problem = Problem::new(&sens, &config, &SearchOptions { min_bits: r.min_bits, keep: keep.clone(), affine_only: r.affine_only })?;
     let (budget, target_label) = target_bytes(r.target_bpw, r.target_size, problem.params)?;
     let target = budget.bytes();
     let all_bf16 = problem.bf16_bytes();

@@ -6,16 +6,38 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use mixq_loader::schema::{mlx_params, Param, TensorClass};
+use mixq_loader::QuantFormat;
 
 /// Value of the `format` field.
 pub const SENSITIVITY_FORMAT: &str = "mixq-sensitivity/1";
 
-/// One bits × group-size setting of a unit.
+/// How a setting stores a unit's weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettingMode {
+    /// MLX affine: `bits` × `group_size` with bf16 scales and biases.
+    #[default]
+    Affine,
+    /// MLX mxfp4 (experts only): 4-bit E2M1 codes, an E8M0 scale per 32; upstream blocks pass through.
+    Mxfp4,
+}
+
+impl SettingMode {
+    /// Whether this is the affine mode (the field's default, left out of the file).
+    pub fn is_affine(&self) -> bool {
+        *self == SettingMode::Affine
+    }
+}
+
+/// One setting of a unit: affine bits × group size, or mxfp4.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SettingCost {
+    /// `affine` (absent in the file) or `mxfp4`.
+    #[serde(default, skip_serializing_if = "SettingMode::is_affine")]
+    pub mode: SettingMode,
     /// Bits per code.
     pub bits: u32,
-    /// Elements per scale/bias.
+    /// Elements per scale/bias (or per E8M0 scale).
     pub group_size: u32,
     /// Bytes of the unit's tensors at this setting.
     pub bytes: u64,
@@ -51,10 +73,28 @@ pub struct UnitCost {
     pub settings: Vec<SettingCost>,
 }
 
+impl SettingCost {
+    /// The storage format of this setting.
+    pub fn format(&self) -> QuantFormat {
+        match self.mode {
+            SettingMode::Affine => QuantFormat::Affine { bits: self.bits, group_size: self.group_size },
+            SettingMode::Mxfp4 => QuantFormat::Mxfp4,
+        }
+    }
+
+    /// `3-bit gs64` or `mxfp4`.
+    pub fn label(&self) -> String {
+        match self.mode {
+            SettingMode::Affine => format!("{}-bit gs{}", self.bits, self.group_size),
+            SettingMode::Mxfp4 => "mxfp4".into(),
+        }
+    }
+}
+
 impl UnitCost {
-    /// The unit's setting `(bits, group_size)`, if it was measured.
+    /// The unit's affine setting `(bits, group_size)`, if it was measured.
     pub fn setting(&self, (bits, group_size): (u32, u32)) -> Option<&SettingCost> {
-        self.settings.iter().find(|s| (s.bits, s.group_size) == (bits, group_size))
+        self.settings.iter().find(|s| s.mode.is_affine() && (s.bits, s.group_size) == (bits, group_size))
     }
 
     /// The unit of parameter `p` with the given settings, nothing measured yet.
@@ -161,7 +201,14 @@ impl Sensitivity {
                 return Err(bad(format!("unit {}: unknown class \"{}\"", u.module, u.class)));
             }
             if let Some(x) = u.settings.iter().find(|x| !(x.cost.is_finite() && x.cost >= 0.0 && x.proxy.is_finite())) {
-                return Err(bad(format!("unit {}: setting {}-bit gs{} has cost {}", u.module, x.bits, x.group_size, x.cost)));
+                return Err(bad(format!("unit {}: setting {} has cost {}", u.module, x.label(), x.cost)));
+            }
+            let expert = TensorClass::parse_group(&u.class).is_some_and(|c| c[0].is_expert());
+            if let Some(x) = u.settings.iter().find(|x| x.mode == SettingMode::Mxfp4 && !(expert && (x.bits, x.group_size) == (4, 32))) {
+                return Err(bad(format!(
+                    "unit {}: setting mxfp4 with bits {} and group size {}; mxfp4 is 4 bits per 32 and only for experts",
+                    u.module, x.bits, x.group_size
+                )));
             }
         }
         Ok(s)
@@ -180,9 +227,8 @@ pub fn units(config: &mixq_loader::GptOssConfig) -> Vec<Param> {
     mlx_params(config).into_iter().filter(Param::is_quantizable).collect()
 }
 
-/// Bytes of a `[.., rows, cols]` weight at an affine setting.
-pub fn affine_bytes(p: &Param, bits: u32, group_size: u32) -> u64 {
-    let format = mixq_loader::QuantFormat::Affine { bits, group_size };
+/// Bytes of a `[.., rows, cols]` weight in `format`.
+pub fn format_bytes(p: &Param, format: QuantFormat) -> u64 {
     (p.rows() * format.row_bytes(p.in_features())) as u64
 }
 
