@@ -43,19 +43,37 @@ fn searched_recipe_beats_the_hand_written_one_on_held_out_text() {
     assert_eq!(v["units"], 50, "8 classes x 6 layers + embed_tokens + lm_head");
     assert_eq!(v["cost"], "kl");
     assert!(v["rank_correlation"].is_number());
+    // The cheap path: no text measured, the model's own 1,024 tokens probe it.
+    let cheap = dir.join("cheap.json");
+    let v = run_json(&[
+        "sensitivity", "--model", TRAINED, "--calibration", s(&stats), "--bits", "3,4,5,6,8", "--group-sizes", "64,128", "--out",
+        s(&cheap), "--json",
+    ]);
+    assert_eq!(v["cost"], "estimate");
 
     // The hand-written recipe's conversion's size on disk.
     let plan = run_json(&["plan", "--source", TRAINED, "--recipe", "gpt-oss-120b-3.6bit", "--json"]);
     let hand_bytes = plan["on_disk"]["bytes"].as_u64().expect("plan bytes on disk");
-    let recipe = dir.join("searched.yaml");
-    let found = run_json(&[
-        "recipe", "search", "--sensitivity", s(&sens), "--source", TRAINED, "--target-size", &hand_bytes.to_string(),
-        "--out", s(&recipe), "--json",
-    ]);
-    assert!(found["on_disk"]["bytes"].as_u64().unwrap() <= hand_bytes);
-    let planned = run_json(&["plan", "--source", TRAINED, "--recipe", s(&recipe), "--json"]);
-    assert_eq!(planned["total"]["bytes"], found["bytes"], "mixq plan agrees with the search");
-    assert_eq!(planned["on_disk"], found["on_disk"], "mixq plan agrees with the search");
+    let search = |sens: &Path, name: &str, extra: &[&str]| {
+        let recipe = dir.join(name);
+        let mut args = vec!["recipe", "search", "--sensitivity", s(sens), "--source", TRAINED, "--target-size"];
+        let target = hand_bytes.to_string();
+        args.extend([target.as_str(), "--out", s(&recipe), "--json"]);
+        args.extend_from_slice(extra);
+        let found = run_json(&args);
+        assert!(found["on_disk"]["bytes"].as_u64().unwrap() <= hand_bytes);
+        let planned = run_json(&["plan", "--source", TRAINED, "--recipe", s(&recipe), "--json"]);
+        assert_eq!(planned["total"]["bytes"], found["bytes"], "mixq plan agrees with the search");
+        assert_eq!(planned["on_disk"], found["on_disk"], "mixq plan agrees with the search");
+        (recipe.clone(), std::fs::read_to_string(&recipe).unwrap())
+    };
+    let (measured, measured_yaml) = search(&sens, "searched.yaml", &[]);
+    let (affine, affine_yaml) = search(&sens, "affine.yaml", &["--affine-only"]);
+    let (estimated, _) = search(&cheap, "cheap.yaml", &[]);
+    // Upstream experts kept in mxfp4 pass through exactly at 4.25 bits per weight, which the
+    // search prefers to any affine setting of their size.
+    assert!(measured_yaml.contains("action: mxfp4"), "{measured_yaml}");
+    assert!(!affine_yaml.contains("mxfp4"), "{affine_yaml}");
 
     let kl = |recipe: &str, name: &str| {
         let out = dir.join(name);
@@ -66,10 +84,14 @@ fn searched_recipe_beats_the_hand_written_one_on_held_out_text() {
         ]);
         v["reference"]["kl_mean"].as_f64().unwrap()
     };
-    let (hand, searched) = (kl("gpt-oss-120b-3.6bit", "hand"), kl(s(&recipe), "searched"));
-    eprintln!("held-out KL: hand-written {hand:.5}, searched {searched:.5} ({:.3}x)", searched / hand);
-    // Measured: 0.83x here (0.0126 vs 0.0151); 0.80x with sensitivity on 8,192 tokens (README).
-    assert!(searched < 0.95 * hand, "searched {searched} vs hand-written {hand}");
+    let hand = kl("gpt-oss-120b-3.6bit", "hand");
+    let [searched, affine_only, cheap] = [(&measured, "searched"), (&affine, "affine"), (&estimated, "cheap")].map(|(r, n)| kl(s(r), n) / hand);
+    eprintln!("held-out KL / hand-written {hand:.5}: searched {searched:.3}x, affine only {affine_only:.3}x, cheap path {cheap:.3}x");
+    // Measured here: 0.711x, 0.838x and 0.807x (README: 0.70x, 0.80x, 0.80x on 16,384 tokens with
+    // KL measured on 8,192); the targets are 0.75x measured and 0.85x from the cheap path.
+    assert!(searched <= 0.75, "searched {searched}x the hand-written recipe's KL");
+    assert!(cheap <= 0.85, "cheap path {cheap}x the hand-written recipe's KL");
+    assert!(affine_only < 0.95, "affine only {affine_only}x the hand-written recipe's KL");
 }
 
 #[test]
@@ -184,14 +206,20 @@ fn the_cheap_estimate_ranks_units_like_their_kl_measured_on_unseen_text() {
     ]);
     let (rank, proxy) = (v["rank_correlation"].as_f64().unwrap(), v["proxy_rank_correlation"].as_f64().unwrap());
     eprintln!("Spearman with the measured KL: cheap estimate {rank:.3}, weight-error proxy {proxy:.3}");
-    // Measured: 0.81 here; the weight-error proxy 0.07.
+    // Measured: 0.750 here (0.77 against 2,048 held-out tokens, 0.85 against 8,192 search-text
+    // tokens); the weight-error proxy 0.119.
     assert!(rank >= 0.7, "the estimate ranks units with Spearman {rank} against their measured KL");
     assert_eq!(v["probe_tokens"], 1024);
     let file: Value = serde_json::from_str(&std::fs::read_to_string(&sens).unwrap()).unwrap();
     for u in file["units"].as_array().unwrap() {
         for setting in u["settings"].as_array().unwrap() {
             let e = setting["estimate"].as_f64().unwrap_or(-1.0);
-            assert!(e > 0.0 && e.is_finite(), "{}: estimate {e}", u["module"]);
+            if setting["mode"] == "mxfp4" {
+                // Upstream experts kept in mxfp4 pass through: nothing changes, nothing is lost.
+                assert_eq!((e, setting["proxy"].as_f64(), setting["cost"].as_f64()), (0.0, Some(0.0), Some(0.0)), "{}", u["module"]);
+            } else {
+                assert!(e > 0.0 && e.is_finite(), "{}: estimate {e}", u["module"]);
+            }
         }
     }
 

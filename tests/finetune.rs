@@ -401,3 +401,59 @@ fn sensitivity_of_a_dense_copy_is_the_upstream_models() {
     assert_eq!(want["cost_kind"], "kl", "{want}");
     assert_eq!(measure(&dense, &tmp.path().join("dense.json")), want);
 }
+
+/// On a dense source the mxfp4 setting of an expert unit is a real encoding: where the values are
+/// MXFP4's (the dense copy) it costs nothing, and where they are not (layer 0's down_proj scaled by
+/// 1.1) its proxy is the relative squared error of what `convert --recipe mxfp4-experts` writes
+/// (mx.quantize's encoding, byte for byte: tests/interop/test_mxfp4_interop.py), decoded here.
+#[test]
+fn sensitivity_prices_mxfp4_on_a_dense_source_by_its_encoding_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    const DOWN: &str = "model.layers.0.mlp.experts.down_proj";
+    let dense = write_dense(&tmp.path().join("dense"), Float::F32, false, |t| {
+        let (_, _, bytes) = t.get_mut(DOWN).expect("layer 0's dense down_proj");
+        for b in bytes.chunks_exact_mut(4) {
+            let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * 1.1;
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+    });
+    let sens = tmp.path().join("sens.json");
+    let args = ["sensitivity", "--model", s(&dense), "--bits", "3", "--group-sizes", "64", "--probe-tokens", "0", "--out", s(&sens), "--quiet"];
+    let r = mixq(&args, &[]);
+    assert!(r.status.success(), "{}", text(&r).1);
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&sens).unwrap()).unwrap();
+    let mxfp4_proxy = |module: &str| -> f64 {
+        let unit = v["units"].as_array().unwrap().iter().find(|u| u["module"] == module).unwrap_or_else(|| panic!("{module}"));
+        let m: Vec<&Value> = unit["settings"].as_array().unwrap().iter().filter(|x| x["mode"] == "mxfp4").collect();
+        assert_eq!(m.len(), 1, "{unit}");
+        assert_eq!((&m[0]["bits"], &m[0]["group_size"]), (&Value::from(4), &Value::from(32)));
+        m[0]["proxy"].as_f64().unwrap()
+    };
+    assert_eq!(mxfp4_proxy("model.layers.1.mlp.experts.down_proj"), 0.0, "values that are MXFP4's are kept exactly");
+    assert!(v["units"].as_array().unwrap().iter().filter(|u| u["class"] == "q_proj").all(|u| u["settings"].as_array().unwrap().iter().all(|x| x.get("mode").is_none())));
+
+    // The reference: the encoded blocks that convert writes, decoded against the dense values.
+    let out = tmp.path().join("mxfp4");
+    convert(&dense, "mxfp4-experts", &out, MINMAX);
+    let t = tensors_of(&out);
+    let (blocks, scales) = (&t[&format!("{DOWN}.weight")].2, &t[&format!("{DOWN}.scales")].2);
+    let d = write_dense(&tmp.path().join("values"), Float::F32, false, |_| {});
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let raw = st.tensor(DOWN).unwrap();
+    let (e, c, r) = (raw.shape()[0], raw.shape()[1], raw.shape()[2]);
+    let dense_at = |i: usize| 1.1 * f32::from_le_bytes(raw.data()[4 * i..4 * i + 4].try_into().unwrap());
+    let (mut err, mut sig) = (0f64, 0f64);
+    for (k, code) in block_codes(blocks).enumerate() {
+        // MLX order [E, R, C]: element (x, row, col) is dense [x, col, row].
+        let (x, row, col) = (k / (r * c), (k / c) % r, k % c);
+        let q = E2M1[usize::from(code)] * 2f32.powi(i32::from(scales[k / 32]) - 127);
+        let w = dense_at((x * c + col) * r + row);
+        err += f64::from(q - w).powi(2);
+        sig += f64::from(w).powi(2);
+    }
+    assert_eq!(block_codes(blocks).count(), e * r * c);
+    let (got, want) = (mxfp4_proxy(DOWN), err / sig);
+    eprintln!("mxfp4 proxy of the scaled down_proj: {got:.6e} (decoded conversion: {want:.6e})");
+    assert!(want > 0.0 && (got - want).abs() <= 1e-9 * want.max(1e-30) + 1e-6 * want, "{got} vs {want}");
+}

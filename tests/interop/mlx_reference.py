@@ -69,11 +69,55 @@ def predicate_mxfp4_experts(n_layers, layer_types):
     return pred
 
 
+# A searched recipe's shape (MIXED_MXFP4_RECIPE): some layers' experts kept in MXFP4, the rest
+# 3-bit gs128; router bf16; 6-bit gs64 the rest.
+MIXED_MXFP4_RECIPE = """name: mixed-mxfp4
+description: Some layers' experts kept in MXFP4, the others affine, as recipe search writes them.
+rules:
+  - class: [norm, router, bias, sinks]
+    action: keep
+  - class: experts_gate
+    layers: ["0", "2-3"]
+    action: mxfp4
+  - class: experts_down
+    layers: ["1"]
+    action: mxfp4
+  - class: experts
+    action: {affine: {bits: 3, group_size: 128}}
+  - class: [embed_tokens, lm_head, attention]
+    action: {affine: {bits: 6, group_size: 64}}
+"""
+
+
+def keeps_mxfp4_mixed(path):
+    """Whether MIXED_MXFP4_RECIPE keeps the expert module at `path` in MXFP4."""
+    l = _layer(path)
+    return (path.endswith("gate_proj") and l in (0, 2, 3)) or (path.endswith("down_proj") and l == 1)
+
+
+def predicate_mxfp4_mixed(n_layers, layer_types):
+    """MIXED_MXFP4_RECIPE's affine modules (the kept experts stay as loaded)."""
+
+    def pred(path, module):
+        if not hasattr(module, "to_quantized") or path.endswith("router"):
+            return False
+        if ".experts." in path:
+            assert not keeps_mxfp4_mixed(path), path
+            return {"group_size": 128, "bits": 3, "mode": "affine"}
+        return {"group_size": 64, "bits": 6, "mode": "affine"}
+
+    return pred
+
+
 PREDICATES = {
     "gpt-oss-120b-3.6bit": predicate_36bit,
     "mixed_3_6": predicate_mixed_3_6,
     "mxfp4-experts": predicate_mxfp4_experts,
+    "mixed-mxfp4": predicate_mxfp4_mixed,
 }
+
+# Recipes that keep some experts as loaded (MXFP4): which.
+KEEPS_MXFP4 = {"mxfp4-experts": lambda path: True, "mixed-mxfp4": keeps_mxfp4_mixed}
 
 
 def reference_model(src, recipe):
@@ -81,7 +125,18 @@ def reference_model(src, recipe):
     model, _ = load(str(src), lazy=False)
     n = len(model.layers)
     layer_types = model.model.layer_types
-    if recipe != "mxfp4-experts":
+    if recipe in KEEPS_MXFP4:
+        # The experts the recipe does not keep are dequantized (exact in bf16), the rest stay.
+        keep = KEEPS_MXFP4[recipe]
+        dequantized = dict(dequantize_model(load(str(src), lazy=False)[0]).named_modules())
+        swaps = [
+            (path, dequantized[path])
+            for path, m in model.named_modules()
+            if getattr(m, "mode", None) == "mxfp4" and not keep(path)
+        ]
+        if swaps:
+            model.update_modules(tree_unflatten(swaps))
+    else:
         model = dequantize_model(model)
     # The model dtype is bf16: the dequantized experts (exact values) are cast to it.
     params = [

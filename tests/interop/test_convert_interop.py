@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import TRAINED, mixq
-from mlx_reference import reference_model
+from mlx_reference import MIXED_MXFP4_RECIPE, reference_model
 
 RECIPES = ["gpt-oss-120b-3.6bit", "mixed_3_6", "mxfp4-experts"]
 SHAPES = ["tiny", "small", "wide"]
@@ -68,3 +68,21 @@ def test_trained_model_matches_mlx(workdir, recipe):
     mixq("convert", "--source", TRAINED, "--recipe", recipe, "--out", out, "--force", "--quiet", "--quantizer", "minmax")
     check_against_mlx(TRAINED, out, recipe)
     mixq("verify", out)
+
+
+def test_searched_mix_of_mxfp4_and_affine_experts_matches_mlx(workdir):
+    """A recipe as `recipe search` writes it when some layers' experts stay MXFP4: mlx-lm loads
+    the mixed map, and every tensor and the logits equal mlx's own conversion."""
+    recipe = workdir / "mixed-mxfp4.yaml"
+    recipe.write_text(MIXED_MXFP4_RECIPE)
+    out = workdir / "trained-mixed-mxfp4"
+    mixq("convert", "--source", TRAINED, "--recipe", recipe, "--out", out, "--force", "--quiet", "--quantizer", "minmax")
+    config = json.loads((out / "config.json").read_text())
+    modes = {k: v.get("mode") for k, v in config["quantization"].items() if isinstance(v, dict) and ".experts." in k}
+    assert sorted(k for k, m in modes.items() if m == "mxfp4") == [
+        "model.layers.0.mlp.experts.gate_proj",
+        "model.layers.1.mlp.experts.down_proj",
+        "model.layers.2.mlp.experts.gate_proj",
+        "model.layers.3.mlp.experts.gate_proj",
+    ]
+    check_against_mlx(TRAINED, out, "mixed-mxfp4")
