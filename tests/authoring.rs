@@ -87,7 +87,7 @@ fn searched_recipe_beats_the_hand_written_one_on_held_out_text() {
     let hand = kl("gpt-oss-120b-3.6bit", "hand");
     let [searched, affine_only, cheap] = [(&measured, "searched"), (&affine, "affine"), (&estimated, "cheap")].map(|(r, n)| kl(s(r), n) / hand);
     eprintln!("held-out KL / hand-written {hand:.5}: searched {searched:.3}x, affine only {affine_only:.3}x, cheap path {cheap:.3}x");
-    // Measured here: 0.711x, 0.838x and 0.807x (README: 0.70x, 0.80x, 0.80x on 16,384 tokens with
+    // Measured here: 0.711x, 0.838x and 0.714x (README: 0.70x, 0.80x and 0.70x on 16,384 tokens with
     // KL measured on 8,192); the issue's targets are 0.75x measured and 0.85x from the cheap path.
     assert!(searched <= 0.75, "searched {searched}x the hand-written recipe's KL");
     assert!(cheap <= 0.85, "cheap path {cheap}x the hand-written recipe's KL");
@@ -206,9 +206,11 @@ fn the_cheap_estimate_ranks_units_like_their_kl_measured_on_unseen_text() {
     ]);
     let (rank, proxy) = (v["rank_correlation"].as_f64().unwrap(), v["proxy_rank_correlation"].as_f64().unwrap());
     eprintln!("Spearman with the measured KL: cheap estimate {rank:.3}, weight-error proxy {proxy:.3}");
-    // Measured: 0.750 here (0.77 against 2,048 held-out tokens, 0.85 against 8,192 search-text
-    // tokens); the weight-error proxy 0.119.
-    assert!(rank >= 0.7, "the estimate ranks units with Spearman {rank} against their measured KL");
+    // Measured: 0.923 here (0.94 against 2,048 held-out tokens, 0.98 against 8,192 search-text
+    // tokens); the previous estimate, entry error times the site's noise response alone, 0.750;
+    // the weight-error proxy 0.119. The issue asks for 0.7; 0.85 keeps what measuring each unit's
+    // own KL on the probe gained.
+    assert!(rank >= 0.85, "the estimate ranks units with Spearman {rank} against their measured KL");
     assert_eq!(v["probe_tokens"], 1024);
     let file: Value = serde_json::from_str(&std::fs::read_to_string(&sens).unwrap()).unwrap();
     for u in file["units"].as_array().unwrap() {

@@ -49,9 +49,10 @@ pub struct SensitivityArgs {
     #[arg(long, default_value_t = 512, value_parser = crate::args::at_least_1)]
     ctx: usize,
     /// Tokens the model writes itself (sampled, no text needed) for the cheap estimate of each
-    /// unit's KL: its block's output error times the rest of the model's measured response to
-    /// noise of that size. It is the cost without --text; with --text it is checked against the
-    /// measured KL (0: no estimate).
+    /// unit's KL: measured on these tokens at the --measure settings from the stored residual
+    /// stream (only the unit's block and what follows it run), carried to the other settings by
+    /// its block's output error. It is the cost without --text; with --text it is checked against
+    /// the measured KL (0: no estimate).
     #[arg(long, default_value_t = 1024)]
     probe_tokens: usize,
     /// The quantizer the settings are made with.

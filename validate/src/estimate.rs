@@ -1,21 +1,24 @@
-//! The cheap cost of quantizing one unit, without running the whole model per unit.
+//! The cheap cost of quantizing one unit, from a probe the model writes itself, without a text.
 //!
 //! A unit's quantization error enters the residual stream at one site: the embeddings, the
 //! output of its layer's attention block (q/k/v/o) or of its MLP block (router, experts), or the
-//! logits (lm_head). Two things decide what it costs at the model's output:
-//! 1. **How big the error is where it enters**: the block is re-run alone, with only this unit
-//!    quantized, on the stored residual stream of a few probe windows, and the mean squared
-//!    difference of its output per token is taken (exact: through the attention softmax, the
-//!    router's choices and SwiGLU, not a linearisation). For the embeddings it is the rows'
-//!    difference; for lm_head the KL itself, which only needs the last matrix.
-//! 2. **How much the rest of the model amplifies an error there**: one perturbation run per
-//!    site adds Gaussian noise shaped like the site's quantization errors (per dimension, the
-//!    mean over the site's units of their squared error at the reference setting) and measures
-//!    the KL it causes; a second run at the second setting's error size gives the site's exponent
-//!    in KL ∝ error^e.
+//! logits (lm_head). The probe windows are run through the source once, keeping the residual
+//! stream at every site and the logits. Then, per unit:
+//! 1. **Its error where it enters**, at every setting: the block is re-run alone, with only this
+//!    unit quantized, on the stored stream, and the mean squared difference of its output per
+//!    token is taken (exact: through the attention softmax, the router's choices and SwiGLU, not
+//!    a linearisation). For the embeddings it is the rows' difference; for lm_head the KL
+//!    itself, which only needs the last matrix.
+//! 2. **Its KL on the probe** at the measured settings (the reference and the second): the
+//!    changed block's output runs through the rest of the model (the stream before the site is
+//!    the source's, so nothing before it runs again) and the KL to the source's logits is taken.
+//!    Every other setting's cost is that KL scaled by (its entry error / the measured one's)^e,
+//!    e from the two measured settings.
 //!
-//! A unit's cost at any setting is then the site's KL scaled by (its error / the noise's)^e.
-//! Nothing is fitted across units or models: each site's figures come from its own runs.
+//! One perturbation run per site (two with a second setting) adds Gaussian noise shaped like the
+//! site's quantization errors and measures the KL it causes; its exponent in KL ∝ error^e stands
+//! in where a unit has only one measured setting. Nothing is fitted across units or models:
+//! every figure comes from the unit's or the site's own runs.
 
 use mixq_runtime::residual::{ResidualSite, ResidualTrace};
 use mixq_runtime::{Model, Sampler, SamplerConfig};
@@ -134,6 +137,27 @@ impl<'m, 'a> Probe<'m, 'a> {
         let n = self.tokens().max(1) as f64;
         let per_dim: Vec<f64> = (0..h).map(|d| parts.iter().map(|p| p[d]).sum::<f64>() / n).collect();
         Ok(EntryError { per_token: per_dim.iter().sum(), per_dim })
+    }
+
+    /// Mean KL(source ‖ changed) over the probe, where `changed` differs from the source in one
+    /// unit that enters at `entry`: only the unit's block and what follows it are run.
+    pub fn unit_kl(&self, changed: &Model<'_>, entry: Entry) -> Result<f64, ValidateError> {
+        let vocab = self.model.config.vocab_size;
+        let sums: Vec<f64> = self
+            .traces
+            .par_iter()
+            .zip(&self.logits)
+            .map(|(t, r)| -> Result<f64, ValidateError> {
+                let logits = match entry {
+                    Entry::Embeddings => self.model.logits_from(0, &changed.embed_rows(&t.tokens)?),
+                    Entry::Block(s) => self.model.logits_from(s + 1, &changed.run_block(s, &t.sites[s])),
+                    Entry::Head => changed.logits_from(self.model.residual_sites() - 1, &t.sites[self.model.residual_sites() - 1]),
+                };
+                Ok(kl_sum(&logits, r, vocab))
+            })
+            .collect::<Result<_, _>>()?;
+        // Summed in window order, so that the estimate does not depend on the thread count.
+        Ok(sums.iter().sum::<f64>() / self.tokens().max(1) as f64)
     }
 
     /// Mean KL(source ‖ changed) over the probe when only lm_head differs.

@@ -42,7 +42,8 @@ pub fn cheap_run_cost(c: &GptOssConfig, settings: usize, second: bool, probe_tok
     let (attention, mlp, head) = block_flops(c);
     let layers = c.num_hidden_layers as f64;
     let forward = layers * (attention + mlp) + head;
-    let units: Vec<(TensorClass, usize)> = units(c).iter().map(|p| (p.class, p.numel())).collect();
+    let params = units(c);
+    let units: Vec<(TensorClass, usize)> = params.iter().map(|p| (p.class, p.numel())).collect();
     let weights: f64 = units.iter().map(|(_, n)| *n as f64).sum();
     // Per unit and setting, its one block (or lm_head) over the probe.
     let local: f64 = units
@@ -55,16 +56,25 @@ pub fn cheap_run_cost(c: &GptOssConfig, settings: usize, second: bool, probe_tok
         })
         .sum::<f64>()
         * settings as f64;
-    // Per site, one or two noise runs through the blocks after it.
+    // Everything after a residual site: the blocks that read it and lm_head.
+    let rest = |site: usize| {
+        let after = 2 * c.num_hidden_layers - site;
+        (after / 2) as f64 * (attention + mlp) + if after % 2 == 1 { mlp } else { 0.0 } + head
+    };
+    // Per site, one or two noise runs; per unit, the rest of the model after its site at each
+    // measured setting (its KL on the probe).
     let runs = if second { 2.0 } else { 1.0 };
-    let perturb: f64 = (0..=2 * c.num_hidden_layers)
-        .map(|site| {
-            let after = 2 * c.num_hidden_layers - site;
-            let blocks = (after / 2) as f64 * (attention + mlp) + if after % 2 == 1 { mlp } else { 0.0 };
-            runs * (blocks + head)
+    let perturb: f64 = (0..=2 * c.num_hidden_layers).map(|site| runs * rest(site)).sum();
+    let anchored: f64 = params
+        .iter()
+        .map(|p| match (p.class, p.layer) {
+            (TensorClass::EmbedTokens, _) => runs * rest(0),
+            (TensorClass::LmHead, _) => 0.0,
+            (class, Some(l)) if class.is_expert() || class == TensorClass::Router => runs * rest(2 * l + 2),
+            (_, l) => runs * rest(2 * l.unwrap_or(0) + 1),
         })
         .sum();
-    let model_flops = (forward + local + perturb) * probe_tokens as f64;
+    let model_flops = (forward + local + perturb + anchored) * probe_tokens as f64;
     let largest_unit = units.iter().map(|(_, n)| *n).max().unwrap_or(0) as u64;
     let sites = 2 * c.num_hidden_layers as u64 + 1;
     RunCost {
