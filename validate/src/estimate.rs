@@ -74,6 +74,9 @@ pub struct EntryError {
     pub per_token: f64,
     /// Mean over tokens of each dimension's squared difference (`hidden` values).
     pub per_dim: Vec<f64>,
+    /// Where asked for: the mean KL(source ‖ changed) over the probe, the changed stream run
+    /// through the rest of the model.
+    pub kl: Option<f64>,
 }
 
 /// Probe windows run through the source model once, with the residual stream kept at every
@@ -113,51 +116,37 @@ impl<'m, 'a> Probe<'m, 'a> {
         self.traces.iter().map(|t| t.tokens.len()).sum()
     }
 
-    /// The error `changed` (the source with one unit replaced) makes where the unit enters.
-    pub fn entry_error(&self, changed: &Model<'_>, entry: Entry) -> Result<EntryError, ValidateError> {
+    /// The error `changed` (the source with one unit replaced) makes where the unit enters and,
+    /// with `with_kl`, the KL it causes: the changed stream runs through the rest of the model
+    /// (the stream before the entry is the source's, so nothing before it runs again).
+    pub fn entry_error(&self, changed: &Model<'_>, entry: Entry, with_kl: bool) -> Result<EntryError, ValidateError> {
         let h = self.model.config.hidden_size;
-        let parts: Vec<Vec<f64>> = self
+        let vocab = self.model.config.vocab_size;
+        let parts: Vec<(Vec<f64>, f64)> = self
             .traces
             .par_iter()
-            .map(|t| -> Result<Vec<f64>, ValidateError> {
-                let (out, want) = match entry {
-                    Entry::Embeddings => (changed.embed_rows(&t.tokens)?, &t.sites[0]),
-                    Entry::Block(s) => (changed.run_block(s, &t.sites[s]), &t.sites[s + 1]),
+            .zip(&self.logits)
+            .map(|(t, r)| -> Result<(Vec<f64>, f64), ValidateError> {
+                let (out, site) = match entry {
+                    Entry::Embeddings => (changed.embed_rows(&t.tokens)?, 0),
+                    Entry::Block(s) => (changed.run_block(s, &t.sites[s]), s + 1),
                     Entry::Head => return Err(ValidateError::Input("lm_head's error is its KL, not a residual error".into())),
                 };
                 let mut per_dim = vec![0f64; h];
-                for (a, b) in out.chunks_exact(h).zip(want.chunks_exact(h)) {
+                for (a, b) in out.chunks_exact(h).zip(t.sites[site].chunks_exact(h)) {
                     for ((d, x), y) in per_dim.iter_mut().zip(a).zip(b) {
                         *d += f64::from(x - y).powi(2);
                     }
                 }
-                Ok(per_dim)
+                let kl = if with_kl { kl_sum(&self.model.logits_from(site, &out), r, vocab) } else { 0.0 };
+                Ok((per_dim, kl))
             })
             .collect::<Result<_, _>>()?;
         let n = self.tokens().max(1) as f64;
-        let per_dim: Vec<f64> = (0..h).map(|d| parts.iter().map(|p| p[d]).sum::<f64>() / n).collect();
-        Ok(EntryError { per_token: per_dim.iter().sum(), per_dim })
-    }
-
-    /// Mean KL(source ‖ changed) over the probe, where `changed` differs from the source in one
-    /// unit that enters at `entry`: only the unit's block and what follows it are run.
-    pub fn unit_kl(&self, changed: &Model<'_>, entry: Entry) -> Result<f64, ValidateError> {
-        let vocab = self.model.config.vocab_size;
-        let sums: Vec<f64> = self
-            .traces
-            .par_iter()
-            .zip(&self.logits)
-            .map(|(t, r)| -> Result<f64, ValidateError> {
-                let logits = match entry {
-                    Entry::Embeddings => self.model.logits_from(0, &changed.embed_rows(&t.tokens)?),
-                    Entry::Block(s) => self.model.logits_from(s + 1, &changed.run_block(s, &t.sites[s])),
-                    Entry::Head => changed.logits_from(self.model.residual_sites() - 1, &t.sites[self.model.residual_sites() - 1]),
-                };
-                Ok(kl_sum(&logits, r, vocab))
-            })
-            .collect::<Result<_, _>>()?;
+        let per_dim: Vec<f64> = (0..h).map(|d| parts.iter().map(|p| p.0[d]).sum::<f64>() / n).collect();
         // Summed in window order, so that the estimate does not depend on the thread count.
-        Ok(sums.iter().sum::<f64>() / self.tokens().max(1) as f64)
+        let kl = with_kl.then(|| parts.iter().map(|p| p.1).sum::<f64>() / n);
+        Ok(EntryError { per_token: per_dim.iter().sum(), per_dim, kl })
     }
 
     /// Mean KL(source ‖ changed) over the probe when only lm_head differs.

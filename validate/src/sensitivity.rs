@@ -264,11 +264,10 @@ fn measured(
                 (Some(_), _) if q.error == 0.0 => Some(0.0),
                 (Some(probe), Entry::Head) => Some(probe.head_kl(&changed()?)),
                 (Some(probe), _) => {
-                    let changed = changed()?;
-                    let err = probe.entry_error(&changed, entry)?;
-                    if is_measured {
+                    let err = probe.entry_error(&changed()?, entry, is_measured)?;
+                    if let Some(kl) = err.kl {
                         site_errors.add(entry, &err, is_reference);
-                        anchor.points.push((err.per_token, probe.unit_kl(&changed, entry)?));
+                        anchor.points.push((err.per_token, kl));
                     }
                     Some(err.per_token)
                 }

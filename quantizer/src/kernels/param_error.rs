@@ -73,15 +73,16 @@ pub fn quantize_unit(
     importance: Option<&Importance>,
     row_weight: &(dyn Fn(usize) -> f64 + Sync),
 ) -> Result<QuantizedUnit, ConvertError> {
+    let src = RowSource::for_param(ckpt, param)?;
     match format {
-        QuantFormat::Affine { bits, group_size } => affine_unit(ckpt, param, bits, group_size as usize, method, importance, row_weight),
-        QuantFormat::Mxfp4 => mxfp4_unit(ckpt, param, importance, row_weight),
+        QuantFormat::Affine { bits, group_size } => affine_unit(&src, param, bits, group_size as usize, method, importance, row_weight),
+        QuantFormat::Mxfp4 => mxfp4_unit(&src, param, importance, row_weight),
         QuantFormat::Bf16 => Err(ConvertError::NotQuantized(param.name())),
     }
 }
 
 fn affine_unit(
-    ckpt: &Checkpoint,
+    src: &RowSource<'_>,
     param: &Param,
     bits: u32,
     group_size: usize,
@@ -89,15 +90,13 @@ fn affine_unit(
     importance: Option<&Importance>,
     row_weight: &(dyn Fn(usize) -> f64 + Sync),
 ) -> Result<QuantizedUnit, ConvertError> {
-    let src = RowSource::for_param(ckpt, param)?;
-    let cols = src.cols();
-    let rows = param.numel() / cols;
+    let (cols, rows) = (src.cols(), param.numel() / src.cols());
     let (rb, gpr) = (packed_row_bytes(cols, bits), cols / group_size);
     let mut weight = vec![0u8; rows * rb];
     let mut scales = vec![bf16::ZERO; rows * gpr];
     let mut biases = vec![bf16::ZERO; rows * gpr];
     let outputs = weight.par_chunks_mut(rb).zip(scales.par_chunks_mut(gpr)).zip(biases.par_chunks_mut(gpr));
-    let (error, signal) = weighted_rows(&src, outputs, row_weight, |r, row, back, ((p, s), b)| {
+    let (error, signal) = weighted_rows(src, outputs, row_weight, |r, row, back, ((p, s), b)| {
         quantize_measured(row, importance.and_then(|m| m.row(r)), bits, group_size, method, p, s, b, back)
             .map_err(|e| ConvertError::NonFinite { tensor: param.name(), row: r, col: e.index, value: e.value })
     })?;
@@ -133,19 +132,17 @@ fn weighted_rows<O: IndexedParallelIterator>(
 /// The unit in MLX mxfp4: upstream MXFP4 rows copied (no error), dense rows encoded as
 /// `mx.quantize(mode="mxfp4")` encodes the source's float type.
 fn mxfp4_unit(
-    ckpt: &Checkpoint,
+    src: &RowSource<'_>,
     param: &Param,
     importance: Option<&Importance>,
     row_weight: &(dyn Fn(usize) -> f64 + Sync),
 ) -> Result<QuantizedUnit, ConvertError> {
-    let src = RowSource::for_param(ckpt, param)?;
-    let cols = src.cols();
-    let rows = param.numel() / cols;
+    let (cols, rows) = (src.cols(), param.numel() / src.cols());
     let (bb, sb) = (cols / 2, cols / MXFP4_BLOCK);
     let mut weight = vec![0u8; rows * bb];
     let mut scales = vec![0u8; rows * sb];
     let outputs = weight.par_chunks_mut(bb).zip(scales.par_chunks_mut(sb));
-    let (error, signal) = weighted_rows(&src, outputs, row_weight, |r, row, back, (b, s)| {
+    let (error, signal) = weighted_rows(src, outputs, row_weight, |r, row, back, (b, s)| {
         match (src.row_mxfp4(r), src.float_dtype()) {
             (Some((blocks, block_scales)), _) => {
                 b.copy_from_slice(blocks);
