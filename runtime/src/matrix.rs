@@ -486,16 +486,23 @@ impl FoldedInput {
     fn new(simd: Simd, x: &[f32], bits: u32, group_size: usize) -> FoldedInput {
         let bits = bits as usize;
         let pow2 = |shift: u32| f32::from_bits((127 - shift) << 23);
-        let scaled = match simd {
-            Simd::Portable => Vec::new(),
+        // Per lane of a step: the column it takes and its factor.
+        let (width, lanes): (usize, [(usize, f32); FUSED_LANES]) = match simd {
+            Simd::Portable => (0, [(0, 0.0); FUSED_LANES]),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2Fma => x.chunks_exact(LANES).flat_map(|eight| eight.iter().enumerate().map(|(k, &v)| v * pow2(code_shift(bits, k)))).collect(),
+            Simd::Avx2Fma => (LANES, std::array::from_fn(|k| (k % LANES, pow2(code_shift(bits, k % LANES))))),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => x
-                .chunks_exact(FUSED_LANES)
-                .flat_map(|sixteen| (0..FUSED_LANES).map(|lane| sixteen[pair_column(lane)] * pow2(pair_shift(bits, lane))))
-                .collect(),
+            Simd::Avx512 => (FUSED_LANES, std::array::from_fn(|lane| (pair_column(lane), pow2(pair_shift(bits, lane))))),
         };
+        if width == 0 {
+            return FoldedInput { totals: group_totals(x, group_size), scaled: Vec::new() };
+        }
+        let mut scaled = vec![0f32; x.len() / width * width];
+        for (out, step) in scaled.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+            for (o, &(column, factor)) in out.iter_mut().zip(&lanes) {
+                *o = step[column] * factor;
+            }
+        }
         FoldedInput { totals: group_totals(x, group_size), scaled }
     }
 }
@@ -1053,35 +1060,29 @@ mod x86 {
         let first = rows.iter().map(|&(at, _)| at).min().unwrap_or(0);
         let last = rows.iter().map(|&(at, _)| at).max().unwrap_or(0);
         let fast_from = usize::from(first < back);
-        let fast_to = (0..groups).take_while(|g| last + (g + 1) * group_bytes + span <= weight.len() + 2 * B + back).count().max(fast_from);
+        // Group `g` is read without checks while `last + (g + 1) * group_bytes + span` stays within
+        // `weight.len() + 2 * B + back`.
+        let fast_to = ((weight.len() + 2 * B + back).saturating_sub(last + span) / group_bytes).min(groups).max(fast_from);
         // Each row's codes are prefetched one block of rows ahead (see `affine_dot_rows`).
         let ahead = FUSED_ROWS * cols * B / 8;
-        // The rows' scales widened once, group by group (`wide[g * 8 + i]`), so that each is a
+        // The rows' scales widened once, row by row (`wide[i * groups + g]`), so that each is a
         // broadcast operand of its fused multiply-add.
         let wide = &mut scratch[..groups * FUSED_ROWS];
-        for (i, (_, gr)) in rows.iter().enumerate() {
-            if gr.floats == FloatDtype::BF16 {
-                for (g, pair) in gr.scales[..2 * groups].chunks_exact(2).enumerate() {
-                    wide[g * FUSED_ROWS + i] = f32::from_bits(u32::from(u16::from_le_bytes([pair[0], pair[1]])) << 16);
-                }
-            } else {
-                for g in 0..groups {
-                    wide[g * FUSED_ROWS + i] = float_at(gr.floats, gr.scales, g);
-                }
-            }
+        for ((_, gr), row) in rows.iter().zip(wide.chunks_exact_mut(groups)) {
+            widen_floats(gr.floats, &gr.scales[..groups * gr.floats.size()], row);
         }
         let row_at: [usize; FUSED_ROWS] = std::array::from_fn(|i| rows[i].0);
         let mut t = [_mm512_setzero_ps(); FUSED_ROWS];
-        for (g, scales) in wide.chunks_exact(FUSED_ROWS).enumerate() {
-            let l = if (fast_from..fast_to).contains(&g) {
-                wide_group::<B>(weight.as_ptr(), &row_at, g, size, x.as_ptr().add(g * size), back, ahead, pick, masks)
-            } else {
-                wide_group_checked::<B>(weight, &row_at, g, size, x.as_ptr().add(g * size), pick, masks)
-            };
-            for i in 0..FUSED_ROWS {
-                t[i] = _mm512_fmadd_ps(_mm512_set1_ps(scales[i]), l[i], t[i]);
-            }
+        let fast = Fast { weight: weight.as_ptr(), row_at: &row_at, size, x: x.as_ptr(), back, ahead, pick, masks };
+        fast.checked_groups::<B>(weight, 0..fast_from, wide, &mut t);
+        // The common group sizes take their sixteen-column steps fully unrolled.
+        match size / FUSED_LANES {
+            2 => fast.groups::<B, 2>(fast_from..fast_to, wide, &mut t),
+            4 => fast.groups::<B, 4>(fast_from..fast_to, wide, &mut t),
+            8 => fast.groups::<B, 8>(fast_from..fast_to, wide, &mut t),
+            _ => fast.groups::<B, 0>(fast_from..fast_to, wide, &mut t),
         }
+        fast.checked_groups::<B>(weight, fast_to..groups, wide, &mut t);
         // Lanes 2l and 2l + 1 are (0, l) and (1, l): add each pair, then take the even lanes.
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
         std::array::from_fn(|i| {
@@ -1093,27 +1094,148 @@ mod x86 {
         })
     }
 
-    /// Group `g`'s sums of codes times the token for each row (its codes from byte `row_at[i]` of
-    /// `weight`, the group's token from `xp`), every window read without checks.
+    /// `t[i] += scale · l[i]` for each row `i` of a block, its scale of group `g` at
+    /// `wide[i * groups + g]`: a group's sums into the rows' totals.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn wide_group<const B: usize>(weight: *const u8, row_at: &[usize; FUSED_ROWS], g: usize, size: usize, xp: *const f32, back: usize, ahead: usize, pick: __m512i, masks: __m512i) -> [__m512; FUSED_ROWS] {
-        let group_bytes = size * B / 8;
-        let q: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| weight.add(row_at[i] + g * group_bytes).wrapping_sub(back));
-        for p in q {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
+    unsafe fn fold_scaled(t: &mut [__m512; FUSED_ROWS], wide: &[f32], groups: usize, g: usize, l: [__m512; FUSED_ROWS]) {
+        assert!(g < groups && wide.len() >= FUSED_ROWS * groups);
+        let w = wide.as_ptr().add(g);
+        for i in 0..FUSED_ROWS {
+            t[i] = _mm512_fmadd_ps(_mm512_set1_ps(*w.add(i * groups)), l[i], t[i]);
         }
-        let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
-        for e in 0..size / FUSED_LANES {
-            let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
-            for (li, p) in l.iter_mut().zip(q) {
-                *li = _mm512_fmadd_ps(sixteen_codes::<B>(p.add(e * 2 * B), pick, masks), xv, *li);
-            }
-        }
-        l
     }
 
-    /// [`wide_group`] reading every window through [`sixteen_codes_checked`].
+    /// `out[g]` = the `g`-th stored float of `bytes` as f32 (BF16 sixteen a step).
+    #[inline(always)]
+    unsafe fn widen_floats(floats: FloatDtype, bytes: &[u8], out: &mut [f32]) {
+        assert!(bytes.len() >= out.len() * floats.size());
+        let mut g = 0;
+        if floats == FloatDtype::BF16 {
+            while g + FUSED_LANES <= out.len() {
+                let words = _mm256_loadu_si256(bytes.as_ptr().add(2 * g) as *const __m256i);
+                _mm512_storeu_ps(out.as_mut_ptr().add(g), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(words))));
+                g += FUSED_LANES;
+            }
+        }
+        for (k, o) in out.iter_mut().enumerate().skip(g) {
+            *o = float_at(floats, bytes, k);
+        }
+    }
+
+    /// What the unchecked groups of [`wide_dot_rows`] read: rows of codes from bytes `row_at[i]`
+    /// of `weight`, groups of `size` columns of the token `x`, windows starting `back` bytes
+    /// before their codes, each row prefetched `ahead` bytes on.
+    struct Fast<'r> {
+        weight: *const u8,
+        row_at: &'r [usize; FUSED_ROWS],
+        size: usize,
+        x: *const f32,
+        back: usize,
+        ahead: usize,
+        pick: __m512i,
+        masks: __m512i,
+    }
+
+    impl Fast<'_> {
+        /// Folds each group of `range` into `t` ([`fold_scaled`] with the rows' scales `wide`, row
+        /// by row), every window read without checks; `STEPS` is the group's sixteen-column steps
+        /// (0: `size / 16`, known at run time only).
+        #[inline(never)]
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
+        unsafe fn groups<const B: usize, const STEPS: usize>(&self, range: std::ops::Range<usize>, wide: &[f32], t: &mut [__m512; FUSED_ROWS]) {
+            let groups = wide.len() / FUSED_ROWS;
+            let mut totals = *t;
+            for g in range {
+                fold_scaled(&mut totals, wide, groups, g, self.group::<B, STEPS>(g));
+            }
+            *t = totals;
+        }
+
+        /// [`Fast::groups`] for groups whose windows may reach past `weight` (read as zeros there).
+        #[inline(always)]
+        unsafe fn checked_groups<const B: usize>(&self, weight: &[u8], range: std::ops::Range<usize>, wide: &[f32], t: &mut [__m512; FUSED_ROWS]) {
+            let groups = wide.len() / FUSED_ROWS;
+            for g in range {
+                fold_scaled(t, wide, groups, g, wide_group_checked::<B>(weight, self.row_at, g, self.size, self.x.add(g * self.size), self.pick, self.masks));
+            }
+        }
+
+        /// Group `g`'s sums of codes times the token for each row.
+        #[inline(always)]
+        unsafe fn group<const B: usize, const STEPS: usize>(&self, g: usize) -> [__m512; FUSED_ROWS] {
+            let steps = if STEPS == 0 { self.size / FUSED_LANES } else { STEPS };
+            let group_bytes = self.size * B / 8;
+            let q: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| self.weight.add(self.row_at[i] + g * group_bytes).wrapping_sub(self.back));
+            for p in q {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(self.ahead) as *const i8);
+            }
+            let xp = self.x.add(g * self.size);
+            let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
+            for e in 0..steps {
+                let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
+                if B <= 4 {
+                    narrow_step(&q, e * 2 * B, xv, self.masks, &mut l);
+                } else {
+                    for (li, p) in l.iter_mut().zip(q) {
+                        *li = _mm512_fmadd_ps(sixteen_codes::<B>(p.add(e * 2 * B), self.pick, self.masks), xv, *li);
+                    }
+                }
+            }
+            l
+        }
+    }
+
+    /// One sixteen-column step of [`Fast::group`] for codes of up to 4 bits: for each row `i`,
+    /// `l[i] += codes · xv` with the codes' window at `q[i] + at` ([`sixteen_codes`]). Written
+    /// out, three instructions a row, as LLVM otherwise merges neighbouring windows into wider
+    /// loads and shuffles, or hoists the loads and spills.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
+    unsafe fn narrow_step(q: &[*const u8; FUSED_ROWS], at: usize, xv: __m512, masks: __m512i, l: &mut [__m512; FUSED_ROWS]) {
+        // Two rows: mask the 64-bit word broadcast from memory, convert, fused multiply-add.
+        macro_rules! two_rows {
+            ($pa:literal, $pb:literal, $la:literal, $lb:literal) => {
+                concat!(
+                    "vpandq {t0}, {m}, qword ptr [{", $pa, "} + {at}]{{1to8}}\n",
+                    "vpandq {t1}, {m}, qword ptr [{", $pb, "} + {at}]{{1to8}}\n",
+                    "vcvtudq2ps {t0}, {t0}\n",
+                    "vcvtudq2ps {t1}, {t1}\n",
+                    "vfmadd231ps {", $la, "}, {t0}, {x}\n",
+                    "vfmadd231ps {", $lb, "}, {t1}, {x}",
+                )
+            };
+        }
+        std::arch::asm!(
+            two_rows!("p0", "p1", "l0", "l1"),
+            two_rows!("p2", "p3", "l2", "l3"),
+            two_rows!("p4", "p5", "l4", "l5"),
+            two_rows!("p6", "p7", "l6", "l7"),
+            p0 = in(reg) q[0],
+            p1 = in(reg) q[1],
+            p2 = in(reg) q[2],
+            p3 = in(reg) q[3],
+            p4 = in(reg) q[4],
+            p5 = in(reg) q[5],
+            p6 = in(reg) q[6],
+            p7 = in(reg) q[7],
+            at = in(reg) at,
+            m = in(zmm_reg) masks,
+            x = in(zmm_reg) xv,
+            t0 = out(zmm_reg) _,
+            t1 = out(zmm_reg) _,
+            l0 = inout(zmm_reg) l[0],
+            l1 = inout(zmm_reg) l[1],
+            l2 = inout(zmm_reg) l[2],
+            l3 = inout(zmm_reg) l[3],
+            l4 = inout(zmm_reg) l[4],
+            l5 = inout(zmm_reg) l[5],
+            l6 = inout(zmm_reg) l[6],
+            l7 = inout(zmm_reg) l[7],
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+
+    /// [`Fast::group`] for group `g`, reading every window through [`sixteen_codes_checked`].
     #[inline(always)]
     unsafe fn wide_group_checked<const B: usize>(weight: &[u8], row_at: &[usize; FUSED_ROWS], g: usize, size: usize, xp: *const f32, pick: __m512i, masks: __m512i) -> [__m512; FUSED_ROWS] {
         let group_bytes = size * B / 8;
@@ -1406,6 +1528,8 @@ mod tests {
             // 12 groups: not a multiple of the 8 lanes; 20: one whole load of 16 biases and a part.
             cases.push(affine_case(FloatDtype::BF16, bits, 32, 9, 384, &mut rng));
             cases.push(affine_case(FloatDtype::BF16, bits, 32, 11, 640, &mut rng));
+            // A group size without an unrolled kernel (mlx writes 32, 64 and 128).
+            cases.push(affine_case(FloatDtype::BF16, bits, 256, 9, 512, &mut rng));
         }
         cases.push(mxfp4_case(70, 256, &mut rng));
         cases
