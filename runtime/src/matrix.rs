@@ -1173,31 +1173,39 @@ mod x86 {
             let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
             for e in 0..steps {
                 let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
-                if B <= 4 {
-                    narrow_step(&q, e * 2 * B, xv, self.masks, &mut l);
-                } else {
-                    for (li, p) in l.iter_mut().zip(q) {
-                        *li = _mm512_fmadd_ps(sixteen_codes::<B>(p.add(e * 2 * B), self.pick, self.masks), xv, *li);
-                    }
-                }
+                step::<B>(&q, e * 2 * B, xv, self.pick, self.masks, &mut l);
             }
             l
         }
     }
 
-    /// One sixteen-column step of [`Fast::group`] for codes of up to 4 bits: for each row `i`,
-    /// `l[i] += codes · xv` with the codes' window at `q[i] + at` ([`sixteen_codes`]). Written
-    /// out, three instructions a row, as LLVM otherwise merges neighbouring windows into wider
-    /// loads and shuffles, or hoists the loads and spills.
+    /// One sixteen-column step of [`Fast::group`]: for each row `i`, `l[i] += codes · xv` with the
+    /// codes' window at `q[i] + at`, as [`sixteen_codes`] reads it. Written out, as LLVM otherwise
+    /// merges neighbouring windows into wide loads and shuffles, or hoists the loads and spills:
+    /// up to 4 bits three instructions a row (a mask with a broadcast memory operand, a
+    /// conversion, an FMA), wider codes a broadcast load and a byte shuffle besides.
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
-    unsafe fn narrow_step(q: &[*const u8; FUSED_ROWS], at: usize, xv: __m512, masks: __m512i, l: &mut [__m512; FUSED_ROWS]) {
-        // Two rows: mask the 64-bit word broadcast from memory, convert, fused multiply-add.
-        macro_rules! two_rows {
-            ($pa:literal, $pb:literal, $la:literal, $lb:literal) => {
+    unsafe fn step<const B: usize>(q: &[*const u8; FUSED_ROWS], at: usize, xv: __m512, pick: __m512i, masks: __m512i, l: &mut [__m512; FUSED_ROWS]) {
+        // The codes of row pointer `p` into register `t`.
+        macro_rules! codes {
+            (narrow, $t:literal, $p:literal) => {
+                concat!("vpandq {", $t, "}, {m}, qword ptr [{", $p, "} + {at}]{{1to8}}\n")
+            };
+            (wide, $t:literal, $p:literal) => {
                 concat!(
-                    "vpandq {t0}, {m}, qword ptr [{", $pa, "} + {at}]{{1to8}}\n",
-                    "vpandq {t1}, {m}, qword ptr [{", $pb, "} + {at}]{{1to8}}\n",
+                    "vbroadcasti32x4 {", $t, "}, xmmword ptr [{", $p, "} + {at}]\n",
+                    "vpshufb {", $t, "}, {", $t, "}, {pick}\n",
+                    "vpandd {", $t, "}, {", $t, "}, {m}\n",
+                )
+            };
+        }
+        // Two rows: their codes, converted, times the token into their sums.
+        macro_rules! two_rows {
+            ($kind:ident, $pa:literal, $pb:literal, $la:literal, $lb:literal) => {
+                concat!(
+                    codes!($kind, "t0", $pa),
+                    codes!($kind, "t1", $pb),
                     "vcvtudq2ps {t0}, {t0}\n",
                     "vcvtudq2ps {t1}, {t1}\n",
                     "vfmadd231ps {", $la, "}, {t0}, {x}\n",
@@ -1205,34 +1213,44 @@ mod x86 {
                 )
             };
         }
-        std::arch::asm!(
-            two_rows!("p0", "p1", "l0", "l1"),
-            two_rows!("p2", "p3", "l2", "l3"),
-            two_rows!("p4", "p5", "l4", "l5"),
-            two_rows!("p6", "p7", "l6", "l7"),
-            p0 = in(reg) q[0],
-            p1 = in(reg) q[1],
-            p2 = in(reg) q[2],
-            p3 = in(reg) q[3],
-            p4 = in(reg) q[4],
-            p5 = in(reg) q[5],
-            p6 = in(reg) q[6],
-            p7 = in(reg) q[7],
-            at = in(reg) at,
-            m = in(zmm_reg) masks,
-            x = in(zmm_reg) xv,
-            t0 = out(zmm_reg) _,
-            t1 = out(zmm_reg) _,
-            l0 = inout(zmm_reg) l[0],
-            l1 = inout(zmm_reg) l[1],
-            l2 = inout(zmm_reg) l[2],
-            l3 = inout(zmm_reg) l[3],
-            l4 = inout(zmm_reg) l[4],
-            l5 = inout(zmm_reg) l[5],
-            l6 = inout(zmm_reg) l[6],
-            l7 = inout(zmm_reg) l[7],
-            options(pure, readonly, nostack, preserves_flags),
-        );
+        macro_rules! eight_rows {
+            ($kind:ident $(, $extra:ident = $value:expr)?) => {
+                std::arch::asm!(
+                    two_rows!($kind, "p0", "p1", "l0", "l1"),
+                    two_rows!($kind, "p2", "p3", "l2", "l3"),
+                    two_rows!($kind, "p4", "p5", "l4", "l5"),
+                    two_rows!($kind, "p6", "p7", "l6", "l7"),
+                    p0 = in(reg) q[0],
+                    p1 = in(reg) q[1],
+                    p2 = in(reg) q[2],
+                    p3 = in(reg) q[3],
+                    p4 = in(reg) q[4],
+                    p5 = in(reg) q[5],
+                    p6 = in(reg) q[6],
+                    p7 = in(reg) q[7],
+                    at = in(reg) at,
+                    m = in(zmm_reg) masks,
+                    x = in(zmm_reg) xv,
+                    $($extra = in(zmm_reg) $value,)?
+                    t0 = out(zmm_reg) _,
+                    t1 = out(zmm_reg) _,
+                    l0 = inout(zmm_reg) l[0],
+                    l1 = inout(zmm_reg) l[1],
+                    l2 = inout(zmm_reg) l[2],
+                    l3 = inout(zmm_reg) l[3],
+                    l4 = inout(zmm_reg) l[4],
+                    l5 = inout(zmm_reg) l[5],
+                    l6 = inout(zmm_reg) l[6],
+                    l7 = inout(zmm_reg) l[7],
+                    options(pure, readonly, nostack, preserves_flags),
+                )
+            };
+        }
+        if B <= 4 {
+            eight_rows!(narrow);
+        } else {
+            eight_rows!(wide, pick = pick);
+        }
     }
 
     /// [`Fast::group`] for group `g`, reading every window through [`sixteen_codes_checked`].
