@@ -486,25 +486,28 @@ impl FoldedInput {
     fn new(simd: Simd, x: &[f32], bits: u32, group_size: usize) -> FoldedInput {
         let bits = bits as usize;
         let pow2 = |shift: u32| f32::from_bits((127 - shift) << 23);
-        // Per lane of a step: the column it takes and its factor.
-        let (width, lanes): (usize, [(usize, f32); FUSED_LANES]) = match simd {
-            Simd::Portable => (0, [(0, 0.0); FUSED_LANES]),
+        let scaled = match simd {
+            Simd::Portable => Vec::new(),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2Fma => (LANES, std::array::from_fn(|k| (k % LANES, pow2(code_shift(bits, k % LANES))))),
+            Simd::Avx2Fma => in_lane_order(x, std::array::from_fn::<_, LANES, _>(|k| (k, pow2(code_shift(bits, k))))),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => (FUSED_LANES, std::array::from_fn(|lane| (pair_column(lane), pow2(pair_shift(bits, lane))))),
+            Simd::Avx512 => in_lane_order(x, std::array::from_fn::<_, FUSED_LANES, _>(|lane| (pair_column(lane), pow2(pair_shift(bits, lane))))),
         };
-        if width == 0 {
-            return FoldedInput { totals: group_totals(x, group_size), scaled: Vec::new() };
-        }
-        let mut scaled = vec![0f32; x.len() / width * width];
-        for (out, step) in scaled.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-            for (o, &(column, factor)) in out.iter_mut().zip(&lanes) {
-                *o = step[column] * factor;
-            }
-        }
         FoldedInput { totals: group_totals(x, group_size), scaled }
     }
+}
+
+/// `x` step by step of `W` columns, lane `k` of a step taking column `lanes[k].0` of it times
+/// `lanes[k].1` (whole steps only).
+#[cfg(target_arch = "x86_64")]
+fn in_lane_order<const W: usize>(x: &[f32], lanes: [(usize, f32); W]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len() / W * W];
+    for (o, step) in out.chunks_exact_mut(W).zip(x.chunks_exact(W)) {
+        for (v, &(column, factor)) in o.iter_mut().zip(&lanes) {
+            *v = step[column] * factor;
+        }
+    }
+    out
 }
 
 /// The column (of sixteen) that a 512-bit kernel's lane `lane` takes: `0, 8, 1, 9, ...`, the lane
@@ -676,7 +679,7 @@ impl Kernel for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{affine_parts, affine_row_at, code_shift, float_at, pair_column, pair_shift, FloatDtype, FoldedInput, Groups, Kernel, Matrix, FUSED_LANES, FUSED_ROWS, LANES, ROW_BLOCK, TOKEN_BLOCK};
+    use super::{affine_parts, affine_row_at, code_shift, float_at, floats_to_f32, pair_column, pair_shift, FloatDtype, FoldedInput, Groups, Kernel, Matrix, FUSED_LANES, FUSED_ROWS, LANES, ROW_BLOCK, TOKEN_BLOCK};
     use std::arch::x86_64::*;
 
     /// The kernel on AVX2 with FMA; only reached after `Simd::detect` found both.
@@ -1069,20 +1072,20 @@ mod x86 {
         // broadcast operand of its fused multiply-add.
         let wide = &mut scratch[..groups * FUSED_ROWS];
         for ((_, gr), row) in rows.iter().zip(wide.chunks_exact_mut(groups)) {
-            widen_floats(gr.floats, &gr.scales[..groups * gr.floats.size()], row);
+            floats_to_f32(gr.floats, &gr.scales[..groups * gr.floats.size()], row);
         }
         let row_at: [usize; FUSED_ROWS] = std::array::from_fn(|i| rows[i].0);
         let mut t = [_mm512_setzero_ps(); FUSED_ROWS];
-        let fast = Fast { weight: weight.as_ptr(), row_at: &row_at, size, x: x.as_ptr(), back, ahead, pick, masks };
-        fast.checked_groups::<B>(weight, 0..fast_from, wide, &mut t);
+        let fast = Fast { weight, row_at: &row_at, wide, groups, size, x: x.as_ptr(), back, ahead, pick, masks };
+        fast.checked_groups::<B>(0..fast_from, &mut t);
         // The common group sizes take their sixteen-column steps fully unrolled.
         match size / FUSED_LANES {
-            2 => fast.groups::<B, 2>(fast_from..fast_to, wide, &mut t),
-            4 => fast.groups::<B, 4>(fast_from..fast_to, wide, &mut t),
-            8 => fast.groups::<B, 8>(fast_from..fast_to, wide, &mut t),
-            _ => fast.groups::<B, 0>(fast_from..fast_to, wide, &mut t),
+            2 => fast.groups::<B, 2>(fast_from..fast_to, &mut t),
+            4 => fast.groups::<B, 4>(fast_from..fast_to, &mut t),
+            8 => fast.groups::<B, 8>(fast_from..fast_to, &mut t),
+            _ => fast.groups::<B, 0>(fast_from..fast_to, &mut t),
         }
-        fast.checked_groups::<B>(weight, fast_to..groups, wide, &mut t);
+        fast.checked_groups::<B>(fast_to..groups, &mut t);
         // Lanes 2l and 2l + 1 are (0, l) and (1, l): add each pair, then take the even lanes.
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
         std::array::from_fn(|i| {
@@ -1105,29 +1108,15 @@ mod x86 {
         }
     }
 
-    /// `out[g]` = the `g`-th stored float of `bytes` as f32 (BF16 sixteen a step).
-    #[inline(always)]
-    unsafe fn widen_floats(floats: FloatDtype, bytes: &[u8], out: &mut [f32]) {
-        assert!(bytes.len() >= out.len() * floats.size());
-        let mut g = 0;
-        if floats == FloatDtype::BF16 {
-            while g + FUSED_LANES <= out.len() {
-                let words = _mm256_loadu_si256(bytes.as_ptr().add(2 * g) as *const __m256i);
-                _mm512_storeu_ps(out.as_mut_ptr().add(g), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(words))));
-                g += FUSED_LANES;
-            }
-        }
-        for (k, o) in out.iter_mut().enumerate().skip(g) {
-            *o = float_at(floats, bytes, k);
-        }
-    }
-
-    /// What the unchecked groups of [`wide_dot_rows`] read: rows of codes from bytes `row_at[i]`
-    /// of `weight`, groups of `size` columns of the token `x`, windows starting `back` bytes
-    /// before their codes, each row prefetched `ahead` bytes on.
+    /// What the groups of [`wide_dot_rows`] read: rows of codes from bytes `row_at[i]` of
+    /// `weight`, their scales widened row by row (`wide[i * groups + g]`), groups of `size`
+    /// columns of the token `x`, windows starting `back` bytes before their codes, each row
+    /// prefetched `ahead` bytes on.
     struct Fast<'r> {
-        weight: *const u8,
+        weight: &'r [u8],
         row_at: &'r [usize; FUSED_ROWS],
+        wide: &'r [f32],
+        groups: usize,
         size: usize,
         x: *const f32,
         back: usize,
@@ -1137,26 +1126,25 @@ mod x86 {
     }
 
     impl Fast<'_> {
-        /// Folds each group of `range` into `t` ([`fold_scaled`] with the rows' scales `wide`, row
-        /// by row), every window read without checks; `STEPS` is the group's sixteen-column steps
-        /// (0: `size / 16`, known at run time only).
+        /// Folds each group of `range` into `t` ([`fold_scaled`]), every window read without
+        /// checks; `STEPS` is the group's sixteen-column steps (0: `size / 16`, known at run time
+        /// only).
         #[inline(never)]
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
-        unsafe fn groups<const B: usize, const STEPS: usize>(&self, range: std::ops::Range<usize>, wide: &[f32], t: &mut [__m512; FUSED_ROWS]) {
-            let groups = wide.len() / FUSED_ROWS;
+        unsafe fn groups<const B: usize, const STEPS: usize>(&self, range: std::ops::Range<usize>, t: &mut [__m512; FUSED_ROWS]) {
             let mut totals = *t;
             for g in range {
-                fold_scaled(&mut totals, wide, groups, g, self.group::<B, STEPS>(g));
+                fold_scaled(&mut totals, self.wide, self.groups, g, self.group::<B, STEPS>(g));
             }
             *t = totals;
         }
 
         /// [`Fast::groups`] for groups whose windows may reach past `weight` (read as zeros there).
         #[inline(always)]
-        unsafe fn checked_groups<const B: usize>(&self, weight: &[u8], range: std::ops::Range<usize>, wide: &[f32], t: &mut [__m512; FUSED_ROWS]) {
-            let groups = wide.len() / FUSED_ROWS;
+        unsafe fn checked_groups<const B: usize>(&self, range: std::ops::Range<usize>, t: &mut [__m512; FUSED_ROWS]) {
             for g in range {
-                fold_scaled(t, wide, groups, g, wide_group_checked::<B>(weight, self.row_at, g, self.size, self.x.add(g * self.size), self.pick, self.masks));
+                let l = wide_group_checked::<B>(self.weight, self.row_at, g, self.size, self.x.add(g * self.size), self.pick, self.masks);
+                fold_scaled(t, self.wide, self.groups, g, l);
             }
         }
 
@@ -1165,7 +1153,7 @@ mod x86 {
         unsafe fn group<const B: usize, const STEPS: usize>(&self, g: usize) -> [__m512; FUSED_ROWS] {
             let steps = if STEPS == 0 { self.size / FUSED_LANES } else { STEPS };
             let group_bytes = self.size * B / 8;
-            let q: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| self.weight.add(self.row_at[i] + g * group_bytes).wrapping_sub(self.back));
+            let q: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| self.weight.as_ptr().add(self.row_at[i] + g * group_bytes).wrapping_sub(self.back));
             for p in q {
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(self.ahead) as *const i8);
             }
