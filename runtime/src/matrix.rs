@@ -458,21 +458,6 @@ trait Kernel {
     fn fused_rows(m: &Matrix<'_>, r0: usize, x: &[f32], folded: &FoldedInput, scratch: &mut [f32], tile: &mut [f32]) -> bool;
 }
 
-/// Fills `tile` block by block of at most [`FUSED_ROWS`] rows, `block(first, here)` giving rows
-/// `first..first + here` of it; `false` as soon as a block gives `None` (every row has the same
-/// codes, so that is the first).
-#[inline(always)]
-fn by_fused_blocks(tile: &mut [f32], mut block: impl FnMut(usize, usize) -> Option<[f32; FUSED_ROWS]>) -> bool {
-    for b0 in (0..tile.len()).step_by(FUSED_ROWS) {
-        let here = FUSED_ROWS.min(tile.len() - b0);
-        let Some(dots) = block(b0, here) else {
-            return false;
-        };
-        tile[b0..b0 + here].copy_from_slice(&dots[..here]);
-    }
-    true
-}
-
 /// What one token's product with affine codes uses besides the token, computed once per product.
 #[derive(Default)]
 struct FoldedInput {
@@ -644,23 +629,22 @@ impl Kernel for Portable {
     #[inline(always)]
     fn fused_rows(m: &Matrix<'_>, r0: usize, x: &[f32], folded: &FoldedInput, _scratch: &mut [f32], tile: &mut [f32]) -> bool {
         let totals = &folded.totals;
-        by_fused_blocks(tile, |first, here| {
-            let mut dots = [0f32; FUSED_ROWS];
-            for (i, dot) in dots.iter_mut().enumerate().take(here) {
-                let (packed, groups, bits) = affine_parts(m, r0 + first + i)?;
-                let row = &packed[..m.cols * bits as usize / 8];
-                *dot = match bits {
-                    2 => folded_affine_dot::<2>(row, groups, x, totals),
-                    3 => folded_affine_dot::<3>(row, groups, x, totals),
-                    4 => folded_affine_dot::<4>(row, groups, x, totals),
-                    5 => folded_affine_dot::<5>(row, groups, x, totals),
-                    6 => folded_affine_dot::<6>(row, groups, x, totals),
-                    8 => folded_affine_dot::<8>(row, groups, x, totals),
-                    _ => return None,
-                };
-            }
-            Some(dots)
-        })
+        for (i, dot) in tile.iter_mut().enumerate() {
+            let Some((packed, groups, bits)) = affine_parts(m, r0 + i) else {
+                return false;
+            };
+            let row = &packed[..m.cols * bits as usize / 8];
+            *dot = match bits {
+                2 => folded_affine_dot::<2>(row, groups, x, totals),
+                3 => folded_affine_dot::<3>(row, groups, x, totals),
+                4 => folded_affine_dot::<4>(row, groups, x, totals),
+                5 => folded_affine_dot::<5>(row, groups, x, totals),
+                6 => folded_affine_dot::<6>(row, groups, x, totals),
+                8 => folded_affine_dot::<8>(row, groups, x, totals),
+                _ => return false,
+            };
+        }
+        true
     }
 
     #[inline(always)]
@@ -687,7 +671,7 @@ impl Kernel for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{affine_parts, by_fused_blocks, code_shift, Codes, float_at, floats_to_f32, pair_column, pair_shift, FloatDtype, FoldedInput, Groups, Kernel, Matrix, FUSED_LANES, FUSED_ROWS, LANES, ROW_BLOCK, TOKEN_BLOCK};
+    use super::{affine_parts, code_shift, Codes, float_at, floats_to_f32, pair_column, pair_shift, FloatDtype, FoldedInput, Groups, Kernel, Matrix, FUSED_LANES, FUSED_ROWS, LANES, ROW_BLOCK, TOKEN_BLOCK};
     use std::arch::x86_64::*;
 
     /// The kernel on AVX2 with FMA; only reached after `Simd::detect` found both.
@@ -696,14 +680,16 @@ mod x86 {
     impl Kernel for Avx2 {
         #[inline(always)]
         fn fused_rows(m: &Matrix<'_>, r0: usize, _x: &[f32], folded: &FoldedInput, _scratch: &mut [f32], tile: &mut [f32]) -> bool {
-            by_fused_blocks(tile, |b0, here| {
-                let mut dots = [0f32; FUSED_ROWS];
-                for (half, out) in dots.chunks_exact_mut(ROW_BLOCK).enumerate().take(here.div_ceil(ROW_BLOCK)) {
-                    let first = half * ROW_BLOCK;
-                    out.copy_from_slice(&affine_dot(m, r0 + b0 + first, here - first, folded)?);
-                }
-                Some(dots)
-            })
+            // A plain loop: a closure would not inherit the caller's target features, and the
+            // intrinsics would become calls.
+            for b0 in (0..tile.len()).step_by(ROW_BLOCK) {
+                let here = ROW_BLOCK.min(tile.len() - b0);
+                let Some(dots) = affine_dot(m, r0 + b0, here, folded) else {
+                    return false;
+                };
+                tile[b0..b0 + here].copy_from_slice(&dots[..here]);
+            }
+            true
         }
 
         #[inline(always)]
