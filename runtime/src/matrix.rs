@@ -511,12 +511,13 @@ const fn pair_column(lane: usize) -> usize {
 /// Where the code of lane `lane` ([`pair_column`]) lies in the 32-bit word that lane reads
 /// sixteen `bits`-bit codes from: up to 4 bits, the even lanes read the word that ends where the
 /// first eight codes do and the odd lanes the word that starts where the next eight do (one
-/// 64-bit load for both); wider codes come from the start of the byte that holds their first bit.
+/// 64-bit load for both); wider codes come from the start of the 16-bit word that holds their
+/// first bit.
 #[inline(always)]
 const fn pair_shift(bits: usize, lane: usize) -> u32 {
     let (column, eight) = (pair_column(lane), lane / 2);
     if bits > 4 {
-        (column * bits % 8) as u32
+        (column * bits % 16) as u32
     } else if lane.is_multiple_of(2) {
         (eight * bits + 32 - 8 * bits) as u32
     } else {
@@ -981,32 +982,30 @@ mod x86 {
         }
     }
 
-    /// The byte shuffle (above 4 bits) and lane masks that isolate the code of each of sixteen
-    /// lanes ([`pair_column`]) where it lies ([`pair_shift`]). Up to 4 bits, the even lanes take
-    /// the low half of the 64-bit word that starts `4 - B` bytes before the sixteen codes and the
-    /// odd lanes its high half; wider codes come from their 16-byte window repeated in every
-    /// 128-bit quarter, lane `k` taking the byte that holds its first bit and the next.
+    /// The word permutation (above 4 bits) and lane masks that isolate the code of each of
+    /// sixteen lanes ([`pair_column`]) where it lies ([`pair_shift`]). Up to 4 bits, the even
+    /// lanes take the low half of the 64-bit word that starts `4 - B` bytes before the sixteen
+    /// codes and the odd lanes its high half; wider codes come from the 16-bit word that holds
+    /// their first bit and the next, lane `k` taking them as its low and high halves.
     #[inline(always)]
     unsafe fn pair_lanes<const B: usize>() -> (__m512i, __m512i) {
-        let mut pick = [-1i8; 64];
+        let mut pick = [0u16; 2 * FUSED_LANES];
         let mut masks = [0i32; FUSED_LANES];
         for (lane, mask) in masks.iter_mut().enumerate() {
-            let byte = pair_column(lane) * B / 8;
-            pick[4 * lane] = byte as i8;
-            if byte + 1 < 16 {
-                pick[4 * lane + 1] = byte as i8 + 1;
-            }
+            let word = (pair_column(lane) * B / 16) as u16;
+            (pick[2 * lane], pick[2 * lane + 1]) = (word, word + 1);
             *mask = (((1u32 << B) - 1) << pair_shift(B, lane)) as i32;
         }
         (_mm512_loadu_si512(pick.as_ptr() as *const _), _mm512_loadu_si512(masks.as_ptr() as *const _))
     }
 
-    /// Bytes a sixteen-code window reads before the codes' first byte, and in all.
+    /// Bytes a sixteen-code window reads before the codes' first byte, and in all: above 4 bits
+    /// the word permutation takes a whole 64-byte operand.
     const fn pair_window(bits: usize) -> (usize, usize) {
         if bits <= 4 {
             (4 - bits, 8)
         } else {
-            (0, 16)
+            (0, 64)
         }
     }
 
@@ -1017,7 +1016,7 @@ mod x86 {
         let window = if B <= 4 {
             _mm512_set1_epi64(std::ptr::read_unaligned(p as *const i64))
         } else {
-            _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)), pick)
+            _mm512_permutexvar_epi16(pick, _mm512_loadu_si512(p as *const _))
         };
         _mm512_cvtepu32_ps(_mm512_and_si512(window, masks))
     }
@@ -1026,7 +1025,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn sixteen_codes_checked<const B: usize>(weight: &[u8], at: usize, pick: __m512i, masks: __m512i) -> __m512 {
         let (back, span) = pair_window(B);
-        let mut bytes = [0u8; 16];
+        let mut bytes = [0u8; 64];
         for (i, byte) in bytes.iter_mut().enumerate().take(span) {
             if let Some(&b) = (at + i).checked_sub(back).and_then(|k| weight.get(k)) {
                 *byte = b;
@@ -1038,7 +1037,7 @@ mod x86 {
     /// `tile[i] = row_(r0+i) · x` for the rows of the affine `m` at `B` bits, as
     /// `folded_affine_dot` computes each, [`FUSED_ROWS`] rows at a time (the last block repeats
     /// its last row): one chain of sixteen lanes per row; per sixteen columns a 64-bit load (a
-    /// byte shuffle above 4 bits) and a mask leave each code where it lies, converted and
+    /// word permutation above 4 bits) and a mask leave each code where it lies, converted and
     /// fused-multiply-added with the token in lane order scaled by `2^-shift`; per group the
     /// chain times the group's scale goes into the row's total; then the bias dot products,
     /// sixteen groups a load. What depends only on the matrix is worked out once, not per block.
@@ -1211,7 +1210,7 @@ mod x86 {
     /// codes' window at `q[i] + at`, as [`sixteen_codes`] reads it. Written out, as LLVM otherwise
     /// merges neighbouring windows into wide loads and shuffles, or hoists the loads and spills:
     /// up to 4 bits three instructions a row (a mask with a broadcast memory operand, a
-    /// conversion, an FMA), wider codes a broadcast load and a byte shuffle besides.
+    /// conversion, an FMA), wider codes a word permutation of a 64-byte memory operand instead of the broadcast.
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
     unsafe fn step<const B: usize>(q: &[*const u8; FUSED_ROWS], at: usize, xv: __m512, pick: __m512i, masks: __m512i, l: &mut [__m512; FUSED_ROWS]) {
@@ -1222,8 +1221,7 @@ mod x86 {
             };
             (wide, $t:literal, $p:literal) => {
                 concat!(
-                    "vbroadcasti32x4 {", $t, "}, xmmword ptr [{", $p, "} + {at}]\n",
-                    "vpshufb {", $t, "}, {", $t, "}, {pick}\n",
+                    "vpermw {", $t, "}, {pick}, zmmword ptr [{", $p, "} + {at}]\n",
                     "vpandd {", $t, "}, {", $t, "}, {m}\n",
                 )
             };
