@@ -247,9 +247,15 @@ impl<'a> Matrix<'a> {
     #[allow(clippy::too_many_arguments)]
     fn rows_times(&self, simd: Simd, r0: usize, rows: usize, xs: &[f32], folded: &FoldedInput, kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx512 && xs.len() == kp && matches!(self.codes, Codes::Affine { .. }) {
-            // SAFETY: `Simd::detect` found AVX-512 F and BW, AVX2 and FMA on this CPU.
-            return unsafe { self.rows_times_avx512(r0, rows, xs, folded, kp, scratch, tile) };
+        if matches!(simd, Simd::Avx512 | Simd::Avx512Vbmi) && xs.len() == kp && matches!(self.codes, Codes::Affine { .. }) {
+            // SAFETY: `Simd::detect` found AVX-512 F and BW, AVX2 and FMA on this CPU (and VBMI
+            // for `Avx512Vbmi`, though the kernel only needs it to be fast).
+            return unsafe {
+                match simd {
+                    Simd::Avx512Vbmi => self.rows_times_avx512::<true>(r0, rows, xs, folded, kp, scratch, tile),
+                    _ => self.rows_times_avx512::<false>(r0, rows, xs, folded, kp, scratch, tile),
+                }
+            };
         }
         #[cfg(target_arch = "x86_64")]
         if simd.has_avx2() {
@@ -263,8 +269,8 @@ impl<'a> Matrix<'a> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows_times_avx512(&self, r0: usize, rows: usize, xs: &[f32], folded: &FoldedInput, kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
-        self.rows_times_with::<x86::Avx512>(r0, rows, xs, folded, kp, scratch, tile)
+    unsafe fn rows_times_avx512<const WORDS: bool>(&self, r0: usize, rows: usize, xs: &[f32], folded: &FoldedInput, kp: usize, scratch: &mut [f32], tile: &mut [f32]) {
+        self.rows_times_with::<x86::Avx512<WORDS>>(r0, rows, xs, folded, kp, scratch, tile)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -403,6 +409,12 @@ pub(crate) enum Simd {
     /// sixteen columns a step; everything else runs as on [`Simd::Avx2Fma`].
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// [`Simd::Avx512`] on a CPU that also has AVX-512 VBMI (Ice Lake and later, Zen 4), where a
+    /// word permutation is one micro-op: codes wider than 4 bits are permuted as 16-bit words
+    /// straight from memory instead of broadcast and byte-shuffled (Skylake-X and Cascade Lake,
+    /// without VBMI, take two micro-ops for it). The same lanes, the same bits.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vbmi,
     /// Anything else: plain Rust with `f32::mul_add`, which the compiler vectorises (NEON's
     /// fused multiply-add on Apple silicon).
     Portable,
@@ -420,6 +432,9 @@ impl Simd {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+                if std::arch::is_x86_feature_detected!("avx512vbmi") {
+                    units.push(Simd::Avx512Vbmi);
+                }
                 units.push(Simd::Avx512);
             }
             units.push(Simd::Avx2Fma);
@@ -431,7 +446,7 @@ impl Simd {
     /// Whether AVX2 and FMA are there (the 256-bit kernels run).
     pub(crate) fn has_avx2(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, Simd::Avx2Fma | Simd::Avx512) {
+        if matches!(self, Simd::Avx2Fma | Simd::Avx512 | Simd::Avx512Vbmi) {
             return true;
         }
         false
@@ -482,7 +497,7 @@ impl FoldedInput {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2Fma => in_lane_order(x, std::array::from_fn::<_, LANES, _>(|k| (k, pow2(code_shift(bits, k))))),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => in_lane_order(x, std::array::from_fn::<_, FUSED_LANES, _>(|lane| (pair_column(lane), pow2(pair_shift(bits, lane))))),
+            Simd::Avx512 | Simd::Avx512Vbmi => in_lane_order(x, std::array::from_fn::<_, FUSED_LANES, _>(|lane| (pair_column(lane), pow2(pair_shift(bits, lane))))),
         };
         FoldedInput { totals: group_totals(x, group_size), scaled }
     }
@@ -947,9 +962,10 @@ mod x86 {
 
     /// The kernel on AVX-512 (F and BW) for one token's affine products, sixteen columns per
     /// register; everything else as [`Avx2`]. Only reached after `Simd::detect` found AVX-512.
-    pub(super) struct Avx512;
+    /// (`WORDS`: codes wider than 4 bits permuted as words from memory, see [`pair_lanes`].)
+    pub(super) struct Avx512<const WORDS: bool>;
 
-    impl Kernel for Avx512 {
+    impl<const WORDS: bool> Kernel for Avx512<WORDS> {
         #[inline(always)]
         fn fused_rows(m: &Matrix<'_>, r0: usize, _x: &[f32], folded: &FoldedInput, scratch: &mut [f32], tile: &mut [f32]) -> bool {
             let Codes::Affine { bits, .. } = m.codes else {
@@ -959,12 +975,12 @@ mod x86 {
             // detection.
             unsafe {
                 match bits {
-                    2 => wide_rows::<2>(m, r0, folded, scratch, tile),
-                    3 => wide_rows::<3>(m, r0, folded, scratch, tile),
-                    4 => wide_rows::<4>(m, r0, folded, scratch, tile),
-                    5 => wide_rows::<5>(m, r0, folded, scratch, tile),
-                    6 => wide_rows::<6>(m, r0, folded, scratch, tile),
-                    8 => wide_rows::<8>(m, r0, folded, scratch, tile),
+                    2 => wide_rows::<2, WORDS>(m, r0, folded, scratch, tile),
+                    3 => wide_rows::<3, WORDS>(m, r0, folded, scratch, tile),
+                    4 => wide_rows::<4, WORDS>(m, r0, folded, scratch, tile),
+                    5 => wide_rows::<5, WORDS>(m, r0, folded, scratch, tile),
+                    6 => wide_rows::<6, WORDS>(m, r0, folded, scratch, tile),
+                    8 => wide_rows::<8, WORDS>(m, r0, folded, scratch, tile),
                     _ => return false,
                 }
             }
@@ -982,56 +998,69 @@ mod x86 {
         }
     }
 
-    /// The word permutation (above 4 bits) and lane masks that isolate the code of each of
-    /// sixteen lanes ([`pair_column`]) where it lies ([`pair_shift`]). Up to 4 bits, the even
-    /// lanes take the low half of the 64-bit word that starts `4 - B` bytes before the sixteen
-    /// codes and the odd lanes its high half; wider codes come from the 16-bit word that holds
-    /// their first bit and the next, lane `k` taking them as its low and high halves.
+    /// The permutation (above 4 bits) and lane masks that isolate the code of each of sixteen
+    /// lanes ([`pair_column`]) where it lies ([`pair_shift`]). Up to 4 bits, the even lanes take
+    /// the low half of the 64-bit word that starts `4 - B` bytes before the sixteen codes and the
+    /// odd lanes its high half. Wider codes come from the 16-bit word that holds their first bit
+    /// and the next, lane `k` taking them as its low and high halves: with `WORDS`, a word
+    /// permutation of the 64 bytes from the codes' first byte; without, a byte shuffle of their
+    /// 16-byte window repeated in every 128-bit quarter (zeros past it, where no code's bits lie).
     #[inline(always)]
-    unsafe fn pair_lanes<const B: usize>() -> (__m512i, __m512i) {
-        let mut pick = [0u16; 2 * FUSED_LANES];
+    unsafe fn pair_lanes<const B: usize, const WORDS: bool>() -> (__m512i, __m512i) {
+        let mut words = [0u16; 2 * FUSED_LANES];
+        let mut bytes = [-1i8; 4 * FUSED_LANES];
         let mut masks = [0i32; FUSED_LANES];
         for (lane, mask) in masks.iter_mut().enumerate() {
-            let word = (pair_column(lane) * B / 16) as u16;
-            (pick[2 * lane], pick[2 * lane + 1]) = (word, word + 1);
+            let word = pair_column(lane) * B / 16;
+            (words[2 * lane], words[2 * lane + 1]) = (word as u16, word as u16 + 1);
+            for (k, byte) in bytes[4 * lane..4 * lane + 4].iter_mut().enumerate() {
+                if 2 * word + k < 16 {
+                    *byte = (2 * word + k) as i8;
+                }
+            }
             *mask = (((1u32 << B) - 1) << pair_shift(B, lane)) as i32;
         }
-        (_mm512_loadu_si512(pick.as_ptr() as *const _), _mm512_loadu_si512(masks.as_ptr() as *const _))
+        let pick = if WORDS { _mm512_loadu_si512(words.as_ptr() as *const _) } else { _mm512_loadu_si512(bytes.as_ptr() as *const _) };
+        (pick, _mm512_loadu_si512(masks.as_ptr() as *const _))
     }
 
     /// Bytes a sixteen-code window reads before the codes' first byte, and in all: above 4 bits
-    /// the word permutation takes a whole 64-byte operand.
-    const fn pair_window(bits: usize) -> (usize, usize) {
+    /// the word permutation (`words`) takes a whole 64-byte operand, the byte shuffle 16 bytes.
+    const fn pair_window(bits: usize, words: bool) -> (usize, usize) {
         if bits <= 4 {
             (4 - bits, 8)
-        } else {
+        } else if words {
             (0, 64)
+        } else {
+            (0, 16)
         }
     }
 
     /// The sixteen `B`-bit codes whose window ([`pair_window`]) starts at `p` as floats
     /// `q · 2^shift`, in lane order ([`pair_lanes`]).
     #[inline(always)]
-    unsafe fn sixteen_codes<const B: usize>(p: *const u8, pick: __m512i, masks: __m512i) -> __m512 {
+    unsafe fn sixteen_codes<const B: usize, const WORDS: bool>(p: *const u8, pick: __m512i, masks: __m512i) -> __m512 {
         let window = if B <= 4 {
             _mm512_set1_epi64(std::ptr::read_unaligned(p as *const i64))
-        } else {
+        } else if WORDS {
             _mm512_permutexvar_epi16(pick, _mm512_loadu_si512(p as *const _))
+        } else {
+            _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)), pick)
         };
         _mm512_cvtepu32_ps(_mm512_and_si512(window, masks))
     }
 
     /// [`sixteen_codes`] for the codes at byte `at` of `weight`, reading zeros outside it.
     #[inline(always)]
-    unsafe fn sixteen_codes_checked<const B: usize>(weight: &[u8], at: usize, pick: __m512i, masks: __m512i) -> __m512 {
-        let (back, span) = pair_window(B);
+    unsafe fn sixteen_codes_checked<const B: usize, const WORDS: bool>(weight: &[u8], at: usize, pick: __m512i, masks: __m512i) -> __m512 {
+        let (back, span) = pair_window(B, WORDS);
         let mut bytes = [0u8; 64];
         for (i, byte) in bytes.iter_mut().enumerate().take(span) {
             if let Some(&b) = (at + i).checked_sub(back).and_then(|k| weight.get(k)) {
                 *byte = b;
             }
         }
-        sixteen_codes::<B>(bytes.as_ptr(), pick, masks)
+        sixteen_codes::<B, WORDS>(bytes.as_ptr(), pick, masks)
     }
 
     /// `tile[i] = row_(r0+i) · x` for the rows of the affine `m` at `B` bits, as
@@ -1042,7 +1071,7 @@ mod x86 {
     /// chain times the group's scale goes into the row's total; then the bias dot products,
     /// sixteen groups a load. What depends only on the matrix is worked out once, not per block.
     #[inline(always)]
-    unsafe fn wide_rows<const B: usize>(m: &Matrix<'_>, r0: usize, folded: &FoldedInput, scratch: &mut [f32], tile: &mut [f32]) {
+    unsafe fn wide_rows<const B: usize, const WORDS: bool>(m: &Matrix<'_>, r0: usize, folded: &FoldedInput, scratch: &mut [f32], tile: &mut [f32]) {
         let Codes::Affine { weight, scales, biases, floats, group_size: size, .. } = m.codes else {
             unreachable!("wide_rows is only called for affine codes");
         };
@@ -1053,8 +1082,8 @@ mod x86 {
         assert!(size.is_multiple_of(FUSED_LANES) && cols.is_multiple_of(size) && totals.len() >= groups.next_multiple_of(FUSED_LANES));
         // Stored rows that the codes, the scales and the biases all hold.
         let stored = (weight.len() / row_bytes).min(scales.len() / float_row).min(biases.len() / float_row);
-        let (pick, masks) = pair_lanes::<B>();
-        let (back, span) = pair_window(B);
+        let (pick, masks) = pair_lanes::<B, WORDS>();
+        let (back, span) = pair_window(B, WORDS);
         // Group `g` of a row at byte `at` is read without checks while `at + (g + 1) * group_bytes
         // + span` stays within `limit`.
         let limit = weight.len() + 2 * B + back;
@@ -1082,15 +1111,15 @@ mod x86 {
             let fast_to = fast_to.max(fast_from);
             let mut t = [_mm512_setzero_ps(); FUSED_ROWS];
             let fast = Fast { weight, row_at: &row_at, wide, groups, size, x: x.as_ptr(), back, ahead, pick, masks };
-            fast.checked_groups::<B>(0..fast_from, &mut t);
+            fast.checked_groups::<B, WORDS>(0..fast_from, &mut t);
             // The common group sizes take their sixteen-column steps fully unrolled.
             match size / FUSED_LANES {
-                2 => fast.groups::<B, 2>(fast_from..fast_to, &mut t),
-                4 => fast.groups::<B, 4>(fast_from..fast_to, &mut t),
-                8 => fast.groups::<B, 8>(fast_from..fast_to, &mut t),
-                _ => fast.groups::<B, 0>(fast_from..fast_to, &mut t),
+                2 => fast.groups::<B, 2, WORDS>(fast_from..fast_to, &mut t),
+                4 => fast.groups::<B, 4, WORDS>(fast_from..fast_to, &mut t),
+                8 => fast.groups::<B, 8, WORDS>(fast_from..fast_to, &mut t),
+                _ => fast.groups::<B, 0, WORDS>(fast_from..fast_to, &mut t),
             }
-            fast.checked_groups::<B>(fast_to..groups, &mut t);
+            fast.checked_groups::<B, WORDS>(fast_to..groups, &mut t);
             let mut b = [_mm512_setzero_ps(); FUSED_ROWS];
             for (bi, &si) in b.iter_mut().zip(&s) {
                 *bi = wide_bias_dot(floats, &biases[si * float_row..(si + 1) * float_row], groups, totals);
@@ -1170,26 +1199,26 @@ mod x86 {
         /// only).
         #[inline(never)]
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
-        unsafe fn groups<const B: usize, const STEPS: usize>(&self, range: std::ops::Range<usize>, t: &mut [__m512; FUSED_ROWS]) {
+        unsafe fn groups<const B: usize, const STEPS: usize, const WORDS: bool>(&self, range: std::ops::Range<usize>, t: &mut [__m512; FUSED_ROWS]) {
             let mut totals = *t;
             for g in range {
-                fold_scaled(&mut totals, self.wide, self.groups, g, self.group::<B, STEPS>(g));
+                fold_scaled(&mut totals, self.wide, self.groups, g, self.group::<B, STEPS, WORDS>(g));
             }
             *t = totals;
         }
 
         /// [`Fast::groups`] for groups whose windows may reach past `weight` (read as zeros there).
         #[inline(always)]
-        unsafe fn checked_groups<const B: usize>(&self, range: std::ops::Range<usize>, t: &mut [__m512; FUSED_ROWS]) {
+        unsafe fn checked_groups<const B: usize, const WORDS: bool>(&self, range: std::ops::Range<usize>, t: &mut [__m512; FUSED_ROWS]) {
             for g in range {
-                let l = wide_group_checked::<B>(self.weight, self.row_at, g, self.size, self.x.add(g * self.size), self.pick, self.masks);
+                let l = wide_group_checked::<B, WORDS>(self.weight, self.row_at, g, self.size, self.x.add(g * self.size), self.pick, self.masks);
                 fold_scaled(t, self.wide, self.groups, g, l);
             }
         }
 
         /// Group `g`'s sums of codes times the token for each row.
         #[inline(always)]
-        unsafe fn group<const B: usize, const STEPS: usize>(&self, g: usize) -> [__m512; FUSED_ROWS] {
+        unsafe fn group<const B: usize, const STEPS: usize, const WORDS: bool>(&self, g: usize) -> [__m512; FUSED_ROWS] {
             let steps = if STEPS == 0 { self.size / FUSED_LANES } else { STEPS };
             let group_bytes = self.size * B / 8;
             let q: [*const u8; FUSED_ROWS] = std::array::from_fn(|i| self.weight.as_ptr().add(self.row_at[i] + g * group_bytes).wrapping_sub(self.back));
@@ -1200,7 +1229,7 @@ mod x86 {
             let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
             for e in 0..steps {
                 let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
-                step::<B>(&q, e * 2 * B, xv, self.pick, self.masks, &mut l);
+                step::<B, WORDS>(&q, e * 2 * B, xv, self.pick, self.masks, &mut l);
             }
             l
         }
@@ -1210,18 +1239,26 @@ mod x86 {
     /// codes' window at `q[i] + at`, as [`sixteen_codes`] reads it. Written out, as LLVM otherwise
     /// merges neighbouring windows into wide loads and shuffles, or hoists the loads and spills:
     /// up to 4 bits three instructions a row (a mask with a broadcast memory operand, a
-    /// conversion, an FMA), wider codes a word permutation of a 64-byte memory operand instead of the broadcast.
+    /// conversion, an FMA); wider codes, instead of the broadcast, a word permutation of a 64-byte
+    /// memory operand (`WORDS`) or a 128-bit broadcast load and a byte shuffle.
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
-    unsafe fn step<const B: usize>(q: &[*const u8; FUSED_ROWS], at: usize, xv: __m512, pick: __m512i, masks: __m512i, l: &mut [__m512; FUSED_ROWS]) {
+    unsafe fn step<const B: usize, const WORDS: bool>(q: &[*const u8; FUSED_ROWS], at: usize, xv: __m512, pick: __m512i, masks: __m512i, l: &mut [__m512; FUSED_ROWS]) {
         // The codes of row pointer `p` into register `t`.
         macro_rules! codes {
             (narrow, $t:literal, $p:literal) => {
                 concat!("vpandq {", $t, "}, {m}, qword ptr [{", $p, "} + {at}]{{1to8}}\n")
             };
-            (wide, $t:literal, $p:literal) => {
+            (words, $t:literal, $p:literal) => {
                 concat!(
                     "vpermw {", $t, "}, {pick}, zmmword ptr [{", $p, "} + {at}]\n",
+                    "vpandd {", $t, "}, {", $t, "}, {m}\n",
+                )
+            };
+            (bytes, $t:literal, $p:literal) => {
+                concat!(
+                    "vbroadcasti32x4 {", $t, "}, xmmword ptr [{", $p, "} + {at}]\n",
+                    "vpshufb {", $t, "}, {", $t, "}, {pick}\n",
                     "vpandd {", $t, "}, {", $t, "}, {m}\n",
                 )
             };
@@ -1274,20 +1311,22 @@ mod x86 {
         }
         if B <= 4 {
             eight_rows!(narrow);
+        } else if WORDS {
+            eight_rows!(words, pick = pick);
         } else {
-            eight_rows!(wide, pick = pick);
+            eight_rows!(bytes, pick = pick);
         }
     }
 
     /// [`Fast::group`] for group `g`, reading every window through [`sixteen_codes_checked`].
     #[inline(always)]
-    unsafe fn wide_group_checked<const B: usize>(weight: &[u8], row_at: &[usize; FUSED_ROWS], g: usize, size: usize, xp: *const f32, pick: __m512i, masks: __m512i) -> [__m512; FUSED_ROWS] {
+    unsafe fn wide_group_checked<const B: usize, const WORDS: bool>(weight: &[u8], row_at: &[usize; FUSED_ROWS], g: usize, size: usize, xp: *const f32, pick: __m512i, masks: __m512i) -> [__m512; FUSED_ROWS] {
         let group_bytes = size * B / 8;
         let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
         for e in 0..size / FUSED_LANES {
             let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
             for (li, &at) in l.iter_mut().zip(row_at) {
-                *li = _mm512_fmadd_ps(sixteen_codes_checked::<B>(weight, at + g * group_bytes + e * 2 * B, pick, masks), xv, *li);
+                *li = _mm512_fmadd_ps(sixteen_codes_checked::<B, WORDS>(weight, at + g * group_bytes + e * 2 * B, pick, masks), xv, *li);
             }
         }
         l
