@@ -1065,8 +1065,9 @@ mod x86 {
 
     /// `tile[i] = row_(r0+i) · x` for the rows of the affine `m` at `B` bits, as
     /// `folded_affine_dot` computes each, [`FUSED_ROWS`] rows at a time (the last block repeats
-    /// its last row): one chain of sixteen lanes per row; per sixteen columns a 64-bit load (a
-    /// word permutation above 4 bits) and a mask leave each code where it lies, converted and
+    /// its last row): one chain of sixteen lanes per row; per sixteen columns a 64-bit load (above
+    /// 4 bits a word permutation or a byte shuffle, [`pair_lanes`]) and a mask leave each code
+    /// where it lies, converted and
     /// fused-multiply-added with the token in lane order scaled by `2^-shift`; per group the
     /// chain times the group's scale goes into the row's total; then the bias dot products,
     /// sixteen groups a load. What depends only on the matrix is worked out once, not per block.
@@ -1135,26 +1136,28 @@ mod x86 {
     /// the same additions in the same order, but two to sixteen rows per instruction.
     #[inline(always)]
     unsafe fn row_sums(t: &[__m512; FUSED_ROWS], b: &[__m512; FUSED_ROWS]) -> __m256 {
-        const EVENS: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
-        const ODDS: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
         // Eight lanes `v` per row, two rows a register: `(0, l) + (1, l)`, and the bias's `b_l + b_(l+8)`.
         // (No closures here: they would not inherit the caller's target features.)
         let scaled = [add_picked(t[0], EVENS, ODDS, t[1]), add_picked(t[2], EVENS, ODDS, t[3]), add_picked(t[4], EVENS, ODDS, t[5]), add_picked(t[6], EVENS, ODDS, t[7])];
         const LOWS: [i32; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23];
         const HIGHS: [i32; 16] = [8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31];
         let biased = [add_picked(b[0], LOWS, HIGHS, b[1]), add_picked(b[2], LOWS, HIGHS, b[3]), add_picked(b[4], LOWS, HIGHS, b[5]), add_picked(b[6], LOWS, HIGHS, b[7])];
-        _mm256_add_ps(reduce_eights(scaled, EVENS, ODDS), reduce_eights(biased, EVENS, ODDS))
+        _mm256_add_ps(reduce_eights(scaled), reduce_eights(biased))
     }
+
+    /// The even and the odd lanes of two registers (the second's numbered from 16).
+    const EVENS: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+    const ODDS: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
 
     /// `reduce_lanes` of eight rows' eight lanes (two rows a register), one row a lane:
     /// `h_k = v_k + v_(k+4)` (four rows a register), then `h_k + h_(k+2)` (eight rows), then the
-    /// two of those added (`evens` and `odds` pick them).
+    /// two of those added.
     #[inline(always)]
-    unsafe fn reduce_eights(v: [__m512; 4], evens: [i32; 16], odds: [i32; 16]) -> __m256 {
+    unsafe fn reduce_eights(v: [__m512; 4]) -> __m256 {
         let (front, back) = ([0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27], [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]);
         let (h0, h1) = (add_picked(v[0], front, back, v[1]), add_picked(v[2], front, back, v[3]));
         let q = add_picked(h0, [0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29], [2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31], h1);
-        _mm512_castps512_ps256(add_picked(q, evens, odds, q))
+        _mm512_castps512_ps256(add_picked(q, EVENS, ODDS, q))
     }
 
     /// Lane `k`: lane `first[k]` plus lane `second[k]` of `a` and `c` together (`c`'s lanes
@@ -1211,9 +1214,23 @@ mod x86 {
         #[inline(always)]
         unsafe fn checked_groups<const B: usize, const WORDS: bool>(&self, range: std::ops::Range<usize>, t: &mut [__m512; FUSED_ROWS]) {
             for g in range {
-                let l = wide_group_checked::<B, WORDS>(self.weight, self.row_at, g, self.size, self.x.add(g * self.size), self.pick, self.masks);
-                fold_scaled(t, self.wide, self.groups, g, l);
+                fold_scaled(t, self.wide, self.groups, g, self.checked_group::<B, WORDS>(g));
             }
+        }
+
+        /// [`Fast::group`] for group `g`, reading every window through [`sixteen_codes_checked`].
+        #[inline(always)]
+        unsafe fn checked_group<const B: usize, const WORDS: bool>(&self, g: usize) -> [__m512; FUSED_ROWS] {
+            let group_bytes = self.size * B / 8;
+            let xp = self.x.add(g * self.size);
+            let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
+            for e in 0..self.size / FUSED_LANES {
+                let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
+                for (li, &at) in l.iter_mut().zip(self.row_at) {
+                    *li = _mm512_fmadd_ps(sixteen_codes_checked::<B, WORDS>(self.weight, at + g * group_bytes + e * 2 * B, self.pick, self.masks), xv, *li);
+                }
+            }
+            l
         }
 
         /// Group `g`'s sums of codes times the token for each row.
@@ -1316,20 +1333,6 @@ mod x86 {
         } else {
             eight_rows!(bytes, pick = pick);
         }
-    }
-
-    /// [`Fast::group`] for group `g`, reading every window through [`sixteen_codes_checked`].
-    #[inline(always)]
-    unsafe fn wide_group_checked<const B: usize, const WORDS: bool>(weight: &[u8], row_at: &[usize; FUSED_ROWS], g: usize, size: usize, xp: *const f32, pick: __m512i, masks: __m512i) -> [__m512; FUSED_ROWS] {
-        let group_bytes = size * B / 8;
-        let mut l = [_mm512_setzero_ps(); FUSED_ROWS];
-        for e in 0..size / FUSED_LANES {
-            let xv = _mm512_loadu_ps(xp.add(e * FUSED_LANES));
-            for (li, &at) in l.iter_mut().zip(row_at) {
-                *li = _mm512_fmadd_ps(sixteen_codes_checked::<B, WORDS>(weight, at + g * group_bytes + e * 2 * B, pick, masks), xv, *li);
-            }
-        }
-        l
     }
 
     /// A row's bias dot product over its `count` groups in sixteen lanes (`g % 16`), sixteen
