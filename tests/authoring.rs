@@ -250,7 +250,7 @@ fn refinement_measures_whole_candidate_models_and_keeps_only_what_helps() {
     // "measured joint KL X (searched allocation: Y) on N tokens, ..."
     let number_after = |key: &str| -> f64 {
         let rest = &line[line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len()..];
-        rest.trim_start().split(|c: char| c == ' ' || c == ')').next().unwrap().parse().unwrap()
+        rest.trim_start().split([' ', ')']).next().unwrap().parse().unwrap()
     };
     let (kl, start) = (number_after("measured joint KL"), number_after("searched allocation:"));
     assert!(kl > 0.0 && kl <= start, "{line}");

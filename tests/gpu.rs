@@ -220,7 +220,7 @@ fn a_swapped_weight_gives_the_cpus_logits_and_leaves_the_model_as_it_was() {
         assert_agree(&format!("the original after the swaps, binding {max_binding:?}"), &want, &after, c.vocab_size);
         let short = vec![0u8; 64];
         let codes = mixq_runtime::matrix::Codes::Dense { data: &short, dtype: mixq_loader::FloatDtype::BF16 };
-        let err = gpu_model.with_weight("lm_head", codes).err().expect("a replacement of the wrong size is refused").to_string();
+        let err = gpu_model.with_weight("lm_head", codes).expect_err("a replacement of the wrong size is refused").to_string();
         assert!(err.contains("lm_head") && err.contains("bytes"), "{err}");
         assert!(gpu_model.with_weight("model.layers.9.mlp.router", codes).is_err(), "a layer the model lacks is refused");
     }

@@ -3,6 +3,8 @@
 //! LFS, upload those the LFS batch API asks for (single PUT or multipart), then one commit that
 //! adds every file. A re-run uploads only the LFS objects the hub does not hold yet.
 
+#![allow(clippy::result_large_err, reason = "the closures and retries pass on ureq's own `Result<Response, ureq::Error>` as ureq returns it, one request at a time")]
+
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 

@@ -36,7 +36,7 @@ fn infer_from_shapes(ckpt: &Checkpoint, param: &Param, scales_name: &str) -> Res
     let weight = ckpt.tensor(&weight_name)?;
     let last = |shape: &[usize]| shape.last().copied().unwrap_or(0);
     let groups = last(&scales.info.shape);
-    if groups == 0 || cols % groups != 0 {
+    if groups == 0 || !cols.is_multiple_of(groups) {
         return Err(LoaderError::tensor(scales_name, format!("has {groups} groups per row, which does not divide the {cols} input features")));
     }
     let group_size = u32::try_from(cols / groups).unwrap_or(u32::MAX);

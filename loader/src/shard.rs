@@ -242,7 +242,7 @@ mod tests {
         assert!(shard.metadata().is_empty());
         let shard = ShardFile::open(&file_with_metadata(dir.path(), r#"{"format":"mlx"}"#)).unwrap();
         assert_eq!(shard.metadata().get("format").map(String::as_str), Some("mlx"));
-        let e = ShardFile::open(&file_with_metadata(dir.path(), "5")).err().expect("a number is refused").to_string();
+        let e = ShardFile::open(&file_with_metadata(dir.path(), "5")).expect_err("a number is refused").to_string();
         assert!(e.contains("m.safetensors") && e.contains("__metadata__ must be an object of strings (or null)"), "{e}");
     }
 }

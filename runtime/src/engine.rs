@@ -36,6 +36,7 @@ impl std::str::FromStr for Backend {
 }
 
 /// A model ready to run.
+#[allow(clippy::large_enum_variant, reason = "one engine per job, made once and held in place: boxing would only add an indirection")]
 pub enum Engine<'a> {
     /// On the CPU, weights read in place from the memory map.
     Cpu(Model<'a>),

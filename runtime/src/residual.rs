@@ -39,7 +39,7 @@ impl Block {
 
     /// The block that reads `site` (none for the last site).
     fn reading(site: ResidualSite, layers: usize) -> Option<Block> {
-        (site < 2 * layers).then(|| if site % 2 == 0 { Block::Attention(site / 2) } else { Block::Mlp(site / 2) })
+        (site < 2 * layers).then_some(if site.is_multiple_of(2) { Block::Attention(site / 2) } else { Block::Mlp(site / 2) })
     }
 }
 

@@ -98,9 +98,12 @@ fn decode_experts(blocks: &[u8], scales: &[u8], shape: &[usize]) -> (Vec<usize>,
     (vec![e, c, r], vals)
 }
 
+/// One shard's tensors as f32: name → (shape, values).
+pub type DenseShard = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Every value of the bundled model as f32 (experts decoded and transposed), by tensor name in
 /// transformers' dense layout, grouped by source shard.
-pub fn dense_values() -> Vec<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn dense_values() -> Vec<DenseShard> {
     let mut shards = Vec::new();
     for file in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
         let raw = RawShard::read(&Path::new(MODEL).join(file));

@@ -84,12 +84,15 @@ struct Sums<T> {
     routed: HashMap<InputSite, (Vec<T>, Vec<u64>)>,
 }
 
+/// One site's f64 sum of x xᵀ (packed upper triangle) and its row count, behind one lock.
+type LockedSum = Mutex<(Vec<f64>, u64)>;
+
 /// A run's f64 sums of x xᵀ (packed upper triangles) with their row counts, one lock each.
 struct HessianSums {
     /// Site → Σ x xᵀ over every token's row (all sites but the experts' down input).
-    shared: HashMap<InputSite, Mutex<(Vec<f64>, u64)>>,
+    shared: HashMap<InputSite, LockedSum>,
     /// Routed site → per expert Σ x xᵀ over the rows routed to it.
-    experts: HashMap<InputSite, Vec<Mutex<(Vec<f64>, u64)>>>,
+    experts: HashMap<InputSite, Vec<LockedSum>>,
 }
 
 impl HessianSums {

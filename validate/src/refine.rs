@@ -121,7 +121,8 @@ struct Move {
 /// For every unit, its best predicted upgrade (most cost saved per byte added), best first, and
 /// its best predicted downgrade (least cost added per byte freed), best first.
 fn moves(problem: &Problem<'_>, choices: &[Choice]) -> (Vec<Move>, Vec<Move>) {
-    let (mut ups, mut downs): (Vec<(f64, Move)>, Vec<(f64, Move)>) = (Vec::new(), Vec::new());
+    let mut ups: Vec<(f64, Move)> = Vec::new();
+    let mut downs: Vec<(f64, Move)> = Vec::new();
     for (u, &current) in choices.iter().enumerate() {
         let (b0, c0) = (problem.bytes(u, current) as i64, problem.cost(u, current));
         let mut up: Option<(f64, Move)> = None;

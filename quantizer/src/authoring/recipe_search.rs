@@ -103,7 +103,7 @@ impl<'s> Problem<'s> {
                 std::iter::once(None)
                     .chain(
                         (0..u.settings.len())
-                            .filter(|&i| u.settings[i].bits >= opts.min_bits && !(opts.affine_only && !u.settings[i].mode.is_affine()))
+                            .filter(|&i| u.settings[i].bits >= opts.min_bits && (!opts.affine_only || u.settings[i].mode.is_affine()))
                             .map(Some),
                     )
                     .collect()

@@ -81,7 +81,7 @@ impl HessianFactor {
             return None;
         }
         let mean_diag = (0..n).map(|i| h(i, i)).sum::<f64>() / n as f64;
-        if !(mean_diag > 0.0) {
+        if mean_diag.is_nan() || mean_diag <= 0.0 {
             return None;
         }
         let mut damping = damping_fraction(n, rows) * mean_diag;

@@ -57,7 +57,7 @@ pub enum Mxfp4Error {
 /// `cols/2` code bytes and `cols/32` E8M0 scale bytes, as `mx.quantize(mode="mxfp4")` does.
 pub fn encode_row(row: &[f32], precision: FloatDtype, blocks: &mut [u8], scales: &mut [u8]) -> Result<(), Mxfp4Error> {
     let cols = row.len();
-    if cols % MXFP4_BLOCK != 0 || blocks.len() * 2 != cols || scales.len() * MXFP4_BLOCK != cols {
+    if !cols.is_multiple_of(MXFP4_BLOCK) || blocks.len() * 2 != cols || scales.len() * MXFP4_BLOCK != cols {
         return Err(Mxfp4Error::Size { cols, blocks: blocks.len(), scales: scales.len() });
     }
     if let Some(index) = row.iter().position(|v| !v.is_finite()) {
