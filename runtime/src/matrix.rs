@@ -1067,10 +1067,10 @@ mod x86 {
     /// `folded_affine_dot` computes each, [`FUSED_ROWS`] rows at a time (the last block repeats
     /// its last row): one chain of sixteen lanes per row; per sixteen columns a 64-bit load (above
     /// 4 bits a word permutation or a byte shuffle, [`pair_lanes`]) and a mask leave each code
-    /// where it lies, converted and
-    /// fused-multiply-added with the token in lane order scaled by `2^-shift`; per group the
-    /// chain times the group's scale goes into the row's total; then the bias dot products,
-    /// sixteen groups a load. What depends only on the matrix is worked out once, not per block.
+    /// where it lies, converted and fused-multiply-added with the token in lane order scaled by
+    /// `2^-shift`; per group the chain times the group's scale goes into the row's total; then the
+    /// bias dot products, sixteen groups a load. What depends only on the matrix is worked out
+    /// once, not per block.
     #[inline(always)]
     unsafe fn wide_rows<const B: usize, const WORDS: bool>(m: &Matrix<'_>, r0: usize, folded: &FoldedInput, scratch: &mut [f32], tile: &mut [f32]) {
         let Codes::Affine { weight, scales, biases, floats, group_size: size, .. } = m.codes else {
@@ -1108,6 +1108,7 @@ mod x86 {
             let (first, last) = row_at.iter().fold((usize::MAX, 0), |(lo, hi), &at| (lo.min(at), hi.max(at)));
             // Groups whose every window lies inside `weight` for every row are read without checks.
             let fast_from = usize::from(first < back);
+            // (A block whose last group's window is inside the tensor skips the division.)
             let fast_to = if last + groups * group_bytes + span <= limit { groups } else { (limit.saturating_sub(last + span) / group_bytes).min(groups) };
             let fast_to = fast_to.max(fast_from);
             let mut t = [_mm512_setzero_ps(); FUSED_ROWS];

@@ -115,7 +115,7 @@ impl HessianSums {
     }
 
     /// Adds a full `width × width` Gram matrix of `m` rows to `acc`'s upper triangle.
-    fn add_gram(acc: &Mutex<(Vec<f64>, u64)>, gram: &[f32], width: usize, m: u64) {
+    fn add_gram(acc: &LockedSum, gram: &[f32], width: usize, m: u64) {
         let mut guard = acc.lock().unwrap_or_else(|e| e.into_inner());
         let (sum, n) = &mut *guard;
         let mut k = 0;
@@ -129,7 +129,7 @@ impl HessianSums {
     }
 
     /// Adds the Gram matrix of `rows` (`[m, width]`) to `acc`.
-    fn add(acc: &Mutex<(Vec<f64>, u64)>, rows: &[f32], width: usize) {
+    fn add(acc: &LockedSum, rows: &[f32], width: usize) {
         let m = rows.len() / width;
         if m == 0 {
             return;
